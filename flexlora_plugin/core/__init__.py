@@ -1,0 +1,80 @@
+"""Host-agnostic FlexLoRA core: pure torch + peft, no host imports.
+
+Public API: :func:`aggregate` -> :class:`GlobalUpdate` (``modules``, ``delta``, ``project``,
+``energy_kept``); resource profiles (:func:`sample_ranks`, registries); adapter key handling;
+server-state checkpoints; :class:`FlexLoRAConfig`. Definitions and math: ``docs/api.md``.
+"""
+
+from .adapters import LORA_A, LORA_B, LoRAFactors, lora_scaling, resolve_pattern, split_state, state_nbytes
+from .aggregation import ClientUpdate, FlexLoRAUpdate, GlobalUpdate, ModuleInfo, aggregate
+from .baselines import FedAvgUpdate, HetLoRAUpdate
+from .checkpoint import ServerState, load_server_state, save_server_state
+from .config import METHODS, FlexLoRAConfig
+from .errors import (
+    FlexLoRAError,
+    FlexLoRAWarning,
+    MissingModuleError,
+    NonFiniteUpdateError,
+    ProfileError,
+    RankError,
+    ShapeMismatchError,
+    UnsupportedKeyError,
+)
+from .profiles import (
+    Distribution,
+    RankSampler,
+    TableSampler,
+    clamp_ranks,
+    get_profile,
+    homogeneous,
+    list_profiles,
+    lora_type,
+    register_distribution,
+    register_lora_type,
+    register_profile,
+    sample_ranks,
+)
+from .projection import Spectrum
+
+__all__ = [
+    "LORA_A",
+    "LORA_B",
+    "METHODS",
+    "ClientUpdate",
+    "Distribution",
+    "FedAvgUpdate",
+    "FlexLoRAConfig",
+    "FlexLoRAError",
+    "FlexLoRAUpdate",
+    "FlexLoRAWarning",
+    "GlobalUpdate",
+    "HetLoRAUpdate",
+    "LoRAFactors",
+    "MissingModuleError",
+    "ModuleInfo",
+    "NonFiniteUpdateError",
+    "ProfileError",
+    "RankError",
+    "RankSampler",
+    "ServerState",
+    "ShapeMismatchError",
+    "Spectrum",
+    "TableSampler",
+    "UnsupportedKeyError",
+    "aggregate",
+    "clamp_ranks",
+    "get_profile",
+    "homogeneous",
+    "list_profiles",
+    "load_server_state",
+    "lora_scaling",
+    "lora_type",
+    "register_distribution",
+    "register_lora_type",
+    "register_profile",
+    "resolve_pattern",
+    "sample_ranks",
+    "save_server_state",
+    "split_state",
+    "state_nbytes",
+]

@@ -1,0 +1,500 @@
+"""Server-side aggregation: client adapters in, one global update out.
+
+:func:`aggregate` validates the clients' adapter state dicts, applies the exclusion policy and
+returns a :class:`GlobalUpdate` for the chosen method:
+
+* ``flexlora`` (:class:`FlexLoRAUpdate`): ``ΔW = Σ_k p_k s_k B_k A_k`` per module, redistributed
+  by truncated SVD (Bai et al., "Federated Fine-tuning of Large Language Models under
+  Heterogeneous Tasks and Client Resources", NeurIPS 2024, arXiv:2402.11505);
+* ``fedavg`` and ``hetlora``: the baselines, in :mod:`flexlora_plugin.core.baselines`.
+
+``p_k`` is client k's weight (its sample count) renormalised over the clients that have the
+module; ``s_k`` its scaling. ΔW replaces (is not added to) the previous round's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import Tensor
+
+from .adapters import LoRAFactors, lora_scaling, resolve_pattern, split_state, to_compute
+from .errors import (
+    FlexLoRAError,
+    FlexLoRAWarning,
+    MissingModuleError,
+    NonFiniteUpdateError,
+    RankError,
+    ShapeMismatchError,
+)
+from .projection import Spectrum, dense_spectrum, factored_spectrum, redistribute
+
+__all__ = ["ClientUpdate", "GlobalUpdate", "FlexLoRAUpdate", "ModuleInfo", "Method", "aggregate"]
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["flexlora", "fedavg", "hetlora"]
+Ranks = Union[int, Mapping[str, int]]
+Scaling = Union[float, Mapping[str, float]]
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the server knows of one adapted module.
+
+    Attributes
+    ----------
+    name : str
+        Key prefix before ``.lora_A`` / ``.lora_B``.
+    shape : tuple[int, int]
+        ``(d_out, d_in)``.
+    dtype : torch.dtype
+        The adapters' dtype; projections are returned in it.
+    a_key, b_key : str
+        Keys used in the returned state dicts (the input key format).
+    """
+
+    name: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    a_key: str
+    b_key: str
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One validated client: its id, normalised-later weight, factors and per-module scaling."""
+
+    client: Hashable
+    weight: float
+    factors: Mapping[str, LoRAFactors]
+    scalings: Mapping[str, float]
+
+
+class GlobalUpdate(ABC):
+    """The server's global update after one round, ready to be redistributed.
+
+    Attributes
+    ----------
+    modules : tuple[str, ...]
+        Module names, in first-seen order.
+    info : Mapping[str, ModuleInfo]
+    clients : tuple
+        Ids of the clients that contributed.
+    excluded : Mapping[Hashable, str]
+        Ids of the clients left out this round, with the reason.
+    """
+
+    method: str = ""
+
+    def __init__(
+        self,
+        info: Mapping[str, ModuleInfo],
+        clients: Sequence[Hashable],
+        excluded: Mapping[Hashable, str],
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.info = dict(info)
+        self.modules = tuple(self.info)
+        self.clients = tuple(clients)
+        self.excluded = dict(excluded)
+        self.compute_dtype = compute_dtype
+        self.device = torch.device(device) if device is not None else None
+        self.seed = seed
+        self._projections: dict[tuple[str, int, float, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    @abstractmethod
+    def delta(self, module: str) -> Tensor:
+        """Dense ``ΔW : (d_out, d_in)`` of ``module`` in the compute dtype (built on demand)."""
+
+    @abstractmethod
+    def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(A : (r, d_in), B : (d_out, r))`` for one module."""
+
+    @abstractmethod
+    def _energy_kept(self, module: str, r: int) -> float:
+        """``1 - ‖ΔW - s·B_r A_r‖_F² / ‖ΔW‖_F²`` for the rank-``r`` projection."""
+
+    def _check_module(self, module: str) -> ModuleInfo:
+        if module not in self.info:
+            raise MissingModuleError(f"module {module} is not part of this update (have {len(self.modules)} modules)")
+        return self.info[module]
+
+    def rank_for(self, module: str, ranks: Ranks) -> int:
+        """Resolve ``ranks`` (an int, or a ``rank_pattern``-style mapping) for ``module``."""
+        r = ranks if isinstance(ranks, int) else resolve_pattern(module, ranks)
+        if r is None:
+            raise RankError(f"module {module}: no entry of the rank map {dict(ranks)} matches it")  # type: ignore[arg-type]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise RankError(f"module {module}: rank must be a positive int, got {r!r}")
+        return r
+
+    def project(
+        self,
+        ranks: Ranks,
+        *,
+        lora_alpha: float | None = None,
+        scaling: Scaling | None = None,
+        use_rslora: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, Tensor]:
+        """State dict of factors for a client of the given rank(s), in the input key format.
+
+        Parameters
+        ----------
+        ranks : int or Mapping[str, int]
+            One rank for every module, or a peft ``rank_pattern``-style map
+            (full names, suffixes like ``q_proj`` or regexes).
+        lora_alpha : float, optional
+            The receiver's ``lora_alpha``; its scaling per module is ``lora_scaling(alpha, r)``.
+        scaling : float or Mapping[str, float], optional
+            The receiver's scaling, overriding ``lora_alpha``.
+        use_rslora : bool
+            With ``lora_alpha``: ``alpha / sqrt(r)``. (default: False)
+        dtype : torch.dtype, optional
+            Output dtype. (default: each module's adapter dtype)
+
+        Returns
+        -------
+        dict[str, Tensor]
+            ``A : (r, d_in)`` and ``B : (d_out, r)`` per module. Tensors are cached and shared
+            between calls asking for the same (module, rank, scaling): do not modify them in place.
+        """
+        if lora_alpha is None and scaling is None:
+            raise ValueError("project() needs the receiver's lora_alpha or scaling")
+        out: dict[str, Tensor] = {}
+        for module in self.modules:
+            info = self.info[module]
+            r = self.rank_for(module, ranks)
+            if r > min(info.shape):
+                raise RankError(f"module {module}: rank {r} exceeds min(d_out, d_in)={min(info.shape)} of {info.shape}")
+            s = self._receiver_scaling(module, r, lora_alpha, scaling, use_rslora)
+            key = (module, r, s, dtype or info.dtype)
+            if key not in self._projections:
+                self._projections[key] = self._project_module(module, r, s, dtype or info.dtype)
+            out[info.a_key], out[info.b_key] = self._projections[key]
+        return out
+
+    @staticmethod
+    def _receiver_scaling(
+        module: str, r: int, lora_alpha: float | None, scaling: Scaling | None, use_rslora: bool
+    ) -> float:
+        if scaling is None:
+            return lora_scaling(float(lora_alpha), r, use_rslora)  # type: ignore[arg-type]
+        s = scaling if isinstance(scaling, (int, float)) else resolve_pattern(module, scaling)
+        if s is None or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"module {module}: receiver scaling must be a positive number, got {s!r}")
+        return float(s)
+
+    def energy_kept(self, ranks: Ranks) -> dict[str, float]:
+        """Per module, the share of ‖ΔW‖_F² that a client of these ranks holds after loading.
+
+        For ``flexlora`` this is ``Σ_{i<r} σ_i² / Σ_i σ_i²``; for every method it equals
+        ``1 - ‖ΔW - s·B·A‖_F² / ‖ΔW‖_F²`` (1.0 where ΔW = 0).
+        """
+        return {m: self._energy_kept(m, min(self.rank_for(m, ranks), min(self.info[m].shape))) for m in self.modules}
+
+    def _compute(self, t: Tensor) -> Tensor:
+        return to_compute(t, self.compute_dtype, self.device)
+
+
+class FlexLoRAUpdate(GlobalUpdate):
+    """FlexLoRA's global update: ``ΔW = Σ_k p_k s_k B_k A_k`` per module, served by truncated SVD.
+
+    A client of rank ``r`` and scaling ``s`` receives ``B = U_r S_r / s``, ``A = V_rᵀ``
+    (:func:`~flexlora_plugin.core.projection.redistribute`). Spectra are computed lazily, once
+    per module, for the largest rank needed so far; at most one module's dense ΔW exists at a time.
+    Reference: Bai et al., NeurIPS 2024, arXiv:2402.11505, Eq. (2)–(3).
+    """
+
+    method = "flexlora"
+
+    def __init__(
+        self,
+        info: Mapping[str, ModuleInfo],
+        clients: Sequence[Hashable],
+        excluded: Mapping[Hashable, str],
+        *,
+        terms: Mapping[str, list[tuple[float, Tensor, Tensor]]] | None = None,
+        spectra: Mapping[str, Spectrum] | None = None,
+        max_rank: int | None = None,
+        progress: ProgressFn | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(info, clients, excluded, **kwargs)  # type: ignore[arg-type]
+        self._terms = dict(terms or {})
+        self._spectra: dict[str, Spectrum] = dict(spectra or {})
+        self._max_rank = max_rank
+        self._progress = progress
+
+    def stacked_rank(self, module: str) -> int:
+        """``R = Σ_k r_k`` over the clients that have ``module`` (0 for a restored update)."""
+        return sum(int(A.shape[0]) for _, _, A in self._terms.get(module, ()))
+
+    def uses_factored_path(self, module: str) -> bool:
+        """True when ``R < min(d_out, d_in)``: exact SVD without a dense ΔW."""
+        return 0 < self.stacked_rank(module) < min(self.info[module].shape)
+
+    def delta(self, module: str) -> Tensor:
+        info = self._check_module(module)
+        if module not in self._terms:
+            spec = self._spectra[module]
+            if not spec.complete:
+                raise RankError(f"module {module}: restored update holds only its top {spec.k} triplets; ΔW is not available")
+            return spec.US @ spec.Vh
+        delta = torch.zeros(info.shape, dtype=self.compute_dtype, device=self.device)
+        for coef, B, A in self._terms[module]:
+            delta.addmm_(self._compute(B), self._compute(A), alpha=coef)
+        return delta
+
+    def spectrum(self, module: str, k: int) -> Spectrum:
+        """Leading singular triplets of ``module``'s ΔW, at least ``min(k, rank)`` of them."""
+        info = self._check_module(module)
+        cached = self._spectra.get(module)
+        if cached is not None and (cached.complete or cached.k >= k):
+            return cached
+        if module not in self._terms:
+            raise RankError(f"module {module}: restored update holds {cached.k if cached else 0} triplets, rank {k} was requested")
+        if self.uses_factored_path(module):
+            terms = self._terms[module]
+            spec = factored_spectrum(
+                [self._compute(B) for _, B, _ in terms], [self._compute(A) for _, _, A in terms], [c for c, _, _ in terms]
+            )
+        else:
+            k = max(k, self._max_rank or 0)
+            spec = dense_spectrum(self.delta(module), min(k, min(info.shape)))
+        self._spectra[module] = spec
+        if self._progress is not None:
+            self._progress(len(self._spectra), len(self.modules), module)
+        return spec
+
+    def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        A, B = redistribute(self.spectrum(module, r), r, scaling, module=module, seed=self.seed, dtype=dtype)
+        return A.cpu() if self.device is not None else A, B.cpu() if self.device is not None else B
+
+    def _energy_kept(self, module: str, r: int) -> float:
+        return self.spectrum(module, r).energy_kept(r)
+
+
+def aggregate(
+    states: Sequence[Mapping[str, Tensor]] | Mapping[Hashable, Mapping[str, Tensor]],
+    weights: Sequence[float] | Mapping[Hashable, float],
+    *,
+    method: Method = "flexlora",
+    lora_alpha: float | None = None,
+    scalings: Sequence[Scaling] | Mapping[Hashable, Scaling] | None = None,
+    use_rslora: bool = False,
+    expected_ranks: Sequence[Ranks | None] | Mapping[Hashable, Ranks | None] | None = None,
+    on_invalid: Literal["raise", "exclude"] = "raise",
+    max_rank: int | None = None,
+    hetlora_weighting: Literal["data", "norm"] = "data",
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> GlobalUpdate:
+    """Aggregate client LoRA adapters of possibly different ranks into one global update.
+
+    Parameters
+    ----------
+    states : sequence or mapping of adapter state dicts
+        One per client, in peft (``…q_proj.lora_A.weight``) or FS-LLM
+        (``…q_proj.lora_A.default.weight``) key format; ranks may differ per client and module.
+        A mapping's keys are the client ids used in messages and in ``excluded``.
+    weights : sequence or mapping of float
+        Positive, finite; typically each client's sample count. Normalised per module.
+    method : {"flexlora", "fedavg", "hetlora"}
+        (default: "flexlora")
+    lora_alpha : float, optional
+        Clients' ``lora_alpha``; ``s_k = lora_scaling(lora_alpha, r_k, use_rslora)`` per module.
+    scalings : sequence or mapping, optional
+        Per client a float or a per-module mapping; overrides ``lora_alpha``.
+    use_rslora : bool
+        (default: False)
+    expected_ranks : sequence or mapping, optional
+        Per client the rank (int or rank map) it was assigned; a client reporting another rank
+        is invalid.
+    on_invalid : {"raise", "exclude"}
+        What to do with a malformed client (bad keys, ranks, shapes): raise, or leave it out of
+        this round with a :class:`FlexLoRAWarning`. Clients with NaN/Inf factors are always
+        excluded with a warning. (default: "raise")
+    max_rank : int, optional
+        ``flexlora``: the largest rank that will be requested (the dense path extracts that many
+        triplets once). ``hetlora``: the padded global rank (default: the largest client rank).
+    hetlora_weighting : {"data", "norm"}
+        HetLoRA weights: data sizes, or ``‖s_k B_k A_k‖_F`` (the HetLoRA paper). (default: "data")
+    compute_dtype : torch.dtype
+        torch.float32 (default) or torch.float64.
+    device : torch.device or str, optional
+        Where the math runs (e.g. "cuda"); results come back on the CPU.
+    seed : int
+        Seeds the random completion rows of ``flexlora`` projections. (default: 0)
+    progress : callable, optional
+        ``progress(done, total, module)`` after each module's spectrum (``flexlora``).
+
+    Returns
+    -------
+    GlobalUpdate
+
+    Raises
+    ------
+    ValueError
+        Empty client list, bad weights, no ``lora_alpha``/``scalings``, unknown method.
+    FlexLoRAError
+        A malformed client with ``on_invalid="raise"``; :class:`NonFiniteUpdateError` when no
+        client is left.
+    """
+    from .baselines import FedAvgUpdate, HetLoRAUpdate  # local: baselines builds on this module
+
+    if method not in ("flexlora", "fedavg", "hetlora"):
+        raise ValueError(f"unknown aggregation method {method!r}; expected 'flexlora', 'fedavg' or 'hetlora'")
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+    clients, excluded = collect_clients(
+        states, weights, lora_alpha=lora_alpha, scalings=scalings, use_rslora=use_rslora,
+        expected_ranks=expected_ranks, on_invalid=on_invalid,
+    )  # fmt: skip
+    info = _module_infos(clients, excluded, on_invalid)
+    clients = [c for c in clients if c.client not in excluded]
+    if not clients:
+        raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
+    common = {"compute_dtype": compute_dtype, "device": device, "seed": seed}
+    ids = [c.client for c in clients]
+    if method == "fedavg":
+        return FedAvgUpdate.from_clients(clients, info, excluded, **common)
+    if method == "hetlora":
+        return HetLoRAUpdate.from_clients(clients, info, excluded, max_rank=max_rank, weighting=hetlora_weighting, **common)
+    terms = {m: [(c.weight / _total(clients, m) * c.scalings[m], c.factors[m].B, c.factors[m].A) for c in clients if m in c.factors] for m in info}
+    return FlexLoRAUpdate(info, ids, excluded, terms=terms, max_rank=max_rank, progress=progress, **common)
+
+
+def _total(clients: Sequence[ClientUpdate], module: str) -> float:
+    return sum(c.weight for c in clients if module in c.factors)
+
+
+def collect_clients(
+    states: Sequence[Mapping[str, Tensor]] | Mapping[Hashable, Mapping[str, Tensor]],
+    weights: Sequence[float] | Mapping[Hashable, float],
+    *,
+    lora_alpha: float | None,
+    scalings: Sequence[Scaling] | Mapping[Hashable, Scaling] | None,
+    use_rslora: bool,
+    expected_ranks: Sequence[Ranks | None] | Mapping[Hashable, Ranks | None] | None,
+    on_invalid: Literal["raise", "exclude"],
+) -> tuple[list[ClientUpdate], dict[Hashable, str]]:
+    """Validate every client's state dict; return the usable ones and the excluded ids with reasons."""
+    if on_invalid not in ("raise", "exclude"):
+        raise ValueError(f"on_invalid must be 'raise' or 'exclude', got {on_invalid!r}")
+    ids = list(states) if isinstance(states, Mapping) else list(range(len(states)))
+    if not ids:
+        raise ValueError("aggregate() needs at least one client state dict, got none")
+    if lora_alpha is None and scalings is None:
+        raise ValueError("pass lora_alpha (scaling alpha/r per module) or explicit per-client scalings")
+    state_of = _by_client(states, ids, "states")
+    weight_of, scaling_of, expected_of = (
+        _by_client(weights, ids, "weights"),
+        _by_client(scalings, ids, "scalings") if scalings is not None else {},
+        _by_client(expected_ranks, ids, "expected_ranks") if expected_ranks is not None else {},
+    )
+    clients: list[ClientUpdate] = []
+    excluded: dict[Hashable, str] = {}
+    for cid in ids:
+        weight = weight_of[cid]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"client {cid}: weight must be a positive finite number, got {weight!r}")
+        try:
+            factors = split_state(state_of[cid], client=cid)
+            _check_expected(cid, factors, expected_of.get(cid))
+            scaled = {m: _client_scaling(cid, m, f.r, lora_alpha, scaling_of.get(cid), use_rslora) for m, f in factors.items()}
+        except FlexLoRAError as err:
+            if on_invalid == "raise":
+                raise
+            _exclude(excluded, cid, str(err))
+            continue
+        bad = next((m for m, f in factors.items() if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all())), None)
+        if bad is not None:
+            _exclude(excluded, cid, f"non-finite values (NaN/Inf) in module {bad}")
+            continue
+        clients.append(ClientUpdate(client=cid, weight=float(weight), factors=factors, scalings=scaled))
+    return clients, excluded
+
+
+def _by_client(values: object, ids: list[Hashable], name: str) -> dict[Hashable, object]:
+    if isinstance(values, Mapping):
+        missing = [cid for cid in ids if cid not in values]
+        if missing:
+            raise ValueError(f"{name} has no entry for clients {missing}")
+        return {cid: values[cid] for cid in ids}
+    seq = list(values)  # type: ignore[call-overload]
+    if len(seq) != len(ids):
+        raise ValueError(f"{name} has {len(seq)} entries for {len(ids)} clients")
+    return dict(zip(ids, seq, strict=True))
+
+
+def _check_expected(cid: Hashable, factors: Mapping[str, LoRAFactors], expected: object) -> None:
+    if expected is None:
+        return
+    for module, f in factors.items():
+        want = expected if isinstance(expected, int) else resolve_pattern(module, expected)  # type: ignore[arg-type]
+        want = min(int(want), min(f.shape)) if want is not None else None
+        if want is not None and f.r != want:
+            raise RankError(f"client {cid}, module {module}: lora_A is {tuple(f.A.shape)}, assigned rank {want}")
+
+
+def _client_scaling(
+    cid: Hashable, module: str, r: int, lora_alpha: float | None, scaling: object, use_rslora: bool
+) -> float:
+    if scaling is None:
+        if lora_alpha is None:
+            raise ValueError(f"client {cid}: no scaling given and no lora_alpha to derive it")
+        return lora_scaling(lora_alpha, r, use_rslora)
+    s = scaling if isinstance(scaling, (int, float)) else resolve_pattern(module, scaling)  # type: ignore[arg-type]
+    if s is None:
+        raise MissingModuleError(f"client {cid}, module {module}: no entry in its scaling map")
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"client {cid}, module {module}: scaling must be positive and finite, got {s!r}")
+    return float(s)
+
+
+def _module_infos(
+    clients: Sequence[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str
+) -> dict[str, ModuleInfo]:
+    """Module shapes, dtypes and keys; a client disagreeing with the first-seen shape is invalid."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for c in clients:
+        for module, f in c.factors.items():
+            seen = shapes.setdefault(module, f.shape)
+            if seen != f.shape:
+                msg = (
+                    f"client {c.client}, module {module}: weight shape {f.shape} (lora_A {tuple(f.A.shape)}, "
+                    f"lora_B {tuple(f.B.shape)}) differs from {seen} sent by other clients"
+                )
+                if on_invalid == "raise":
+                    raise ShapeMismatchError(msg)
+                _exclude(excluded, c.client, msg)
+                break
+    kept = [c for c in clients if c.client not in excluded]
+    info: dict[str, ModuleInfo] = {}
+    for c in kept:
+        for module, f in c.factors.items():
+            info.setdefault(module, ModuleInfo(module, f.shape, f.A.dtype, f.a_key, f.b_key))
+    partial = [m for m in info if any(m not in c.factors for c in kept)]
+    if partial:
+        logger.info("%d module(s) are held by only some clients; weights renormalised per module: %s", len(partial), partial[:5])
+    return info
+
+
+def _exclude(excluded: dict[Hashable, str], cid: Hashable, reason: str) -> None:
+    excluded[cid] = reason
+    warnings.warn(f"client {cid} excluded from this round: {reason}", FlexLoRAWarning, stacklevel=3)

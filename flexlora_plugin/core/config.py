@@ -1,0 +1,99 @@
+"""What a user sets: :class:`FlexLoRAConfig`, shared by every host.
+
+Hosts map their own keys onto it (FederatedScope: ``cfg.flexlora.<field>``; Flower:
+``flexlora-<field-with-dashes>``) and call :meth:`FlexLoRAConfig.aggregate_kwargs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+
+from .errors import ProfileError
+from .profiles import RankSampler, TableSampler, get_profile, homogeneous
+
+__all__ = ["FlexLoRAConfig", "METHODS"]
+
+METHODS = ("flexlora", "hetlora", "fedavg")
+
+
+@dataclass(frozen=True)
+class FlexLoRAConfig:
+    """FlexLoRA settings. Every field is validated in ``__post_init__``."""
+
+    method: Literal["flexlora", "hetlora", "fedavg"] = field(
+        default="flexlora", metadata={"help": "Aggregation: 'flexlora', 'hetlora' or 'fedavg' (homogeneous ranks)."}
+    )
+    profile: str = field(
+        default="homo",
+        metadata={"help": "Resource profile name (see profiles.list_profiles()); ignored when rank_table is set."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the per-client rank draw and of completion rows."})
+    rank_table: Mapping[Hashable, Any] | None = field(
+        default=None, metadata={"help": "Explicit client id -> LoRA type name or rank map; overrides profile."}
+    )
+    homo_rank: int | None = field(
+        default=None, metadata={"help": "With profile 'homo': this rank everywhere instead of the r8 type."}
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha shared by all clients (s_k = alpha / r_k)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha / sqrt(r)."})
+    hetlora_max_rank: int | None = field(
+        default=None, metadata={"help": "HetLoRA padded global rank (default: the largest client rank)."}
+    )
+    hetlora_weighting: Literal["data", "norm"] = field(
+        default="data", metadata={"help": "HetLoRA weights: data sizes, or Frobenius norms of s_k B_k A_k."}
+    )
+    compute_dtype: Literal["float32", "float64"] = field(
+        default="float32", metadata={"help": "Aggregation precision; adapters are returned in their own dtype."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.hetlora_weighting not in ("data", "norm"):
+            raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {self.hetlora_weighting!r}")
+        if self.compute_dtype not in ("float32", "float64"):
+            raise ValueError(f"compute_dtype must be 'float32' or 'float64', got {self.compute_dtype!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        for name in ("homo_rank", "hetlora_max_rank"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.rank_table is None:
+            self.sampler()  # raises ProfileError on an unknown profile
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FlexLoRAConfig:
+        """Build from a plain mapping; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown FlexLoRA config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(values))
+
+    def sampler(self) -> RankSampler:
+        """The rank sampler this config selects."""
+        if self.rank_table is not None:
+            return TableSampler(dict(self.rank_table))
+        if self.profile == "homo" and self.homo_rank is not None:
+            return homogeneous(self.homo_rank)
+        try:
+            return get_profile(self.profile)
+        except ProfileError as err:
+            raise ProfileError(f"FlexLoRAConfig.profile: {err}") from err
+
+    def aggregate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`flexlora_plugin.core.aggregate`."""
+        return {
+            "method": self.method,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "hetlora_weighting": self.hetlora_weighting,
+            "compute_dtype": getattr(torch, self.compute_dtype),
+            "seed": self.seed,
+            **({"max_rank": self.hetlora_max_rank} if self.method == "hetlora" else {}),
+        }

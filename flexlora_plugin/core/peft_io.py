@@ -1,0 +1,88 @@
+"""The peft side of a client: build its LoRA at its ranks, read and load adapter factors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import Tensor, nn
+
+from .adapters import split_state
+from .errors import MissingModuleError, RankError
+
+__all__ = ["adapter_state", "load_adapter_state", "lora_config_for", "target_shapes"]
+
+logger = logging.getLogger(__name__)
+
+
+def target_shapes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of every ``nn.Linear`` whose name ends in one of ``target_modules``.
+
+    Call it on the *base* model; names are the model's own (``model.layers.0.self_attn.q_proj``).
+    """
+    suffixes = tuple(target_modules)
+    shapes = {
+        name: (int(mod.out_features), int(mod.in_features))
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and name.split(".")[-1] in suffixes
+    }
+    if not shapes:
+        raise MissingModuleError(f"no nn.Linear module named {list(suffixes)} in {type(model).__name__}")
+    return shapes
+
+
+def lora_config_for(
+    ranks: Mapping[str, int],
+    *,
+    lora_alpha: float,
+    use_rslora: bool = False,
+    lora_dropout: float = 0.0,
+    task_type: str | None = "CAUSAL_LM",
+) -> LoraConfig:
+    """A peft ``LoraConfig`` training exactly ``ranks`` (full names or suffixes -> rank).
+
+    ``lora_alpha`` is shared, so peft's scaling per module is ``alpha / r_module``
+    (``alpha / sqrt(r_module)`` with rsLoRA), matching :func:`~.adapters.lora_scaling`.
+    """
+    if not ranks:
+        raise RankError("lora_config_for() needs a non-empty rank map")
+    targets = sorted({key.split(".")[-1] for key in ranks})
+    return LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        rank_pattern=dict(ranks),
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def adapter_state(model: PeftModel) -> dict[str, Tensor]:
+    """The adapter's LoRA factors in peft's wire format (``…q_proj.lora_A.weight``), detached."""
+    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor]) -> None:
+    """Load factors into ``model``'s active adapter, failing on any missing or misshaped factor.
+
+    Raises
+    ------
+    MissingModuleError
+        When the model has LoRA factors that ``state`` lacks, or the reverse.
+    RankError
+        When a factor's shape differs from the model's (a client of another rank).
+    """
+    split_state(state, client="server")  # rejects non-LoRA keys and A/B rank mismatches
+    own = get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise MissingModuleError(f"adapter keys differ: missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise RankError(f"{key}: received {tuple(value.shape)}, the model's adapter is {tuple(own[key].shape)}")
+    with torch.no_grad():
+        set_peft_model_state_dict(model, {k: v.to(own[k].dtype) for k, v in state.items()})

@@ -1,0 +1,274 @@
+"""Resource profiles: which LoRA rank each client trains, per module.
+
+A *profile* is a sampler mapping a client id to a rank map (``{"q_proj": 30, ...}``, keys in
+peft ``rank_pattern`` style). A client's draw is a pure function of ``(seed, client id)``
+(a BLAKE2b hash, not a shared RNG stream), so every host, run and sampling order agrees.
+
+Built in, as in the paper (Bai et al., NeurIPS 2024, §4.1), on q,k,v,o,gate,up,down:
+
+========  =====================================
+type      ranks
+========  =====================================
+``r8``    8 everywhere
+``r30``   30 everywhere
+``r30_200`` 30 on attention, 200 on the MLP
+``r200``  200 everywhere
+========  =====================================
+
+and the distributions (shares of r8 / r30 / r30_200 / r200) of the paper's reference code:
+``homo`` 100/0/0/0, ``uniform`` 25 each, ``heavy_tail_light`` 80/5/5/10,
+``heavy_tail_strong`` 5/5/10/80, ``normal`` 5.75/5.75/44.25/44.25 (aliases: ``random`` for
+``uniform``, ``heavy_tail`` for ``heavy_tail_strong``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from .adapters import resolve_pattern
+from .errors import ProfileError
+
+__all__ = [
+    "ATTENTION",
+    "MLP",
+    "Distribution",
+    "RankSampler",
+    "TableSampler",
+    "clamp_ranks",
+    "get_profile",
+    "homogeneous",
+    "list_profiles",
+    "lora_type",
+    "register_distribution",
+    "register_lora_type",
+    "register_profile",
+    "sample_ranks",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+RankMap = dict[str, int]
+
+
+@runtime_checkable
+class RankSampler(Protocol):
+    """Anything that maps ``(client_id, seed)`` to a rank map, deterministically."""
+
+    def __call__(self, client_id: Hashable, seed: int) -> Mapping[str, int]: ...
+
+
+_TYPES: dict[str, RankMap] = {}
+_PROFILES: dict[str, RankSampler] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _uniform01(seed: int, client_id: Hashable) -> float:
+    """A uniform draw in [0, 1) fixed by ``(seed, client_id)``, identical on every platform."""
+    digest = hashlib.blake2b(f"flexlora:{seed}:{client_id!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _check_rank_map(where: str, ranks: Mapping[str, int]) -> RankMap:
+    if not ranks:
+        raise ProfileError(f"{where}: empty rank map")
+    for key, r in ranks.items():
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ProfileError(f"{where}: rank for {key!r} must be a positive int, got {r!r}")
+    return dict(ranks)
+
+
+def register_lora_type(name: str, ranks: Mapping[str, int] | int, modules: tuple[str, ...] = ATTENTION + MLP) -> None:
+    """Register a LoRA type: a rank map, or one rank for ``modules``.
+
+    Raises
+    ------
+    ProfileError
+        On a duplicate name or a non-positive rank.
+    """
+    if name in _TYPES:
+        raise ProfileError(f"LoRA type {name!r} is already registered")
+    rank_map = dict.fromkeys(modules, ranks) if isinstance(ranks, int) else dict(ranks)
+    _TYPES[name] = _check_rank_map(f"LoRA type {name!r}", rank_map)
+
+
+def lora_type(name: str) -> RankMap:
+    """The rank map of a registered LoRA type (a copy)."""
+    if name not in _TYPES:
+        raise ProfileError(f"unknown LoRA type {name!r}; registered: {sorted(_TYPES)}")
+    return dict(_TYPES[name])
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A categorical distribution over registered LoRA types.
+
+    Attributes
+    ----------
+    name : str
+    shares : Mapping[str, float]
+        Type name -> probability; non-negative, summing to 1 (within 1e-6).
+    """
+
+    name: str
+    shares: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for t, p in self.shares.items():
+            lora_type(t)  # raises on an unknown type
+            if not (isinstance(p, (int, float)) and math.isfinite(p) and p >= 0):
+                raise ProfileError(f"distribution {self.name!r}: share of {t!r} must be >= 0, got {p!r}")
+        total = sum(self.shares.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ProfileError(f"distribution {self.name!r}: shares sum to {total}, not 1")
+
+    def type_of(self, client_id: Hashable, seed: int) -> str:
+        """The LoRA type drawn for ``client_id`` (inverse CDF of a hashed uniform)."""
+        u, acc = _uniform01(seed, client_id), 0.0
+        names = [t for t, p in self.shares.items() if p > 0]
+        for t in names:
+            acc += self.shares[t]
+            if u < acc:
+                return t
+        return names[-1]
+
+    def __call__(self, client_id: Hashable, seed: int) -> RankMap:
+        return lora_type(self.type_of(client_id, seed))
+
+
+@dataclass(frozen=True)
+class TableSampler:
+    """An explicit per-client table: client id -> LoRA type name or rank map.
+
+    ``default`` (a type name or rank map) serves clients absent from the table; without it,
+    such a client raises :class:`ProfileError`.
+    """
+
+    table: Mapping[Hashable, str | Mapping[str, int]]
+    default: str | Mapping[str, int] | None = None
+
+    def __call__(self, client_id: Hashable, seed: int) -> RankMap:
+        entry = self.table.get(client_id, self.table.get(str(client_id), self.default))
+        if entry is None:
+            raise ProfileError(f"client {client_id!r} is not in the rank table and no default is set")
+        return lora_type(entry) if isinstance(entry, str) else _check_rank_map(f"client {client_id!r}", entry)
+
+
+@dataclass(frozen=True)
+class _Homogeneous:
+    r: int
+    modules: tuple[str, ...] = ATTENTION + MLP
+
+    def __call__(self, client_id: Hashable, seed: int) -> RankMap:
+        return dict.fromkeys(self.modules, self.r)
+
+
+def homogeneous(r: int, modules: tuple[str, ...] = ATTENTION + MLP) -> RankSampler:
+    """Every client gets rank ``r`` on ``modules``."""
+    _check_rank_map("homogeneous profile", dict.fromkeys(modules, r))
+    return _Homogeneous(r, tuple(modules))
+
+
+def register_profile(name: str, sampler: RankSampler, aliases: tuple[str, ...] = ()) -> None:
+    """Register a sampler (a :class:`Distribution`, :class:`TableSampler` or any callable)."""
+    for key in (name, *aliases):
+        if key in _PROFILES or key in _ALIASES:
+            raise ProfileError(f"profile {key!r} is already registered")
+    if not callable(sampler):
+        raise ProfileError(f"profile {name!r}: sampler must be callable as sampler(client_id, seed)")
+    _PROFILES[name] = sampler
+    _ALIASES.update(dict.fromkeys(aliases, name))
+
+
+def register_distribution(name: str, shares: Mapping[str, float], aliases: tuple[str, ...] = ()) -> Distribution:
+    """Register a distribution over LoRA types as a profile, and return it."""
+    dist = Distribution(name, dict(shares))
+    register_profile(name, dist, aliases)
+    return dist
+
+
+def list_profiles() -> list[str]:
+    """Registered profile names (aliases excluded), sorted."""
+    return sorted(_PROFILES)
+
+
+def get_profile(name: str) -> RankSampler:
+    """The sampler registered under ``name`` or one of its aliases."""
+    key = _ALIASES.get(name, name)
+    if key not in _PROFILES:
+        raise ProfileError(f"unknown resource profile {name!r}; registered: {list_profiles()} (aliases {sorted(_ALIASES)})")
+    return _PROFILES[key]
+
+
+def clamp_ranks(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], *, client: Hashable = "?") -> RankMap:
+    """Resolve a pattern rank map onto full module names, clamping at ``min(d_out, d_in)``.
+
+    Parameters
+    ----------
+    ranks : Mapping[str, int]
+        ``rank_pattern``-style map, e.g. ``{"q_proj": 200}``.
+    shapes : Mapping[str, tuple[int, int]]
+        Full module name -> ``(d_out, d_in)``; every module to adapt.
+
+    Returns
+    -------
+    dict[str, int]
+        Full module name -> rank. A clamped rank is logged at INFO (SmolLM2-135M's k/v
+        projections are 576 -> 192, so ``r200`` becomes 192 there).
+
+    Raises
+    ------
+    ProfileError
+        When a module has no matching entry.
+    """
+    out: RankMap = {}
+    for module, shape in shapes.items():
+        r = resolve_pattern(module, ranks)
+        if r is None:
+            raise ProfileError(f"client {client!r}: module {module} matches no entry of rank map {dict(ranks)}")
+        if r > min(shape):
+            logger.info("client %r, module %s: rank %d clamped to min(d_out, d_in)=%d", client, module, r, min(shape))
+            r = min(shape)
+        out[module] = r
+    return out
+
+
+def sample_ranks(
+    profile: str | RankSampler,
+    client_id: Hashable,
+    seed: int = 0,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+) -> RankMap:
+    """The rank map of ``client_id`` under ``profile``: a pure function of (seed, client id).
+
+    With ``shapes`` the map is resolved onto those full module names and clamped
+    (:func:`clamp_ranks`); without, the sampler's pattern map is returned.
+    """
+    sampler = get_profile(profile) if isinstance(profile, str) else profile
+    ranks = _check_rank_map(f"profile output for client {client_id!r}", sampler(client_id, seed))
+    return clamp_ranks(ranks, shapes, client=client_id) if shapes is not None else ranks
+
+
+def _register_builtins() -> None:
+    register_lora_type("r8", 8)
+    register_lora_type("r30", 30)
+    register_lora_type("r30_200", {**dict.fromkeys(ATTENTION, 30), **dict.fromkeys(MLP, 200)})
+    register_lora_type("r200", 200)
+    register_distribution("homo", {"r8": 1.0})
+    register_distribution("uniform", {"r8": 0.25, "r30": 0.25, "r30_200": 0.25, "r200": 0.25}, aliases=("random",))
+    register_distribution("heavy_tail_light", {"r8": 0.80, "r30": 0.05, "r30_200": 0.05, "r200": 0.10})
+    register_distribution(
+        "heavy_tail_strong", {"r8": 0.05, "r30": 0.05, "r30_200": 0.10, "r200": 0.80}, aliases=("heavy_tail",)
+    )
+    register_distribution("normal", {"r8": 0.0575, "r30": 0.0575, "r30_200": 0.4425, "r200": 0.4425})
+
+
+_register_builtins()
+

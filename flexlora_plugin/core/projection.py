@@ -1,0 +1,209 @@
+"""Truncated SVD of a module's ΔW and its redistribution to a client of rank ``r``.
+
+Two exact ways to obtain the leading singular triplets of ``ΔW = Σ_k c_k B_k A_k``
+(``c_k = p_k s_k``, ``B_k : (d_out, r_k)``, ``A_k : (r_k, d_in)``, stacked rank ``R = Σ r_k``):
+
+* **factored** (``R < min(d_out, d_in)``): with ``B_cat = [c_1 B_1 | … | c_K B_K] : (d_out, R)``
+  and ``A_cat = [A_1; …; A_K] : (R, d_in)``, take ``B_cat = Q_b R_b`` and ``A_catᵀ = Q_a R_a``.
+  Then ``ΔW = Q_b (R_b R_aᵀ) Q_aᵀ``; the SVD of the ``R × R`` core ``= U_c S V_cᵀ`` gives
+  ``U = Q_b U_c`` and ``Vᵀ = V_cᵀ Q_aᵀ``. No ``d_out × d_in`` matrix is ever formed.
+* **dense** (otherwise): ΔW is accumulated one client at a time with ``addmm_`` and only the top
+  ``k`` triplets are extracted: eigenvectors of the Gram matrix of the smaller side, refined by
+  one Rayleigh–Ritz step (an SVD of ``ΔW Q``), which restores full float32 accuracy.
+
+Redistribution (the paper's rule, with B absorbing S): a client of rank ``r`` and scaling ``s``
+receives ``B = U_r S_r / s`` and ``A = V_rᵀ``, so that ``s · B · A`` is the best rank-``r``
+approximation of ΔW (Eckart–Young). Directions beyond the numerical rank of ΔW (round 0, where
+ΔW = 0, or fewer directions than ``r``) get a zero B column and a random A row orthogonal to
+the kept rows, drawn like peft's Kaiming-uniform init, so those directions can still learn.
+
+Dtype policy: compute in float32 (float64 on request), return in the adapter's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import RankError
+
+__all__ = ["Spectrum", "dense_spectrum", "factored_spectrum", "redistribute"]
+
+logger = logging.getLogger(__name__)
+
+# Above this share of min(d_out, d_in), a full SVD is cheaper than Gram + Rayleigh–Ritz.
+_FULL_SVD_SHARE = 0.4
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The leading singular triplets of one module's ΔW, in factored form.
+
+    Attributes
+    ----------
+    US : Tensor, shape (d_out, k)
+        ``U_k · diag(S_k)``.
+    S : Tensor, shape (k,)
+        Singular values, descending.
+    Vh : Tensor, shape (k, d_in)
+        ``V_kᵀ``, orthonormal rows.
+    total_energy : float
+        ``‖ΔW‖_F² = Σ_i σ_i²`` over the *whole* spectrum, for the energy-kept ratio.
+    complete : bool
+        True when ``k`` covers every non-zero singular value, so any rank can be served.
+    """
+
+    US: Tensor
+    S: Tensor
+    Vh: Tensor
+    total_energy: float
+    complete: bool
+
+    @property
+    def k(self) -> int:
+        return int(self.S.shape[0])
+
+    def numerical_rank(self) -> int:
+        """Number of singular values above ``max(d_out, d_in) · eps · σ_1`` (as ``matrix_rank``)."""
+        if self.k == 0 or float(self.S[0]) == 0.0:
+            return 0
+        eps = torch.finfo(self.S.dtype).eps
+        tol = max(self.US.shape[0], self.Vh.shape[1]) * eps * float(self.S[0])
+        return int((self.S > tol).sum())
+
+    def energy_kept(self, r: int) -> float:
+        """``Σ_{i<r} σ_i² / Σ_i σ_i²``; 1.0 for ΔW = 0."""
+        if self.total_energy == 0.0:
+            return 1.0
+        kept = float((self.S[:r].double() ** 2).sum())
+        return min(1.0, kept / self.total_energy)
+
+
+def factored_spectrum(Bs: list[Tensor], As: list[Tensor], coefs: list[float]) -> Spectrum:
+    """Exact SVD of ``Σ_k coefs[k] · Bs[k] @ As[k]`` without forming it.
+
+    Parameters
+    ----------
+    Bs : list of Tensor, each shape (d_out, r_k)
+    As : list of Tensor, each shape (r_k, d_in)
+    coefs : list of float
+        ``c_k = p_k · s_k``.
+
+    Returns
+    -------
+    Spectrum
+        Complete (all ``R`` triplets), in the dtype of the inputs.
+    """
+    B_cat = torch.cat([c * B for c, B in zip(coefs, Bs, strict=True)], dim=1)
+    A_cat = torch.cat(As, dim=0)
+    Q_b, R_b = torch.linalg.qr(B_cat)
+    del B_cat
+    Q_a, R_a = torch.linalg.qr(A_cat.T)
+    del A_cat
+    U_c, S, Vh_c = torch.linalg.svd(R_b @ R_a.T)
+    US = (Q_b @ U_c) * S
+    Vh = Vh_c @ Q_a.T
+    return Spectrum(US=US, S=S, Vh=Vh, total_energy=float((S.double() ** 2).sum()), complete=True)
+
+
+def dense_spectrum(delta: Tensor, k: int) -> Spectrum:
+    """Top-``k`` singular triplets of a dense ``delta : (d_out, d_in)``.
+
+    For small ``k`` the Gram matrix of the smaller side is eigendecomposed and the result
+    refined by one Rayleigh–Ritz step; for large ``k`` a thin SVD is cheaper and used instead.
+    ``delta`` is not modified.
+    """
+    d_out, d_in = delta.shape
+    n = min(d_out, d_in)
+    k = min(k, n)
+    total = float((delta.double() ** 2).sum()) if delta.dtype != torch.float64 else float((delta**2).sum())
+    if k >= _FULL_SVD_SHARE * n:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        return Spectrum(US=U[:, :k] * S[:k], S=S[:k].clone(), Vh=Vh[:k].clone(), total_energy=total, complete=k == n)
+    wide = d_out <= d_in
+    gram = delta @ delta.T if wide else delta.T @ delta
+    _, vecs = torch.linalg.eigh(gram)
+    del gram
+    basis = vecs[:, -k:].flip(1)  # leading eigenvectors: left (wide) or right singular vectors
+    del vecs
+    # Rayleigh–Ritz: the best rank-k approximation within span(basis), computed exactly.
+    if wide:
+        Q, _ = torch.linalg.qr(delta.T @ basis)  # (d_in, k), the matching right subspace
+        U, S, Wh = torch.linalg.svd(delta @ Q, full_matrices=False)  # (d_out, k)
+        return Spectrum(US=U * S, S=S, Vh=Wh @ Q.T, total_energy=total, complete=k == n)
+    Q, _ = torch.linalg.qr(delta @ basis)  # (d_out, k)
+    W, S, Vh = torch.linalg.svd(Q.T @ delta, full_matrices=False)  # (k, d_in)
+    return Spectrum(US=(Q @ W) * S, S=S, Vh=Vh, total_energy=total, complete=k == n)
+
+
+def redistribute(
+    spectrum: Spectrum,
+    r: int,
+    scaling: float,
+    *,
+    module: str,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Factors of rank ``r`` for a client with scaling ``s``: ``B = U_r S_r / s``, ``A = V_rᵀ``.
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+        Must hold at least ``min(r, numerical rank)`` triplets.
+    r : int
+        The receiving client's rank for this module, ``1 <= r <= min(d_out, d_in)``.
+    scaling : float
+        The receiving client's LoRA scaling ``s`` (``alpha / r``, or ``alpha / sqrt(r)``).
+    module : str
+        Module name: seeds the random completion and names errors.
+    seed : int
+        Seeds the completion rows, with ``(module, r)``: same inputs, same factors. (default: 0)
+    dtype : torch.dtype, optional
+        Output dtype. (default: the spectrum's)
+
+    Returns
+    -------
+    A : Tensor, shape (r, d_in)
+    B : Tensor, shape (d_out, r)
+        With ``s · B @ A`` equal to the best rank-``r`` approximation of ΔW.
+
+    Notes
+    -----
+    Rows of A past the numerical rank ``q`` of ΔW are ``x - x V_qᵀ V_q`` with ``x`` drawn
+    uniformly in ``±1/sqrt(d_in)`` (peft's ``kaiming_uniform_(a=sqrt(5))``); B's matching
+    columns are zero, so ``s · B @ A`` is unchanged and the gradient on B is non-zero.
+    """
+    d_out, d_in = spectrum.US.shape[0], spectrum.Vh.shape[1]
+    if not 1 <= r <= min(d_out, d_in):
+        raise RankError(f"module {module}: rank {r} is outside 1..min(d_out, d_in)={min(d_out, d_in)}")
+    kept = min(r, spectrum.numerical_rank())
+    if kept < r and not spectrum.complete and kept == spectrum.k:
+        raise RankError(f"module {module}: spectrum holds {spectrum.k} triplets, rank {r} was requested")
+    out_dtype = dtype or spectrum.US.dtype
+    B = torch.zeros(d_out, r, dtype=spectrum.US.dtype, device=spectrum.US.device)
+    B[:, :kept] = spectrum.US[:, :kept] / scaling
+    A = torch.empty(r, d_in, dtype=spectrum.Vh.dtype, device=spectrum.Vh.device)
+    A[:kept] = spectrum.Vh[:kept]
+    if kept < r:
+        A[kept:] = _completion_rows(spectrum.Vh[:kept], r - kept, d_in, seed=_seed(seed, module, r))
+    return A.to(out_dtype), B.to(out_dtype)
+
+
+def _seed(seed: int, module: str, r: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{module}:{r}".encode())) % (2**63)
+
+
+def _completion_rows(kept: Tensor, n: int, d_in: int, *, seed: int) -> Tensor:
+    """``n`` Kaiming-uniform rows with their components along ``kept : (q, d_in)`` removed."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    bound = 1.0 / d_in**0.5
+    x = (torch.rand(n, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    x = x.to(device=kept.device, dtype=kept.dtype)
+    if kept.shape[0]:
+        x = x - (x @ kept.T) @ kept
+    return x

@@ -1,0 +1,73 @@
+"""A tiny random LLaMA with a locally trained tokenizer, for tests and smoke runs (no hub).
+
+``build_tiny_llama(folder)`` writes a normal transformers folder (config, weights, tokenizer)
+that ``AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)``
+load offline. The tokenizer is a byte-level BPE trained on ``texts`` (default: a small built-in
+corpus), so any text round-trips.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["build_tiny_llama"]
+
+logger = logging.getLogger(__name__)
+
+_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "The quick brown fox jumps over the lazy dog. Answer yes or no. Classify the sentence.",
+    "0 1 2 3 4 5 6 7 8 9 positive negative neutral true false question answer context",
+]
+SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def build_tiny_llama(
+    folder: str | os.PathLike[str],
+    *,
+    texts: Iterable[str] | None = None,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_length: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Create (or reuse, when complete) a tiny random LLaMA folder and return its path.
+
+    Shapes per layer: q/o ``hidden × hidden``, k/v ``(hidden·kv/heads) × hidden``,
+    gate/up ``intermediate × hidden``, down ``hidden × intermediate``.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL.values()), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(list(texts) if texts is not None else _CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **SPECIAL)
+    fast.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_length, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    logger.info("tiny LLaMA written to %s (%d-token vocab)", folder, len(fast))
+    return folder

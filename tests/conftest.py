@@ -1,0 +1,50 @@
+"""Shared fixtures: random adapters, float64 references written here (never the code under test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_client(
+    ranks: dict[str, int],
+    shapes: dict[str, tuple[int, int]],
+    *,
+    gen: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    adapter: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """A random adapter state dict in peft (adapter=None) or FS-LLM (adapter='default') format."""
+    mid = f".{adapter}" if adapter else ""
+    state = {}
+    for module, r in ranks.items():
+        d_out, d_in = shapes[module]
+        state[f"{module}.lora_A{mid}.weight"] = torch.randn(r, d_in, generator=gen, dtype=torch.float64).to(dtype)
+        state[f"{module}.lora_B{mid}.weight"] = torch.randn(d_out, r, generator=gen, dtype=torch.float64).to(dtype)
+    return state
+
+
+def ref_delta(states, weights, module, alphas, *, adapter: str | None = None, rslora: bool = False) -> torch.Tensor:
+    """float64 reference ΔW = Σ p_k s_k B_k A_k with an einsum; p_k renormalised over holders."""
+    mid = f".{adapter}" if adapter else ""
+    holders = [(s, w, a) for s, w, a in zip(states, weights, alphas) if f"{module}.lora_A{mid}.weight" in s]
+    total = sum(w for _, w, _ in holders)
+    out = 0
+    for s, w, alpha in holders:
+        A = s[f"{module}.lora_A{mid}.weight"].double()
+        B = s[f"{module}.lora_B{mid}.weight"].double()
+        r = A.shape[0]
+        scale = alpha / (r**0.5 if rslora else r)
+        out = out + (w / total) * scale * torch.einsum("or,ri->oi", B, A)
+    return out
+
+
+def best_rank_error(delta: torch.Tensor, r: int) -> float:
+    """Eckart–Young optimum ‖ΔW − [ΔW]_r‖_F from an independent float64 SVD."""
+    S = torch.linalg.svdvals(delta.double())
+    return float(S[r:].pow(2).sum().sqrt())
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,95 @@
+"""Resource profiles: paper frequencies within binomial bounds, determinism, registry errors."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from flexlora_plugin.core import (
+    ProfileError,
+    TableSampler,
+    clamp_ranks,
+    get_profile,
+    list_profiles,
+    lora_type,
+    register_distribution,
+    register_lora_type,
+    sample_ranks,
+)
+
+PAPER = {
+    "homo": {"r8": 1.0},
+    "uniform": {"r8": 0.25, "r30": 0.25, "r30_200": 0.25, "r200": 0.25},
+    "heavy_tail_light": {"r8": 0.80, "r30": 0.05, "r30_200": 0.05, "r200": 0.10},
+    "heavy_tail_strong": {"r8": 0.05, "r30": 0.05, "r30_200": 0.10, "r200": 0.80},
+    "normal": {"r8": 0.0575, "r30": 0.0575, "r30_200": 0.4425, "r200": 0.4425},
+}
+TYPE_OF = {  # (attention rank, MLP rank) -> type name, written independently of the code
+    (8, 8): "r8", (30, 30): "r30", (30, 200): "r30_200", (200, 200): "r200",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_frequencies_within_binomial_bounds(name):
+    n = 20_000
+    counts = Counter(TYPE_OF[(m["q_proj"], m["down_proj"])] for m in (sample_ranks(name, cid, seed=7) for cid in range(n)))
+    for t, p in PAPER[name].items():
+        sd = math.sqrt(n * p * (1 - p))
+        assert abs(counts[t] - n * p) <= 4.5 * sd + 1e-9, (name, t, counts[t], n * p)
+    assert set(counts) <= set(PAPER[name])
+
+
+def test_aliases():
+    assert get_profile("random") is get_profile("uniform")
+    assert get_profile("heavy_tail") is get_profile("heavy_tail_strong")
+
+
+def test_draw_is_pure_function_of_seed_and_client():
+    a = [sample_ranks("uniform", cid, seed=3) for cid in range(200)]
+    b = [sample_ranks("uniform", cid, seed=3) for cid in reversed(range(200))][::-1]
+    c = [sample_ranks("uniform", cid, seed=4) for cid in range(200)]
+    assert a == b and a != c
+
+
+def test_types_match_paper():
+    assert lora_type("r30_200") == {"q_proj": 30, "k_proj": 30, "v_proj": 30, "o_proj": 30, "gate_proj": 200, "up_proj": 200, "down_proj": 200}
+    assert set(lora_type("r8").values()) == {8}
+
+
+def test_clamp_to_module_shape(caplog):
+    shapes = {"model.layers.0.self_attn.k_proj": (192, 576), "model.layers.0.mlp.up_proj": (1536, 576)}
+    with caplog.at_level("INFO"):
+        out = clamp_ranks(lora_type("r200"), shapes, client=5)
+    assert out == {"model.layers.0.self_attn.k_proj": 192, "model.layers.0.mlp.up_proj": 200}
+    assert "client 5, module model.layers.0.self_attn.k_proj: rank 200 clamped to min(d_out, d_in)=192" in caplog.text
+    with pytest.raises(ProfileError, match="matches no entry"):
+        clamp_ranks({"q_proj": 8}, shapes)
+
+
+def test_user_registrations_and_errors():
+    register_lora_type("test_r4", 4)
+    dist = register_distribution("test_dist", {"test_r4": 0.5, "r8": 0.5})
+    assert "test_dist" in list_profiles() and dist.type_of(1, 0) in ("test_r4", "r8")
+    with pytest.raises(ProfileError, match="already registered"):
+        register_lora_type("test_r4", 4)
+    with pytest.raises(ProfileError, match="already registered"):
+        register_distribution("test_dist", {"r8": 1.0})
+    with pytest.raises(ProfileError, match="sum to 0.9"):
+        register_distribution("test_bad_sum", {"r8": 0.9})
+    with pytest.raises(ProfileError, match="unknown LoRA type 'r9'"):
+        register_distribution("test_bad_type", {"r9": 1.0})
+    with pytest.raises(ProfileError, match="must be a positive int"):
+        register_lora_type("test_r0", 0)
+    with pytest.raises(ProfileError, match="unknown resource profile 'nope'"):
+        sample_ranks("nope", 0)
+
+
+def test_table_sampler():
+    table = TableSampler({0: "r200", "1": {"q_proj": 4}}, default="r8")
+    assert table(0, 0)["down_proj"] == 200
+    assert table(1, 0) == {"q_proj": 4}
+    assert table(9, 0)["q_proj"] == 8
+    with pytest.raises(ProfileError, match="not in the rank table"):
+        TableSampler({})(3, 0)
