@@ -10,6 +10,7 @@ from .aggregation import ClientUpdate, FlexLoRAUpdate, GlobalUpdate, ModuleInfo,
 from .baselines import FedAvgUpdate, HetLoRAUpdate
 from .checkpoint import ServerState, load_server_state, save_server_state
 from .config import METHODS, FlexLoRAConfig
+from .export import exact_ranks, save_peft_adapter
 from .errors import (
     FlexLoRAError,
     FlexLoRAWarning,
@@ -62,6 +63,7 @@ __all__ = [
     "TableSampler",
     "UnsupportedKeyError",
     "aggregate",
+    "exact_ranks",
     "clamp_ranks",
     "get_profile",
     "homogeneous",
@@ -74,6 +76,7 @@ __all__ = [
     "register_profile",
     "resolve_pattern",
     "sample_ranks",
+    "save_peft_adapter",
     "save_server_state",
     "split_state",
     "state_nbytes",

@@ -177,14 +177,19 @@ class GlobalUpdate(ABC):
         for module in self.modules:
             info = self.info[module]
             r = self.rank_for(module, ranks)
-            if r > min(info.shape):
-                raise RankError(f"module {module}: rank {r} exceeds min(d_out, d_in)={min(info.shape)} of {info.shape}")
             s = self._receiver_scaling(module, r, lora_alpha, scaling, use_rslora)
-            key = (module, r, s, dtype or info.dtype)
-            if key not in self._projections:
-                self._projections[key] = self._project_module(module, r, s, dtype or info.dtype)
-            out[info.a_key], out[info.b_key] = self._projections[key]
+            out[info.a_key], out[info.b_key] = self.project_module(module, r, scaling=s, dtype=dtype)
         return out
+
+    def project_module(self, module: str, r: int, *, scaling: float, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(A : (r, d_in), B : (d_out, r))`` of one module for a receiver of scaling ``s``; cached."""
+        info = self._check_module(module)
+        if r > min(info.shape):
+            raise RankError(f"module {module}: rank {r} exceeds min(d_out, d_in)={min(info.shape)} of {info.shape}")
+        key = (module, r, scaling, dtype or info.dtype)
+        if key not in self._projections:
+            self._projections[key] = self._project_module(module, r, scaling, dtype or info.dtype)
+        return self._projections[key]
 
     @staticmethod
     def _receiver_scaling(

@@ -121,3 +121,31 @@ def test_profiles_resolve_onto_real_modules(tiny):
     ranks = sample_ranks("heavy_tail_strong", 0, seed=0, shapes=shapes)
     # tiny k/v are 32 x 64: every r200 rank is clamped to 32, MLP to 64
     assert all(r <= min(shapes[m]) for m, r in ranks.items()) and set(ranks) == set(shapes)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "fs"])
+def test_exported_adapter_reproduces_delta(tiny, tmp_path, fmt):
+    from peft import PeftModel
+
+    from flexlora_plugin.core import save_peft_adapter
+
+    states = []
+    for i, r in enumerate((2, 4, 8)):
+        model, _ = _peft(tiny, {t: r for t in TARGETS}, seed=i)
+        _randomise(model, seed=20 + i)
+        states.append(adapter_state(model) if fmt == "peft" else {k: v.detach() for k, v in model.state_dict().items() if "lora_" in k})
+    update = aggregate(states, [1.0, 1.0, 2.0], lora_alpha=ALPHA)
+    ranks = save_peft_adapter(update, tmp_path / "adapter", base_model_name_or_path=str(tiny), lora_alpha=ALPHA)
+    assert all(r <= 14 for r in ranks.values()) and max(ranks.values()) > 8  # stacked rank 14, clamped by k/v (32)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "adapter")
+    held = adapter_state(loaded)
+    mid = "" if fmt == "peft" else ".default"
+    for module in _modules(held):
+        A, B = held[f"{module}.lora_A.weight"].double(), held[f"{module}.lora_B.weight"].double()
+        ref = sum(
+            w / 4 * lora_scaling(ALPHA, s[f"{module}.lora_A{mid}.weight"].shape[0])
+            * s[f"{module}.lora_B{mid}.weight"].double() @ s[f"{module}.lora_A{mid}.weight"].double()
+            for w, s in zip([1.0, 1.0, 2.0], states)
+        )  # fmt: skip
+        assert A.shape[0] == ranks[module]
+        assert float((ref - lora_scaling(ALPHA, A.shape[0]) * B @ A).norm() / ref.norm()) <= 1e-5, module

@@ -1,0 +1,102 @@
+"""Export a global update as a peft adapter folder that ``PeftModel.from_pretrained`` loads.
+
+Each module gets the smallest rank whose truncation reproduces its ΔW to a relative Frobenius
+error ``≤ tol`` (its numerical rank at that tolerance), written through peft's ``rank_pattern``;
+``B = U_r S_r / s``, ``A = V_rᵀ`` as for any client. The folder holds ``adapter_config.json`` and
+``adapter_model.safetensors`` (peft's own file names and key format).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from .adapters import lora_scaling
+from .aggregation import FlexLoRAUpdate, GlobalUpdate
+from .baselines import FactorsUpdate
+
+__all__ = ["PEFT_PREFIX", "exact_ranks", "save_peft_adapter"]
+
+logger = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+
+
+def exact_ranks(update: GlobalUpdate, tol: float = 1e-5) -> dict[str, int]:
+    """Per module, the smallest rank ``r ≥ 1`` with ``‖ΔW − [ΔW]_r‖_F ≤ tol · ‖ΔW‖_F``.
+
+    ``flexlora``: from the full spectrum (one thin SVD per dense-path module). Baselines: the
+    rank of their global factors (their ΔW is that factor product).
+    """
+    out: dict[str, int] = {}
+    for m in update.modules:
+        if isinstance(update, FlexLoRAUpdate):
+            spec = update.spectrum(m, min(update.info[m].shape))
+            tail = (spec.S.double() ** 2).flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} σ_j²
+            ok = (tail <= (tol**2) * spec.total_energy).nonzero()
+            out[m] = max(1, int(ok[0]) if len(ok) else spec.k)
+        elif isinstance(update, FactorsUpdate):
+            out[m] = int(update.factors[m][0].shape[0])
+        else:
+            raise TypeError(f"cannot export a {type(update).__name__}")
+    return out
+
+
+def _module_path(module: str) -> str:
+    """``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj`` (the base model's name)."""
+    return module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
+
+
+def save_peft_adapter(
+    update: GlobalUpdate,
+    folder: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str,
+    lora_alpha: float,
+    use_rslora: bool = False,
+    ranks: Mapping[str, int] | int | None = None,
+    tol: float = 1e-5,
+    task_type: str | None = "CAUSAL_LM",
+) -> dict[str, int]:
+    """Write ``update`` as a peft LoRA adapter folder and return the rank used per module.
+
+    Parameters
+    ----------
+    update : GlobalUpdate
+    folder : path
+        Created if needed; existing adapter files are overwritten.
+    base_model_name_or_path : str
+        Recorded in ``adapter_config.json``.
+    lora_alpha : float
+        Scaling of the exported adapter: ``s = alpha / r_module``.
+    ranks : int or Mapping, optional
+        Fixed rank(s) instead of :func:`exact_ranks` (then the result is a truncation).
+    tol : float
+        Relative Frobenius tolerance of :func:`exact_ranks`. (default: 1e-5)
+    """
+    chosen = exact_ranks(update, tol) if ranks is None else {m: update.rank_for(m, ranks) for m in update.modules}
+    tensors = {}
+    for m, r in chosen.items():
+        A, B = update.project_module(m, r, scaling=lora_scaling(lora_alpha, r, use_rslora))
+        base = m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m
+        tensors[f"{base}.lora_A.weight"] = A.contiguous()
+        tensors[f"{base}.lora_B.weight"] = B.contiguous()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = sorted({_module_path(m).split(".")[-1] for m in chosen})
+    config = LoraConfig(
+        r=max(chosen.values()), lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=targets,
+        rank_pattern={_module_path(m): r for m, r in chosen.items()}, lora_dropout=0.0, bias="none",
+        base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+    )  # fmt: skip
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    total = sum(chosen.values())
+    logger.info("saved a peft adapter with %d modules (mean rank %.1f) to %s", len(chosen), total / max(1, len(chosen)), folder)
+    return chosen
+
