@@ -10,7 +10,6 @@ from .aggregation import ClientUpdate, FlexLoRAUpdate, GlobalUpdate, ModuleInfo,
 from .baselines import FedAvgUpdate, HetLoRAUpdate
 from .checkpoint import ServerState, load_server_state, save_server_state
 from .config import METHODS, FlexLoRAConfig
-from .export import exact_ranks, save_peft_adapter
 from .errors import (
     FlexLoRAError,
     FlexLoRAWarning,
@@ -21,6 +20,7 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedKeyError,
 )
+from .export import exact_ranks, save_peft_adapter
 from .profiles import (
     Distribution,
     RankSampler,

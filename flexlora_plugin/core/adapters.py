@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Hashable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -167,7 +167,7 @@ def _pair(module: str, slot: Mapping[str, tuple[str, Tensor]], client: Hashable)
 
 
 def resolve_pattern(module: str, mapping: Mapping[str, V]) -> V | None:
-    """Look a module up in a peft ``rank_pattern``-style mapping.
+    r"""Look a module up in a peft ``rank_pattern``-style mapping.
 
     An exact key wins; otherwise every key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``
     matches (peft's rule), and the longest such key (the most specific) is taken.

@@ -235,9 +235,11 @@ class FlexLoRAUpdate(GlobalUpdate):
         spectra: Mapping[str, Spectrum] | None = None,
         max_rank: int | None = None,
         progress: ProgressFn | None = None,
-        **kwargs: object,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(info, clients, excluded, **kwargs)  # type: ignore[arg-type]
+        super().__init__(info, clients, excluded, compute_dtype=compute_dtype, device=device, seed=seed)
         self._terms = dict(terms or {})
         self._spectra: dict[str, Spectrum] = dict(spectra or {})
         self._max_rank = max_rank
@@ -270,7 +272,8 @@ class FlexLoRAUpdate(GlobalUpdate):
         if cached is not None and (cached.complete or cached.k >= k):
             return cached
         if module not in self._terms:
-            raise RankError(f"module {module}: restored update holds {cached.k if cached else 0} triplets, rank {k} was requested")
+            held = cached.k if cached else 0
+            raise RankError(f"module {module}: restored update holds {held} triplets, rank {k} was requested")
         if self.uses_factored_path(module):
             terms = self._terms[module]
             spec = factored_spectrum(
@@ -374,14 +377,21 @@ def aggregate(
     clients = [c for c in clients if c.client not in excluded]
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
-    common = {"compute_dtype": compute_dtype, "device": device, "seed": seed}
-    ids = [c.client for c in clients]
     if method == "fedavg":
-        return FedAvgUpdate.from_clients(clients, info, excluded, **common)
+        return FedAvgUpdate.from_clients(clients, info, excluded, compute_dtype=compute_dtype, device=device, seed=seed)
     if method == "hetlora":
-        return HetLoRAUpdate.from_clients(clients, info, excluded, max_rank=max_rank, weighting=hetlora_weighting, **common)
-    terms = {m: [(c.weight / _total(clients, m) * c.scalings[m], c.factors[m].B, c.factors[m].A) for c in clients if m in c.factors] for m in info}
-    return FlexLoRAUpdate(info, ids, excluded, terms=terms, max_rank=max_rank, progress=progress, **common)
+        return HetLoRAUpdate.from_clients(
+            clients, info, excluded, max_rank=max_rank, weighting=hetlora_weighting,
+            compute_dtype=compute_dtype, device=device, seed=seed,
+        )  # fmt: skip
+    terms = {
+        m: [(c.weight / _total(clients, m) * c.scalings[m], c.factors[m].B, c.factors[m].A) for c in clients if m in c.factors]
+        for m in info
+    }
+    return FlexLoRAUpdate(
+        info, [c.client for c in clients], excluded, terms=terms, max_rank=max_rank, progress=progress,
+        compute_dtype=compute_dtype, device=device, seed=seed,
+    )  # fmt: skip
 
 
 def _total(clients: Sequence[ClientUpdate], module: str) -> float:
@@ -401,7 +411,7 @@ def collect_clients(
     """Validate every client's state dict; return the usable ones and the excluded ids with reasons."""
     if on_invalid not in ("raise", "exclude"):
         raise ValueError(f"on_invalid must be 'raise' or 'exclude', got {on_invalid!r}")
-    ids = list(states) if isinstance(states, Mapping) else list(range(len(states)))
+    ids: list[Hashable] = list(states) if isinstance(states, Mapping) else list(range(len(states)))
     if not ids:
         raise ValueError("aggregate() needs at least one client state dict, got none")
     if lora_alpha is None and scalings is None:
@@ -419,7 +429,7 @@ def collect_clients(
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"client {cid}: weight must be a positive finite number, got {weight!r}")
         try:
-            factors = split_state(state_of[cid], client=cid)
+            factors = split_state(state_of[cid], client=cid)  # type: ignore[arg-type]
             _check_expected(cid, factors, expected_of.get(cid))
             scaled = {m: _client_scaling(cid, m, f.r, lora_alpha, scaling_of.get(cid), use_rslora) for m, f in factors.items()}
         except FlexLoRAError as err:

@@ -39,9 +39,11 @@ class FactorsUpdate(GlobalUpdate):
         *,
         factors: Mapping[str, tuple[Tensor, Tensor]],
         scales: Mapping[str, float],
-        **kwargs: object,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(info, clients, excluded, **kwargs)  # type: ignore[arg-type]
+        super().__init__(info, clients, excluded, compute_dtype=compute_dtype, device=device, seed=seed)
         self.factors = dict(factors)  # module -> (A_bar : (R, d_in), B_bar : (d_out, R))
         self.scales = dict(scales)
 
@@ -70,7 +72,14 @@ class FedAvgUpdate(FactorsUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], **kwargs: object
+        cls,
+        clients: Sequence[ClientUpdate],
+        info: Mapping[str, ModuleInfo],
+        excluded: Mapping[Hashable, str],
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int = 0,
     ) -> FedAvgUpdate:
         mixed = {}
         for m in info:
@@ -81,17 +90,17 @@ class FedAvgUpdate(FactorsUpdate):
             shown = "; ".join(f"{m}: {r}" for m, r in list(mixed.items())[:3])
             raise RankError(f"fedavg needs one rank per module, got mixed client ranks in {len(mixed)} module(s): {shown}")
         factors, scales = {}, {}
-        dtype, device = kwargs.get("compute_dtype", torch.float32), kwargs.get("device")
         for m in info:
             held = [c for c in clients if m in c.factors]
             s = {c.scalings[m] for c in held}
             if max(s) - min(s) > 1e-6 * max(s):
                 raise RankError(f"fedavg needs one scaling per module; module {m} has {sorted(s)}")
             total = sum(c.weight for c in held)
-            A = sum(c.weight / total * c.factors[m].A.to(device=device, dtype=dtype) for c in held)  # type: ignore[arg-type]
-            B = sum(c.weight / total * c.factors[m].B.to(device=device, dtype=dtype) for c in held)  # type: ignore[arg-type]
+            A = torch.stack([c.weight / total * c.factors[m].A.to(device=device, dtype=compute_dtype) for c in held]).sum(0)
+            B = torch.stack([c.weight / total * c.factors[m].B.to(device=device, dtype=compute_dtype) for c in held]).sum(0)
             factors[m], scales[m] = (A, B), max(s)
-        return cls(info, [c.client for c in clients], excluded, factors=factors, scales=scales, **kwargs)
+        ids = [c.client for c in clients]
+        return cls(info, ids, excluded, factors=factors, scales=scales, compute_dtype=compute_dtype, device=device, seed=seed)
 
     def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         A, B = self.factors[module]
@@ -114,7 +123,9 @@ class HetLoRAUpdate(FactorsUpdate):
         *,
         max_rank: int | None,
         weighting: Literal["data", "norm"],
-        **kwargs: object,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int = 0,
     ) -> HetLoRAUpdate:
         if weighting not in ("data", "norm"):
             raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {weighting!r}")
@@ -122,20 +133,20 @@ class HetLoRAUpdate(FactorsUpdate):
         R = max_rank if max_rank is not None else top
         if top > R:
             raise RankError(f"hetlora: a client sent rank {top}, above max_rank={R}")
-        dtype, device = kwargs.get("compute_dtype", torch.float32), kwargs.get("device")
         factors = {}
         for m, mi in info.items():
             held = [c for c in clients if m in c.factors]
-            w = _hetlora_weights(held, m, weighting, dtype, device)  # type: ignore[arg-type]
+            w = _hetlora_weights(held, m, weighting, compute_dtype, device)
             R_m = min(R, min(mi.shape))
-            A = torch.zeros(R_m, mi.shape[1], dtype=dtype, device=device)  # type: ignore[arg-type]
-            B = torch.zeros(mi.shape[0], R_m, dtype=dtype, device=device)  # type: ignore[arg-type]
+            A = torch.zeros(R_m, mi.shape[1], dtype=compute_dtype, device=device)
+            B = torch.zeros(mi.shape[0], R_m, dtype=compute_dtype, device=device)
             for c, w_k in zip(held, w, strict=True):
                 f, root = c.factors[m], math.sqrt(c.scalings[m])
-                A[: f.r] += (w_k * root) * f.A.to(device=device, dtype=dtype)  # type: ignore[arg-type]
-                B[:, : f.r] += (w_k * root) * f.B.to(device=device, dtype=dtype)  # type: ignore[arg-type]
+                A[: f.r] += (w_k * root) * f.A.to(device=device, dtype=compute_dtype)
+                B[:, : f.r] += (w_k * root) * f.B.to(device=device, dtype=compute_dtype)
             factors[m] = (A, B)
-        return cls(info, [c.client for c in clients], excluded, factors=factors, scales=dict.fromkeys(info, 1.0), **kwargs)
+        ids, scales = [c.client for c in clients], dict.fromkeys(info, 1.0)
+        return cls(info, ids, excluded, factors=factors, scales=scales, compute_dtype=compute_dtype, device=device, seed=seed)
 
     def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         A, B = self.factors[module]
@@ -146,17 +157,18 @@ class HetLoRAUpdate(FactorsUpdate):
 
 
 def _hetlora_weights(
-    held: Sequence[ClientUpdate], module: str, weighting: str, dtype: torch.dtype, device: torch.device | None
+    held: Sequence[ClientUpdate], module: str, weighting: str, dtype: torch.dtype, device: torch.device | str | None
 ) -> list[float]:
+    """Normalised weights; ``"norm"``: ``‖s_k B_k A_k‖_F``, equal weights if every update is zero."""
     if weighting == "data":
         raw = [c.weight for c in held]
     else:
-        raw = [
-            c.scalings[module]
-            * math.sqrt(max(_frob2(c.factors[module].B.to(device=device, dtype=dtype), c.factors[module].A.to(device=device, dtype=dtype)), 0.0))
-            for c in held
-        ]
+        raw = []
+        for c in held:
+            f = c.factors[module]
+            norm2 = _frob2(f.B.to(device=device, dtype=dtype), f.A.to(device=device, dtype=dtype))
+            raw.append(c.scalings[module] * math.sqrt(max(norm2, 0.0)))
     total = sum(raw)
-    if total == 0.0:  # every client sent a zero update (e.g. B = 0): fall back to equal weights
+    if total == 0.0:  # every client sent a zero update (e.g. all B = 0 at round 0)
         return [1.0 / len(held)] * len(held)
     return [x / total for x in raw]

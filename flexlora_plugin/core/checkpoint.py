@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,9 @@ def save_server_state(
     if update is not None:
         for m in update.modules:
             mi = update.info[m]
-            entry: dict[str, Any] = {"shape": list(mi.shape), "dtype": _dtype_name(mi.dtype), "a_key": mi.a_key, "b_key": mi.b_key}
+            entry: dict[str, Any] = {
+                "shape": list(mi.shape), "dtype": _dtype_name(mi.dtype), "a_key": mi.a_key, "b_key": mi.b_key,
+            }  # fmt: skip
             if isinstance(update, FlexLoRAUpdate):
                 spec = update.spectrum(m, max_rank or min(mi.shape))
                 tensors.update({f"{m}{_SEP}US": spec.US, f"{m}{_SEP}S": spec.S, f"{m}{_SEP}Vh": spec.Vh})
@@ -93,7 +95,8 @@ def save_server_state(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"flexlora": json.dumps(meta)})
+    owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # safetensors refuses shared storage
+    save_file(owned, str(tmp), metadata={"flexlora": json.dumps(meta)})
     os.replace(tmp, path)
     return path
 
@@ -125,8 +128,10 @@ def _restore_update(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         m: ModuleInfo(m, (e["shape"][0], e["shape"][1]), getattr(torch, e["dtype"]), e["a_key"], e["b_key"])
         for m, e in meta["modules"].items()
     }
-    common = {"compute_dtype": tensors[next(iter(tensors))].dtype if tensors else torch.float32, "seed": int(meta["seed"])}
-    clients, excluded = meta["clients"], {}
+    compute_dtype = tensors[next(iter(tensors))].dtype if tensors else torch.float32
+    seed = int(meta["seed"])
+    clients: list[str] = meta["clients"]
+    excluded: dict[Hashable, str] = {}
     if meta["method"] == "flexlora":
         spectra = {
             m: Spectrum(
@@ -135,10 +140,10 @@ def _restore_update(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             )  # fmt: skip
             for m, e in meta["modules"].items()
         }
-        return FlexLoRAUpdate(info, clients, excluded, spectra=spectra, **common)  # type: ignore[arg-type]
+        return FlexLoRAUpdate(info, clients, excluded, spectra=spectra, compute_dtype=compute_dtype, seed=seed)
     cls = {"fedavg": FedAvgUpdate, "hetlora": HetLoRAUpdate}.get(meta["method"])
     if cls is None:
         raise FlexLoRAError(f"unknown method {meta['method']!r} in server state")
     factors = {m: (tensors[f"{m}{_SEP}A"], tensors[f"{m}{_SEP}B"]) for m in info}
     scales = {m: float(e["scale"]) for m, e in meta["modules"].items()}
-    return cls(info, clients, excluded, factors=factors, scales=scales, **common)  # type: ignore[arg-type]
+    return cls(info, clients, excluded, factors=factors, scales=scales, compute_dtype=compute_dtype, seed=seed)

@@ -90,7 +90,7 @@ def save_peft_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     targets = sorted({_module_path(m).split(".")[-1] for m in chosen})
     config = LoraConfig(
-        r=max(chosen.values()), lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=targets,
+        r=max(chosen.values()), lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=targets,  # type: ignore[arg-type]
         rank_pattern={_module_path(m): r for m, r in chosen.items()}, lora_dropout=0.0, bias="none",
         base_model_name_or_path=base_model_name_or_path, task_type=task_type,
     )  # fmt: skip

@@ -51,7 +51,7 @@ def lora_config_for(
     targets = sorted({key.split(".")[-1] for key in ranks})
     return LoraConfig(
         r=max(ranks.values()),
-        lora_alpha=lora_alpha,
+        lora_alpha=lora_alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         use_rslora=use_rslora,
         lora_dropout=lora_dropout,
         target_modules=targets,
@@ -80,7 +80,9 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor]) -> None:
     own = get_peft_model_state_dict(model)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise MissingModuleError(f"adapter keys differ: missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+        raise MissingModuleError(
+            f"adapter keys differ: missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise RankError(f"{key}: received {tuple(value.shape)}, the model's adapter is {tuple(own[key].shape)}")

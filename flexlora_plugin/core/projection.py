@@ -202,7 +202,7 @@ def _completion_rows(kept: Tensor, n: int, d_in: int, *, seed: int) -> Tensor:
     """``n`` Kaiming-uniform rows with their components along ``kept : (q, d_in)`` removed."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     bound = 1.0 / d_in**0.5
-    x = (torch.rand(n, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    x: Tensor = (torch.rand(n, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
     x = x.to(device=kept.device, dtype=kept.dtype)
     if kept.shape[0]:
         x = x - (x @ kept.T) @ kept

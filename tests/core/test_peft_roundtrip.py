@@ -139,6 +139,7 @@ def test_exported_adapter_reproduces_delta(tiny, tmp_path, fmt):
     assert all(r <= 14 for r in ranks.values()) and max(ranks.values()) > 8  # stacked rank 14, clamped by k/v (32)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "adapter")
     held = adapter_state(loaded)
+    assert set(_modules(held)) == set(ranks)  # every exported module is loaded, none added
     mid = "" if fmt == "peft" else ".default"
     for module in _modules(held):
         A, B = held[f"{module}.lora_A.weight"].double(), held[f"{module}.lora_B.weight"].double()
