@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test,flower,eval]"
+	$(BIN)/python -m pip install -q -e ".[test,flower]"
 	touch $@
 
 test: setup
