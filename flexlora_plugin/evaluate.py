@@ -1,0 +1,213 @@
+"""Score a model (optionally with a peft adapter) on held-out tasks: generated Rouge-L.
+
+The paper's headline metric: Rouge-L (``rouge-score``, ``rougeL``, stemming on) of the
+*greedy-generated* answers of the global model on unseen tasks, batched, with a fixed maximum of
+new tokens; per-task means and a task-clustered paired bootstrap CI for differences.
+
+Command line (prints JSON)::
+
+    python -m flexlora_plugin.evaluate --adapter DIR --data FILE [--base MODEL_DIR]
+        [--max-new-tokens 64] [--batch-size 8] [--max-per-task N] [--out FILE.json]
+
+``--adapter none`` scores the base model (zero-shot floor); without ``--base`` the base model is
+the adapter's ``base_model_name_or_path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import build_prompt, load_examples
+
+__all__ = ["EvalResult", "Difference", "evaluate_model", "generate_answers", "load_for_eval", "paired_bootstrap", "rouge_l"]
+
+logger = logging.getLogger(__name__)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Per-example Rouge-L F-measure (``rouge-score``, stemming on)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 768,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Greedy answers, batched with left padding; prompts truncated from the left to ``max_prompt_tokens``."""
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
+                          truncation=True, max_length=max_prompt_tokens)  # fmt: skip
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers += [a.strip() for a in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
+        if progress is not None:
+            progress(len(answers), len(prompts))
+    return answers
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Scores of one model on one file: per example (in file order) and per task."""
+
+    scores: list[float]
+    tasks: list[str]
+    predictions: list[str]
+
+    @property
+    def per_task(self) -> dict[str, float]:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for task, s in zip(self.tasks, self.scores, strict=True):
+            groups[task].append(s)
+        return {t: sum(v) / len(v) for t, v in sorted(groups.items())}
+
+    def summary(self) -> dict[str, Any]:
+        per_task = self.per_task
+        return {
+            "rougeL": sum(self.scores) / max(1, len(self.scores)),
+            "rougeL_task_mean": sum(per_task.values()) / max(1, len(per_task)),
+            "n_examples": len(self.scores),
+            "n_tasks": len(per_task),
+            "per_task": per_task,
+            "examples": [
+                {"task": t, "rougeL": s, "prediction": p}
+                for t, s, p in zip(self.tasks, self.scores, self.predictions, strict=True)
+            ],
+        }
+
+
+def select_examples(examples: Sequence[Mapping[str, Any]], max_per_task: int | None) -> list[Mapping[str, Any]]:
+    """The first ``max_per_task`` examples of each task (``task_id``, else ``category``), file order kept."""
+    if max_per_task is None:
+        return list(examples)
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for ex in examples:
+        task = str(ex.get("task_id", ex.get("category", "")))
+        if seen[task] < max_per_task:
+            seen[task] += 1
+            out.append(ex)
+    return out
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 64, batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:  # fmt: skip
+    """Generate for every example and score against its ``output``."""
+    preds = generate_answers(model, tokenizer, [build_prompt(ex) for ex in examples], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress)  # fmt: skip
+    tasks = [str(ex.get("task_id", ex.get("category", ""))) for ex in examples]
+    return EvalResult(scores=rouge_l(preds, [ex["output"] for ex in examples]), tasks=tasks, predictions=preds)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Mean per-task difference ``a − b`` with a task-clustered bootstrap CI."""
+
+    diff: float
+    low: float
+    high: float
+
+    @property
+    def conclusive(self) -> bool:
+        """False when the CI covers 0."""
+        return not (self.low <= 0.0 <= self.high)
+
+
+def paired_bootstrap(
+    a: Mapping[str, float], b: Mapping[str, float], *, n_boot: int = 10_000, seed: int = 0, level: float = 0.95
+) -> Difference:
+    """Task-clustered paired bootstrap of the mean per-task score difference.
+
+    Tasks (the clusters) are resampled with replacement; each resample's statistic is the mean
+    over its tasks of ``a[task] − b[task]``. Both mappings must cover the same tasks.
+    """
+    if set(a) != set(b) or not a:
+        raise ValueError(f"paired bootstrap needs the same non-empty task set, got {sorted(a)[:3]}… vs {sorted(b)[:3]}…")
+    deltas = [a[t] - b[t] for t in sorted(a)]
+    rng = random.Random(seed)
+    stats = sorted(sum(rng.choices(deltas, k=len(deltas))) / len(deltas) for _ in range(n_boot))
+    tail = (1 - level) / 2
+    low, high = stats[int(tail * n_boot)], stats[min(n_boot - 1, int((1 - tail) * n_boot))]
+    return Difference(diff=sum(deltas) / len(deltas), low=low, high=high)
+
+
+def load_for_eval(adapter: str | None, base: str | None) -> tuple[Any, Any]:
+    """Base model (+ adapter, unmerged) and tokenizer; ``adapter=None`` scores the base model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if base is None:
+        if adapter is None:
+            raise ValueError("--base is required with --adapter none")
+        base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model, AutoTokenizer.from_pretrained(base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generated Rouge-L of a model (+ peft adapter) on a held-out file; prints JSON.")
+    parser.add_argument("--adapter", required=True, help="peft adapter folder, or 'none' for the base model")
+    parser.add_argument("--data", required=True, type=Path, help="JSON list of {instruction, input, output[, task_id]}")
+    parser.add_argument("--base", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-per-task", type=int, default=None, help="score only the first N examples of each task")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapter = None if args.adapter.lower() == "none" else args.adapter
+    examples = select_examples(load_examples(args.data), args.max_per_task)
+    model, tokenizer = load_for_eval(adapter, args.base)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        rate = done / max(1e-9, time.perf_counter() - start)
+        logger.info("evaluated %d/%d examples, ETA %.0f s", done, total, (total - done) / max(rate, 1e-9))
+
+    result = evaluate_model(
+        model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress
+    )
+    report = {"adapter": args.adapter, "data": str(args.data), "max_new_tokens": args.max_new_tokens,
+              "seconds": round(time.perf_counter() - start, 1), **result.summary()}  # fmt: skip
+    text = json.dumps(report, indent=2)
+    if args.out is not None:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
