@@ -1,0 +1,140 @@
+"""Flower wire format of the FlexLoRA host: record keys and record <-> core conversions.
+
+Every key that travels in a Flower ``Message`` is defined here, once. A train message carries
+``"arrays"`` (the node's LoRA factors, an :class:`~flwr.app.ArrayRecord` in peft's key format)
+and ``"config"`` (a :class:`~flwr.app.ConfigRecord` with the round, the dtype note and the run's
+settings); a train reply carries ``"arrays"``, ``"config"`` (dtype note) and ``"metrics"``
+(``num-examples``, ``train-loss``). The rank handshake is a ``query.rank`` message answered with
+a ``"rank-info"`` ConfigRecord (``partition-id`` and ``rank-map``, a JSON object).
+
+dtype policy: an ArrayRecord cannot hold bfloat16, so a bf16 tensor travels as its bit pattern
+viewed as int16 and the record's ConfigRecord names the original dtype under ``array-dtypes``
+(a JSON object ``{key: "bfloat16"}``); conversion back is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from torch import Tensor
+
+__all__ = [
+    "ARRAYS",
+    "ARRAY_DTYPES",
+    "CONFIG",
+    "METRICS",
+    "NUM_EXAMPLES",
+    "PARTITION_ID",
+    "QUERY_RANK",
+    "RANK_INFO",
+    "RANK_MAP",
+    "SERVER_ROUND",
+    "TRAIN_LOSS",
+    "rank_info_record",
+    "read_rank_info",
+    "record_to_state",
+    "state_to_record",
+]
+
+logger = logging.getLogger(__name__)
+
+# RecordDict keys
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+RANK_INFO = "rank-info"
+# query action: ``@app.query(QUERY_RANK)`` handles message type ``f"query.{QUERY_RANK}"``
+QUERY_RANK = "rank"
+# ConfigRecord / MetricRecord keys
+SERVER_ROUND = "server-round"
+PARTITION_ID = "partition-id"
+RANK_MAP = "rank-map"
+ARRAY_DTYPES = "array-dtypes"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+
+_VIEWED = {torch.bfloat16: torch.int16}
+
+
+def state_to_record(state: Mapping[str, Tensor]) -> tuple[ArrayRecord, ConfigRecord]:
+    """Pack a state dict into an ArrayRecord plus the ConfigRecord holding its dtype note.
+
+    Parameters
+    ----------
+    state : Mapping[str, Tensor]
+        Keys are preserved verbatim and in order; not modified.
+
+    Returns
+    -------
+    tuple[ArrayRecord, ConfigRecord]
+        The arrays (bf16 viewed as int16, everything contiguous on the CPU) and
+        ``{ARRAY_DTYPES: json}`` naming each viewed key's original dtype.
+    """
+    packed: OrderedDict[str, Tensor] = OrderedDict()
+    dtypes: dict[str, str] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"state_to_record: {key} is a {type(value).__name__}, not a torch.Tensor")
+        value = value.detach().cpu().contiguous()
+        if value.dtype in _VIEWED:
+            dtypes[key] = str(value.dtype).removeprefix("torch.")
+            value = value.view(_VIEWED[value.dtype])
+        packed[key] = value
+    return ArrayRecord(packed), ConfigRecord({ARRAY_DTYPES: json.dumps(dtypes)})
+
+
+def record_to_state(arrays: ArrayRecord, config: ConfigRecord | None = None) -> dict[str, Tensor]:
+    """Unpack :func:`state_to_record`'s output into a state dict (keys, order and dtypes restored).
+
+    Raises
+    ------
+    ValueError
+        When the dtype note is not valid JSON, names a key the record lacks, or an unsupported dtype.
+    """
+    note = str(config[ARRAY_DTYPES]) if config is not None and ARRAY_DTYPES in config else "{}"
+    try:
+        dtypes = json.loads(note)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ARRAY_DTYPES} is not valid JSON: {note[:80]!r}") from err
+    state = dict(arrays.to_torch_state_dict()) if len(arrays) else {}
+    for key, name in dtypes.items():
+        if key not in state:
+            raise ValueError(f"{ARRAY_DTYPES} names {key!r}, which the ArrayRecord lacks")
+        dtype = getattr(torch, str(name), None)
+        if dtype not in _VIEWED:
+            raise ValueError(f"{ARRAY_DTYPES}: {key!r} has unsupported dtype {name!r}")
+        state[key] = state[key].view(dtype)
+    return state
+
+
+def rank_info_record(partition_id: int, rank_map: Mapping[str, int]) -> ConfigRecord:
+    """The query reply: a node's partition id and its rank map (JSON, ``{module: rank}``)."""
+    return ConfigRecord({PARTITION_ID: int(partition_id), RANK_MAP: json.dumps({str(k): int(v) for k, v in rank_map.items()})})
+
+
+def read_rank_info(record: ConfigRecord) -> tuple[int, dict[str, int]]:
+    """Inverse of :func:`rank_info_record`.
+
+    Raises
+    ------
+    ValueError
+        When a key is missing or a rank is not a positive int.
+    """
+    for key in (PARTITION_ID, RANK_MAP):
+        if key not in record:
+            raise ValueError(f"rank-info record lacks {key!r} (has {sorted(record)})")
+    try:
+        ranks = json.loads(str(record[RANK_MAP]))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{RANK_MAP} is not valid JSON: {str(record[RANK_MAP])[:80]!r}") from err
+    if not isinstance(ranks, dict) or not ranks:
+        raise ValueError(f"{RANK_MAP} must be a non-empty JSON object, got {ranks!r}")
+    bad = {k: v for k, v in ranks.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        raise ValueError(f"{RANK_MAP}: ranks must be positive ints, got {bad}")
+    return int(record[PARTITION_ID]), {str(k): int(v) for k, v in ranks.items()}

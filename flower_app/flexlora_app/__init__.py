@@ -1,0 +1,1 @@
+"""FlexLoRA Flower App: ServerApp, ClientApp and the ML task."""

@@ -1,0 +1,76 @@
+"""Loopback deployment: flower-superlink + 3 flower-supernode (insecure), `flwr run`, `flwr ls`.
+
+These are the commands of docs/tutorials/flower.md ("Deployment"); every process is ended by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flexlora_plugin.flower.run import APP_DIR, flwr_env, free_port, run_status, stop_pids, toml_overrides  # noqa: E402
+
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def test_loopback_deployment(tmp_path, tiny_model, data_path):
+    link_port = free_port()
+    env = flwr_env(tmp_path / "flwr_home", free_port())
+    with (tmp_path / "flwr_home" / "config.toml").open("a") as f:
+        f.write(f'\n[superlink.deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        log = (tmp_path / "superlink.log").open("w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
+             "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        ))  # fmt: skip
+        _wait_port(link_port, 60)
+        for pid, rank in enumerate((4, 8, 16)):  # per-node rank via --node-config
+            log = (tmp_path / f"supernode{pid}.log").open("w")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
+                 "--node-config", f"partition-id={pid} num-partitions=3 rank={rank}"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+        config = {"num-server-rounds": 1, "clients-per-round": 0, "min-nodes": 3, "local-steps": 1, "batch-size": 2,
+                  "max-train-examples": 8, "model-path": str(tiny_model), "data-path": str(data_path),
+                  "output-dir": str(tmp_path / "out"), "query-timeout": 120.0, "round-timeout": 240.0}  # fmt: skip
+        run = subprocess.run(
+            ["flwr", "run", str(APP_DIR), "deploy", "--stream", "--run-config", toml_overrides(config)],
+            env=env, capture_output=True, text=True, timeout=360, cwd=APP_DIR,
+        )  # fmt: skip
+        (tmp_path / "flwr_run.log").write_text(run.stdout + run.stderr)
+        run_id = run.stdout.split("Successfully started run ")[1].split()[0]
+        status = run_status("deploy", run_id, env)
+        assert status == "finished:completed", (status, run.stdout[-4000:])
+        metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+        assert metrics["rank-maps"] == {"0": "r4", "1": "r8", "2": "r16"}
+        assert metrics["history"][0]["clients-ok"] == 3
+        assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    finally:
+        stop_pids([p.pid for p in reversed(procs)])
+        for p in procs:
+            p.wait(timeout=15)
+        for log in logs:
+            log.close()

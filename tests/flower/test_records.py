@@ -1,0 +1,85 @@
+"""records.py conversions and client sampling (no engine needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord  # noqa: E402
+
+from flexlora_plugin.flower import rank_label, sample_partitions  # noqa: E402
+from flexlora_plugin.flower.records import (  # noqa: E402
+    ARRAY_DTYPES,
+    rank_info_record,
+    read_rank_info,
+    record_to_state,
+    state_to_record,
+)
+
+pytestmark = pytest.mark.flower
+
+
+def _state(dtype):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "base_model.model.layers.1.q_proj.lora_B.weight": torch.randn(6, 3, generator=g).to(dtype),
+        "base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(3, 5, generator=g).to(dtype),
+        "base_model.model.layers.0.q_proj.lora_B.weight": torch.randn(6, 3, generator=g).to(dtype).T.contiguous().T,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_state_round_trip_is_exact(dtype):
+    state = _state(dtype)
+    arrays, note = state_to_record(state)
+    assert isinstance(arrays, ArrayRecord) and isinstance(note, ConfigRecord)
+    back = record_to_state(arrays, note)
+    assert list(back) == list(state)  # keys and order preserved
+    for key, value in state.items():
+        assert back[key].dtype == dtype and back[key].shape == value.shape
+        assert torch.equal(back[key].view(torch.uint8), value.contiguous().view(torch.uint8)), key  # bit-exact
+
+
+def test_bf16_travels_as_int16_with_a_note():
+    arrays, note = state_to_record(_state(torch.bfloat16))
+    assert all(a.dtype == "int16" for a in arrays.values())
+    assert "bfloat16" in str(note[ARRAY_DTYPES])
+    with pytest.raises(ValueError, match="lacks"):
+        record_to_state(ArrayRecord(), note)
+
+
+def test_inputs_not_mutated_and_empty_round_trip():
+    state = _state(torch.bfloat16)
+    before = {k: v.clone() for k, v in state.items()}
+    state_to_record(state)
+    assert all(torch.equal(state[k], before[k]) and state[k].dtype == torch.bfloat16 for k in state)
+    arrays, note = state_to_record({})
+    assert record_to_state(arrays, note) == {}
+
+
+def test_rank_info_round_trip_and_errors():
+    ranks = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.mlp.down_proj": 30}
+    assert read_rank_info(rank_info_record(5, ranks)) == (5, ranks)
+    with pytest.raises(ValueError, match="rank-map"):
+        read_rank_info(ConfigRecord({"partition-id": 1}))
+    with pytest.raises(ValueError, match="positive"):
+        read_rank_info(ConfigRecord({"partition-id": 1, "rank-map": '{"q_proj": 0}'}))
+
+
+def test_sampling_is_deterministic_and_order_free():
+    ids = [7, 3, 0, 5, 1, 2, 6, 4]
+    a = [sample_partitions(ids, 4, seed=0, server_round=r) for r in range(1, 6)]
+    b = [sample_partitions(sorted(ids, reverse=True), 4, seed=0, server_round=r) for r in range(1, 6)]
+    assert a == b  # same clients whatever the node order (and whatever the method)
+    assert all(len(s) == 4 and s == sorted(s) and set(s) <= set(ids) for s in a)
+    assert len({tuple(s) for s in a}) > 1  # rounds differ
+    assert a != [sample_partitions(ids, 4, seed=1, server_round=r) for r in range(1, 6)]
+    with pytest.raises(ValueError):
+        sample_partitions(ids, 9, seed=0, server_round=1)
+
+
+def test_rank_label():
+    assert rank_label({"a": 8, "b": 8}) == "r8"
+    assert rank_label({"a": 64, "b": 30, "c": 64}) == "r30-64"

@@ -1,0 +1,135 @@
+"""End to end through Flower's real simulation engine: mixed ranks, projections, faults, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from flexlora_plugin.flower.run import run_simulation  # noqa: E402
+from tests.conftest import best_rank_error  # noqa: E402
+
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
+
+ALPHA = 16.0
+TABLE = {"0": 4, "1": 8, "2": 16}
+SMALL = {"local-steps": 2, "batch-size": 2, "max-train-examples": 8, "lora-alpha": ALPHA}
+
+
+def _load(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _factors(state):
+    """module -> (A, B) in float64."""
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key:
+            out[key.split(".lora_A.")[0]] = (value.double(), state[key.replace(".lora_A.", ".lora_B.")].double())
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, tiny_model, data_path):
+    out = tmp_path_factory.mktemp("mixed")
+    config = {**SMALL, "profile": json.dumps(TABLE), "clients-per-round": 0, "dump-dir": str(out / "dump"),
+              "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+    result = run_simulation(out, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    return result
+
+
+def test_each_node_receives_its_rank(mixed_run):
+    for rnd in (1, 2):
+        for pid, r in TABLE.items():
+            state, meta = _load(mixed_run.output_dir / "dump" / f"round-{rnd:03d}" / f"sent-p{pid}.safetensors")
+            if rnd == 1:
+                assert state == {}  # no global update yet: the client keeps its peft init
+                continue
+            ranks = json.loads(meta["rank-map"])
+            assert set(ranks.values()) == {r}
+            for module, (A, B) in _factors(state).items():
+                assert A.shape[0] == r and B.shape[1] == r, module
+            reply, _ = _load(mixed_run.output_dir / "dump" / f"round-{rnd:03d}" / f"reply-p{pid}.safetensors")
+            assert all(A.shape[0] == r for A, _ in _factors(reply).values())
+
+
+def _delta_from_replies(dump, rnd):
+    """ΔW = Σ p_k s_k B_k A_k in float64 from the replies the server received, written here."""
+    replies = {pid: _load(dump / f"round-{rnd:03d}" / f"reply-p{pid}.safetensors") for pid in TABLE}
+    total = sum(float(meta["num-examples"]) for _, meta in replies.values())
+    delta: dict[str, torch.Tensor] = {}
+    for state, meta in replies.values():
+        p_k = float(meta["num-examples"]) / total
+        for module, (A, B) in _factors(state).items():
+            delta[module] = delta.get(module, 0) + p_k * (ALPHA / A.shape[0]) * B @ A
+    return delta
+
+
+def test_round2_factors_are_the_svd_projection_of_round1_delta(mixed_run):
+    dump = mixed_run.output_dir / "dump"
+    delta = _delta_from_replies(dump, 1)
+    for pid, r in TABLE.items():
+        sent, _ = _load(dump / "round-002" / f"sent-p{pid}.safetensors")
+        factors = _factors(sent)
+        assert set(factors) == set(delta)
+        for module, (A, B) in factors.items():
+            ref = delta[module]
+            got = (ALPHA / r) * B @ A
+            norm = float(ref.norm())
+            # Eckart–Young: the residual is the optimal rank-r residual
+            assert (float((ref - got).norm()) - best_rank_error(ref, r)) / norm <= 1e-5, (pid, module)
+            U, S, Vh = torch.linalg.svd(ref, full_matrices=False)  # independent float64 projection
+            if S[r - 1] - S[r] > 1e-3 * S[0]:  # unique when the spectrum has a gap at r
+                proj = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+                assert float((got - proj).norm()) / norm <= 1e-5, (pid, module)
+
+
+def test_metrics_and_final_adapter_load(mixed_run, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    history = mixed_run.metrics["history"]
+    assert [h["round"] for h in history] == [1, 2]
+    assert all(h["clients-ok"] == 3 and h["excluded-partitions"] == [] for h in history)
+    assert history[0]["bytes-sent"] == 0 and history[1]["bytes-sent"] > 0 and history[1]["bytes-received"] > 0
+    assert {"energy-r4", "energy-r8", "energy-r16"} <= set(history[1])
+    assert history[1]["energy-r4"] <= history[1]["energy-r8"] <= history[1]["energy-r16"] <= 1.0 + 1e-6
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model = PeftModel.from_pretrained(base, str(mixed_run.adapter_dir))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits
+    assert torch.isfinite(logits).all()
+    # the exported adapter is the final global model: it reproduces round 2's ΔW to 1e-5
+    delta = _delta_from_replies(mixed_run.output_dir / "dump", 2)
+    held = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    loaded = _factors({k.replace(".default", ""): v for k, v in held.items()})
+    assert set(loaded) == set(delta)
+    for module, (A, B) in loaded.items():
+        r = A.shape[0]
+        assert r == mixed_run.metrics["adapter-ranks"][module] and r <= 4 + 8 + 16
+        rel = float((delta[module] - (ALPHA / r) * B @ A).norm() / delta[module].norm())
+        assert rel <= 1e-5, (module, r, rel)
+
+
+def test_bad_replies_are_excluded_not_fatal(tmp_path, tiny_model, data_path):
+    config = {**SMALL, "profile": json.dumps({"0": 4, "1": 8, "2": 8, "3": 4}), "clients-per-round": 0,
+              "fault-partition": "1,2,3", "fault-kind": "nan,rank,raise",
+              "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+    result = run_simulation(tmp_path, num_rounds=1, num_supernodes=4, run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    (row,) = result.metrics["history"]
+    assert row["clients-ok"] == 1 and row["excluded-partitions"] == [1, 2, 3]
+    reasons = row["excluded-reasons"]
+    assert "non-finite" in reasons["1"]
+    assert "rank" in reasons["2"]
+    assert "error reply" in reasons["3"]
+    log = result.log_path.read_text()
+    assert "partition 1 (node" in log and "excluded" in log
+    assert result.adapter_dir.joinpath("adapter_model.safetensors").exists()

@@ -1,0 +1,79 @@
+"""flexlora_plugin.data: files, prompt template, label masking, truncation, collator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flexlora_plugin.data import (
+    IGNORE_INDEX,
+    PaddingCollator,
+    build_prompt,
+    client_file,
+    load_client_split,
+    tokenize_example,
+    tokenize_examples,
+)
+
+EX = {"instruction": "Answer yes or no.", "input": "Is the sky blue?", "output": "yes", "category": "QA 0.json"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    pytest.importorskip("tokenizers")
+    from transformers import AutoTokenizer
+
+    from flexlora_plugin.tiny import build_tiny_llama
+
+    return AutoTokenizer.from_pretrained(str(build_tiny_llama(tmp_path_factory.mktemp("tok") / "m")))
+
+
+def test_prompt_template():
+    assert build_prompt(EX).endswith("### Instruction:\nAnswer yes or no.\n\n### Input:\nIs the sky blue?\n\n### Response:\n")
+    no_input = build_prompt({**EX, "input": ""})
+    assert "### Input" not in no_input and no_input.endswith("### Instruction:\nAnswer yes or no.\n\n### Response:\n")
+
+
+def test_labels_mask_the_prompt_and_end_with_eos(tokenizer):
+    feats = tokenize_example(EX, tokenizer, max_length=512)
+    prompt_len = len(tokenizer(build_prompt(EX))["input_ids"])
+    assert len(feats["input_ids"]) == len(feats["labels"]) == len(feats["attention_mask"])
+    assert feats["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert feats["labels"][prompt_len:] == feats["input_ids"][prompt_len:]
+    assert feats["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(feats["input_ids"][prompt_len:-1]) == "yes"
+
+
+def test_truncation_and_dropping(tokenizer):
+    prompt_len = len(tokenizer(build_prompt(EX))["input_ids"])
+    cut = tokenize_example(EX, tokenizer, max_length=prompt_len + 1)
+    assert len(cut["input_ids"]) == prompt_len + 1 and cut["labels"][-1] != IGNORE_INDEX
+    assert tokenize_examples([EX], tokenizer, max_length=prompt_len) == []  # no supervised token left
+
+
+def test_collator_pads_right():
+    batch = PaddingCollator(pad_token_id=0)([
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+        {"input_ids": [5], "attention_mask": [1], "labels": [5]},
+    ])  # fmt: skip
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_files_and_errors(tmp_path):
+    (tmp_path / "local_training_3.json").write_text(json.dumps([EX, EX]))
+    assert client_file(tmp_path, 3, "eval").name == "local_eval_3.json"
+    assert load_client_split(tmp_path, 3, "train", max_examples=1) == [EX]
+    with pytest.raises(FileNotFoundError, match="local_training_4.json"):
+        load_client_split(tmp_path, 4)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_client_split(tmp_path / "nowhere", 0)
+    (tmp_path / "local_training_5.json").write_text(json.dumps([{"instruction": "x"}]))
+    with pytest.raises(ValueError, match="input"):
+        load_client_split(tmp_path, 5)
+    with pytest.raises(ValueError, match="split"):
+        client_file(tmp_path, 0, "dev")  # type: ignore[arg-type]
