@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import time
+from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flexlora_app.task import Settings, route_logs
+from flexlora_app.task import Settings, load_base, route_logs
 from flexlora_plugin.core.export import save_peft_adapter
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, rank_label
@@ -43,7 +46,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy.query_nodes(grid)
     remaining = settings.num_server_rounds - strategy.round_offset
     if remaining > 0:
-        strategy.start(grid, ArrayRecord(), num_rounds=remaining, timeout=settings.round_timeout, train_config=ConfigRecord())
+        strategy.start(
+            grid, ArrayRecord(), num_rounds=remaining, timeout=settings.round_timeout, train_config=ConfigRecord(),
+            evaluate_fn=heldout_evaluator(settings, strategy),
+        )  # fmt: skip
     else:
         logger.info("nothing to do: the restored state already has %d rounds", strategy.round_offset)
     if strategy.global_update is None:
@@ -63,3 +69,45 @@ def main(grid: Grid, context: Context) -> None:
     (settings.output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     logger.info("final adapter (%s, ranks %s) saved to %s", settings.strategy, sorted(set(chosen.values())), adapter)
 
+
+
+def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, ArrayRecord], MetricRecord | None] | None:
+    """Server-side generated Rouge-L of the current global model on a fixed subset of ``eval-data``.
+
+    Round 0 scores the base model (the zero-shot floor); later rounds export the exact global
+    update to ``output-dir/eval-adapter`` and score base + adapter. The score is added to that
+    round's row of the strategy's history (``heldout-rougeL``).
+    """
+    if settings.eval_data is None:
+        return None
+    from peft import PeftModel
+
+    from flexlora_plugin.data import load_examples
+    from flexlora_plugin.evaluate import evaluate_model, select_examples
+
+    examples = select_examples(load_examples(settings.eval_data), settings.eval_max_per_task or None)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        rnd = server_round + strategy.round_offset
+        if (server_round == 0 and strategy.round_offset) or (rnd % settings.eval_every and rnd != settings.num_server_rounds):
+            return None
+        start = time.perf_counter()
+        base, tokenizer = load_base(settings.model_path)
+        model = copy.deepcopy(base)
+        if strategy.global_update is not None:
+            folder = settings.output_dir / "eval-adapter"
+            save_peft_adapter(strategy.global_update, folder, base_model_name_or_path=str(settings.model_path),
+                              lora_alpha=settings.lora_alpha)  # fmt: skip
+            model = PeftModel.from_pretrained(model, folder)
+        result = evaluate_model(model, tokenizer, examples, max_new_tokens=settings.eval_max_new_tokens,
+                                batch_size=settings.eval_batch_size)  # fmt: skip
+        score = result.summary()["rougeL"]
+        row = next((h for h in strategy.history if h.get("round") == rnd), None)
+        if row is None:
+            strategy.history.append(row := {"round": rnd})
+        row.update({"heldout-rougeL": score, "heldout-n": len(examples)})
+        seconds = time.perf_counter() - start
+        logger.info("round %d: held-out Rouge-L %.4f on %d examples (%.0f s)", rnd, score, len(examples), seconds)
+        return MetricRecord({"heldout-rougeL": score})
+
+    return evaluate

@@ -51,6 +51,11 @@ class Settings:
     round_timeout: float
     dump_dir: Path | None
     faults: Mapping[int, str]
+    eval_data: Path | None = None
+    eval_every: int = 1
+    eval_max_per_task: int = 0
+    eval_max_new_tokens: int = 32
+    eval_batch_size: int = 8
 
     @classmethod
     def from_context(cls, run_config: Mapping[str, Any], run_id: int) -> Settings:
@@ -74,6 +79,9 @@ class Settings:
             resume=bool(rc["resume"]), torch_threads=int(rc["torch-threads"]), query_timeout=float(rc["query-timeout"]),
             round_timeout=float(rc["round-timeout"]), dump_dir=Path(str(rc["dump-dir"])) if rc["dump-dir"] else None,
             faults=dict(zip(pids, kinds, strict=True)),
+            eval_data=Path(str(rc["eval-data"])) if rc.get("eval-data") else None, eval_every=int(rc.get("eval-every", 1)),
+            eval_max_per_task=int(rc.get("eval-max-per-task", 0)), eval_max_new_tokens=int(rc.get("eval-max-new-tokens", 32)),
+            eval_batch_size=int(rc.get("eval-batch-size", 8)),
         )  # fmt: skip
 
     def flexlora_config(self) -> FlexLoRAConfig:

@@ -38,8 +38,13 @@ def _factors(state):
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, tiny_model, data_path):
     out = tmp_path_factory.mktemp("mixed")
+    held = [{"instruction": "Say yes.", "input": "", "output": "yes", "task_id": "a"},
+            {"instruction": "Copy.", "input": "x y", "output": "x y", "task_id": "b"},
+            {"instruction": "Say no.", "input": "", "output": "no", "task_id": "b"}]  # fmt: skip
+    (out / "held.json").write_text(json.dumps(held))
     config = {**SMALL, "profile": json.dumps(TABLE), "clients-per-round": 0, "dump-dir": str(out / "dump"),
-              "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+              "model-path": str(tiny_model), "data-path": str(data_path), "eval-data": str(out / "held.json"),
+              "eval-max-per-task": 0, "eval-max-new-tokens": 3}  # fmt: skip
     result = run_simulation(out, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     return result
@@ -96,6 +101,10 @@ def test_metrics_and_final_adapter_load(mixed_run, tiny_model):
     from transformers import AutoModelForCausalLM
 
     history = mixed_run.metrics["history"]
+    scored = {h["round"]: h["heldout-rougeL"] for h in history if "heldout-rougeL" in h}
+    assert sorted(scored) == [0, 1, 2] and all(0.0 <= v <= 1.0 for v in scored.values())  # round 0 = base model
+    assert all(h["heldout-n"] == 3 for h in history if "heldout-n" in h)
+    history = [h for h in history if "clients-ok" in h]
     assert [h["round"] for h in history] == [1, 2]
     assert all(h["clients-ok"] == 3 and h["excluded-partitions"] == [] for h in history)
     assert history[0]["bytes-sent"] == 0 and history[1]["bytes-sent"] > 0 and history[1]["bytes-received"] > 0
