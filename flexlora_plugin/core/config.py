@@ -86,8 +86,16 @@ class FlexLoRAConfig:
         except ProfileError as err:
             raise ProfileError(f"FlexLoRAConfig.profile: {err}") from err
 
-    def aggregate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`flexlora_plugin.core.aggregate`."""
+    def aggregate_kwargs(self, client_max_rank: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for :func:`flexlora_plugin.core.aggregate`.
+
+        Parameters
+        ----------
+        client_max_rank : int, optional
+            The largest rank any client is assigned. It becomes ``max_rank``: flexlora's
+            dense-path triplet count, and hetlora's padded rank unless ``hetlora_max_rank`` is set.
+        """
+        max_rank = self.hetlora_max_rank if self.method == "hetlora" and self.hetlora_max_rank else client_max_rank
         return {
             "method": self.method,
             "lora_alpha": self.lora_alpha,
@@ -95,5 +103,5 @@ class FlexLoRAConfig:
             "hetlora_weighting": self.hetlora_weighting,
             "compute_dtype": getattr(torch, self.compute_dtype),
             "seed": self.seed,
-            **({"max_rank": self.hetlora_max_rank} if self.method == "hetlora" else {}),
+            "max_rank": max_rank,
         }

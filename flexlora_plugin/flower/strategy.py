@@ -312,9 +312,7 @@ class FlexLoRA(FedAvg):
         states, weights, losses, excluded = self._read_train_replies(rnd, list(replies))
         update = None
         if states:
-            kwargs = self.config.aggregate_kwargs()
-            if kwargs.get("max_rank") is None:
-                kwargs["max_rank"] = self.max_rank
+            kwargs = self.config.aggregate_kwargs(client_max_rank=self.max_rank)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FlexLoRAWarning)  # exclusions are logged below

@@ -164,3 +164,15 @@ def test_inputs_are_not_mutated(gen):
     update.delta("q_proj")
     for s, b in zip(states, before):
         assert all(torch.equal(s[k], b[k]) for k in s)
+
+
+def test_config_aggregate_kwargs_max_rank():
+    from flexlora_plugin.core import FlexLoRAConfig
+
+    assert FlexLoRAConfig(method="flexlora").aggregate_kwargs(client_max_rank=30)["max_rank"] == 30
+    assert FlexLoRAConfig(method="hetlora").aggregate_kwargs(client_max_rank=30)["max_rank"] == 30
+    assert FlexLoRAConfig(method="hetlora", hetlora_max_rank=64).aggregate_kwargs(client_max_rank=30)["max_rank"] == 64
+    with pytest.raises(ValueError, match="unknown FlexLoRA config key"):
+        FlexLoRAConfig.from_dict({"methd": "flexlora"})
+    with pytest.raises(ValueError, match="profile"):
+        FlexLoRAConfig(profile="nope")

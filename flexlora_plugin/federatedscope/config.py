@@ -1,0 +1,354 @@
+"""``cfg.flexlora``: FederatedScope keys, their validation, and their translation to the core.
+
+:func:`extend_flexlora_cfg` adds one ``flexlora`` node of ``Argument(default, description=)``
+fields and registers :func:`assert_flexlora_cfg`. Everything else in this module is free of
+FederatedScope imports (rank-table parsing, reading the LoRA adapter arguments, building the
+core :class:`~flexlora_plugin.core.FlexLoRAConfig` and the rank sampler), so it is testable
+without FederatedScope installed.
+
+Activation: ``federate.method: flexlora`` (or ``hetlora``) switches ``flexlora.use`` on; every
+other key has a default. ``flexlora.profile: ""`` means homogeneous ranks at
+``llm.adapter.args[0]['r']``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flexlora_plugin.core import FlexLoRAConfig, RankSampler, TableSampler, get_profile, homogeneous, lora_type
+
+__all__ = [
+    "ADAPTER_KEYS",
+    "FIELDS",
+    "METHODS",
+    "PluginSettings",
+    "TRAINER_TYPE",
+    "adapter_args",
+    "assert_flexlora_cfg",
+    "cfg_value",
+    "extend_flexlora_cfg",
+    "load_rank_table",
+    "make_sampler",
+    "settings_from_cfg",
+    "to_core_config",
+]
+
+logger = logging.getLogger(f"federatedscope.{__name__}")  # under FS's logger: its handlers and level apply
+
+#: ``federate.method`` values served by this plugin (the same worker classes for both).
+METHODS = ("flexlora", "hetlora")
+#: ``trainer.type`` of the heterogeneous-rank client trainer.
+TRAINER_TYPE = "flexlora_llmtrainer"
+#: ``llm.adapter.args[0]`` keys the plugin honours when it rebuilds a client's LoRA at its ranks.
+ADAPTER_KEYS = frozenset(
+    {"adapter_package", "adapter_method", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias", "task_type"}
+)
+
+#: name -> (default, description). ``use`` is a plain bool (FS's ``freeze()`` tests ``use is False``).
+FIELDS: dict[str, tuple[Any, str]] = {
+    "profile": (
+        "",
+        "Resource profile (core.list_profiles(), e.g. 'heavy_tail_strong'); '' = every client at llm.adapter.args[0]['r'].",
+    ),
+    "seed": (0, "Seed of the per-client rank draw and of the completion rows of projections."),
+    "rank_table": (
+        "",
+        "Path to a YAML/JSON table {client_id: rank | LoRA type | {module: rank}, 'default': ...}; overrides profile.",
+    ),
+    "use_rslora": (
+        False,
+        "Rank-stabilised scaling alpha/sqrt(r); must agree with llm.adapter.args[0]['use_rslora'] if set there.",
+    ),
+    "hetlora_max_rank": (0, "hetlora: padded global rank; 0 = the largest rank any client is assigned."),
+    "hetlora_weighting": ("data", "hetlora: client weights, 'data' (sample counts) or 'norm' (||s_k B_k A_k||_F)."),
+    "compute_dtype": ("float32", "Aggregation precision, 'float32' or 'float64'; adapters keep their own dtype."),
+    "restore_from": ("", "Server state (written through federate.save_to) to resume from; the run continues at its round."),
+    "save_adapter": ("", "Folder to write the final global update to as a peft adapter ('' = none)."),
+    "max_examples": (-1, "Natural Instructions loader: keep at most this many examples per client and split (-1 = all)."),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# FS-free helpers
+# ----------------------------------------------------------------------------------------------
+def cfg_value(value: Any) -> Any:
+    """The plain value of a config entry (FS keeps unmerged defaults wrapped in ``Argument``)."""
+    return value.value if type(value).__name__ == "Argument" and hasattr(value, "value") else value
+
+
+def adapter_args(cfg: Any) -> dict[str, Any]:
+    """``llm.adapter.args[0]`` as a plain dict (the kwargs FS-LLM passes to ``LoraConfig``)."""
+    args = cfg_value(cfg.llm.adapter.args)
+    if not isinstance(args, Sequence) or len(args) != 1 or not isinstance(args[0], Mapping):
+        raise ValueError(f"llm.adapter.args must be a list with one dict of LoRA arguments, got {args!r}")
+    return dict(args[0])
+
+
+def _rank_entry(client: Hashable, entry: Any, targets: Sequence[str]) -> str | dict[str, int]:
+    """One table entry as a LoRA type name or rank map (an int ``r`` means ``r`` on every target)."""
+    if isinstance(entry, bool):
+        raise ValueError(f"rank table: client {client!r}: rank must be an int, a LoRA type name or a map, got {entry!r}")
+    if isinstance(entry, int):
+        if entry < 1:
+            raise ValueError(f"rank table: client {client!r}: rank must be >= 1, got {entry}")
+        return dict.fromkeys(targets, entry)
+    if isinstance(entry, str):
+        lora_type(entry)  # raises ProfileError naming the registered types
+        return entry
+    if isinstance(entry, Mapping) and entry:
+        bad = {k: v for k, v in entry.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"rank table: client {client!r}: ranks must be positive ints, got {bad}")
+        return {str(k): int(v) for k, v in entry.items()}
+    raise ValueError(f"rank table: client {client!r}: expected an int, a LoRA type name or a {{module: rank}} map, got {entry!r}")
+
+
+def load_rank_table(
+    path: str | os.PathLike[str], targets: Sequence[str]
+) -> tuple[dict[int, str | dict[str, int]], str | dict[str, int] | None]:
+    """Read a client -> rank table from YAML or JSON.
+
+    Parameters
+    ----------
+    path : path
+        A mapping ``{client_id: entry}`` with an optional ``default`` entry for clients not
+        listed. An entry is an int (that rank on every target module), a registered LoRA type
+        name (``r8``, ``r200``...) or a peft ``rank_pattern``-style map (``{q_proj: 4}``).
+    targets : sequence of str
+        ``llm.adapter.args[0]['target_modules']``, used to expand int entries.
+
+    Returns
+    -------
+    (dict, entry or None)
+        FS client id -> entry, and the default entry.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        A missing file, a non-mapping, a non-integer client id or a malformed entry.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"flexlora.rank_table: file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        raw = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
+    if not isinstance(raw, Mapping) or not raw:
+        raise ValueError(f"flexlora.rank_table {path}: expected a non-empty mapping client_id -> rank, got {type(raw).__name__}")
+    table: dict[int, str | dict[str, int]] = {}
+    default = None
+    for key, entry in raw.items():
+        if key == "default":
+            default = _rank_entry("default", entry, targets)
+            continue
+        try:
+            cid = int(key)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"flexlora.rank_table {path}: client ids must be integers (FS ids start at 1), got {key!r}") from err
+        if cid < 1:
+            raise ValueError(f"flexlora.rank_table {path}: FS client ids start at 1, got {cid}")
+        table[cid] = _rank_entry(cid, entry, targets)
+    return table, default
+
+
+def make_sampler(
+    profile: str,
+    *,
+    rank: int,
+    targets: Sequence[str],
+    table: Mapping[int, Any] | None = None,
+    default: Any = None,
+) -> RankSampler:
+    """The core rank sampler that ``cfg.flexlora`` selects.
+
+    A rank table wins; ``profile == ""`` is every client at ``rank`` on ``targets``; otherwise the
+    registered profile (``homo``, ``uniform``, ``heavy_tail_strong``...).
+    """
+    if table:
+        return TableSampler(dict(table), default=default)
+    if profile == "":
+        return homogeneous(rank, tuple(targets))
+    return get_profile(profile)
+
+
+def to_core_config(
+    flex: Mapping[str, Any], *, method: str, lora_alpha: float, table: Mapping[int, Any] | None = None
+) -> FlexLoRAConfig:
+    """Translate plain ``cfg.flexlora`` values into the core :class:`FlexLoRAConfig`.
+
+    ``profile`` ``""`` maps to the core's ``homo`` (the host builds the homogeneous sampler at
+    the adapter's own rank, see :func:`make_sampler`); ``hetlora_max_rank`` 0 to None.
+    """
+    if method not in METHODS:
+        raise ValueError(f"federate.method {method!r} is not served by flexlora-plugin; expected one of {METHODS}")
+    max_rank = int(flex["hetlora_max_rank"])
+    return FlexLoRAConfig(
+        method=method,  # type: ignore[arg-type]
+        profile=flex["profile"] or "homo",
+        seed=int(flex["seed"]),
+        rank_table=dict(table) if table else None,
+        lora_alpha=float(lora_alpha),
+        use_rslora=bool(flex["use_rslora"]),
+        hetlora_max_rank=max_rank if max_rank > 0 else None,
+        hetlora_weighting=flex["hetlora_weighting"],
+        compute_dtype=flex["compute_dtype"],
+    )
+
+
+def flex_values(cfg: Any) -> dict[str, Any]:
+    """``cfg.flexlora`` as a plain dict (``Argument`` wrappers removed)."""
+    return {name: cfg_value(cfg.flexlora[name]) for name in FIELDS}
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """What the FS server and clients need, read once from a validated config.
+
+    Attributes
+    ----------
+    core : FlexLoRAConfig
+        Method, seed, alpha, rsLoRA, HetLoRA options, compute dtype.
+    sampler : RankSampler
+        Client id -> rank map (core profile, table or homogeneous).
+    lora_dropout : float
+    targets : tuple of str
+        ``target_modules`` suffixes.
+    restore_from, save_adapter : str
+        Paths ('' = off).
+    base_model : str
+        ``model.type`` without its ``@hub`` suffix (recorded in an exported adapter).
+    """
+
+    core: FlexLoRAConfig
+    sampler: RankSampler
+    lora_dropout: float
+    targets: tuple[str, ...]
+    restore_from: str
+    save_adapter: str
+    base_model: str
+
+
+def settings_from_cfg(cfg: Any) -> PluginSettings:
+    """Build :class:`PluginSettings` from an FS config whose ``federate.method`` is ours."""
+    args = adapter_args(cfg)
+    flex = flex_values(cfg)
+    targets = tuple(str(t) for t in args["target_modules"])
+    table, default = load_rank_table(flex["rank_table"], targets) if flex["rank_table"] else (None, None)
+    core = to_core_config(
+        flex, method=str(cfg_value(cfg.federate.method)).lower(), lora_alpha=float(args["lora_alpha"]), table=table
+    )
+    return PluginSettings(
+        core=core,
+        sampler=make_sampler(flex["profile"], rank=int(args["r"]), targets=targets, table=table, default=default),
+        lora_dropout=float(args.get("lora_dropout", 0.0)),
+        targets=targets,
+        restore_from=str(flex["restore_from"]),
+        save_adapter=str(flex["save_adapter"]),
+        base_model=str(cfg_value(cfg.model.type)).split("@")[0],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# FederatedScope side
+# ----------------------------------------------------------------------------------------------
+def extend_flexlora_cfg(cfg: Any) -> None:
+    """Add the ``cfg.flexlora`` node and register :func:`assert_flexlora_cfg` (FS ``register_config``)."""
+    from federatedscope.core.configs.config import CN
+    from federatedscope.core.configs.yacs_config import Argument
+
+    cfg.flexlora = CN()
+    cfg.flexlora.use = False  # switched on by federate.method flexlora/hetlora
+    for name, (default, description) in FIELDS.items():
+        cfg.flexlora[name] = Argument(default, description=description)
+    cfg.register_cfg_check_fun(assert_flexlora_cfg)
+
+
+def _unsupported(cfg: Any) -> list[str]:
+    """FS features the per-client-rank protocol cannot honour, as readable reasons."""
+    v = cfg_value
+    checks = [
+        (v(cfg.federate.share_local_model), "federate.share_local_model must be False (each client holds its own rank)"),
+        (v(cfg.federate.online_aggr), "federate.online_aggr must be False"),
+        (v(cfg.federate.process_num) > 1, "federate.process_num > 1 is not supported"),
+        (v(cfg.federate.use_ss), "federate.use_ss (secret sharing) is not supported"),
+        (v(cfg.asyn.use), "asyn.use is not supported (rounds are synchronous)"),
+        (v(cfg.quantization.method) != "none", "quantization.method must be 'none'"),
+        (v(cfg.aggregator.robust_rule) != "fedavg", "aggregator.robust_rule must be 'fedavg' (clients send factors, not deltas)"),
+        (v(cfg.model.model_num_per_trainer) != 1, "model.model_num_per_trainer must be 1"),
+        (v(cfg.llm.deepspeed.use), "llm.deepspeed.use is not supported"),
+        (v(cfg.llm.offsite_tuning.use), "llm.offsite_tuning.use is not supported"),
+        (v(cfg.nbafl.use), "nbafl.use (noise on the broadcast model) is not supported"),
+        (
+            v(cfg.federate.restore_from) != "",
+            "federate.restore_from torch-loads a pickle into the stock aggregator; use flexlora.restore_from",
+        ),
+    ]
+    return [why for bad, why in checks if bad]
+
+
+def assert_flexlora_cfg(cfg: Any) -> None:
+    """Validate ``cfg.flexlora`` against the rest of the config (FS calls it on every merge).
+
+    Switches ``flexlora.use`` on for ``federate.method`` flexlora/hetlora and promotes
+    ``trainer.type: llmtrainer`` to ``flexlora_llmtrainer`` (both logged).
+
+    Raises
+    ------
+    ValueError
+        With a message naming the offending key(s).
+    """
+    if "flexlora" not in cfg:
+        return
+    method = str(cfg_value(cfg.federate.method)).lower()
+    ours = method in METHODS
+    if cfg.flexlora.use and not ours:
+        raise ValueError(f"flexlora.use is True but federate.method is {method!r}; set federate.method to one of {METHODS}")
+    if not ours:
+        return
+    if not cfg.flexlora.use:
+        cfg.flexlora.use = True
+    if not cfg_value(cfg.llm.adapter.use):
+        raise ValueError(f"federate.method {method!r} needs a LoRA adapter: set llm.adapter.use True")
+    args = adapter_args(cfg)
+    if str(args.get("adapter_method", "lora")).lower() != "lora" or args.get("adapter_package", "peft") != "peft":
+        raise ValueError(
+            f"federate.method {method!r} needs llm.adapter.args[0] adapter_package 'peft' and adapter_method 'lora', got {args}"
+        )
+    unknown = sorted(set(args) - ADAPTER_KEYS)
+    if unknown:
+        raise ValueError(
+            f"llm.adapter.args[0] keys {unknown} are not carried over when a client's LoRA is rebuilt at its rank; "
+            f"supported: {sorted(ADAPTER_KEYS)}"
+        )
+    if args.get("bias", "none") != "none":
+        raise ValueError(f"llm.adapter.args[0]['bias'] must be 'none' for {method!r}, got {args['bias']!r}")
+    if not isinstance(args.get("r"), int) or not args.get("target_modules") or "lora_alpha" not in args:
+        raise ValueError("llm.adapter.args[0] must set an int 'r', 'lora_alpha' and a non-empty 'target_modules' list")
+    flex = flex_values(cfg)
+    if "use_rslora" in args and bool(args["use_rslora"]) != bool(flex["use_rslora"]):
+        raise ValueError(
+            f"flexlora.use_rslora={flex['use_rslora']} disagrees with llm.adapter.args[0]['use_rslora']={args['use_rslora']}"
+        )
+    problems = _unsupported(cfg)
+    if problems:
+        raise ValueError(f"federate.method {method!r}: " + "; ".join(problems))
+    trainer_type = str(cfg_value(cfg.trainer.type)).lower()
+    if trainer_type == "llmtrainer":
+        cfg.trainer.type = TRAINER_TYPE
+        logger.info("federate.method %s: trainer.type llmtrainer -> %s (heterogeneous-rank LLMTrainer)", method, TRAINER_TYPE)
+    elif trainer_type != TRAINER_TYPE:
+        raise ValueError(
+            f"federate.method {method!r} needs trainer.type {TRAINER_TYPE!r} (or 'llmtrainer'), got {trainer_type!r}"
+        )
+    if flex["profile"] and flex["rank_table"]:
+        raise ValueError("set either flexlora.profile or flexlora.rank_table, not both")
+    if flex["profile"]:
+        get_profile(flex["profile"])  # ProfileError (a ValueError) lists the registered profiles
+    to_core_config(flex, method=method, lora_alpha=float(args["lora_alpha"]))

@@ -1,0 +1,137 @@
+"""``trainer.type: flexlora_llmtrainer``: FS-LLM's ``LLMTrainer`` at a client-specific LoRA rank.
+
+FS-LLM builds every model from the one ``llm.adapter.args[0]`` (a single rank for all).
+:class:`FlexLoRATrainer` adds three narrow pieces on top of ``LLMTrainer``:
+
+* :meth:`~FlexLoRATrainer.set_ranks` rebuilds the peft LoRA of ``ctx.model`` at the client's
+  per-module ranks (peft ``rank_pattern`` through the core's ``lora_config_for``);
+* :meth:`~FlexLoRATrainer.update` loads the server's factors only when every LoRA key is present
+  with the shape of this client's adapter (FS-LLM's ``load_state_dict`` would skip missing keys
+  and raise a bare size-mismatch ``RuntimeError`` otherwise);
+* :meth:`~FlexLoRATrainer.use_trainable_prox` swaps FedProx's hooks (which deep-copy *every*
+  parameter of the base model) for ones that keep only the trainable LoRA factors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from federatedscope.core.auxiliaries.utils import param2tensor
+from federatedscope.llm.trainer.trainer import LLMTrainer
+from torch import Tensor, nn
+
+from ..core import RankError, split_state
+from ..core.export import PEFT_PREFIX
+from ..core.peft_io import lora_config_for
+
+__all__ = ["FlexLoRATrainer", "TrainableProximal", "hook_del_trainable_init", "hook_record_trainable_init"]
+
+logger = logging.getLogger(f"federatedscope.{__name__}")  # under FS's logger: its handlers and level apply
+
+
+def current_ranks(model: nn.Module) -> dict[str, int]:
+    """Module name (FS key format) -> LoRA rank of an FS-LLM ``AdapterModel``."""
+    return {m: f.r for m, f in split_state(model.state_dict(), client="local").items()}
+
+
+class TrainableProximal(nn.Module):
+    """FedProx's proximal term over the trainable parameters only.
+
+    ``forward(ctx)`` returns ``Σ_w ‖w − w_0‖_p^p / p`` over parameters with ``requires_grad``,
+    where ``w_0`` was recorded by :func:`hook_record_trainable_init` (the factors received this
+    round). FS multiplies it by ``regularizer.mu`` (= ``fedprox.mu``).
+    """
+
+    def forward(self, ctx: Any, p: int = 2) -> Tensor | float:
+        init = getattr(ctx, "weight_init_trainable", None)
+        if init is None:
+            return 0.0
+        norm: Tensor | float = 0.0
+        for name, w in ctx.model.named_parameters():
+            if w.requires_grad:
+                norm = norm + torch.norm(w - init[name], p) ** p
+        return norm / float(p)
+
+
+def hook_record_trainable_init(ctx: Any) -> None:
+    """``on_fit_start``: copy the trainable parameters (the LoRA factors) as the proximal anchor."""
+    ctx.weight_init_trainable = {n: w.detach().clone() for n, w in ctx.model.named_parameters() if w.requires_grad}
+
+
+def hook_del_trainable_init(ctx: Any) -> None:
+    """``on_fit_end``: drop the proximal anchor."""
+    ctx.weight_init_trainable = None
+
+
+class FlexLoRATrainer(LLMTrainer):
+    """FS-LLM ``LLMTrainer`` whose LoRA has this client's own per-module ranks.
+
+    The ranks come from the client (:class:`~flexlora_plugin.federatedscope.worker.FlexLoRAClient`
+    draws them with the core's ``sample_ranks`` once its id is known). Reference: Bai et al.,
+    "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
+    Resources", NeurIPS 2024.
+    """
+
+    def set_ranks(self, ranks: Mapping[str, int], *, lora_alpha: float, use_rslora: bool, lora_dropout: float) -> None:
+        """Rebuild the LoRA adapter of ``ctx.model`` at ``ranks`` (no-op when it already has them).
+
+        Parameters
+        ----------
+        ranks : Mapping[str, int]
+            Full module name in FS key format (``base_model.model.model.layers.0.self_attn.q_proj``)
+            -> rank; exactly the modules the model adapts.
+        lora_alpha, use_rslora, lora_dropout
+            From ``llm.adapter.args[0]`` / ``flexlora.use_rslora``; shared by every client.
+        """
+        adapter_model = self.ctx.model
+        have = current_ranks(adapter_model)
+        if set(have) != set(ranks):
+            raise RankError(
+                f"rank map covers {len(ranks)} modules, the model adapts {len(have)}: {sorted(set(have) ^ set(ranks))[:4]}"
+            )
+        if dict(have) == dict(ranks):
+            return
+        pattern = {m.removeprefix(PEFT_PREFIX): r for m, r in ranks.items()}
+        config = lora_config_for(pattern, lora_alpha=lora_alpha, use_rslora=use_rslora, lora_dropout=lora_dropout)
+        from peft import get_peft_model
+
+        base = adapter_model.model.base_model.unload()
+        adapter_model.model = get_peft_model(base, config)
+        got = current_ranks(adapter_model)
+        if got != dict(ranks):
+            wrong = {m: (got.get(m), r) for m, r in ranks.items() if got.get(m) != r}
+            raise RankError(f"peft built other ranks than assigned (module: (built, assigned)): {dict(list(wrong.items())[:4])}")
+
+    def update(self, model_parameters: dict[str, Any], strict: bool = False) -> None:
+        """Load the server's factors for this client, requiring every LoRA key at this client's shape.
+
+        Raises
+        ------
+        RankError
+            A key is missing or unexpected, or a factor's shape is not this adapter's.
+        """
+        own = self.ctx.model.state_dict()
+        received = {k: param2tensor(v) for k, v in model_parameters.items()}
+        missing, unexpected = sorted(set(own) - set(received)), sorted(set(received) - set(own))
+        if missing or unexpected:
+            raise RankError(
+                f"received adapter keys differ from this client's: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in received.items() if tuple(v.shape) != tuple(own[k].shape)}
+        if bad:
+            key, (got, want) = next(iter(bad.items()))
+            raise RankError(f"{key}: received {got}, this client's adapter is {want} ({len(bad)} factors differ)")
+        model_parameters.update(received)
+        super().update(model_parameters, strict=strict)
+
+    def use_trainable_prox(self) -> None:
+        """Replace FedProx's all-parameter hooks and regularizer by the trainable-only ones."""
+        for replace in (self.replace_hook_in_train, self.replace_hook_in_eval):
+            replace(hook_record_trainable_init, "on_fit_start", "_hook_record_initialization")
+            replace(hook_del_trainable_init, "on_fit_end", "_hook_del_initialization")
+        self.ctx.regularizer = TrainableProximal()
+        n_trainable = sum(1 for p in self.ctx.model.parameters() if p.requires_grad)
+        logger.info("FedProx: proximal term over the %d trainable tensors only (mu=%s)", n_trainable, self.cfg.fedprox.mu)

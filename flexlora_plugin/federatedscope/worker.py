@@ -1,0 +1,276 @@
+"""``federate.method: flexlora`` / ``hetlora``: FS server and client with one rank per client.
+
+FS's stock server sends one message with one state dict to every receiver; a FlexLoRA client of
+rank ``r_k`` needs its own factors. :class:`FlexLoRAServer` therefore
+
+* draws each client's rank map with the core's ``sample_ranks`` on the model's real module
+  shapes (a pure function of ``(flexlora.seed, client id)``, so clients draw the same one);
+* aggregates the received factors with the core (:class:`FlexLoRAAggregator`), checking every
+  client's rank against its assignment (``expected_ranks``, ``on_invalid="exclude"``: a client
+  with a wrong shape, a wrong rank or NaN/Inf is left out of the round, not fatal);
+* sends one message per client (``receiver=[cid]``) holding the projection at that client's ranks,
+  for training, evaluation and the final ``finish``;
+* logs per round the bytes received and sent per client and the share of ‖ΔW‖² each client's
+  ranks keep;
+* saves the core server state through ``federate.save_to``, resumes from
+  ``flexlora.restore_from``, and optionally exports the final update as a peft adapter.
+
+:class:`FlexLoRAClient` builds its LoRA at its ranks (through
+:class:`~flexlora_plugin.federatedscope.trainer.FlexLoRATrainer`) once its id is known (at
+construction standalone, on ``assign_client_id`` distributed) and uses trainable-only FedProx.
+
+Client weights: FS reports ``sample_size``, the samples trained this round. A client reporting 0
+trained nothing (its factors are the projection it received) and is left out of that round with
+a warning; if no client is left, the previous global update is kept, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from federatedscope.core.auxiliaries.utils import param2tensor
+from federatedscope.core.message import Message
+from federatedscope.core.workers import Client, Server
+from torch import Tensor
+
+from ..core import NonFiniteUpdateError, aggregate, sample_ranks, save_peft_adapter, split_state, state_nbytes
+from .aggregator import FlexLoRAAggregator
+from .config import PluginSettings, settings_from_cfg
+from .trainer import FlexLoRATrainer, current_ranks
+
+__all__ = ["FlexLoRAClient", "FlexLoRAServer", "assigned_ranks", "module_shapes", "rank_summary"]
+
+logger = logging.getLogger(f"federatedscope.{__name__}")  # under FS's logger: its handlers and level apply
+
+
+def _kib(nbytes: int) -> str:
+    return f"{nbytes / 1024:.1f} KiB"
+
+
+def rank_summary(ranks: Mapping[str, int]) -> str:
+    """``{'...layers.0.self_attn.q_proj': 8, ...}`` -> ``'q_proj=8 v_proj=8'`` (``lo-hi`` if ranks vary)."""
+    by_suffix: dict[str, list[int]] = {}
+    for module, r in ranks.items():
+        by_suffix.setdefault(module.rsplit(".", 1)[-1], []).append(r)
+    parts = [f"{s}={min(rs)}" if min(rs) == max(rs) else f"{s}={min(rs)}-{max(rs)}" for s, rs in by_suffix.items()]
+    return " ".join(parts)
+
+
+def module_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """Module name (FS key format) -> ``(d_out, d_in)`` of every LoRA-adapted module of ``model``."""
+    return {m: f.shape for m, f in split_state(model.state_dict(), client="local").items()}
+
+
+def assigned_ranks(settings: PluginSettings, client_id: int, shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """The rank map of FS client ``client_id`` (core ``sample_ranks``, resolved on ``shapes``)."""
+    return sample_ranks(settings.sampler, client_id, settings.core.seed, shapes=shapes)
+
+
+class FlexLoRAServer(Server):
+    """FS server for heterogeneous-rank LoRA (FlexLoRA; HetLoRA with ``federate.method: hetlora``)."""
+
+    def __init__(self, ID: int = -1, state: int = 0, config: Any = None, data: Any = None, model: Any = None,
+                 client_num: int = 5, total_round_num: int = 10, device: str = "cpu", strategy: Any = None,
+                 unseen_clients_id: Sequence[int] | None = None, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(
+            ID, state, config, data, model, client_num, total_round_num, device, strategy, unseen_clients_id, **kwargs
+        )
+        if config is None:  # FS builds unconfigured workers to list message handlers
+            return
+        self.flex = settings_from_cfg(self._cfg)
+        self._shapes = module_shapes(self.models[0])
+        self._server_ranks = current_ranks(self.models[0])
+        self._ranks: dict[int, dict[str, int]] = {}
+        max_rank = max(max(self.rank_map(cid).values()) for cid in range(1, self._cfg.federate.client_num + 1))
+        initial = aggregate(
+            {"server-init": self.models[0].state_dict()},
+            {"server-init": 1.0},
+            **self.flex.core.aggregate_kwargs(client_max_rank=max_rank),
+        )  # ΔW of the untrained adapter (B = 0 under peft's default init): round 0 sends A rows, B = 0
+        self.aggregator = FlexLoRAAggregator(self.flex.core, max_rank=max_rank, initial=initial)
+        self.aggregators = [self.aggregator]
+        self._exported = False
+        if self.flex.restore_from:
+            self.state = self.aggregator.load_model(self.flex.restore_from)
+            if self.state >= self.total_round_num:
+                raise ValueError(
+                    f"flexlora.restore_from {self.flex.restore_from} is at round {self.state}; "
+                    "raise federate.total_round_num above it"
+                )
+            logger.info("FlexLoRA: resumed from %s at round %d", self.flex.restore_from, self.state)
+        logger.info(
+            "FlexLoRA server: method %s, %d modules, max client rank %d", self.flex.core.method, len(self._shapes), max_rank
+        )
+
+    def rank_map(self, client_id: int) -> dict[str, int]:
+        """The (cached) rank map assigned to ``client_id``."""
+        if client_id not in self._ranks:
+            self._ranks[client_id] = assigned_ranks(self.flex, client_id, self._shapes)
+        return self._ranks[client_id]
+
+    # -- outgoing ------------------------------------------------------------------------------
+    def payload(self, client_id: int) -> dict[str, Tensor]:
+        """Return this client's factors: the global update projected at its ranks (a private copy)."""
+        projected = self.aggregator.update.project(
+            self.rank_map(client_id), lora_alpha=self.flex.core.lora_alpha, use_rslora=self.flex.core.use_rslora
+        )
+        return {k: v.clone() for k, v in projected.items()}
+
+    def _send_per_client(self, msg_type: str, receivers: Sequence[int], state: int) -> None:
+        update = self.aggregator.update
+        for cid in receivers:
+            content = self.payload(cid)
+            if msg_type == "model_para":
+                energy = update.energy_kept(self.rank_map(cid))
+                logger.info(
+                    "FlexLoRA round %d -> client %d: ranks %s, sent %s, energy kept mean %.4f (min %.4f over %d modules)",
+                    state, cid, rank_summary(self.rank_map(cid)), _kib(state_nbytes(content)),
+                    sum(energy.values()) / len(energy), min(energy.values()), len(energy),
+                )  # fmt: skip
+            self.comm_manager.send(
+                Message(
+                    msg_type=msg_type, sender=self.ID, receiver=[cid], state=state, timestamp=self.cur_timestamp, content=content
+                )
+            )
+
+    def broadcast_model_para(
+        self, msg_type: str = "model_para", sample_client_num: int = -1, filter_unseen_clients: bool = True
+    ) -> None:
+        """One message per receiver with its own projection (FS sends one payload to all)."""
+        if filter_unseen_clients:
+            self.sampler.change_state(self.unseen_clients_id, "unseen")
+        if sample_client_num > 0:
+            receivers = self.sampler.sample(size=sample_client_num)
+        else:
+            receivers = list(self.comm_manager.neighbors.keys())
+            if msg_type == "model_para":
+                self.sampler.change_state(receivers, "working")
+        rnd = self.state - 1 if msg_type == "evaluate" else self.state
+        self._send_per_client(msg_type, receivers, min(rnd, self.total_round_num))
+        if filter_unseen_clients:
+            self.sampler.change_state(self.unseen_clients_id, "seen")
+
+    def terminate(self, msg_type: str = "finish") -> None:
+        """Send every client its final projection and export the adapter if asked."""
+        self.is_finish = True
+        self._monitor.finish_fl()
+        self._send_per_client(msg_type, list(self.comm_manager.neighbors.keys()), self.state)
+        if self.flex.save_adapter and not self._exported:
+            ranks = save_peft_adapter(
+                self.aggregator.update, self.flex.save_adapter, base_model_name_or_path=self.flex.base_model,
+                lora_alpha=self.flex.core.lora_alpha, use_rslora=self.flex.core.use_rslora,
+            )  # fmt: skip
+            self._exported = True
+            logger.info("FlexLoRA: global adapter (ranks %s) exported to %s", rank_summary(ranks), self.flex.save_adapter)
+
+    # -- incoming ------------------------------------------------------------------------------
+    def collect_feedback(
+        self, buffer: Mapping[int, Any]
+    ) -> tuple[dict[int, dict[str, Tensor]], dict[int, float], dict[int, str]]:
+        """Decode ``{client: (sample_size, state)}`` (tuples arrive as lists, tensors as base64 strings distributed).
+
+        Returns
+        -------
+        (states, weights, skipped)
+            Clients with ``sample_size <= 0`` are in ``skipped`` with the reason.
+        """
+        states: dict[int, dict[str, Tensor]] = {}
+        weights: dict[int, float] = {}
+        skipped: dict[int, str] = {}
+        for cid, content in buffer.items():
+            sample_size, state = content
+            if not sample_size or sample_size <= 0:
+                skipped[cid] = f"reported sample_size={sample_size} (trained nothing this round)"
+                continue
+            states[cid] = {k: param2tensor(v) for k, v in state.items()}
+            weights[cid] = float(sample_size)
+        return states, weights, skipped
+
+    def _perform_federated_aggregation(self) -> int:
+        """Aggregate this round's buffer with the core; return the number of messages used."""
+        buffer = self.msg_buffer["train"][self.state]
+        if self.staled_msg_buffer:
+            raise RuntimeError("FlexLoRA rounds are synchronous, yet stale messages are buffered (asyn.use is not supported)")
+        states, weights, skipped = self.collect_feedback(buffer)
+        received = ", ".join(
+            f"client {cid}: {rank_summary(current_ranks_of(s))} {_kib(state_nbytes(s))}{_wire(buffer[cid])}"
+            for cid, s in states.items()
+        )
+        try:
+            update = self.aggregator.aggregate(
+                {"states": states, "weights": weights, "expected_ranks": {cid: self.rank_map(cid) for cid in states}}
+            ) if states else None  # fmt: skip
+        except NonFiniteUpdateError as err:
+            logger.warning("FlexLoRA round %d: no usable client update (%s); the previous global update is kept", self.state, err)
+            update = None
+        excluded = {**skipped, **(update.excluded if update is not None else {})}
+        for cid, why in excluded.items():
+            logger.warning("FlexLoRA round %d: client %s excluded: %s", self.state, cid, why)
+        used = len(update.clients) if update is not None else 0
+        logger.info(
+            "FlexLoRA round %d: aggregated %d/%d clients (%s) | received %s",
+            self.state,
+            used,
+            len(buffer),
+            self.flex.core.method,
+            received,
+        )
+        if update is not None:
+            self.models[0].load_state_dict(
+                update.project(self._server_ranks, lora_alpha=self.flex.core.lora_alpha, use_rslora=self.flex.core.use_rslora)
+            )  # the server's own model holds the rank-r projection (for make_global_eval)
+        return len(buffer)
+
+
+def _wire(content: Any) -> str:
+    """`` (wire N KiB)`` when tensors arrived base64-pickled (distributed mode), else ''."""
+    encoded = sum(len(v) for v in content[1].values() if isinstance(v, str))
+    return f" (wire {_kib(encoded)})" if encoded else ""
+
+
+def current_ranks_of(state: Mapping[str, Tensor]) -> dict[str, int]:
+    """Rank per module of a received state dict (0 for a malformed factor, for logging only)."""
+    out: dict[str, int] = {}
+    for key, t in state.items():
+        if ".lora_A" in key:
+            out[key.split(".lora_A")[0]] = int(t.shape[0]) if t.dim() == 2 else 0
+    return out
+
+
+class FlexLoRAClient(Client):
+    """FS client whose LoRA has the ranks the profile assigns to its id."""
+
+    def __init__(self, ID: int = -1, server_id: int | None = None, state: int = -1, config: Any = None, data: Any = None,
+                 model: Any = None, device: str = "cpu", strategy: Any = None, is_unseen_client: bool = False,
+                 *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(ID, server_id, state, config, data, model, device, strategy, is_unseen_client, *args, **kwargs)
+        if config is None:
+            return
+        if not isinstance(self.trainer, FlexLoRATrainer):
+            raise TypeError(
+                f"federate.method {config.federate.method!r} needs trainer.type 'flexlora_llmtrainer', "
+                f"got {type(self.trainer).__name__}"
+            )
+        self.flex = settings_from_cfg(self._cfg)
+        self.ranks: dict[str, int] | None = None
+        if self._cfg.fedprox.use:
+            self.trainer.use_trainable_prox()
+        if self.ID > 0:  # standalone; distributed ids arrive with assign_client_id
+            self.assign_ranks()
+
+    def assign_ranks(self) -> None:
+        """Draw this client's rank map and rebuild its LoRA at it."""
+        self.ranks = assigned_ranks(self.flex, self.ID, module_shapes(self.trainer.ctx.model))
+        self.trainer.set_ranks(
+            self.ranks,
+            lora_alpha=self.flex.core.lora_alpha,
+            use_rslora=self.flex.core.use_rslora,
+            lora_dropout=self.flex.lora_dropout,
+        )
+        logger.info("FlexLoRA client %d: LoRA ranks %s", self.ID, rank_summary(self.ranks))
+
+    def callback_funcs_for_assign_id(self, message: Message) -> None:
+        super().callback_funcs_for_assign_id(message)
+        self.assign_ranks()

@@ -1,0 +1,63 @@
+"""cfg.flexlora on a real FS config: defaults, activation, validation errors, the shipped yamls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.federatedscope._util import YAMLS
+
+pytestmark = pytest.mark.federatedscope
+pytest.importorskip(
+    "federatedscope.llm", reason="needs FederatedScope, branch llm (FS-LLM); see docs/tutorials/federatedscope.md"
+)
+
+
+def _cfg(yaml: Path, opts: list[str] | None = None) -> Any:
+    from federatedscope.core.configs.config import global_cfg
+
+    import flexlora_plugin.federatedscope  # noqa: F401
+
+    cfg = global_cfg.clone()
+    cfg.merge_from_file(str(yaml))
+    cfg.merge_from_list(opts or [])
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in YAMLS.glob("*.yaml") if p.name != "tiny_rank_table.yaml"))
+def test_shipped_yamls_validate(name: str, tmp_path: Path) -> None:
+    cfg = _cfg(YAMLS / name, ["outdir", str(tmp_path)])
+    cfg.freeze(save=False, inform=False)
+    ours = cfg.federate.method in ("flexlora", "hetlora")
+    assert cfg.flexlora.use is ours
+    assert (cfg.trainer.type == "flexlora_llmtrainer") is ours
+
+
+def test_one_key_switches_flexlora_on(tmp_path: Path) -> None:
+    cfg = _cfg(YAMLS / "fedavg_r8.yaml", ["federate.method", "flexlora", "outdir", str(tmp_path)])
+    assert cfg.flexlora.use and cfg.trainer.type == "flexlora_llmtrainer"
+    cfg.freeze(save=False, inform=False)
+    assert cfg.flexlora.profile == "" and cfg.flexlora.seed == 0  # defaults survive freeze (Argument unwrapped)
+
+
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        (["llm.adapter.use", "False"], "llm.adapter.use True"),
+        (["federate.share_local_model", "True"], "share_local_model"),
+        (["federate.restore_from", "x.pt"], "flexlora.restore_from"),
+        (["flexlora.profile", "no_such_profile"], "no_such_profile"),
+        (["trainer.type", "general"], "flexlora_llmtrainer"),
+        (["asyn.use", "True"], "asyn.use"),
+    ],
+)
+def test_invalid_combinations_raise(opts: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _cfg(YAMLS / "flexlora.yaml", opts)
+
+
+def test_flexlora_use_with_another_method_raises() -> None:
+    with pytest.raises(ValueError, match="federate.method"):
+        _cfg(YAMLS / "fedavg_r8.yaml", ["flexlora.use", "True"])

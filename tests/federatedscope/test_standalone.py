@@ -1,0 +1,163 @@
+"""FlexLoRA on FederatedScope, standalone and in-process: ranks, projection, exclusion, resume, FedProx."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.federatedscope, pytest.mark.slow]
+pytest.importorskip(
+    "federatedscope.llm", reason="needs FederatedScope, branch llm (FS-LLM); see docs/tutorials/federatedscope.md"
+)
+
+import torch  # noqa: E402
+
+from flexlora_plugin.core import split_state  # noqa: E402
+
+ALPHA = 16.0
+
+
+def _snapshot(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Recorder:
+    """Wraps every client's trainer.train and the server's collect_feedback to record tensors."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[int, dict[int, dict[str, torch.Tensor]]] = defaultdict(dict)  # client -> round -> state
+        self.uploaded: dict[int, dict[int, dict[str, torch.Tensor]]] = defaultdict(dict)
+        self.received: dict[int, tuple[dict, dict]] = {}  # round -> (states, weights)
+
+    def __call__(self, runner: Any) -> None:
+        for cid, client in runner.client.items():
+            self._wrap_train(cid, client)
+        server = runner.server
+        original = server.collect_feedback
+
+        def collect(buffer: Any) -> Any:
+            states, weights, skipped = original(buffer)
+            self.received[server.state] = ({c: {k: v.clone() for k, v in s.items()} for c, s in states.items()}, dict(weights))
+            return states, weights, skipped
+
+        server.collect_feedback = collect
+
+    def _wrap_train(self, cid: int, client: Any) -> None:
+        original = client.trainer.train
+
+        def train(*args: Any, **kwargs: Any) -> Any:
+            self.loaded[cid][client.state] = _snapshot(client.trainer.ctx.model)
+            n, para, results = original(*args, **kwargs)
+            self.uploaded[cid][client.state] = {k: v.detach().clone() for k, v in para.items()}
+            return n, para, results
+
+        client.trainer.train = train
+
+
+def _delta64(state: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    f = split_state(state)[module]
+    return (ALPHA / f.r) * f.B.double() @ f.A.double()
+
+
+def test_mixed_ranks_projection_and_training(run_fs: Any, tiny_opts: list[str]) -> None:
+    rec = Recorder()
+    runner = run_fs([*tiny_opts, "federate.total_round_num", "2"], patch=rec)
+    want = {1: 4, 2: 8, 3: 16}
+    for cid, client in runner.client.items():  # each client keeps its own rank, every module, to the end
+        assert {f.r for f in split_state(client.trainer.ctx.model.state_dict()).values()} == {want[cid]}
+        assert set(rec.loaded[cid]) == {0, 1}
+    states, weights = rec.received[0]
+    assert set(states) == {1, 2, 3}
+    modules = list(split_state(states[1]))
+    total = sum(weights.values())
+    for module in modules:
+        # independent float64 reference: ΔW from what the server received in round 0, then SVD
+        delta = sum((weights[c] / total) * _delta64(states[c], module) for c in states)
+        U, S, Vh = torch.linalg.svd(delta)
+        for cid, r in want.items():
+            best = (U[:, :r] * S[:r]) @ Vh[:r]
+            held = _delta64(rec.loaded[cid][1], module)  # what client cid holds after loading round 1
+            assert torch.linalg.norm(held - best) <= 1e-4 * torch.linalg.norm(delta), (cid, module)
+            trained = _delta64(rec.uploaded[cid][1], module)
+            assert torch.linalg.norm(trained - held) > 1e-6 * torch.linalg.norm(held), "local training left the adapter unchanged"
+    assert set(runner.server.aggregator.update.clients) == {1, 2, 3}
+
+
+def test_bad_clients_do_not_lose_the_round(run_fs: Any, tiny_opts: list[str]) -> None:
+    def corrupt(runner: Any) -> None:
+        for cid, how in ((2, "nan"), (3, "shape")):
+            trainer = runner.client[cid].trainer
+            original = trainer.train
+
+            def train(*args: Any, _orig: Any = original, _how: str = how, **kwargs: Any) -> Any:
+                n, para, results = _orig(*args, **kwargs)
+                bad = {k: v.clone() for k, v in para.items()}
+                key = next(k for k in bad if ".lora_A" in k)
+                bad[key] = torch.full_like(bad[key], float("nan")) if _how == "nan" else bad[key][:5].clone()
+                if _how == "shape":  # keep A/B consistent so only the assigned rank is wrong
+                    bkey = key.replace("lora_A", "lora_B")
+                    bad[bkey] = bad[bkey][:, :5].clone()
+                return n, bad, results
+
+            trainer.train = train
+
+    runner = run_fs([*tiny_opts, "federate.total_round_num", "2"], patch=corrupt)
+    update = runner.server.aggregator.update
+    assert set(update.clients) == {1} and set(update.excluded) == {2, 3}
+    assert "non-finite" in update.excluded[2] and "assigned rank 16" in update.excluded[3]
+    assert runner.server.state > 2  # both rounds completed
+    for module in update.modules:
+        assert torch.isfinite(update.delta(module)).all()
+
+
+def test_resume_continues_the_round(run_fs: Any, tiny_opts: list[str], tmp_path: Path) -> None:
+    state = tmp_path / "state.safetensors"
+    first = run_fs([*tiny_opts, "federate.total_round_num", "2", "federate.save_to", str(state)])
+    final = tmp_path / "final_state.safetensors"
+    assert final.is_file()
+    expected = {cid: first.server.payload(cid) for cid in (1, 2, 3)}
+    rec = Recorder()
+    second = run_fs([*tiny_opts, "federate.total_round_num", "3", "flexlora.restore_from", str(final)], patch=rec)
+    for cid in (1, 2, 3):
+        assert set(rec.loaded[cid]) == {2}  # only round 2 is trained after resuming at round 2
+        for key, value in expected[cid].items():
+            torch.testing.assert_close(rec.loaded[cid][2][key], value, rtol=1e-4, atol=1e-6)
+    assert second.server.state > 3
+
+
+def test_fedprox_shrinks_the_local_update(run_fs: Any, tiny_opts: list[str]) -> None:
+    def update_norm(mu: float) -> tuple[float, Any]:
+        rec = Recorder()
+        opts = [
+            *tiny_opts,
+            "federate.total_round_num",
+            "1",
+            "train.local_update_steps",
+            "4",
+            "fedprox.use",
+            "True",
+            "fedprox.mu",
+            str(mu),
+        ]
+        runner = run_fs(opts, patch=rec)
+        loaded, uploaded = rec.loaded[2][0], rec.uploaded[2][0]
+        return float(sum(torch.linalg.norm(uploaded[k] - loaded[k]) ** 2 for k in loaded) ** 0.5), runner
+
+    free, _ = update_norm(0.0)
+    prox, runner = update_norm(50.0)
+    assert 0 < prox < 0.8 * free, (prox, free)
+    trainer = runner.client[2].trainer
+    names = [h.__name__ for h in trainer.hooks_in_train["on_fit_start"]]
+    assert "hook_record_trainable_init" in names and "_hook_record_initialization" not in names
+
+
+def test_hetlora_runs(run_fs: Any, tiny_opts: list[str]) -> None:
+    runner = run_fs(
+        [*tiny_opts, "federate.method", "hetlora", "flexlora.hetlora_weighting", "norm", "federate.total_round_num", "1"]
+    )
+    assert runner.server.aggregator.update.method == "hetlora"
+    for cid, r in {1: 4, 2: 8, 3: 16}.items():
+        assert {f.r for f in split_state(runner.client[cid].trainer.ctx.model.state_dict()).values()} == {r}
