@@ -120,7 +120,7 @@ def dense_spectrum(delta: Tensor, k: int) -> Spectrum:
     d_out, d_in = delta.shape
     n = min(d_out, d_in)
     k = min(k, n)
-    total = float((delta.double() ** 2).sum()) if delta.dtype != torch.float64 else float((delta**2).sum())
+    total = float(torch.linalg.vector_norm(delta)) ** 2  # no squared or float64 copy of ΔW
     if k >= _FULL_SVD_SHARE * n:
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         return Spectrum(US=U[:, :k] * S[:k], S=S[:k].clone(), Vh=Vh[:k].clone(), total_energy=total, complete=k == n)
@@ -169,6 +169,7 @@ def redistribute(
     Returns
     -------
     A : Tensor, shape (r, d_in)
+        A view of the spectrum's ``Vh`` when no completion row is needed: read-only by contract.
     B : Tensor, shape (d_out, r)
         With ``s · B @ A`` equal to the best rank-``r`` approximation of ΔW.
 
@@ -187,9 +188,11 @@ def redistribute(
     out_dtype = dtype or spectrum.US.dtype
     B = torch.zeros(d_out, r, dtype=spectrum.US.dtype, device=spectrum.US.device)
     B[:, :kept] = spectrum.US[:, :kept] / scaling
-    A = torch.empty(r, d_in, dtype=spectrum.Vh.dtype, device=spectrum.Vh.device)
-    A[:kept] = spectrum.Vh[:kept]
-    if kept < r:
+    if kept == r:
+        A = spectrum.Vh[:r]  # a row slice: contiguous, shares the spectrum's storage (no copy)
+    else:
+        A = torch.empty(r, d_in, dtype=spectrum.Vh.dtype, device=spectrum.Vh.device)
+        A[:kept] = spectrum.Vh[:kept]
         A[kept:] = _completion_rows(spectrum.Vh[:kept], r - kept, d_in, seed=_seed(seed, module, r))
     return A.to(out_dtype), B.to(out_dtype)
 
