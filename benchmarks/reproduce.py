@@ -30,7 +30,7 @@ ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # small: sized for <= ~25 min per run on 2 CPU cores with SmolLM2-135M (see docs/results.md)
 PROFILES: dict[str, dict[str, Any]] = {
-    "small": {"partitions": 32, "clients-per-round": 4, "rounds": 8, "local-steps": 4, "batch-size": 4, "max-length": 256,
+    "small": {"partitions": 32, "clients-per-round": 4, "rounds": 6, "local-steps": 3, "batch-size": 4, "max-length": 256,
               "max-train-examples": 64, "lr": 3e-4, "target-modules": ALL7, "eval-every": 2, "eval-max-per-task": 1,
               "final-max-new-tokens": 64, "timeout": 3600},
     "paper": {"partitions": 256, "clients-per-round": 13, "rounds": 30, "local-steps": 10, "batch-size": 4, "max-length": 512,

@@ -53,21 +53,34 @@ def generate_answers(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     max_prompt_tokens: int = 768,
+    threads: int | None = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding; prompts truncated from the left to ``max_prompt_tokens``."""
+    """Greedy answers, batched with left padding; prompts truncated from the left to ``max_prompt_tokens``.
+
+    ``threads`` torch threads are used while generating (the previous count is restored). The
+    default is 1: decoding is many small matmuls, and on the 2-core machines here SmolLM2-135M
+    generated 21.5 tokens/s on 1 thread but 3.2 tokens/s on 2. None keeps torch's setting.
+    """
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_prompt_tokens)  # fmt: skip
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers += [a.strip() for a in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
-        if progress is not None:
-            progress(len(answers), len(prompts))
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_prompt_tokens)  # fmt: skip
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            if progress is not None:
+                progress(len(answers), len(prompts))
+    finally:
+        torch.set_num_threads(previous)
     return answers
 
 
@@ -117,11 +130,11 @@ def select_examples(examples: Sequence[Mapping[str, Any]], max_per_task: int | N
 
 def evaluate_model(
     model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 64, batch_size: int = 8,
-    progress: Callable[[int, int], None] | None = None,
+    threads: int | None = 1, progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:  # fmt: skip
-    """Generate for every example and score against its ``output``."""
+    """Generate for every example and score against its ``output`` (see :func:`generate_answers`)."""
     preds = generate_answers(model, tokenizer, [build_prompt(ex) for ex in examples], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress)  # fmt: skip
+                             batch_size=batch_size, threads=threads, progress=progress)  # fmt: skip
     tasks = [str(ex.get("task_id", ex.get("category", ""))) for ex in examples]
     return EvalResult(scores=rouge_l(preds, [ex["output"] for ex in examples]), tasks=tasks, predictions=preds)
 
@@ -182,12 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-per-task", type=int, default=None, help="score only the first N examples of each task")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for generation (default: 1, fastest here)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     adapter = None if args.adapter.lower() == "none" else args.adapter
     examples = select_examples(load_examples(args.data), args.max_per_task)
     model, tokenizer = load_for_eval(adapter, args.base)
@@ -198,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("evaluated %d/%d examples, ETA %.0f s", done, total, (total - done) / max(rate, 1e-9))
 
     result = evaluate_model(
-        model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress
-    )
+        model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        threads=args.threads, progress=progress,
+    )  # fmt: skip
     report = {"adapter": args.adapter, "data": str(args.data), "max_new_tokens": args.max_new_tokens,
               "seconds": round(time.perf_counter() - start, 1), **result.summary()}  # fmt: skip
     text = json.dumps(report, indent=2)

@@ -66,3 +66,19 @@ def test_evaluate_command_scores_an_exported_adapter(tmp_path):
     assert [e["rougeL"] for e in report["examples"]] == pytest.approx(rescored)
     zero = subprocess.run(cmd[:4] + ["none", "--base", str(base)] + cmd[5:], capture_output=True, text=True, timeout=300)
     assert zero.returncode == 0 and json.loads(zero.stdout)["adapter"] == "none", zero.stderr[-2000:]
+
+
+def test_generation_threads_are_restored(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexlora_plugin.evaluate import generate_answers
+
+    base = build_tiny_llama(tmp_path / "tiny")
+    model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        answers = generate_answers(model, tok, ["a b", "c"], max_new_tokens=2, batch_size=2, threads=1)
+        assert len(answers) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
