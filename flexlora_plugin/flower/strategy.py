@@ -163,6 +163,7 @@ class FlexLoRA(FedAvg):
         self.rank_maps: dict[int, dict[str, int]] = {}  # partition id -> rank map
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self._sent_bytes = 0  # of the round in flight
+        self._clock: tuple[float, int] | None = None  # (start time, last round) of this start() call, for the ETA
         if resume and self.state_path is not None and self.state_path.exists():
             self._restore(self.state_path)
 
@@ -261,6 +262,7 @@ class FlexLoRA(FedAvg):
         """
         if not self.rank_maps:
             self.query_nodes(grid)
+        self._clock = (time.perf_counter(), self.round_offset + num_rounds)
         return super().start(grid, initial_arrays if initial_arrays is not None else ArrayRecord(), num_rounds, **kwargs)
 
     # ------------------------------------------------------------------ train
@@ -385,10 +387,14 @@ class FlexLoRA(FedAvg):
         }
         energy = self._energy_by_rank() if self.global_update is not None else {}
         metrics.update({f"energy-{label}": value for label, value in energy.items()})
+        start, last = self._clock if self._clock is not None else (time.perf_counter(), rnd)
+        elapsed, done = time.perf_counter() - start, rnd - self.round_offset
+        eta = elapsed / max(done, 1) * max(last - rnd, 0)  # mean round so far (evaluation included) x rounds left
         logger.info(
-            "round %d: %d/%d clients ok, train loss %.4f, sent %.3f MB, received %.3f MB, energy kept %s, excluded %s",
-            rnd, len(kept), metrics["clients"], loss, metrics["bytes-sent"] / 1e6, metrics["bytes-received"] / 1e6,
-            {k: round(v, 4) for k, v in energy.items()}, sorted(excluded),
+            "round %d/%d: %d/%d clients ok, train loss %.4f, sent %.3f MB, received %.3f MB, energy kept %s, excluded %s; "
+            "%.0f s elapsed, ETA %.0f s",
+            rnd, last, len(kept), metrics["clients"], loss, metrics["bytes-sent"] / 1e6, metrics["bytes-received"] / 1e6,
+            {k: round(v, 4) for k, v in energy.items()}, sorted(excluded), elapsed, eta,
         )  # fmt: skip
         self.history.append({**metrics, "excluded-reasons": {str(p): r for p, r in excluded.items()}})
         return metrics

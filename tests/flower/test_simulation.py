@@ -77,6 +77,14 @@ def _delta_from_replies(dump, rnd):
     return delta
 
 
+def test_progress_shows_round_clients_and_eta(mixed_run):
+    log = mixed_run.log_path.read_text()
+    for rnd in (1, 2):
+        line = next(x for x in log.splitlines() if f"round {rnd}/2: 3/3 clients ok" in x)
+        eta = float(line.rsplit("ETA ", 1)[1].split()[0])
+        assert eta > 0 if rnd == 1 else eta == 0, line
+
+
 def test_round2_factors_are_the_svd_projection_of_round1_delta(mixed_run):
     dump = mixed_run.output_dir / "dump"
     delta = _delta_from_replies(dump, 1)
