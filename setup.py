@@ -12,7 +12,10 @@ EXTRAS = {
     "bench": ["psutil>=5.9"],
     "eval": ["rouge-score>=0.1.2", "matplotlib>=3.8", "gguf>=0.10", "sentencepiece>=0.2"],
     "flower": ["flwr[simulation]>=1.42,<1.43"],
-    "federatedscope": ["protobuf>=3.20,<3.21", "grpcio>=1.48,<1.60", "pympler>=1.0", "pyyaml>=6", "scipy>=1.10", "scikit-learn>=1.3", "pandas>=2.0"],
+    "federatedscope": [
+        "protobuf>=3.20,<3.21", "grpcio>=1.48,<1.60", "pympler>=1.0", "pyyaml>=6", "scipy>=1.10", "scikit-learn>=1.3",
+        "pandas>=2.0",
+    ],
 }
 
 setup(
