@@ -40,6 +40,7 @@ PROFILES: dict[str, dict[str, Any]] = {
               "max-train-examples": 8, "lr": 3e-4, "target-modules": ALL7, "eval-every": 1, "eval-max-per-task": 1,
               "final-max-new-tokens": 4, "final-max-per-task": 1, "timeout": 900},
 }  # fmt: skip
+BASE_PROFILES = {name: dict(prof) for name, prof in PROFILES.items()}
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,24 @@ class Run:
 
 
 def runs_for(distributions: list[str]) -> list[Run]:
-    """FedAvg r=8 (one row: it ignores the distribution), FlexLoRA homo r=8 (control), then per distribution."""
-    runs = [Run("fedavg-r8", "fedavg", "homo"), Run("flexlora-homo", "flexlora", "homo")]
+    """The base model (the floor), FedAvg r=8 (one row: it ignores the distribution), FlexLoRA homo r=8
+    (control), then per distribution."""
+    runs = [Run("zero-shot", "none", "-"), Run("fedavg-r8", "fedavg", "homo"), Run("flexlora-homo", "flexlora", "homo")]
     for dist in distributions:
         runs += [Run(f"flexlora-{dist}", "flexlora", dist), Run(f"hetlora-{dist}", "hetlora", dist)]
     return runs
+
+
+def with_overrides(prof: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``prof`` with ``KEY=VALUE`` overrides, each VALUE cast to the type that KEY has in the profiles."""
+    types = {k: type(v) for p in BASE_PROFILES.values() for k, v in p.items()}
+    out = dict(prof)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+        out[key] = types[key](value)
+    return out
 
 
 def sha256_dir(folder: Path) -> str:
@@ -81,8 +95,6 @@ def model_path(choice: str, work: Path) -> Path:
 
 
 def train_and_score(run: Run, profile: str, model: Path, work: Path, results: Path, seed: int) -> dict[str, Any]:
-    from flexlora_plugin.data import load_examples
-    from flexlora_plugin.evaluate import evaluate_model, load_for_eval, select_examples
     from flexlora_plugin.flower.run import run_simulation
 
     prof = PROFILES[profile]
@@ -101,23 +113,51 @@ def train_and_score(run: Run, profile: str, model: Path, work: Path, results: Pa
         raise SystemExit(f"[{run.name}] run failed ({result.status}); log: {result.log_path}")
     train_s = time.time() - t0
     print(f"[{run.name}] scoring the exported adapter on the held-out set ...", flush=True)
-    examples = select_examples(load_examples(DATA / "heldout_test.json"), prof.get("final-max-per-task"))
-    m, tok = load_for_eval(str(result.adapter_dir), str(model))
-    t1 = time.time()
-    scores = evaluate_model(m, tok, examples, max_new_tokens=prof["final-max-new-tokens"], batch_size=8,
-                            progress=lambda d, n: print(f"  scored {d}/{n}", flush=True) if d % 40 == 0 or d == n else None)  # fmt: skip
+    final, eval_s = score_heldout(model, result.adapter_dir, prof)
     history = result.metrics.get("history", [])
     record = {"run": run.name, "strategy": run.strategy, "distribution": run.profile, "seed": seed, "profile": prof,
-              "command": f"python benchmarks/reproduce.py --profile {profile} --only {run.name}",
-              "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - t1, 1),
+              "command": command(profile, run.name, prof),
+              "train_seconds": round(train_s, 1), "eval_seconds": eval_s,
               "bytes_per_round": [{"round": h["round"], "sent": h.get("bytes-sent"), "received": h.get("bytes-received")}
                                   for h in history if "bytes-sent" in h],
               "heldout_per_round": [{"round": h["round"], "rougeL": h["heldout-rougeL"]} for h in history if "heldout-rougeL" in h],
               "adapter": str(result.adapter_dir), "adapter_sha256": sha256_dir(result.adapter_dir),
               "adapter_ranks": result.metrics.get("adapter-ranks"), "rank_maps": result.metrics.get("rank-maps"),
-              "final": scores.summary(), "machine": machine()}  # fmt: skip
+              "final": final, "machine": machine()}  # fmt: skip
     (results / f"{run.name}.json").write_text(json.dumps(record, indent=1))
     print(f"[{run.name}] held-out Rouge-L {record['final']['rougeL']:.4f} -> {results / (run.name + '.json')}", flush=True)
+    return record
+
+
+def command(profile: str, name: str, prof: dict[str, Any]) -> str:
+    """The command line that reproduces one run (with any ``--set`` overrides of the profile)."""
+    sets = "".join(f" --set {k}={v}" for k, v in prof.items() if BASE_PROFILES[profile].get(k) != v)
+    return f"python benchmarks/reproduce.py --profile {profile} --only {name}{sets}"
+
+
+def score_heldout(model: Path, adapter: Path | None, prof: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """The model (+ adapter) on the whole held-out file: ``EvalResult.summary()`` and seconds."""
+    from flexlora_plugin.data import load_examples
+    from flexlora_plugin.evaluate import evaluate_model, load_for_eval, select_examples
+
+    examples = select_examples(load_examples(DATA / "heldout_test.json"), prof.get("final-max-per-task"))
+    m, tok = load_for_eval(str(adapter) if adapter is not None else None, str(model))
+    t0 = time.time()
+    scores = evaluate_model(m, tok, examples, max_new_tokens=prof["final-max-new-tokens"], batch_size=8,
+                            progress=lambda d, n: print(f"  scored {d}/{n}", flush=True) if d % 40 == 0 or d == n else None)  # fmt: skip
+    return scores.summary(), round(time.time() - t0, 1)
+
+
+def score_zero_shot(profile: str, model: Path, results: Path) -> dict[str, Any]:
+    """The floor: the base model, no adapter, scored exactly as the trained runs are."""
+    prof = PROFILES[profile]
+    print("[zero-shot] scoring the base model on the held-out set ...", flush=True)
+    final, eval_s = score_heldout(model, None, prof)
+    record = {"run": "zero-shot", "strategy": "none", "distribution": "-", "profile": prof, "train_seconds": 0.0,
+              "eval_seconds": eval_s, "command": command(profile, "zero-shot", prof),
+              "final": final, "machine": machine()}  # fmt: skip
+    (results / "zero-shot.json").write_text(json.dumps(record, indent=1))
+    print(f"[zero-shot] held-out Rouge-L {final['rougeL']:.4f}", flush=True)
     return record
 
 
@@ -141,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "reproduce")
     parser.add_argument("--results", type=Path, default=None, help="default: <work>/<profile>/results, docs/results for small")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting of the profile (e.g. --set rounds=1); recorded in each run's JSON")  # fmt: skip
     parser.add_argument("--report", action="store_true", help="only write docs/results.md and plots from the JSONs")
     args = parser.parse_args(argv)
+    PROFILES[args.profile] = with_overrides(PROFILES[args.profile], args.set)
     work = args.work / args.profile
     results = args.results or (REPO / "docs" / "results" if args.profile == "small" else work / "results")
     results.mkdir(parents=True, exist_ok=True)
@@ -160,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if (results / f"{run.name}.json").exists():
             print(f"[{run.name}] done already: {results / (run.name + '.json')}")
             continue
-        train_and_score(run, args.profile, model, work, results, args.seed)
+        if run.strategy == "none":
+            score_zero_shot(args.profile, model, results)
+        else:
+            train_and_score(run, args.profile, model, work, results, args.seed)
     return 0
 
 

@@ -31,7 +31,10 @@ import torch
 
 from .data import build_prompt, load_examples
 
-__all__ = ["EvalResult", "Difference", "evaluate_model", "generate_answers", "load_for_eval", "paired_bootstrap", "rouge_l"]
+__all__ = [
+    "EvalResult", "Difference", "bootstrap_mean", "evaluate_model", "generate_answers", "load_for_eval", "paired_bootstrap",
+    "rouge_l",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def evaluate_model(
 
 @dataclass(frozen=True)
 class Difference:
-    """Mean per-task difference ``a − b`` with a task-clustered bootstrap CI."""
+    """A per-task mean (or mean difference ``a − b``) with its task-clustered bootstrap CI."""
 
     diff: float
     low: float
@@ -151,6 +154,22 @@ class Difference:
     def conclusive(self) -> bool:
         """False when the CI covers 0."""
         return not (self.low <= 0.0 <= self.high)
+
+
+def _cluster_bootstrap(values: Sequence[float], *, n_boot: int, seed: int, level: float) -> Difference:
+    """Mean of ``values`` (one per task) and the percentile CI of that mean over task resamples."""
+    rng = random.Random(seed)
+    stats = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n_boot))
+    tail = (1 - level) / 2
+    low, high = stats[int(tail * n_boot)], stats[min(n_boot - 1, int((1 - tail) * n_boot))]
+    return Difference(diff=sum(values) / len(values), low=low, high=high)
+
+
+def bootstrap_mean(per_task: Mapping[str, float], *, n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> Difference:
+    """Task-clustered bootstrap CI of the mean per-task score (tasks resampled with replacement)."""
+    if not per_task:
+        raise ValueError("bootstrap needs at least one task")
+    return _cluster_bootstrap([per_task[t] for t in sorted(per_task)], n_boot=n_boot, seed=seed, level=level)
 
 
 def paired_bootstrap(
@@ -163,12 +182,7 @@ def paired_bootstrap(
     """
     if set(a) != set(b) or not a:
         raise ValueError(f"paired bootstrap needs the same non-empty task set, got {sorted(a)[:3]}… vs {sorted(b)[:3]}…")
-    deltas = [a[t] - b[t] for t in sorted(a)]
-    rng = random.Random(seed)
-    stats = sorted(sum(rng.choices(deltas, k=len(deltas))) / len(deltas) for _ in range(n_boot))
-    tail = (1 - level) / 2
-    low, high = stats[int(tail * n_boot)], stats[min(n_boot - 1, int((1 - tail) * n_boot))]
-    return Difference(diff=sum(deltas) / len(deltas), low=low, high=high)
+    return _cluster_bootstrap([a[t] - b[t] for t in sorted(a)], n_boot=n_boot, seed=seed, level=level)
 
 
 def load_for_eval(adapter: str | None, base: str | None) -> tuple[Any, Any]:

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("rouge_score", reason="rouge-score is in the test extra")
 
 from flexlora_plugin.core import aggregate, save_peft_adapter  # noqa: E402
-from flexlora_plugin.evaluate import paired_bootstrap, rouge_l, select_examples  # noqa: E402
+from flexlora_plugin.evaluate import bootstrap_mean, paired_bootstrap, rouge_l, select_examples  # noqa: E402
 from flexlora_plugin.tiny import build_tiny_llama  # noqa: E402
 
 
@@ -34,6 +34,18 @@ def test_paired_bootstrap():
     assert not paired_bootstrap(noisy, same).conclusive
     with pytest.raises(ValueError, match="same non-empty task set"):
         paired_bootstrap({"a": 1.0}, {"b": 1.0})
+
+
+def test_bootstrap_mean_covers_the_mean_and_narrows_with_agreement():
+    flat = {f"t{i}": 0.4 for i in range(12)}
+    d = bootstrap_mean(flat)
+    assert (d.diff, d.low, d.high) == pytest.approx((0.4, 0.4, 0.4))
+    spread = {f"t{i}": i / 11 for i in range(12)}  # mean 0.5, sd ≈ 0.31: 95% CI ≈ 0.5 ± 1.96·0.31/√12
+    d = bootstrap_mean(spread)
+    assert d.diff == pytest.approx(0.5)
+    assert 0.30 < d.low < 0.40 and 0.60 < d.high < 0.70
+    with pytest.raises(ValueError, match="at least one task"):
+        bootstrap_mean({})
 
 
 def test_select_examples_per_task():
