@@ -20,7 +20,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
@@ -296,14 +296,14 @@ class FlexLoRAUpdate(GlobalUpdate):
 
 
 def aggregate(
-    states: Sequence[Mapping[str, Tensor]] | Mapping[Hashable, Mapping[str, Tensor]],
-    weights: Sequence[float] | Mapping[Hashable, float],
+    states: Sequence[Mapping[str, Tensor]] | Mapping[Any, Mapping[str, Tensor]],
+    weights: Sequence[float] | Mapping[Any, float],
     *,
     method: Method = "flexlora",
     lora_alpha: float | None = None,
-    scalings: Sequence[Scaling] | Mapping[Hashable, Scaling] | None = None,
+    scalings: Sequence[Scaling] | Mapping[Any, Scaling] | None = None,
     use_rslora: bool = False,
-    expected_ranks: Sequence[Ranks | None] | Mapping[Hashable, Ranks | None] | None = None,
+    expected_ranks: Sequence[Ranks | None] | Mapping[Any, Ranks | None] | None = None,
     on_invalid: Literal["raise", "exclude"] = "raise",
     max_rank: int | None = None,
     hetlora_weighting: Literal["data", "norm"] = "data",
@@ -399,13 +399,13 @@ def _total(clients: Sequence[ClientUpdate], module: str) -> float:
 
 
 def collect_clients(
-    states: Sequence[Mapping[str, Tensor]] | Mapping[Hashable, Mapping[str, Tensor]],
-    weights: Sequence[float] | Mapping[Hashable, float],
+    states: Sequence[Mapping[str, Tensor]] | Mapping[Any, Mapping[str, Tensor]],
+    weights: Sequence[float] | Mapping[Any, float],
     *,
     lora_alpha: float | None,
-    scalings: Sequence[Scaling] | Mapping[Hashable, Scaling] | None,
+    scalings: Sequence[Scaling] | Mapping[Any, Scaling] | None,
     use_rslora: bool,
-    expected_ranks: Sequence[Ranks | None] | Mapping[Hashable, Ranks | None] | None,
+    expected_ranks: Sequence[Ranks | None] | Mapping[Any, Ranks | None] | None,
     on_invalid: Literal["raise", "exclude"],
 ) -> tuple[list[ClientUpdate], dict[Hashable, str]]:
     """Validate every client's state dict; return the usable ones and the excluded ids with reasons."""

@@ -6,7 +6,7 @@ Hosts map their own keys onto it (FederatedScope: ``cfg.flexlora.<field>``; Flow
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -32,7 +32,7 @@ class FlexLoRAConfig:
         metadata={"help": "Resource profile name (see profiles.list_profiles()); ignored when rank_table is set."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the per-client rank draw and of completion rows."})
-    rank_table: Mapping[Hashable, Any] | None = field(
+    rank_table: Mapping[Any, Any] | None = field(
         default=None, metadata={"help": "Explicit client id -> LoRA type name or rank map; overrides profile."}
     )
     homo_rank: int | None = field(

@@ -28,7 +28,7 @@ import logging
 import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .adapters import resolve_pattern
 from .errors import ProfileError
@@ -151,7 +151,7 @@ class TableSampler:
     such a client raises :class:`ProfileError`.
     """
 
-    table: Mapping[Hashable, str | Mapping[str, int]]
+    table: Mapping[Any, str | Mapping[str, int]]
     default: str | Mapping[str, int] | None = None
 
     def __call__(self, client_id: Hashable, seed: int) -> RankMap:
