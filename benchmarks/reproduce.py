@@ -122,7 +122,8 @@ def train_and_score(run: Run, profile: str, model: Path, work: Path, results: Pa
                                   for h in history if "bytes-sent" in h],
               "heldout_per_round": [{"round": h["round"], "rougeL": h["heldout-rougeL"]} for h in history if "heldout-rougeL" in h],
               "adapter": str(result.adapter_dir), "adapter_sha256": sha256_dir(result.adapter_dir),
-              "adapter_ranks": result.metrics.get("adapter-ranks"), "rank_maps": result.metrics.get("rank-maps"),
+              "adapter_ranks": result.metrics.get("adapter-ranks"),
+              "adapter_max_rel_error": result.metrics.get("adapter-max-rel-error"), "rank_maps": result.metrics.get("rank-maps"),
               "final": final, "machine": machine()}  # fmt: skip
     (results / f"{run.name}.json").write_text(json.dumps(record, indent=1))
     print(f"[{run.name}] held-out Rouge-L {record['final']['rougeL']:.4f} -> {results / (run.name + '.json')}", flush=True)

@@ -20,7 +20,7 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedKeyError,
 )
-from .export import exact_ranks, save_peft_adapter
+from .export import adapter_error, exact_ranks, save_peft_adapter
 from .profiles import (
     Distribution,
     RankSampler,
@@ -62,6 +62,7 @@ __all__ = [
     "Spectrum",
     "TableSampler",
     "UnsupportedKeyError",
+    "adapter_error",
     "aggregate",
     "exact_ranks",
     "clamp_ranks",

@@ -8,19 +8,21 @@ error ``≤ tol`` (its numerical rank at that tolerance), written through peft's
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from .adapters import lora_scaling
+from .adapters import lora_scaling, split_state
 from .aggregation import FlexLoRAUpdate, GlobalUpdate
 from .baselines import FactorsUpdate
 
-__all__ = ["PEFT_PREFIX", "exact_ranks", "save_peft_adapter"]
+__all__ = ["PEFT_PREFIX", "adapter_error", "exact_ranks", "save_peft_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +102,25 @@ def save_peft_adapter(
     logger.info("saved a peft adapter with %d modules (mean rank %.1f) to %s", len(chosen), total / max(1, len(chosen)), folder)
     return chosen
 
+
+def adapter_error(update: GlobalUpdate, folder: str | os.PathLike[str]) -> dict[str, float]:
+    """Per module, ``‖ΔW − s·B A‖_F / ‖ΔW‖_F`` of the adapter folder written by :func:`save_peft_adapter`.
+
+    An independent check of the export: ΔW from ``update.delta`` and ``B : (d_out, r)``,
+    ``A : (r, d_in)`` read back from ``adapter_model.safetensors`` with ``s`` from
+    ``adapter_config.json`` (``lora_alpha / r``, or ``/ √r`` with rsLoRA), all in float64.
+    One dense ΔW exists at a time. Needs the update's full ΔW (a live update, not a state
+    restored with only the clients' top triplets).
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    factors = split_state(load_file(str(folder / "adapter_model.safetensors")), client=str(folder))
+    out: dict[str, float] = {}
+    for m in update.modules:
+        f = factors[m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m]
+        r = f.A.shape[0]
+        s = lora_scaling(config["lora_alpha"], r, bool(config.get("use_rslora", False)))
+        delta = update.delta(m).to(torch.float64)
+        err = torch.linalg.matrix_norm(delta - s * (f.B.to(torch.float64) @ f.A.to(torch.float64)))
+        out[m] = float(err / torch.linalg.matrix_norm(delta).clamp_min(1e-300))
+    return out

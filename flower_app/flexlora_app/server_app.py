@@ -12,7 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flexlora_app.task import Settings, load_base, route_logs
-from flexlora_plugin.core.export import save_peft_adapter
+from flexlora_plugin.core import RankError
+from flexlora_plugin.core.export import adapter_error, save_peft_adapter
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, rank_label
 from flexlora_plugin.tiny import build_tiny_llama
@@ -59,12 +60,19 @@ def main(grid: Grid, context: Context) -> None:
     chosen = save_peft_adapter(
         strategy.global_update, adapter, base_model_name_or_path=str(settings.model_path), lora_alpha=settings.lora_alpha
     )
+    try:  # an independent check of the export: ‖ΔW − s·B A‖_F / ‖ΔW‖_F read back from the folder
+        max_error: float | None = max(adapter_error(strategy.global_update, adapter).values())
+        logger.info("exported adapter reproduces ΔW to a relative Frobenius error of at most %.2e", max_error)
+    except RankError as exc:  # a restored state keeps only the clients' top triplets, not ΔW
+        max_error = None
+        logger.warning("exported adapter not checked against ΔW: %s", exc)
     summary = {
         "strategy": settings.strategy,
         "rank-maps": {str(p): rank_label(m) for p, m in sorted(strategy.rank_maps.items())},
         "history": strategy.history,
         "adapter": str(adapter),
         "adapter-ranks": chosen,
+        "adapter-max-rel-error": max_error,
     }
     (settings.output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     logger.info("final adapter (%s, ranks %s) saved to %s", settings.strategy, sorted(set(chosen.values())), adapter)

@@ -127,7 +127,7 @@ def test_profiles_resolve_onto_real_modules(tiny):
 def test_exported_adapter_reproduces_delta(tiny, tmp_path, fmt):
     from peft import PeftModel
 
-    from flexlora_plugin.core import save_peft_adapter
+    from flexlora_plugin.core import adapter_error, save_peft_adapter
 
     states = []
     for i, r in enumerate((2, 4, 8)):
@@ -136,6 +136,8 @@ def test_exported_adapter_reproduces_delta(tiny, tmp_path, fmt):
         states.append(adapter_state(model) if fmt == "peft" else {k: v.detach() for k, v in model.state_dict().items() if "lora_" in k})
     update = aggregate(states, [1.0, 1.0, 2.0], lora_alpha=ALPHA)
     ranks = save_peft_adapter(update, tmp_path / "adapter", base_model_name_or_path=str(tiny), lora_alpha=ALPHA)
+    errors = adapter_error(update, tmp_path / "adapter")
+    assert set(errors) == set(ranks) and max(errors.values()) <= 1e-5
     assert all(r <= 14 for r in ranks.values()) and max(ranks.values()) > 8  # stacked rank 14, clamped by k/v (32)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "adapter")
     held = adapter_state(loaded)
@@ -149,4 +151,22 @@ def test_exported_adapter_reproduces_delta(tiny, tmp_path, fmt):
             for w, s in zip([1.0, 1.0, 2.0], states)
         )  # fmt: skip
         assert A.shape[0] == ranks[module]
-        assert float((ref - lora_scaling(ALPHA, A.shape[0]) * B @ A).norm() / ref.norm()) <= 1e-5, module
+        rel = float((ref - lora_scaling(ALPHA, A.shape[0]) * B @ A).norm() / ref.norm())
+        assert rel <= 1e-5, module
+        assert errors[module] == pytest.approx(rel, abs=1e-7), module  # adapter_error agrees with this reference
+
+
+def test_adapter_error_sees_a_truncated_export(tiny, tmp_path):
+    from flexlora_plugin.core import adapter_error, save_peft_adapter
+
+    states = []
+    for i, r in enumerate((4, 8)):
+        model, _ = _peft(tiny, {t: r for t in TARGETS}, seed=i)
+        _randomise(model, seed=40 + i)
+        states.append(adapter_state(model))
+    update = aggregate(states, [1.0, 1.0], lora_alpha=ALPHA)
+    save_peft_adapter(update, tmp_path / "cut", base_model_name_or_path=str(tiny), lora_alpha=ALPHA, ranks=2)
+    errors = adapter_error(update, tmp_path / "cut")
+    for module, err in errors.items():
+        best = best_rank_error(update.delta(module).double(), 2) / float(update.delta(module).double().norm())
+        assert err == pytest.approx(best, rel=1e-4) and err > 1e-2, module  # the optimal rank-2 residual, not ~0

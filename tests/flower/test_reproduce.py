@@ -54,6 +54,7 @@ def test_each_run_records_what_the_issue_asks(smoke):
         assert [r["round"] for r in rec["heldout_per_round"]] == [0, 1]
         assert rec["bytes_per_round"][0]["received"] > 0
         assert rec["adapter_sha256"] == _sha256_dir(Path(rec["adapter"]))
+        assert 0.0 <= rec["adapter_max_rel_error"] <= 1e-5
         assert rec["command"] == f"python benchmarks/reproduce.py --profile smoke --only {name}"
         assert {"torch", "peft", "flwr", "transformers", "cpu"} <= set(rec["machine"])
     zero = json.loads((results / "zero-shot.json").read_text())

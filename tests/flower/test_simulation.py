@@ -116,6 +116,7 @@ def test_metrics_and_final_adapter_load(mixed_run, tiny_model):
     assert [h["round"] for h in history] == [1, 2]
     assert all(h["clients-ok"] == 3 and h["excluded-partitions"] == [] for h in history)
     assert history[0]["bytes-sent"] == 0 and history[1]["bytes-sent"] > 0 and history[1]["bytes-received"] > 0
+    assert 0.0 <= mixed_run.metrics["adapter-max-rel-error"] <= 1e-5  # the server app's own check of its export
     assert {"energy-r4", "energy-r8", "energy-r16"} <= set(history[1])
     assert history[1]["energy-r4"] <= history[1]["energy-r8"] <= history[1]["energy-r16"] <= 1.0 + 1e-6
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
