@@ -6,7 +6,7 @@ The smoke profile runs every piece of the small profile's pipeline in minutes; t
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,13 +28,12 @@ def _run(*args: str, timeout: int = 900) -> str:
     return out.stdout
 
 
-def _sha256_dir(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
+def _reproduce_module():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +46,14 @@ def smoke(tmp_path_factory, tiny_model, data_path) -> Path:
 
 def test_each_run_records_what_the_issue_asks(smoke):
     results = smoke / "results"
+    sha256_dir = _reproduce_module().sha256_dir
     assert sorted(p.stem for p in results.glob("*.json")) == ["fedavg-r8", "flexlora-uniform", "hetlora-uniform", "zero-shot"]
     for name in ("fedavg-r8", "flexlora-uniform", "hetlora-uniform"):
         rec = json.loads((results / f"{name}.json").read_text())
         assert rec["final"]["n_tasks"] == 24 and rec["final"]["n_examples"] == 24  # 1 per unseen task in smoke
         assert [r["round"] for r in rec["heldout_per_round"]] == [0, 1]
         assert rec["bytes_per_round"][0]["received"] > 0
-        assert rec["adapter_sha256"] == _sha256_dir(Path(rec["adapter"]))
+        assert rec["adapter_sha256"] == sha256_dir(Path(rec["adapter"]))
         assert 0.0 <= rec["adapter_max_rel_error"] <= 1e-5
         assert rec["command"] == f"python benchmarks/reproduce.py --profile smoke --only {name}"
         assert {"torch", "peft", "flwr", "transformers", "cpu"} <= set(rec["machine"])
