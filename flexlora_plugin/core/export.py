@@ -1,8 +1,9 @@
 """Export a global update as a peft adapter folder that ``PeftModel.from_pretrained`` loads.
 
 Each module gets the smallest rank whose truncation reproduces its ΔW to a relative Frobenius
-error ``≤ tol`` (its numerical rank at that tolerance), written through peft's ``rank_pattern``;
-``B = U_r S_r / s``, ``A = V_rᵀ`` as for any client. The folder holds ``adapter_config.json`` and
+error ``≤ tol / 2`` in exact arithmetic (its numerical rank; the other half of ``tol`` is left to
+rounding), written through peft's ``rank_pattern``: ``B = U_r S_r / s``, ``A = V_rᵀ``, the leading
+triplets themselves. The folder holds ``adapter_config.json`` and
 ``adapter_model.safetensors`` (peft's own file names and key format).
 """
 
@@ -79,12 +80,24 @@ def save_peft_adapter(
     ranks : int or Mapping, optional
         Fixed rank(s) instead of :func:`exact_ranks` (then the result is a truncation).
     tol : float
-        Relative Frobenius tolerance of :func:`exact_ranks`. (default: 1e-5)
+        The written adapter reproduces each module's ΔW to ``‖ΔW − s·B A‖_F ≤ tol · ‖ΔW‖_F``
+        (check it with :func:`adapter_error`): ranks are :func:`exact_ranks` at ``tol / 2``,
+        the other half being left to rounding. (default: 1e-5)
     """
-    chosen = exact_ranks(update, tol) if ranks is None else {m: update.rank_for(m, ranks) for m in update.modules}
+    # Half of tol goes to truncation, half is left to the rounding of the compute dtype (a float32
+    # reconstruction is ~1e-6 relative), so the written factors reproduce ΔW to tol, not just their spectrum.
+    chosen = exact_ranks(update, tol / 2) if ranks is None else {m: update.rank_for(m, ranks) for m in update.modules}
     tensors = {}
     for m, r in chosen.items():
-        A, B = update.project_module(m, r, scaling=lora_scaling(lora_alpha, r, use_rslora))
+        scaling = lora_scaling(lora_alpha, r, use_rslora)
+        if isinstance(update, FlexLoRAUpdate):
+            # The leading r triplets themselves. Not project_module: for clients it swaps triplets
+            # below matrix_rank's cutoff (max(d)·eps·σ_1) for zero-B completion rows, and those
+            # small triplets can hold more than tol of ‖ΔW‖_F when one direction dominates.
+            spec = update.spectrum(m, r)
+            A, B = spec.Vh[:r], spec.US[:, :r] / scaling
+        else:
+            A, B = update.project_module(m, r, scaling=scaling)
         base = m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m
         tensors[f"{base}.lora_A.weight"] = A.contiguous()
         tensors[f"{base}.lora_B.weight"] = B.contiguous()
