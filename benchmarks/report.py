@@ -95,6 +95,11 @@ def mean_mb(r: dict[str, Any], key: str) -> str:
     return f"{sum(vals) / len(vals) / 1e6:.0f}" if vals else "-"
 
 
+def export_error(r: dict[str, Any]) -> str:
+    err = r.get("adapter_max_rel_error")
+    return f"{err:.1e}" if err is not None else "-"
+
+
 def write_report(results: Path, docs: Path) -> Path:
     from flexlora_plugin.evaluate import bootstrap_mean, paired_bootstrap
 
@@ -110,14 +115,15 @@ def write_report(results: Path, docs: Path) -> Path:
              "profiles and the reasons for them are in [reproduction.md](reproduction.md).", "",
              "Held-out Rouge-L: the mean over the held-out examples, and the mean of per-task means with its task-clustered "
              "bootstrap 95% CI. Train s: the Flower simulation, wall clock. MB per round: adapter arrays server → clients "
-             "(down) and clients → server (up), mean over rounds.", "",
-             "| run | strategy | distribution | Rouge-L (examples) | Rouge-L (task mean) [95% CI] | train s | eval s | MB down / up per round | command |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "(down) and clients → server (up), mean over rounds. Export error: max over modules of ‖ΔW − s·B A‖_F / ‖ΔW‖_F "
+             "of the exported adapter read back (`adapter_error`).", "",
+             "| run | strategy | distribution | Rouge-L (examples) | Rouge-L (task mean) [95% CI] | train s | eval s | MB down / up per round | export error | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in runs.items():
         ci = bootstrap_mean(r["final"]["per_task"])
         lines.append(f"| {name} | {r['strategy']} | {r['distribution']} | {r['final']['rougeL']:.4f} | "
                      f"{ci.diff:.4f} [{ci.low:.4f}, {ci.high:.4f}] | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} | "
-                     f"{mean_mb(r, 'sent')} / {mean_mb(r, 'received')} | `{r['command']}` |")  # fmt: skip
+                     f"{mean_mb(r, 'sent')} / {mean_mb(r, 'received')} | {export_error(r)} | `{r['command']}` |")  # fmt: skip
     lines += ["", "## Differences (task-clustered paired bootstrap, 95% CI, 10 000 resamples)", "",
               "| a | b | a − b (per-task mean) | 95% CI | reading |", "|---|---|---|---|---|"]  # fmt: skip
     for a, b in comparisons(runs):
