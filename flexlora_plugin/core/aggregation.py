@@ -254,16 +254,36 @@ class FlexLoRAUpdate(GlobalUpdate):
         return 0 < self.stacked_rank(module) < min(self.info[module].shape)
 
     def delta(self, module: str) -> Tensor:
+        return self._delta(module, self.compute_dtype)
+
+    def _delta(self, module: str, dtype: torch.dtype) -> Tensor:
         info = self._check_module(module)
         if module not in self._terms:
             spec = self._spectra[module]
             if not spec.complete:
                 raise RankError(f"module {module}: restored update holds only its top {spec.k} triplets; ΔW is not available")
-            return spec.US @ spec.Vh
-        delta = torch.zeros(info.shape, dtype=self.compute_dtype, device=self.device)
+            return (spec.US @ spec.Vh).to(dtype)
+        delta = torch.zeros(info.shape, dtype=dtype, device=self.device)
         for coef, B, A in self._terms[module]:
-            delta.addmm_(self._compute(B), self._compute(A), alpha=coef)
+            delta.addmm_(B.to(device=self.device, dtype=dtype), A.to(device=self.device, dtype=dtype), alpha=coef)
         return delta
+
+    def exact_spectrum(self, module: str) -> Spectrum:
+        """All singular triplets of ``module``'s ΔW computed in float64; not cached.
+
+        For export. In float32, the QR of nearly collinear stacked factors (clients that started
+        from the same global model) and the SVD of a dense ΔW reconstruct ΔW only to ~1e-5.
+        A restored update answers its stored triplets.
+        """
+        self._check_module(module)
+        if module not in self._terms:
+            return self.spectrum(module, 1)
+        f64 = torch.float64
+        if self.uses_factored_path(module):
+            terms = self._terms[module]
+            Bs, As = [B.to(self.device, f64) for _, B, _ in terms], [A.to(self.device, f64) for _, _, A in terms]
+            return factored_spectrum(Bs, As, [c for c, _, _ in terms])
+        return dense_spectrum(self._delta(module, f64), min(self.info[module].shape))
 
     def spectrum(self, module: str, k: int) -> Spectrum:
         """Leading singular triplets of ``module``'s ΔW, at least ``min(k, rank)`` of them."""

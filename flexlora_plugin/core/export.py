@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .adapters import lora_scaling, split_state
 from .aggregation import FlexLoRAUpdate, GlobalUpdate
 from .baselines import FactorsUpdate
+from .projection import Spectrum
 
 __all__ = ["PEFT_PREFIX", "adapter_error", "exact_ranks", "save_peft_adapter"]
 
@@ -30,19 +31,23 @@ logger = logging.getLogger(__name__)
 PEFT_PREFIX = "base_model.model."
 
 
+def _rank_at(spec: Spectrum, tol: float) -> int:
+    """Smallest ``r ≥ 1`` with ``Σ_{i≥r} σ_i² ≤ tol² · ‖ΔW‖_F²``."""
+    tail = (spec.S.double() ** 2).flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} σ_j²
+    ok = (tail <= (tol**2) * spec.total_energy).nonzero()
+    return max(1, int(ok[0]) if len(ok) else spec.k)
+
+
 def exact_ranks(update: GlobalUpdate, tol: float = 1e-5) -> dict[str, int]:
     """Per module, the smallest rank ``r ≥ 1`` with ``‖ΔW − [ΔW]_r‖_F ≤ tol · ‖ΔW‖_F``.
 
-    ``flexlora``: from the full spectrum (one thin SVD per dense-path module). Baselines: the
-    rank of their global factors (their ΔW is that factor product).
+    ``flexlora``: from the full spectrum computed in float64 (:meth:`FlexLoRAUpdate.exact_spectrum`).
+    Baselines: the rank of their global factors (their ΔW is that factor product).
     """
     out: dict[str, int] = {}
     for m in update.modules:
         if isinstance(update, FlexLoRAUpdate):
-            spec = update.spectrum(m, min(update.info[m].shape))
-            tail = (spec.S.double() ** 2).flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} σ_j²
-            ok = (tail <= (tol**2) * spec.total_energy).nonzero()
-            out[m] = max(1, int(ok[0]) if len(ok) else spec.k)
+            out[m] = _rank_at(update.exact_spectrum(m), tol)
         elif isinstance(update, FactorsUpdate):
             out[m] = int(update.factors[m][0].shape[0])
         else:
@@ -84,23 +89,27 @@ def save_peft_adapter(
         (check it with :func:`adapter_error`): ranks are :func:`exact_ranks` at ``tol / 2``,
         the other half being left to rounding. (default: 1e-5)
     """
-    # Half of tol goes to truncation, half is left to the rounding of the compute dtype (a float32
-    # reconstruction is ~1e-6 relative), so the written factors reproduce ΔW to tol, not just their spectrum.
-    chosen = exact_ranks(update, tol / 2) if ranks is None else {m: update.rank_for(m, ranks) for m in update.modules}
+    chosen: dict[str, int] = {}
     tensors = {}
-    for m, r in chosen.items():
-        scaling = lora_scaling(lora_alpha, r, use_rslora)
-        if isinstance(update, FlexLoRAUpdate):
-            # The leading r triplets themselves. Not project_module: for clients it swaps triplets
-            # below matrix_rank's cutoff (max(d)·eps·σ_1) for zero-B completion rows, and those
-            # small triplets can hold more than tol of ‖ΔW‖_F when one direction dominates.
-            spec = update.spectrum(m, r)
-            A, B = spec.Vh[:r], spec.US[:, :r] / scaling
-        else:
-            A, B = update.project_module(m, r, scaling=scaling)
+    for m in update.modules:
         base = m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m
-        tensors[f"{base}.lora_A.weight"] = A.contiguous()
-        tensors[f"{base}.lora_B.weight"] = B.contiguous()
+        if isinstance(update, FlexLoRAUpdate):
+            # The leading triplets themselves, from a float64 spectrum. Not project_module: for clients
+            # it swaps triplets below matrix_rank's cutoff for zero-B completion rows, and float32
+            # triplets reproduce ΔW only to ~1e-5. Half of tol goes to truncation, half is left to
+            # storing the factors in the update's compute dtype.
+            spec = update.exact_spectrum(m)
+            r = _rank_at(spec, tol / 2) if ranks is None else update.rank_for(m, ranks)
+            scaling = lora_scaling(lora_alpha, r, use_rslora)
+            A, B = spec.Vh[:r].to(update.compute_dtype), (spec.US[:, :r] / scaling).to(update.compute_dtype)
+        elif isinstance(update, FactorsUpdate):
+            r = int(update.factors[m][0].shape[0]) if ranks is None else update.rank_for(m, ranks)
+            A, B = update.project_module(m, r, scaling=lora_scaling(lora_alpha, r, use_rslora))
+        else:
+            raise TypeError(f"cannot export a {type(update).__name__}")
+        chosen[m] = r
+        tensors[f"{base}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"{base}.lora_B.weight"] = B.cpu().contiguous()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     targets = sorted({_module_path(m).split(".")[-1] for m in chosen})

@@ -40,3 +40,17 @@ def test_exact_ranks_on_the_factored_path(ranks, tmp_path):
     assert exact_ranks(update)[M] == min(sum(ranks), n)  # random factors: ΔW has the stacked rank
     save_peft_adapter(update, tmp_path / "a", base_model_name_or_path="x", lora_alpha=16)
     assert adapter_error(update, tmp_path / "a")[M] <= 1e-5
+
+
+def test_clients_from_one_global_model_export_to_tol(tmp_path):
+    # After round 1 every client starts from the same redistributed factors: nearly collinear
+    # stacked factors, the case of the real runs. The export spectrum is float64.
+    n, r, gen = 256, 48, torch.Generator().manual_seed(2)
+    A0, B0 = torch.randn(r, n, generator=gen), torch.randn(n, r, generator=gen)
+    clients = [{f"{M}.lora_A.weight": A0 + 1e-4 * torch.randn(r, n, generator=gen),
+                f"{M}.lora_B.weight": B0 + 1e-4 * torch.randn(n, r, generator=gen)} for _ in range(4)]  # fmt: skip
+    update = aggregate(clients, [1.0, 2.0, 3.0, 4.0], lora_alpha=16)
+    assert update.uses_factored_path(M)
+    assert update.exact_spectrum(M).S.dtype == torch.float64
+    save_peft_adapter(update, tmp_path / "a", base_model_name_or_path="x", lora_alpha=16)
+    assert adapter_error(update, tmp_path / "a")[M] <= 1e-5
