@@ -271,9 +271,8 @@ class FlexLoRAUpdate(GlobalUpdate):
     def exact_spectrum(self, module: str) -> Spectrum:
         """All singular triplets of ``module``'s ΔW computed in float64; not cached.
 
-        For export. In float32, the QR of nearly collinear stacked factors (clients that started
-        from the same global model) and the SVD of a dense ΔW reconstruct ΔW only to ~1e-5.
-        A restored update answers its stored triplets.
+        For export: float32 triplets reconstructed a trained SmolLM2 ΔW only to 1.4e-5 (relative
+        Frobenius), above the export's 1e-5. A restored update answers its stored triplets.
         """
         self._check_module(module)
         if module not in self._terms:
