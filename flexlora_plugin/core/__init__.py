@@ -36,6 +36,7 @@ from .profiles import (
     sample_ranks,
 )
 from .projection import Spectrum
+from .start import InitialUpdate, common_lora_A, initial_update, module_infos, module_infos_of
 
 __all__ = [
     "LORA_A",
@@ -50,6 +51,7 @@ __all__ = [
     "FlexLoRAWarning",
     "GlobalUpdate",
     "HetLoRAUpdate",
+    "InitialUpdate",
     "LoRAFactors",
     "MissingModuleError",
     "ModuleInfo",
@@ -66,12 +68,16 @@ __all__ = [
     "aggregate",
     "exact_ranks",
     "clamp_ranks",
+    "common_lora_A",
     "get_profile",
     "homogeneous",
+    "initial_update",
     "list_profiles",
     "load_server_state",
     "lora_scaling",
     "lora_type",
+    "module_infos",
+    "module_infos_of",
     "register_distribution",
     "register_lora_type",
     "register_profile",

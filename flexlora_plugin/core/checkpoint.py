@@ -22,6 +22,7 @@ from .aggregation import FlexLoRAUpdate, GlobalUpdate, ModuleInfo
 from .baselines import FactorsUpdate, FedAvgUpdate, HetLoRAUpdate
 from .errors import FlexLoRAError
 from .projection import Spectrum
+from .start import InitialUpdate
 
 __all__ = ["ServerState", "load_server_state", "save_server_state"]
 
@@ -141,7 +142,7 @@ def _restore_update(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             for m, e in meta["modules"].items()
         }
         return FlexLoRAUpdate(info, clients, excluded, spectra=spectra, compute_dtype=compute_dtype, seed=seed)
-    cls = {"fedavg": FedAvgUpdate, "hetlora": HetLoRAUpdate}.get(meta["method"])
+    cls = {"fedavg": FedAvgUpdate, "hetlora": HetLoRAUpdate, "initial": InitialUpdate}.get(meta["method"])
     if cls is None:
         raise FlexLoRAError(f"unknown method {meta['method']!r} in server state")
     factors = {m: (tensors[f"{m}{_SEP}A"], tensors[f"{m}{_SEP}B"]) for m in info}

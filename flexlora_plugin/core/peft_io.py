@@ -61,13 +61,13 @@ def lora_config_for(
     )
 
 
-def adapter_state(model: PeftModel) -> dict[str, Tensor]:
-    """The adapter's LoRA factors in peft's wire format (``…q_proj.lora_A.weight``), detached."""
-    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+def adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, Tensor]:
+    """An adapter's LoRA factors in peft's wire format (``…q_proj.lora_A.weight``), detached."""
+    return {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
 
-def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor]) -> None:
-    """Load factors into ``model``'s active adapter, failing on any missing or misshaped factor.
+def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor], adapter_name: str = "default") -> None:
+    """Load factors into ``model``'s adapter ``adapter_name``, failing on any missing or misshaped factor.
 
     Raises
     ------
@@ -77,7 +77,7 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor]) -> None:
         When a factor's shape differs from the model's (a client of another rank).
     """
     split_state(state, client="server")  # rejects non-LoRA keys and A/B rank mismatches
-    own = get_peft_model_state_dict(model)
+    own = get_peft_model_state_dict(model, adapter_name=adapter_name)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise MissingModuleError(
@@ -87,4 +87,4 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor]) -> None:
         if tuple(value.shape) != tuple(own[key].shape):
             raise RankError(f"{key}: received {tuple(value.shape)}, the model's adapter is {tuple(own[key].shape)}")
     with torch.no_grad():
-        set_peft_model_state_dict(model, {k: v.to(own[k].dtype) for k, v in state.items()})
+        set_peft_model_state_dict(model, {k: v.to(own[k].dtype) for k, v in state.items()}, adapter_name=adapter_name)
