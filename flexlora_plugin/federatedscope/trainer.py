@@ -24,6 +24,7 @@ from federatedscope.llm.trainer.trainer import LLMTrainer
 from torch import Tensor, nn
 
 from ..core import RankError, split_state
+from ..core.client import proximal_term
 from ..core.export import PEFT_PREFIX
 from ..core.peft_io import lora_config_for
 
@@ -49,11 +50,7 @@ class TrainableProximal(nn.Module):
         init = getattr(ctx, "weight_init_trainable", None)
         if init is None:
             return 0.0
-        norm: Tensor | float = 0.0
-        for name, w in ctx.model.named_parameters():
-            if w.requires_grad:
-                norm = norm + torch.norm(w - init[name], p) ** p
-        return norm / float(p)
+        return proximal_term(ctx.model.named_parameters(), init, p)
 
 
 def hook_record_trainable_init(ctx: Any) -> None:

@@ -35,7 +35,15 @@ from federatedscope.core.message import Message
 from federatedscope.core.workers import Client, Server
 from torch import Tensor
 
-from ..core import NonFiniteUpdateError, aggregate, sample_ranks, save_peft_adapter, split_state, state_nbytes
+from ..core import (
+    NonFiniteUpdateError,
+    initial_update,
+    module_infos_of,
+    sample_ranks,
+    save_peft_adapter,
+    split_state,
+    state_nbytes,
+)
 from .aggregator import FlexLoRAAggregator
 from .config import PluginSettings, settings_from_cfg
 from .trainer import FlexLoRATrainer, current_ranks
@@ -84,11 +92,11 @@ class FlexLoRAServer(Server):
         self._server_ranks = current_ranks(self.models[0])
         self._ranks: dict[int, dict[str, int]] = {}
         max_rank = max(max(self.rank_map(cid).values()) for cid in range(1, self._cfg.federate.client_num + 1))
-        initial = aggregate(
-            {"server-init": self.models[0].state_dict()},
-            {"server-init": 1.0},
-            **self.flex.core.aggregate_kwargs(client_max_rank=max_rank),
-        )  # ΔW of the untrained adapter (B = 0 under peft's default init): round 0 sends A rows, B = 0
+        initial = initial_update(
+            module_infos_of(self.models[0].state_dict()),
+            [self.rank_map(cid) for cid in range(1, self._cfg.federate.client_num + 1)],
+            seed=self.flex.core.seed,
+        )  # round 1: B = 0 and the first r rows of one common A per module, as in every host and method
         self.aggregator = FlexLoRAAggregator(self.flex.core, max_rank=max_rank, initial=initial)
         self.aggregators = [self.aggregator]
         self._exported = False

@@ -161,3 +161,39 @@ def test_hetlora_runs(run_fs: Any, tiny_opts: list[str]) -> None:
     assert runner.server.aggregator.update.method == "hetlora"
     for cid, r in {1: 4, 2: 8, 3: 16}.items():
         assert {f.r for f in split_state(runner.client[cid].trainer.ctx.model.state_dict()).values()} == {r}
+
+
+@pytest.mark.parametrize("method", ["flexlora", "hetlora"])
+def test_round1_every_client_starts_from_the_common_adapter(run_fs: Any, tiny_opts: list[str], method: str) -> None:
+    """Round 1 loads the core's initial_update: B = 0, the first r rows of one common A (none zero).
+
+    HetLoRA used to start from the server's rank-8 adapter zero-padded to 16: client 3's A rows
+    8..15 and B columns 8..15 were zero, got no gradient, and that client trained at rank 8.
+    """
+    from flexlora_plugin.core import initial_update, module_infos_of
+
+    rec = Recorder()
+    runner = run_fs([*tiny_opts, "federate.method", method, "federate.total_round_num", "1"], patch=rec)
+    server = runner.server
+    want = initial_update(module_infos_of(server.models[0].state_dict()), [server.rank_map(c) for c in (1, 2, 3)],
+                          seed=server.flex.core.seed)  # fmt: skip
+    for cid, r in {1: 4, 2: 8, 3: 16}.items():
+        loaded = rec.loaded[cid][0]
+        expected = want.project(server.rank_map(cid), lora_alpha=ALPHA)
+        assert set(loaded) == set(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+        for module, f in split_state(loaded).items():
+            assert f.r == r and not f.B.any() and (f.A.abs().sum(dim=1) > 0).all(), (cid, module)
+        trained = split_state(rec.uploaded[cid][0])
+        assert all((f.B.abs().sum(dim=0) > 0).all() for f in trained.values()), cid  # every rank trained
+
+
+def test_use_gpu_keys_work_with_the_trainer(run_fs: Any, tiny_opts: list[str]) -> None:
+    """FS's own ``use_gpu`` / ``device``: the trainer's model lives on the device FS chose (cpu without CUDA)."""
+    runner = run_fs([*tiny_opts, "use_gpu", "True", "device", "0", "federate.total_round_num", "1"])
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    for client in runner.client.values():
+        assert str(client.trainer.ctx.device).startswith(expected)
+        assert {p.device.type for p in client.trainer.ctx.model.parameters()} == {expected}
+    assert set(runner.server.aggregator.update.clients) == {1, 2, 3}
