@@ -5,7 +5,11 @@ Every key that travels in a Flower ``Message`` is defined here, once. A train me
 and ``"config"`` (a :class:`~flwr.app.ConfigRecord` with the round, the dtype note and the run's
 settings); a train reply carries ``"arrays"``, ``"config"`` (dtype note) and ``"metrics"``
 (``num-examples``, ``train-loss``). The rank handshake is a ``query.rank`` message answered with
-a ``"rank-info"`` ConfigRecord (``partition-id`` and ``rank-map``, a JSON object).
+a ``"rank-info"`` ConfigRecord (``partition-id``, ``rank-map`` and ``module-shapes``, JSON objects:
+the shapes let the server build the round-1 adapter without loading the model). A *pool* node
+(node config ``partition-id=any``) serves whichever partition a train message names: it answers
+``partition-id = "any"``, ``num-partitions`` and ``module-shapes``, and the server draws the
+partitions' rank maps with the core's ``sample_ranks``, as the node itself would.
 
 dtype policy: an ArrayRecord cannot hold bfloat16, so a bf16 tensor travels as its bit pattern
 viewed as int16 and the record's ConfigRecord names the original dtype under ``array-dtypes``
@@ -28,6 +32,9 @@ __all__ = [
     "ARRAY_DTYPES",
     "CONFIG",
     "METRICS",
+    "MODULE_SHAPES",
+    "NUM_PARTITIONS",
+    "POOL",
     "NUM_EXAMPLES",
     "PARTITION_ID",
     "QUERY_RANK",
@@ -35,7 +42,9 @@ __all__ = [
     "RANK_MAP",
     "SERVER_ROUND",
     "TRAIN_LOSS",
+    "pool_info_record",
     "rank_info_record",
+    "read_pool_info",
     "read_rank_info",
     "record_to_state",
     "state_to_record",
@@ -54,6 +63,9 @@ QUERY_RANK = "rank"
 SERVER_ROUND = "server-round"
 PARTITION_ID = "partition-id"
 RANK_MAP = "rank-map"
+MODULE_SHAPES = "module-shapes"
+NUM_PARTITIONS = "num-partitions"
+POOL = "any"  # node config partition-id of a node serving any partition
 ARRAY_DTYPES = "array-dtypes"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
@@ -112,29 +124,75 @@ def record_to_state(arrays: ArrayRecord, config: ConfigRecord | None = None) -> 
     return state
 
 
-def rank_info_record(partition_id: int, rank_map: Mapping[str, int]) -> ConfigRecord:
-    """The query reply: a node's partition id and its rank map (JSON, ``{module: rank}``)."""
-    return ConfigRecord({PARTITION_ID: int(partition_id), RANK_MAP: json.dumps({str(k): int(v) for k, v in rank_map.items()})})
+def rank_info_record(
+    partition_id: int, rank_map: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]
+) -> ConfigRecord:
+    """The query reply: a node's partition id, rank map (``{module: rank}``) and module shapes (``{module: [d_out, d_in]}``)."""
+    return ConfigRecord({
+        PARTITION_ID: int(partition_id),
+        RANK_MAP: json.dumps({str(k): int(v) for k, v in rank_map.items()}),
+        MODULE_SHAPES: json.dumps({str(k): [int(d) for d in v] for k, v in shapes.items()}),
+    })  # fmt: skip
 
 
-def read_rank_info(record: ConfigRecord) -> tuple[int, dict[str, int]]:
-    """Inverse of :func:`rank_info_record`.
+def pool_info_record(num_partitions: int, shapes: Mapping[str, tuple[int, int]]) -> ConfigRecord:
+    """The query reply of a pool node: it serves partitions ``0..num_partitions-1`` (those no other node claims)."""
+    if num_partitions < 1:
+        raise ValueError(f"a pool node needs num-partitions >= 1, got {num_partitions}")
+    return ConfigRecord({
+        PARTITION_ID: POOL,
+        NUM_PARTITIONS: int(num_partitions),
+        MODULE_SHAPES: json.dumps({str(k): [int(d) for d in v] for k, v in shapes.items()}),
+    })  # fmt: skip
+
+
+def read_pool_info(record: ConfigRecord) -> tuple[int, dict[str, tuple[int, int]]] | None:
+    """``(num_partitions, module shapes)`` of a pool node's reply; None for a node with one partition."""
+    if str(record.get(PARTITION_ID, "")) != POOL:
+        return None
+    if NUM_PARTITIONS not in record or MODULE_SHAPES not in record:
+        raise ValueError(f"pool rank-info lacks {NUM_PARTITIONS!r} or {MODULE_SHAPES!r} (has {sorted(record)})")
+    num = record[NUM_PARTITIONS]
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"{NUM_PARTITIONS} must be a positive int, got {num!r}")
+    return int(num), _shapes(record)
+
+
+def _json_object(record: ConfigRecord, key: str) -> dict[str, object]:
+    try:
+        value = json.loads(str(record[key]))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{key} is not valid JSON: {str(record[key])[:80]!r}") from err
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{key} must be a non-empty JSON object, got {value!r}"[:200])
+    return value
+
+
+def read_rank_info(record: ConfigRecord) -> tuple[int, dict[str, int], dict[str, tuple[int, int]]]:
+    """Inverse of :func:`rank_info_record`: ``(partition id, rank map, module shapes)``.
 
     Raises
     ------
     ValueError
-        When a key is missing or a rank is not a positive int.
+        When a key is missing, a rank is not a positive int or a shape not two positive ints.
     """
-    for key in (PARTITION_ID, RANK_MAP):
+    for key in (PARTITION_ID, RANK_MAP, MODULE_SHAPES):
         if key not in record:
             raise ValueError(f"rank-info record lacks {key!r} (has {sorted(record)})")
-    try:
-        ranks = json.loads(str(record[RANK_MAP]))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{RANK_MAP} is not valid JSON: {str(record[RANK_MAP])[:80]!r}") from err
-    if not isinstance(ranks, dict) or not ranks:
-        raise ValueError(f"{RANK_MAP} must be a non-empty JSON object, got {ranks!r}")
+    ranks = _json_object(record, RANK_MAP)
     bad = {k: v for k, v in ranks.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
     if bad:
         raise ValueError(f"{RANK_MAP}: ranks must be positive ints, got {bad}")
-    return int(record[PARTITION_ID]), {str(k): int(v) for k, v in ranks.items()}
+    return int(record[PARTITION_ID]), {str(k): int(v) for k, v in ranks.items()}, _shapes(record)  # type: ignore[call-overload]
+
+
+def _shapes(record: ConfigRecord) -> dict[str, tuple[int, int]]:
+    shapes = _json_object(record, MODULE_SHAPES)
+
+    def dims_ok(v: object) -> bool:
+        return isinstance(v, list) and len(v) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+
+    bad = {k: v for k, v in shapes.items() if not dims_ok(v)}
+    if bad:
+        raise ValueError(f"{MODULE_SHAPES}: each must be [d_out, d_in] positive ints, got {dict(list(bad.items())[:3])}")
+    return {str(k): (int(v[0]), int(v[1])) for k, v in shapes.items()}  # type: ignore[index]

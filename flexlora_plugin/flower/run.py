@@ -1,7 +1,7 @@
 """The main job: a small FlexLoRA federation in Flower's simulation engine, start to finish.
 
 ``python -m flexlora_plugin.flower.run [--num-rounds N] [--strategy S] [--profile P]
-[--num-supernodes N] [--clients-per-round K] [--output-dir DIR] [--run-config "k=v ..."]``
+[--num-supernodes N] [--clients-per-round K] [--gpus-per-client F] [--output-dir DIR] [--run-config "k=v ..."]``
 
 It builds a run-local ``FLWR_HOME`` under the output directory (default ``runs/<timestamp>``),
 builds the tiny random LLaMA there unless ``model-path`` is given, runs ``flwr run
@@ -215,6 +215,7 @@ def run_simulation(
     extra_run_config: str = "",
     timeout: float = 900.0,
     echo: bool = True,
+    gpus_per_client: float = 0.0,
 ) -> RunResult:
     """Run the Flower App in the simulation engine and return its outcome (never raises on a failed run).
 
@@ -229,7 +230,13 @@ def run_simulation(
         A raw ``"k=v ..."`` string applied last (the CLI's ``--run-config``).
     timeout : float
         Seconds for the whole ``flwr run``; then it is killed (status ``timeout``). (default: 900)
+    gpus_per_client : float
+        Flower's ``client-resources-num-gpus``: the share of a GPU each virtual client reserves
+        (0.25 = four clients train at once on one GPU). Pair it with run-config ``device``
+        ``auto``/``cuda``. (default: 0, CPU only)
     """
+    if gpus_per_client < 0:
+        raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
     from flexlora_plugin.data import sample_texts
     from flexlora_plugin.tiny import build_tiny_llama
 
@@ -244,8 +251,10 @@ def run_simulation(
         overrides["model-path"] = str(build_tiny_llama(out / "tiny-llama", texts=sample_texts(data), max_length=TINY_MAX_LENGTH))
     port = free_port()
     env = flwr_env(out / "flwr_home", port)
-    cmd = ["flwr", "run", str(APP_DIR), "local", "--stream",
-           "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+    if gpus_per_client:
+        federation += f" client-resources-num-gpus={gpus_per_client!r}"
+    cmd = ["flwr", "run", str(APP_DIR), "local", "--stream", "--federation-config", federation,
            "--run-config", toml_overrides(overrides)]  # fmt: skip
     if extra_run_config:
         cmd += ["--run-config", extra_run_config]
@@ -274,6 +283,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default="heavy_tail_strong", help="profile name or JSON rank table")
     p.add_argument("--num-supernodes", type=int, default=8)
     p.add_argument("--clients-per-round", type=int, default=4)
+    p.add_argument("--gpus-per-client", type=float, default=0.0,
+                   help="share of a GPU per virtual client (Flower's client-resources-num-gpus); with --run-config device='auto'")
     p.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
     p.add_argument("--run-config", default="", help='extra "k=v ..." overrides, applied last')
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
@@ -287,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_config = {"strategy": args.strategy, "profile": args.profile, "clients-per-round": args.clients_per_round}
     result = run_simulation(
         out, num_rounds=args.num_rounds, num_supernodes=args.num_supernodes, run_config=run_config,
-        extra_run_config=args.run_config, timeout=args.timeout,
+        extra_run_config=args.run_config, timeout=args.timeout, gpus_per_client=args.gpus_per_client,
     )  # fmt: skip
     for row in result.metrics.get("history", []):
         energy = {k.removeprefix("energy-"): round(v, 4) for k, v in row.items() if k.startswith("energy-")}

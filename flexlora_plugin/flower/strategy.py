@@ -29,7 +29,10 @@ from ..core import (
     FlexLoRAWarning,
     GlobalUpdate,
     aggregate,
+    initial_update,
     load_server_state,
+    module_infos,
+    sample_ranks,
     save_server_state,
     state_nbytes,
 )
@@ -44,6 +47,7 @@ from .records import (
     RANK_MAP,
     SERVER_ROUND,
     TRAIN_LOSS,
+    read_pool_info,
     read_rank_info,
     record_to_state,
     state_to_record,
@@ -117,8 +121,9 @@ class FlexLoRA(FedAvg):
     1. before round 1, a ``query.rank`` message asks every node its partition id and rank map;
     2. ``configure_train`` samples partitions (:func:`sample_partitions`) and sends each node one
        message with ``update.project(rank_map, lora_alpha=α)``: ``B = U_r S_r / s``, ``A = V_rᵀ``,
-       so that ``s·B·A`` is the best rank-``r`` approximation of ΔW (an empty ArrayRecord in the
-       first round: the client keeps its fresh peft initialisation);
+       so that ``s·B·A`` is the best rank-``r`` approximation of ΔW. Round 1 sends the core's
+       :func:`~flexlora_plugin.core.initial_update` for the run seed, the same for every method:
+       ``B = 0`` and the first ``r`` rows of one common ``A`` per module (:attr:`initial`);
     3. ``aggregate_train`` logs failed replies at WARNING and calls ``aggregate(...,
        on_invalid="exclude")``: a malformed (wrong rank, bad keys) or non-finite reply is left out
        of the round, not fatal. ``p_k`` is the reply's ``num-examples``.
@@ -161,7 +166,12 @@ class FlexLoRA(FedAvg):
         self.round_offset = 0
         self.history: list[dict[str, Any]] = []
         self.rank_maps: dict[int, dict[str, int]] = {}  # partition id -> rank map
-        self.node_of: dict[int, int] = {}  # partition id -> node id
+        self.shapes: dict[str, tuple[int, int]] = {}  # base-model module -> (d_out, d_in), from the rank query
+        self._initial: GlobalUpdate | None = None
+        self.node_of: dict[int, int] = {}  # partition id -> node id of a node serving one partition
+        self.pool_nodes: list[int] = []  # nodes serving any partition (node config partition-id=any)
+        self._pool_size = 0  # partitions 0.._pool_size-1 not claimed by a single-partition node go to the pool
+        self._in_flight: list[tuple[Message, int]] = []  # (train message, partition id) of the round in flight
         self._sent_bytes = 0  # of the round in flight
         self._clock: tuple[float, int] | None = None  # (start time, last round) of this start() call, for the ETA
         if resume and self.state_path is not None and self.state_path.exists():
@@ -221,6 +231,7 @@ class FlexLoRA(FedAvg):
         ]
         replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
         answered, errors = self._read_rank_replies(replies)
+        self._expand_pool()
         want = expected if expected is not None else len(node_ids)
         if len(answered) < want:
             raise TimeoutError(
@@ -229,9 +240,23 @@ class FlexLoRA(FedAvg):
                 f"{sorted(set(node_ids) - set(answered) - set(errors))}"
             )
         logger.info(
-            "rank query: %d nodes, ranks %s", len(answered), {p: rank_label(m) for p, m in sorted(self.rank_maps.items())}
-        )
+            "rank query: %d nodes (%d serving any partition), ranks %s", len(answered), len(self.pool_nodes),
+            {p: rank_label(m) for p, m in sorted(self.rank_maps.items())},
+        )  # fmt: skip
         return dict(self.rank_maps)
+
+    def _expand_pool(self) -> None:
+        """Give every partition ``< num-partitions`` that no single-partition node claims to the pool.
+
+        Their rank maps come from the core's ``sample_ranks(profile, partition, seed)`` on the
+        nodes' module shapes: the draw a single-partition node makes for itself.
+        """
+        if not self.pool_nodes:
+            return
+        sampler = self.config.sampler()
+        for pid in range(self._pool_size):
+            if pid not in self.node_of:
+                self.rank_maps[pid] = sample_ranks(sampler, pid, self.seed, shapes=self.shapes)
 
     def _read_rank_replies(self, replies: list[Message]) -> tuple[dict[int, int], dict[int, str]]:
         answered: dict[int, int] = {}
@@ -243,14 +268,24 @@ class FlexLoRA(FedAvg):
                 logger.warning("rank query: node %d replied with an error: %s", nid, errors[nid])
                 continue
             try:
-                pid, ranks = read_rank_info(reply.content.config_records[RANK_INFO])
+                record = reply.content.config_records[RANK_INFO]
+                pool = read_pool_info(record)
+                pid, ranks, shapes = (-1, {}, pool[1]) if pool is not None else read_rank_info(record)
             except (KeyError, ValueError) as err:
                 errors[nid] = f"malformed rank info: {err}"
                 logger.warning("rank query: node %d sent malformed rank info: %s", nid, err)
                 continue
             if pid in self.node_of and self.node_of[pid] != nid:
                 raise ValueError(f"rank query: nodes {self.node_of[pid]} and {nid} both claim partition {pid}")
+            if self.shapes and shapes != self.shapes:
+                diff = sorted(set(shapes.items()) ^ set(self.shapes.items()))[:3]
+                raise ValueError(f"rank query: node {nid} (partition {pid}) has other module shapes than the nodes before it: {diff}")
+            self.shapes = shapes
             answered[nid] = pid
+            if pool is not None:
+                self.pool_nodes.append(nid)
+                self._pool_size = max(self._pool_size, pool[0])
+                continue
             self.node_of[pid], self.rank_maps[pid] = nid, ranks
         return answered, errors
 
@@ -275,8 +310,14 @@ class FlexLoRA(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One message per sampled node, carrying that node's own factors; ``config`` is copied, never mutated."""
         rnd = server_round + self.round_offset
-        messages, sent_bytes = [], 0
+        messages, sent_bytes, pids = [], 0, []
+        pooled = 0
         for pid in self.sampled_partitions(rnd):
+            if pid in self.node_of:
+                node = self.node_of[pid]
+            else:  # round-robin over the pool nodes, in sampled order
+                node, pooled = self.pool_nodes[pooled % len(self.pool_nodes)], pooled + 1
+            pids.append(pid)
             state = self._factors_for(pid)
             sent_bytes += state_nbytes(state)
             record, dtype_note = state_to_record(state)
@@ -285,28 +326,38 @@ class FlexLoRA(FedAvg):
             messages.append(
                 Message(
                     RecordDict({ARRAYS: record, CONFIG: node_config}),
-                    dst_node_id=self.node_of[pid],
+                    dst_node_id=node,
                     message_type=MessageType.TRAIN,
                 )
             )
-            self._dump(rnd, f"sent-p{pid}", state, {"node-id": str(self.node_of[pid]), RANK_MAP: json.dumps(self.rank_maps[pid])})
+            self._dump(rnd, f"sent-p{pid}", state, {"node-id": str(node), RANK_MAP: json.dumps(self.rank_maps[pid])})
         self._sent_bytes = sent_bytes
-        logger.info(
-            "round %d: sending to partitions %s (%.3f MB)",
-            rnd,
-            [self._pid_of(m.metadata.dst_node_id) for m in messages],
-            sent_bytes / 1e6,
-        )
+        self._in_flight = list(zip(messages, pids, strict=True))  # message ids are set when the grid sends them
+        logger.info("round %d: sending to partitions %s (%.3f MB)", rnd, pids, sent_bytes / 1e6)
         return messages
 
-    def _factors_for(self, pid: int) -> dict[str, Tensor]:
-        if self.global_update is None:
-            return {}
-        cfg = self.config
-        return self.global_update.project(self.rank_maps[pid], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+    @property
+    def initial(self) -> GlobalUpdate:
+        """The round-1 adapter (core :func:`initial_update` for the queried shapes, rank maps and seed)."""
+        if self._initial is None:
+            if not self.shapes:
+                raise RuntimeError("the round-1 adapter needs the nodes' module shapes: run query_nodes() first")
+            self._initial = initial_update(module_infos(self.shapes), self.rank_maps.values(), seed=self.seed)
+        return self._initial
 
-    def _pid_of(self, node_id: int) -> int | None:
-        return next((p for p, n in self.node_of.items() if n == node_id), None)
+    def _factors_for(self, pid: int) -> dict[str, Tensor]:
+        cfg = self.config
+        update = self.global_update if self.global_update is not None else self.initial
+        return update.project(self.rank_maps[pid], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+
+    def _pid_of(self, reply: Message) -> int | None:
+        """The partition a train reply answers: by the message it replies to, else by its node."""
+        sent = {m.metadata.message_id: pid for m, pid in self._in_flight}
+        pid = sent.get(reply.metadata.reply_to_message_id)
+        if pid is not None:
+            return pid
+        nid = reply.metadata.src_node_id
+        return next((p for p, n in self.node_of.items() if n == nid), None)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate good replies with the core; failed, malformed or non-finite ones are excluded."""
@@ -344,7 +395,7 @@ class FlexLoRA(FedAvg):
         excluded: dict[int, str] = {}
         for reply in replies:
             nid = reply.metadata.src_node_id
-            pid = self._pid_of(nid)
+            pid = self._pid_of(reply)
             if pid is None:
                 logger.warning("round %d: reply from unknown node %d ignored", rnd, nid)
                 continue

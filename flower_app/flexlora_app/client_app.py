@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flexlora_app.task import Settings, apply_fault, node_rank_map, route_logs, train_partition
+from flexlora_app.task import Settings, apply_fault, client_model, node_rank_map, route_logs, train_partition
 from flexlora_plugin.flower.records import (
     ARRAYS,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
     PARTITION_ID,
+    POOL,
     QUERY_RANK,
     RANK_INFO,
+    RANK_MAP,
     SERVER_ROUND,
     TRAIN_LOSS,
+    pool_info_record,
     rank_info_record,
     record_to_state,
     state_to_record,
@@ -28,38 +34,61 @@ logger = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def _setup(context: Context) -> tuple[Settings, int]:
+def _setup(context: Context) -> tuple[Settings, int | None]:
+    """The run settings (node config ``device`` overrides run config ``device``) and this node's partition.
+
+    The partition is None for a pool node (node config ``partition-id=any``): it trains whichever
+    partition a message names, on one base model loaded once.
+    """
     route_logs(plugin_level=logging.WARNING)  # per-module rank clamping notices stay quiet
     settings = Settings.from_context(context.run_config, context.run_id)
+    if "device" in context.node_config:  # e.g. --node-config "partition-id=any device='cuda:1'"
+        settings = replace(settings, device=str(context.node_config["device"]))
     torch.set_num_threads(settings.torch_threads)
     if PARTITION_ID not in context.node_config:
-        raise KeyError(f"node config has no {PARTITION_ID!r} (start the SuperNode with --node-config 'partition-id=N')")
+        raise KeyError(
+            f"node config has no {PARTITION_ID!r} (start the SuperNode with --node-config 'partition-id=N' "
+            f"or 'partition-id={POOL} num-partitions=N')"
+        )
+    if str(context.node_config[PARTITION_ID]) == POOL:
+        if "rank" in context.node_config or "lora-type" in context.node_config:
+            raise ValueError(f"a {PARTITION_ID}={POOL} node takes its ranks from the profile: drop 'rank' / 'lora-type'")
+        return settings, None
     return settings, int(context.node_config[PARTITION_ID])
 
 
 @app.query(QUERY_RANK)
 def query_rank(msg: Message, context: Context) -> Message:
-    """Reply with this node's partition id and rank map."""
+    """Reply with this node's partition id, rank map and module shapes (a pool node: its partition count)."""
     settings, pid = _setup(context)
-    ranks = node_rank_map(settings, context.node_config, pid)
-    return Message(RecordDict({RANK_INFO: rank_info_record(pid, ranks)}), reply_to=msg)
+    shapes = client_model(settings)[0].shapes
+    if pid is None:
+        if NUM_PARTITIONS not in context.node_config:
+            raise KeyError(f"a {PARTITION_ID}={POOL} node needs {NUM_PARTITIONS!r} in its node config")
+        record = pool_info_record(int(context.node_config[NUM_PARTITIONS]), shapes)
+    else:
+        record = rank_info_record(pid, node_rank_map(settings, context.node_config, pid), shapes)
+    return Message(RecordDict({RANK_INFO: record}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the received factors (if any), train ``local-steps`` steps, reply with the adapter."""
-    settings, pid = _setup(context)
+    """Load the received factors, train ``local-steps`` steps on ``device``, reply with the adapter."""
+    settings, node_pid = _setup(context)
     config = msg.content.config_records[CONFIG]
-    server_round = int(config[SERVER_ROUND])
-    if int(config[PARTITION_ID]) != pid:
-        raise ValueError(f"message for partition {config[PARTITION_ID]} reached partition {pid}")
-    ranks = node_rank_map(settings, context.node_config, pid)
+    server_round, pid = int(config[SERVER_ROUND]), int(config[PARTITION_ID])
+    if node_pid is not None and pid != node_pid:
+        raise ValueError(f"message for partition {pid} reached partition {node_pid}")
+    ranks = node_rank_map(settings, context.node_config if node_pid is not None else {}, pid)
+    if RANK_MAP in config and json.loads(str(config[RANK_MAP])) != ranks:
+        raise ValueError(f"partition {pid}: the server assigned other ranks than this node draws (check profile and seed)")
     received = record_to_state(msg.content.array_records[ARRAYS], config)
     state, num_examples, loss = train_partition(settings, pid, ranks, received, server_round)
     if pid in settings.faults:
         logger.warning("partition %d: test fault %r injected in round %d", pid, settings.faults[pid], server_round)
         state = apply_fault(state, settings.faults[pid])
     arrays, dtype_note = state_to_record(state)
+    dtype_note[PARTITION_ID] = pid
     logger.info("partition %d round %d: %d examples, train loss %.4f", pid, server_round, num_examples, loss)
     metrics = MetricRecord({NUM_EXAMPLES: num_examples, TRAIN_LOSS: loss})
     return Message(RecordDict({ARRAYS: arrays, CONFIG: dtype_note, METRICS: metrics}), reply_to=msg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -83,7 +82,8 @@ def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, 
     """Server-side generated Rouge-L of the current global model on a fixed subset of ``eval-data``.
 
     Round 0 scores the base model (the zero-shot floor); later rounds export the exact global
-    update to ``output-dir/eval-adapter`` and score base + adapter. The score is added to that
+    update to ``output-dir/eval-adapter`` and score base + adapter, on ``device`` in ``dtype``
+    with the same code as ``python -m flexlora_plugin.evaluate``. The score is added to that
     round's row of the strategy's history (``heldout-rougeL``).
     """
     if settings.eval_data is None:
@@ -100,15 +100,19 @@ def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, 
         if (server_round == 0 and strategy.round_offset) or (rnd % settings.eval_every and rnd != settings.num_server_rounds):
             return None
         start = time.perf_counter()
-        base, tokenizer = load_base(settings.model_path)
-        model = copy.deepcopy(base)
+        base, tokenizer = load_base(settings.model_path, settings.device, settings.dtype)
+        model = base
         if strategy.global_update is not None:
             folder = settings.output_dir / "eval-adapter"
             save_peft_adapter(strategy.global_update, folder, base_model_name_or_path=str(settings.model_path),
                               lora_alpha=settings.lora_alpha)  # fmt: skip
-            model = PeftModel.from_pretrained(model, folder)
-        result = evaluate_model(model, tokenizer, examples, max_new_tokens=settings.eval_max_new_tokens,
-                                batch_size=settings.eval_batch_size)  # fmt: skip
+            model = PeftModel.from_pretrained(base, folder)  # LoRA layers injected into the shared base...
+        try:
+            result = evaluate_model(model, tokenizer, examples, max_new_tokens=settings.eval_max_new_tokens,
+                                    batch_size=settings.eval_batch_size)  # fmt: skip
+        finally:
+            if model is not base:
+                model.unload()  # ...and removed again: the base is unchanged for the next round
         score = result.summary()["rougeL"]
         row = next((h for h in strategy.history if h.get("round") == rnd), None)
         if row is None:

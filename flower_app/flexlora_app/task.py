@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
@@ -16,7 +15,7 @@ from torch import Tensor
 
 import flexlora_plugin
 from flexlora_plugin.core import FlexLoRAConfig, clamp_ranks, lora_type, sample_ranks
-from flexlora_plugin.core.peft_io import adapter_state, load_adapter_state, lora_config_for, target_shapes
+from flexlora_plugin.core.client import ClientModel, proximal_term, resolve_device, resolve_dtype
 from flexlora_plugin.data import PaddingCollator, load_client_split, tokenize_examples
 
 logger = logging.getLogger(__name__)
@@ -56,6 +55,10 @@ class Settings:
     eval_max_per_task: int = 0
     eval_max_new_tokens: int = 32
     eval_batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    proximal_mu: float = 0.0
 
     @classmethod
     def from_context(cls, run_config: Mapping[str, Any], run_id: int) -> Settings:
@@ -81,8 +84,17 @@ class Settings:
             faults=dict(zip(pids, kinds, strict=True)),
             eval_data=Path(str(rc["eval-data"])) if rc.get("eval-data") else None, eval_every=int(rc.get("eval-every", 1)),
             eval_max_per_task=int(rc.get("eval-max-per-task", 0)), eval_max_new_tokens=int(rc.get("eval-max-new-tokens", 32)),
-            eval_batch_size=int(rc.get("eval-batch-size", 8)),
+            eval_batch_size=int(rc.get("eval-batch-size", 8)), device=str(rc.get("device", "cpu")),
+            dtype=str(rc.get("dtype", "float32")), gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
+            proximal_mu=float(rc.get("proximal-mu", 0.0)),
         )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        resolve_dtype(self.dtype)  # a bad name fails here, on the server, before any client starts
+        if self.device.strip().lower() not in ("auto", "cpu", "cuda") and not self.device.strip().lower().startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not (self.proximal_mu >= 0.0):
+            raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu!r}")
 
     def flexlora_config(self) -> FlexLoRAConfig:
         """The core config: ``strategy`` is the method; a JSON ``profile`` is a rank table."""
@@ -112,22 +124,51 @@ def route_logs(plugin_level: int = logging.INFO) -> None:
             target.propagate = False
 
 
-_BASE: dict[str, tuple[Any, Any]] = {}  # model path -> (base model, tokenizer), one per process
+_BASE: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (path, device, dtype) -> (model, tokenizer), server side
+_CLIENT: dict[tuple[Any, ...], tuple[ClientModel, Any]] = {}  # one client model per process and setting
 
 
-def load_base(path: Path) -> tuple[Any, Any]:
-    """The base model and tokenizer at ``path``, loaded once per process (never trained in place)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
 
-    key = str(Path(path).resolve())
+    from flexlora_plugin.models import load_tokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model-path {path} does not exist (build it, or leave model-path empty for the tiny model)")
+    tokenizer = load_tokenizer(path)  # checks that the tokenizer's eos is the generation config's
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def load_base(path: Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """The frozen base model and tokenizer at ``path`` for server-side evaluation, loaded once per process.
+
+    Wrap it with ``PeftModel.from_pretrained`` and ``unload()`` afterwards: it is shared.
+    """
+    dev = resolve_device(device)
+    key = (str(Path(path).resolve()), str(dev), dtype)
     if key not in _BASE:
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"model-path {path} does not exist (build it, or leave model-path empty for the tiny model)")
-        tokenizer = AutoTokenizer.from_pretrained(key)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        _BASE[key] = (AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32), tokenizer)
+        _BASE[key] = _load(Path(path), dev, resolve_dtype(dtype, dev))
     return _BASE[key]
+
+
+def client_model(settings: Settings) -> tuple[ClientModel, Any]:
+    """This process's :class:`ClientModel` (the base loaded once on ``device`` in ``dtype``) and tokenizer.
+
+    Every partition this process trains shares it: one adapter per distinct rank map, the base
+    never copied.
+    """
+    dev = resolve_device(settings.device)
+    key = (str(settings.model_path.resolve()), str(dev), settings.dtype, settings.lora_alpha, settings.target_modules,
+           settings.gradient_checkpointing)  # fmt: skip
+    if key not in _CLIENT:
+        base, tokenizer = _load(settings.model_path, dev, resolve_dtype(settings.dtype, dev))
+        model = ClientModel(base, lora_alpha=settings.lora_alpha, target_modules=settings.target_modules,
+                            gradient_checkpointing=settings.gradient_checkpointing)  # fmt: skip
+        logger.info("client model: %s on %s in %s (%d modules adapted)", settings.model_path.name, dev, settings.dtype,
+                    len(model.shapes))  # fmt: skip
+        _CLIENT[key] = (model, tokenizer)
+    return _CLIENT[key]
 
 
 def node_rank_map(settings: Settings, node_config: Mapping[str, Any], partition_id: int) -> dict[str, int]:
@@ -136,8 +177,7 @@ def node_rank_map(settings: Settings, node_config: Mapping[str, Any], partition_
     Node config ``rank`` (int) or ``lora-type`` (e.g. ``r30``) overrides the profile draw
     ``sample_ranks(profile, partition_id, seed)``.
     """
-    base, _ = load_base(settings.model_path)
-    shapes = target_shapes(base, settings.target_modules)
+    shapes = client_model(settings)[0].shapes
     if "rank" in node_config:
         return clamp_ranks(dict.fromkeys(settings.target_modules, int(node_config["rank"])), shapes, client=partition_id)
     if "lora-type" in node_config:
@@ -145,43 +185,59 @@ def node_rank_map(settings: Settings, node_config: Mapping[str, Any], partition_
     return sample_ranks(settings.flexlora_config().sampler(), partition_id, settings.seed, shapes=shapes)
 
 
+_FEATURES: dict[tuple[Any, ...], list[dict[str, list[int]]]] = {}  # tokenised partitions, per process
+
+
+def partition_features(settings: Settings, partition_id: int, tokenizer: Any) -> list[dict[str, list[int]]]:
+    """The partition's tokenised training examples (cached: a process tokenises a partition once)."""
+    key = (str(settings.data_path), partition_id, settings.max_train_examples, settings.max_length, str(settings.model_path))
+    if key not in _FEATURES:
+        examples = load_client_split(settings.data_path, partition_id, "train", settings.max_train_examples or None)
+        feats = tokenize_examples(examples, tokenizer, settings.max_length)
+        if not feats:
+            raise ValueError(f"partition {partition_id}: no example fits max-length={settings.max_length}")
+        _FEATURES[key] = feats
+    return _FEATURES[key]
+
+
 def train_partition(
     settings: Settings, partition_id: int, rank_map: Mapping[str, int], received: Mapping[str, Tensor], server_round: int
 ) -> tuple[dict[str, Tensor], int, float]:
     """Local training of one partition at its ranks, starting from the received factors.
 
+    The factors are loaded into this process's :class:`ClientModel` (its adapter for
+    ``rank_map``) on ``settings.device``; ``local-steps`` AdamW steps of ``batch-size`` examples
+    drawn by ``(seed, partition, round)``; with ``proximal-mu`` > 0 the loss gains FedProx's
+    ``mu/2 · ‖w − w_received‖²`` over the factors.
+
     Returns
     -------
     tuple
-        ``(adapter_state, num_examples, mean train loss)``.
+        ``(adapter_state on the CPU in float32, num_examples, mean train loss)``.
     """
-    from peft import get_peft_model
-
-    base, tokenizer = load_base(settings.model_path)
-    torch.manual_seed(settings.seed * 1_000_003 + partition_id * 1009 + server_round)  # peft's init of A
-    model = get_peft_model(copy.deepcopy(base), lora_config_for(rank_map, lora_alpha=settings.lora_alpha))
-    if received:
-        load_adapter_state(model, received)
-    examples = load_client_split(settings.data_path, partition_id, "train", settings.max_train_examples or None)
-    feats = tokenize_examples(examples, tokenizer, settings.max_length)
-    if not feats:
-        raise ValueError(f"partition {partition_id}: no example fits max-length={settings.max_length}")
+    cm, tokenizer = client_model(settings)
+    model = cm.activate(rank_map, received)
+    feats = partition_features(settings, partition_id, tokenizer)
     collate = PaddingCollator(int(tokenizer.pad_token_id))
     rng = random.Random(f"{settings.seed}:{partition_id}:{server_round}")
     order: list[int] = []
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    trainable = cm.trainable()
+    anchor = {n: p.detach().clone() for n, p in trainable} if settings.proximal_mu > 0 else {}
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=settings.lr)
     model.train()
     losses = []
     for _ in range(settings.local_steps):
         if len(order) < settings.batch_size:
             order += rng.sample(range(len(feats)), len(feats))
         batch, order = [feats[i] for i in order[: settings.batch_size]], order[settings.batch_size :]
-        loss = model(**collate(batch)).loss
-        loss.backward()
+        loss = model(**{k: v.to(cm.device) for k, v in collate(batch).items()}).loss
+        total = loss + settings.proximal_mu * proximal_term(trainable, anchor) if anchor else loss
+        total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return adapter_state(model), len(feats), sum(losses) / max(1, len(losses))
+        losses.append(loss.detach())
+    mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
+    return cm.state(), len(feats), mean_loss
 
 
 def apply_fault(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:

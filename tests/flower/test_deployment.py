@@ -29,7 +29,14 @@ def _wait_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def test_loopback_deployment(tmp_path, tiny_model, data_path):
+POOL_NODES = {"fixed": ["partition-id=0 num-partitions=3 rank=4", "partition-id=1 num-partitions=3 rank=8",
+                         "partition-id=2 num-partitions=3 rank=16"],
+              # one single-partition node and one node serving any other partition (4 partitions, 2 SuperNodes)
+              "pool": ["partition-id=0 num-partitions=4 rank=4", "partition-id='any' num-partitions=4"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", sorted(POOL_NODES))
+def test_loopback_deployment(tmp_path, tiny_model, data_path, layout):
     link_port = free_port()
     env = flwr_env(tmp_path / "flwr_home", free_port())
     with (tmp_path / "flwr_home" / "config.toml").open("a") as f:
@@ -45,15 +52,16 @@ def test_loopback_deployment(tmp_path, tiny_model, data_path):
             env=env, stdout=log, stderr=subprocess.STDOUT,
         ))  # fmt: skip
         _wait_port(link_port, 60)
-        for pid, rank in enumerate((4, 8, 16)):  # per-node rank via --node-config
-            log = (tmp_path / f"supernode{pid}.log").open("w")
+        nodes = POOL_NODES[layout]
+        for k, node_config in enumerate(nodes):  # per-node rank via --node-config
+            log = (tmp_path / f"supernode{k}.log").open("w")
             logs.append(log)
             procs.append(subprocess.Popen(
                 ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                 "--node-config", f"partition-id={pid} num-partitions=3 rank={rank}"],
+                 "--node-config", node_config],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             ))  # fmt: skip
-        config = {"num-server-rounds": 1, "clients-per-round": 0, "min-nodes": 3, "local-steps": 1, "batch-size": 2,
+        config = {"num-server-rounds": 1, "clients-per-round": 0, "min-nodes": len(nodes), "local-steps": 1, "batch-size": 2,
                   "max-train-examples": 8, "model-path": str(tiny_model), "data-path": str(data_path),
                   "output-dir": str(tmp_path / "out"), "query-timeout": 120.0, "round-timeout": 240.0}  # fmt: skip
         run = subprocess.run(
@@ -65,8 +73,12 @@ def test_loopback_deployment(tmp_path, tiny_model, data_path):
         status = run_status("deploy", run_id, env)
         assert status == "finished:completed", (status, run.stdout[-4000:])
         metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-        assert metrics["rank-maps"] == {"0": "r4", "1": "r8", "2": "r16"}
-        assert metrics["history"][0]["clients-ok"] == 3
+        if layout == "fixed":
+            assert metrics["rank-maps"] == {"0": "r4", "1": "r8", "2": "r16"}
+            assert metrics["history"][0]["clients-ok"] == 3
+        else:  # the pool node trained partitions 1..3 at the profile's ranks (drawn by the server, checked by the node)
+            assert sorted(metrics["rank-maps"]) == ["0", "1", "2", "3"] and metrics["rank-maps"]["0"] == "r4"
+            assert metrics["history"][0]["clients-ok"] == 4 and metrics["history"][0]["excluded-partitions"] == []
         assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
     finally:
         stop_pids([p.pid for p in reversed(procs)])

@@ -61,11 +61,18 @@ def test_inputs_not_mutated_and_empty_round_trip():
 
 def test_rank_info_round_trip_and_errors():
     ranks = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.mlp.down_proj": 30}
-    assert read_rank_info(rank_info_record(5, ranks)) == (5, ranks)
+    shapes = {"model.layers.0.self_attn.q_proj": (576, 576), "model.layers.0.mlp.down_proj": (576, 1536)}
+    assert read_rank_info(rank_info_record(5, ranks, shapes)) == (5, ranks, shapes)
     with pytest.raises(ValueError, match="rank-map"):
         read_rank_info(ConfigRecord({"partition-id": 1}))
+    good_shapes = '{"q_proj": [8, 8]}'
+    with pytest.raises(ValueError, match="module-shapes"):
+        read_rank_info(ConfigRecord({"partition-id": 1, "rank-map": '{"q_proj": 4}'}))
     with pytest.raises(ValueError, match="positive"):
-        read_rank_info(ConfigRecord({"partition-id": 1, "rank-map": '{"q_proj": 0}'}))
+        read_rank_info(ConfigRecord({"partition-id": 1, "rank-map": '{"q_proj": 0}', "module-shapes": good_shapes}))
+    for bad in ('{"q_proj": [8]}', '{"q_proj": [8, -1]}', '{"q_proj": [8, true]}', "[]", "{"):
+        with pytest.raises(ValueError, match="module-shapes"):
+            read_rank_info(ConfigRecord({"partition-id": 1, "rank-map": '{"q_proj": 4}', "module-shapes": bad}))
 
 
 def test_sampling_is_deterministic_and_order_free():

@@ -11,6 +11,7 @@ pytest.importorskip("flwr")
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from flexlora_plugin.core import common_lora_A, initial_update, module_infos  # noqa: E402
 from flexlora_plugin.flower.run import run_simulation  # noqa: E402
 from tests.conftest import best_rank_error  # noqa: E402
 
@@ -50,13 +51,39 @@ def mixed_run(tmp_path_factory, tiny_model, data_path):
     return result
 
 
+def _shapes(state):
+    """Base-model module name -> (d_out, d_in), read off a dumped state."""
+    return {m.removeprefix("base_model.model."): (B.shape[0], A.shape[1]) for m, (A, B) in _factors(state).items()}
+
+
+def assert_round1_is_the_common_start(dump, table, seed=0):
+    """Round 1: B = 0, A = the first r rows of one common A per module, equal to the core's initial_update."""
+    sent = {pid: _load(dump / "round-001" / f"sent-p{pid}.safetensors") for pid in table}
+    shapes = _shapes(next(iter(sent.values()))[0])
+    maps = {pid: json.loads(meta["rank-map"]) for pid, (_, meta) in sent.items()}
+    expected = initial_update(module_infos(shapes), maps.values(), seed=seed)
+    top = max(table.values())
+    for pid, (state, _) in sent.items():
+        want = expected.project(maps[pid], lora_alpha=ALPHA)
+        assert set(state) == set(want), pid
+        for module, (A, B) in _factors(state).items():
+            r, d_in = A.shape
+            assert r == table[pid] and not B.any() and A.abs().min() > 0, (pid, module)
+            assert A.abs().max() <= 1 / d_in**0.5, (pid, module)  # peft's kaiming_uniform(a=√5) bound
+            full = common_lora_A(module, min(top, min(B.shape[0], d_in)), d_in, seed=seed).double()
+            assert torch.equal(A, full[:r]), (pid, module)  # a prefix of the largest rank's A
+        for key, value in want.items():
+            assert torch.equal(state[key], value), (pid, key)
+
+
+def test_round1_every_client_starts_from_the_common_adapter(mixed_run):
+    assert_round1_is_the_common_start(mixed_run.output_dir / "dump", {int(p): r for p, r in TABLE.items()})
+
+
 def test_each_node_receives_its_rank(mixed_run):
     for rnd in (1, 2):
         for pid, r in TABLE.items():
             state, meta = _load(mixed_run.output_dir / "dump" / f"round-{rnd:03d}" / f"sent-p{pid}.safetensors")
-            if rnd == 1:
-                assert state == {}  # no global update yet: the client keeps its peft init
-                continue
             ranks = json.loads(meta["rank-map"])
             assert set(ranks.values()) == {r}
             for module, (A, B) in _factors(state).items():
@@ -115,7 +142,7 @@ def test_metrics_and_final_adapter_load(mixed_run, tiny_model):
     history = [h for h in history if "clients-ok" in h]
     assert [h["round"] for h in history] == [1, 2]
     assert all(h["clients-ok"] == 3 and h["excluded-partitions"] == [] for h in history)
-    assert history[0]["bytes-sent"] == 0 and history[1]["bytes-sent"] > 0 and history[1]["bytes-received"] > 0
+    assert history[0]["bytes-sent"] > 0 and history[1]["bytes-sent"] > 0 and history[1]["bytes-received"] > 0
     assert 0.0 <= mixed_run.metrics["adapter-max-rel-error"] <= 1e-5  # the server app's own check of its export
     assert {"energy-r4", "energy-r8", "energy-r16"} <= set(history[1])
     assert history[1]["energy-r4"] <= history[1]["energy-r8"] <= history[1]["energy-r16"] <= 1.0 + 1e-6
@@ -151,3 +178,32 @@ def test_bad_replies_are_excluded_not_fatal(tmp_path, tiny_model, data_path):
     log = result.log_path.read_text()
     assert "partition 1 (node" in log and "excluded" in log
     assert result.adapter_dir.joinpath("adapter_model.safetensors").exists()
+
+
+def test_fedavg_round1_common_start_and_exact_average(tmp_path, tiny_model, data_path):
+    """FedAvg (rank 8 everywhere): round 1 sends the common adapter; round 2 sends Σ p_k A_k, Σ p_k B_k.
+
+    The reference average is computed here in float64 from the dumped replies.
+    """
+    table = {"0": 8, "1": 8, "2": 8}
+    config = {**SMALL, "strategy": "fedavg", "profile": json.dumps(table), "clients-per-round": 0,
+              "dump-dir": str(tmp_path / "dump"), "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    dump = tmp_path / "dump"
+    assert_round1_is_the_common_start(dump, {int(p): r for p, r in table.items()})
+    replies = {pid: _load(dump / "round-001" / f"reply-p{pid}.safetensors") for pid in table}
+    total = sum(float(meta["num-examples"]) for _, meta in replies.values())
+    ref: dict[str, list[torch.Tensor]] = {}
+    for state, meta in replies.values():
+        p_k = float(meta["num-examples"]) / total
+        for module, (A, B) in _factors(state).items():
+            acc = ref.setdefault(module, [torch.zeros_like(A), torch.zeros_like(B)])
+            acc[0] += p_k * A
+            acc[1] += p_k * B
+    for pid in table:
+        sent, _ = _load(dump / "round-002" / f"sent-p{pid}.safetensors")
+        for module, (A, B) in _factors(sent).items():
+            A_ref, B_ref = ref[module]
+            assert float((A - A_ref).norm() / A_ref.norm()) <= 1e-6, (pid, module)
+            assert float((B - B_ref).norm() / B_ref.norm()) <= 1e-6, (pid, module)
