@@ -27,7 +27,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["flexlora_plugin", "flexlora_plugin.*"]),
-    install_requires=["torch>=2.1", "transformers>=4.45", "peft>=0.13", "accelerate>=0.34", "pyyaml>=6", "safetensors>=0.4"],
+    # transformers 4.56 is the first to take from_pretrained(..., dtype=) (the evaluate command, the Flower app);
+    # 4.45-4.55 raise TypeError there. The SmolLM2 GGUF converts from 4.45 on (tests/test_models.py).
+    install_requires=["torch>=2.1", "transformers>=4.56", "peft>=0.13", "accelerate>=0.34", "pyyaml>=6", "safetensors>=0.4"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["flexlora-fs=flexlora_plugin.federatedscope.cli:main"]},
     classifiers=["Programming Language :: Python :: 3"],

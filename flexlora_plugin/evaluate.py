@@ -8,9 +8,11 @@ Command line (prints JSON)::
 
     python -m flexlora_plugin.evaluate --adapter DIR --data FILE [--base MODEL_DIR]
         [--max-new-tokens 64] [--batch-size 8] [--max-per-task N] [--out FILE.json]
+        [--device auto|cpu|cuda|cuda:N] [--dtype float32|bfloat16] [--no-sort]
 
 ``--adapter none`` scores the base model (zero-shot floor); without ``--base`` the base model is
-the adapter's ``base_model_name_or_path``.
+the adapter's ``base_model_name_or_path``. Prompts are generated in batches of similar length
+(longest first; ``--no-sort`` keeps file order) and the answers reported in file order.
 """
 
 from __future__ import annotations
@@ -47,6 +49,22 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
 
 
+def _eos_ids(model: Any, tokenizer: Any) -> int | list[int]:
+    """Where generation stops: the tokenizer's eos, then any other eos the model's generation config lists."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; load it with flexlora_plugin.models.load_tokenizer")
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [int(i) for i in listed if int(i) != eos] if isinstance(listed, (list, tuple)) else []
+    return [int(eos), *extra] if extra else int(eos)
+
+
+def _length_order(tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: int) -> list[int]:
+    """Prompt indices, longest tokenised prompt (after truncation) first; ties keep their order."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=True, max_length=max_prompt_tokens)["input_ids"]]
+    return sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,
@@ -57,33 +75,62 @@ def generate_answers(
     batch_size: int = 8,
     max_prompt_tokens: int = 768,
     threads: int | None = 1,
+    sort_by_length: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding; prompts truncated from the left to ``max_prompt_tokens``.
+    """Greedy answers, in the order of ``prompts``, batched with left padding on the model's device.
 
-    ``threads`` torch threads are used while generating (the previous count is restored). The
-    default is 1: decoding is many small matmuls, and on the 2-core machines here SmolLM2-135M
-    generated 21.5 tokens/s on 1 thread but 3.2 tokens/s on 2. None keeps torch's setting.
+    Parameters
+    ----------
+    model : transformers causal LM (or peft model)
+        Generates on the device of its first parameter; the batches are moved there.
+    tokenizer : transformers tokenizer
+        Its ``eos_token_id`` (plus any other eos of the model's generation config) stops generation
+        and its pad token (eos when unset) pads.
+    prompts : sequence of str
+        Truncated from the left to ``max_prompt_tokens`` tokens. (default max_prompt_tokens: 768)
+    max_new_tokens, batch_size : int
+        Per answer, per ``generate`` call. (default: 64, 8)
+    threads : int or None
+        On the CPU, torch threads while generating (the previous count is restored). The default is
+        1: decoding is many small matmuls, and on the 2-core machines here SmolLM2-135M generated
+        21.5 tokens/s on 1 thread but 3.2 tokens/s on 2. None keeps torch's setting; ignored on CUDA.
+        (default: 1)
+    sort_by_length : bool
+        Batch the prompts longest first, so a batch pads little and stops early; the answers are
+        still returned in the original order. False batches in the given order. (default: True)
+    progress : callable or None
+        Called with ``(answers done, total)`` after each batch. (default: None)
     """
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    eos = _eos_ids(model, tokenizer)
     model.eval()
-    answers: list[str] = []
+    device = next(model.parameters()).device
+    order = _length_order(tokenizer, prompts, max_prompt_tokens) if sort_by_length else list(range(len(prompts)))
+    answers: list[str] = [""] * len(prompts)
+    set_threads = threads is not None and device.type == "cpu"
     previous = torch.get_num_threads()
-    if threads is not None:
+    if set_threads:
         torch.set_num_threads(threads)
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_prompt_tokens)  # fmt: skip
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_prompt_tokens).to(device)  # fmt: skip
+            # only ids and mask: some tokenizers (the tiny one, under transformers 4.x) add token_type_ids
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
             new_tokens = out[:, batch["input_ids"].shape[1] :]
-            answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                answers[i] = text.strip()
             if progress is not None:
-                progress(len(answers), len(prompts))
+                progress(start + len(chunk), len(prompts))
     finally:
-        torch.set_num_threads(previous)
+        if set_threads:
+            torch.set_num_threads(previous)
     return answers
 
 
@@ -133,11 +180,12 @@ def select_examples(examples: Sequence[Mapping[str, Any]], max_per_task: int | N
 
 def evaluate_model(
     model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 64, batch_size: int = 8,
-    threads: int | None = 1, progress: Callable[[int, int], None] | None = None,
+    threads: int | None = 1, sort_by_length: bool = True, progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:  # fmt: skip
-    """Generate for every example and score against its ``output`` (see :func:`generate_answers`)."""
+    """Generate for every example and score against its ``output`` (see :func:`generate_answers`); file order kept."""
     preds = generate_answers(model, tokenizer, [build_prompt(ex) for ex in examples], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, threads=threads, progress=progress)  # fmt: skip
+                             batch_size=batch_size, threads=threads, sort_by_length=sort_by_length,
+                             progress=progress)  # fmt: skip
     tasks = [str(ex.get("task_id", ex.get("category", ""))) for ex in examples]
     return EvalResult(scores=rouge_l(preds, [ex["output"] for ex in examples]), tasks=tasks, predictions=preds)
 
@@ -185,20 +233,48 @@ def paired_bootstrap(
     return _cluster_bootstrap([a[t] - b[t] for t in sorted(a)], n_boot=n_boot, seed=seed, level=level)
 
 
-def load_for_eval(adapter: str | None, base: str | None) -> tuple[Any, Any]:
-    """Base model (+ adapter, unmerged) and tokenizer; ``adapter=None`` scores the base model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_for_eval(
+    adapter: str | None, base: str | None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+) -> tuple[Any, Any]:
+    """Base model (+ adapter, unmerged) in ``dtype`` on ``device``, and its checked tokenizer.
+
+    Parameters
+    ----------
+    adapter : str or None
+        A peft adapter folder; None scores the base model.
+    base : str or None
+        The base model folder; None takes the adapter's ``base_model_name_or_path``.
+    device : str or torch.device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`~flexlora_plugin.core.client.resolve_device`).
+        (default: "cpu")
+    dtype : str or torch.dtype
+        ``float32``, ``bfloat16`` or ``float16``, the base model's weights; a peft adapter keeps
+        float32 factors. (default: "float32")
+
+    Raises
+    ------
+    ValueError
+        No base model named, an unusable device or dtype, or a tokenizer whose eos is not the
+        generation config's (:func:`~flexlora_plugin.models.load_tokenizer`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .core.client import resolve_device, resolve_dtype
+    from .models import load_tokenizer
 
     if base is None:
         if adapter is None:
             raise ValueError("--base is required with --adapter none")
         base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    return model, AutoTokenizer.from_pretrained(base)
+    return model.to(dev), tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,13 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-per-task", type=int, default=None, help="score only the first N examples of each task")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for generation (default: 1, fastest here)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for CPU generation (default: 1, fastest here)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, CUDA when available)")
+    parser.add_argument("--dtype", default="float32", help="the base model's dtype: float32 | bfloat16 (default: float32)")
+    parser.add_argument("--no-sort", dest="sort_by_length", action="store_false",
+                        help="generate in file order, not batched by prompt length (answers: file order either way)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     adapter = None if args.adapter.lower() == "none" else args.adapter
     examples = select_examples(load_examples(args.data), args.max_per_task)
-    model, tokenizer = load_for_eval(adapter, args.base)
+    model, tokenizer = load_for_eval(adapter, args.base, device=args.device, dtype=args.dtype)
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -224,10 +304,13 @@ def main(argv: list[str] | None = None) -> int:
 
     result = evaluate_model(
         model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        threads=args.threads, progress=progress,
+        threads=args.threads, sort_by_length=args.sort_by_length, progress=progress,
     )  # fmt: skip
+    device = next(model.parameters()).device
     report = {"adapter": args.adapter, "data": str(args.data), "max_new_tokens": args.max_new_tokens,
-              "seconds": round(time.perf_counter() - start, 1), **result.summary()}  # fmt: skip
+              "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "sort_by_length": args.sort_by_length, "seconds": round(time.perf_counter() - start, 1),
+              **result.summary()}  # fmt: skip
     text = json.dumps(report, indent=2)
     if args.out is not None:
         args.out.write_text(text)
