@@ -53,7 +53,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {"partitions": 256, "clients-per-round": 13, "rounds": 30, "local-steps": 10, "batch-size": 4, "max-length": 512,
             "max-train-examples": 0, "lr": 3e-4, "target-modules": ALL7, "eval-every": 5, "eval-max-per-task": 1,
             "final-max-new-tokens": 64, "final-batch-size": 32, "timeout": 3600, "device": "cuda", "dtype": "bfloat16",
-            "gradient-checkpointing": True, "gpus-per-client": 0.5},
+            "gradient-checkpointing": True, "gpus-per-client": 0.5, "engine": "simulation", "deployment-nodes": 2},
     "smoke": {"partitions": 4, "clients-per-round": 2, "rounds": 1, "local-steps": 1, "batch-size": 2, "max-length": 1024,
               "max-train-examples": 8, "lr": 3e-4, "target-modules": ALL7, "eval-every": 1, "eval-max-per-task": 1,
               "final-max-new-tokens": 4, "final-max-per-task": 1, "timeout": 900},
@@ -163,7 +163,7 @@ class Job:
 
 
 def train_and_score(run: Run, job: Job) -> dict[str, Any]:
-    from flexlora_plugin.flower.run import run_simulation
+    from flexlora_plugin.flower.run import run_deployment, run_simulation
 
     prof = job.prof
     out = job.work / "runs" / run.name
@@ -177,8 +177,12 @@ def train_and_score(run: Run, job: Job) -> dict[str, Any]:
               **run.extra}  # fmt: skip
     print(f"[{run.name}] training {prof['rounds']} rounds{' (resuming)' if resume else ''} ...", flush=True)
     t0 = time.time()
-    result = run_simulation(out, num_rounds=prof["rounds"], num_supernodes=prof["partitions"], run_config=config,
-                            timeout=prof["timeout"], gpus_per_client=prof.get("gpus-per-client", 0.0))  # fmt: skip
+    if prof.get("engine", "simulation") == "deployment":  # loopback SuperLink + pool SuperNodes: no Ray needed
+        result = run_deployment(out, num_rounds=prof["rounds"], num_nodes=prof["deployment-nodes"],
+                                num_partitions=prof["partitions"], run_config=config, timeout=prof["timeout"])  # fmt: skip
+    else:
+        result = run_simulation(out, num_rounds=prof["rounds"], num_supernodes=prof["partitions"], run_config=config,
+                                timeout=prof["timeout"], gpus_per_client=prof.get("gpus-per-client", 0.0))  # fmt: skip
     if not result.ok:
         raise SystemExit(f"[{run.name}] run failed ({result.status}); log: {result.log_path}")
     train_s = time.time() - t0
@@ -434,10 +438,12 @@ def check_setup(args: argparse.Namespace, distributions: list[str]) -> None:
         resolve_device(prof.get("device", "cpu"))
     except ValueError as err:
         raise SystemExit(f"profile {args.profile}: {err} (on a CPU-only machine: --set device=cpu --set gpus-per-client=0)") from err
-    gpus = prof.get("gpus-per-client", 0.0)
+    if prof.get("engine", "simulation") not in ("simulation", "deployment"):
+        raise SystemExit(f"profile {args.profile}: engine must be 'simulation' or 'deployment', got {prof['engine']!r}")
+    gpus = prof.get("gpus-per-client", 0.0) if prof.get("engine", "simulation") == "simulation" else 0.0
     if gpus > 0 and not torch.cuda.is_available():
         raise SystemExit(f"profile {args.profile}: gpus-per-client > 0 but torch sees no CUDA device; use --set gpus-per-client=0")
-    if gpus == 0 and prof.get("device", "cpu") != "cpu" and torch.cuda.is_available():
+    if gpus == 0 and prof.get("engine", "simulation") == "simulation" and prof.get("device", "cpu") != "cpu" and torch.cuda.is_available():
         raise SystemExit(f"profile {args.profile}: device {prof['device']!r} with gpus-per-client 0: Ray hides the GPU from "
                          "clients that reserve none; set gpus-per-client (e.g. 0.5) or device=cpu")  # fmt: skip
     if args.parallel < 1:

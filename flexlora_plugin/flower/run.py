@@ -1,13 +1,15 @@
 """The main job: a small FlexLoRA federation in Flower's simulation engine, start to finish.
 
 ``python -m flexlora_plugin.flower.run [--num-rounds N] [--strategy S] [--profile P]
-[--num-supernodes N] [--clients-per-round K] [--gpus-per-client F] [--output-dir DIR] [--run-config "k=v ..."]``
+[--num-supernodes N] [--clients-per-round K] [--gpus-per-client F] [--output-dir DIR] [--run-config "k=v ..."]
+[--engine deployment --num-partitions N]``
 
 It builds a run-local ``FLWR_HOME`` under the output directory (default ``runs/<timestamp>``),
 builds the tiny random LLaMA there unless ``model-path`` is given, runs ``flwr run
 <repo>/flower_app local --stream`` on a local SuperLink listening on a free port, reads the
 run's final status with ``flwr ls``, and always stops that SuperLink by PID. Exit status: 0 only
-when the run finished as ``finished:completed``.
+when the run finished as ``finished:completed``. ``--engine deployment`` runs the same App on a
+loopback SuperLink with ``--num-supernodes`` pool SuperNodes instead (:func:`run_deployment`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["REPO", "RunResult", "free_port", "main", "run_simulation", "stop_pids", "toml_overrides"]
+__all__ = ["REPO", "RunResult", "free_port", "main", "run_deployment", "run_simulation", "stop_pids", "toml_overrides", "wait_port"]
 
 logger = logging.getLogger(__name__)
 
@@ -237,18 +239,9 @@ def run_simulation(
     """
     if gpus_per_client < 0:
         raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
-    from flexlora_plugin.data import sample_texts
-    from flexlora_plugin.tiny import build_tiny_llama
-
     t0 = time.monotonic()
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    overrides = {"num-server-rounds": num_rounds, "output-dir": str(out), "data-path": str(DEFAULT_DATA), **(run_config or {})}
-    if not overrides.get("model-path"):
-        if echo:
-            print(f"building the tiny random LLaMA in {out / 'tiny-llama'} ...", flush=True)
-        data = Path(str(overrides["data-path"]))
-        overrides["model-path"] = str(build_tiny_llama(out / "tiny-llama", texts=sample_texts(data), max_length=TINY_MAX_LENGTH))
+    overrides = _run_overrides(out, num_rounds, run_config, echo)
     port = free_port()
     env = flwr_env(out / "flwr_home", port)
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
@@ -258,22 +251,124 @@ def run_simulation(
            "--run-config", toml_overrides(overrides)]  # fmt: skip
     if extra_run_config:
         cmd += ["--run-config", extra_run_config]
-    log_path = out / "flwr_run.log"
-    run_id, status = None, "not-started"
     try:
-        with log_path.open("w", encoding="utf-8") as log:
-            run_id, code = stream_flwr_run(cmd, env, log, timeout, echo)
-        if code == 124:
-            status = "timeout"
-        elif run_id is None:
-            status = f"not-started (flwr run exited {code}; see {log_path})"
-        else:
-            status = run_status("local", run_id, env)
+        return _flwr_run(cmd, env, "local", out, timeout, echo, t0)
     finally:
         stop_pids(superlink_pids(port))
+
+
+def _run_overrides(out: Path, num_rounds: int, run_config: Mapping[str, Any] | None, echo: bool) -> dict[str, Any]:
+    """The run config of one run (the tiny model built when no ``model-path`` is given)."""
+    from flexlora_plugin.data import sample_texts
+    from flexlora_plugin.tiny import build_tiny_llama
+
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = {"num-server-rounds": num_rounds, "output-dir": str(out), "data-path": str(DEFAULT_DATA), **(run_config or {})}
+    if not overrides.get("model-path"):
+        if echo:
+            print(f"building the tiny random LLaMA in {out / 'tiny-llama'} ...", flush=True)
+        data = Path(str(overrides["data-path"]))
+        overrides["model-path"] = str(build_tiny_llama(out / "tiny-llama", texts=sample_texts(data), max_length=TINY_MAX_LENGTH))
+    return overrides
+
+
+def _flwr_run(cmd: Sequence[str], env: Mapping[str, str], federation: str, out: Path, timeout: float, echo: bool,
+              t0: float) -> RunResult:  # fmt: skip
+    """Stream one ``flwr run`` into ``out/flwr_run.log`` and read its final status and metrics."""
+    log_path = out / "flwr_run.log"
+    with log_path.open("w", encoding="utf-8") as log:
+        run_id, code = stream_flwr_run(cmd, env, log, timeout, echo)
+    if code == 124:
+        status = "timeout"
+    elif run_id is None:
+        status = f"not-started (flwr run exited {code}; see {log_path})"
+    else:
+        status = run_status(federation, run_id, env)
     metrics_file = out / "metrics.json"
     metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
     return RunResult(run_id, status, out, log_path, time.monotonic() - t0, metrics)
+
+
+def wait_port(port: int, timeout: float, host: str = "127.0.0.1") -> None:
+    """Return once something listens on ``host:port``; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def run_deployment(
+    output_dir: str | os.PathLike[str],
+    *,
+    num_rounds: int = 3,
+    num_nodes: int = 2,
+    num_partitions: int = 8,
+    node_devices: Sequence[str] | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    extra_run_config: str = "",
+    timeout: float = 900.0,
+    echo: bool = True,
+) -> RunResult:
+    """Run the Flower App in Flower's deployment engine on loopback: no Ray (never raises on a failed run).
+
+    A ``flower-superlink`` and ``num_nodes`` pool SuperNodes (node config ``partition-id='any'
+    num-partitions=N``: each serves whichever partition a message names, loading the base model
+    once) on 127.0.0.1 free ports, then ``flwr run`` against them. Every process is stopped by PID.
+    This is how several clients share one GPU where Ray is not installed.
+
+    Parameters
+    ----------
+    num_nodes : int
+        Pool SuperNodes, i.e. clients training at once. (default: 2)
+    num_partitions : int
+        Partitions ``0..N-1`` the pool serves. (default: 8)
+    node_devices : sequence of str, optional
+        Node config ``device`` per node (e.g. ``["cuda:0", "cuda:1"]``); default: the run config's.
+    """
+    if num_nodes < 1 or num_partitions < 1:
+        raise ValueError(f"num_nodes and num_partitions must be >= 1, got {num_nodes}, {num_partitions}")
+    if node_devices is not None and len(node_devices) != num_nodes:
+        raise ValueError(f"node_devices names {len(node_devices)} devices for {num_nodes} nodes")
+    t0 = time.monotonic()
+    out = Path(output_dir).resolve()
+    overrides = {**_run_overrides(out, num_rounds, run_config, echo), "min-nodes": num_nodes}
+    link_port = free_port()
+    env = flwr_env(out / "flwr_home", free_port())
+    with (out / "flwr_home" / "config.toml").open("a", encoding="utf-8") as f:
+        f.write(f'\n[superlink.deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[TextIO] = []
+
+    def start(name: str, args: list[str]) -> None:
+        logs.append((out / f"{name}.log").open("w", encoding="utf-8"))
+        procs.append(subprocess.Popen(args, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+
+    try:
+        start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
+                            "--disable-runtime-dependency-installation", "--database", str(out / "flwr_home" / "state.db")])
+        wait_port(link_port, 60)
+        for k in range(num_nodes):
+            node = f"partition-id='any' num-partitions={num_partitions}"
+            if node_devices is not None:
+                node += f" device='{node_devices[k]}'"
+            start(f"supernode{k}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                                    "--port", str(free_port()), "--node-config", node])  # fmt: skip
+        cmd = ["flwr", "run", str(APP_DIR), "deploy", "--stream", "--run-config", toml_overrides(overrides)]
+        if extra_run_config:
+            cmd += ["--run-config", extra_run_config]
+        return _flwr_run(cmd, env, "deploy", out, timeout, echo, t0)
+    finally:
+        stop_pids([p.pid for p in reversed(procs)])
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -281,7 +376,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-rounds", type=int, default=3)
     p.add_argument("--strategy", choices=("flexlora", "hetlora", "fedavg"), default="flexlora")
     p.add_argument("--profile", default="heavy_tail_strong", help="profile name or JSON rank table")
-    p.add_argument("--num-supernodes", type=int, default=8)
+    p.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
+                   help="simulation (Ray) or deployment (loopback SuperLink + pool SuperNodes, no Ray)")
+    p.add_argument("--num-supernodes", type=int, default=8,
+                   help="simulation: one per partition; deployment: pool nodes training at once")
+    p.add_argument("--num-partitions", type=int, default=8, help="deployment: partitions the pool nodes serve")
     p.add_argument("--clients-per-round", type=int, default=4)
     p.add_argument("--gpus-per-client", type=float, default=0.0,
                    help="share of a GPU per virtual client (Flower's client-resources-num-gpus); with --run-config device='auto'")
@@ -296,10 +395,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     out = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_config = {"strategy": args.strategy, "profile": args.profile, "clients-per-round": args.clients_per_round}
-    result = run_simulation(
-        out, num_rounds=args.num_rounds, num_supernodes=args.num_supernodes, run_config=run_config,
-        extra_run_config=args.run_config, timeout=args.timeout, gpus_per_client=args.gpus_per_client,
-    )  # fmt: skip
+    if args.engine == "deployment":
+        result = run_deployment(
+            out, num_rounds=args.num_rounds, num_nodes=args.num_supernodes, num_partitions=args.num_partitions,
+            run_config=run_config, extra_run_config=args.run_config, timeout=args.timeout,
+        )  # fmt: skip
+    else:
+        result = run_simulation(
+            out, num_rounds=args.num_rounds, num_supernodes=args.num_supernodes, run_config=run_config,
+            extra_run_config=args.run_config, timeout=args.timeout, gpus_per_client=args.gpus_per_client,
+        )  # fmt: skip
     for row in result.metrics.get("history", []):
         energy = {k.removeprefix("energy-"): round(v, 4) for k, v in row.items() if k.startswith("energy-")}
         print(

@@ -6,27 +6,25 @@ These are the commands of docs/tutorials/flower.md ("Deployment"); every process
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr")
 
-from flexlora_plugin.flower.run import APP_DIR, flwr_env, free_port, run_status, stop_pids, toml_overrides  # noqa: E402
+from flexlora_plugin.flower.run import (  # noqa: E402
+    APP_DIR,
+    flwr_env,
+    free_port,
+    run_deployment,
+    run_status,
+    stop_pids,
+    toml_overrides,
+    wait_port,
+)
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
-
-
-def _wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 POOL_NODES = {"fixed": ["partition-id=0 num-partitions=3 rank=4", "partition-id=1 num-partitions=3 rank=8",
@@ -51,7 +49,7 @@ def test_loopback_deployment(tmp_path, tiny_model, data_path, layout):
              "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         ))  # fmt: skip
-        _wait_port(link_port, 60)
+        wait_port(link_port, 60)
         nodes = POOL_NODES[layout]
         for k, node_config in enumerate(nodes):  # per-node rank via --node-config
             log = (tmp_path / f"supernode{k}.log").open("w")
@@ -86,3 +84,26 @@ def test_loopback_deployment(tmp_path, tiny_model, data_path, layout):
             p.wait(timeout=15)
         for log in logs:
             log.close()
+
+
+def test_run_deployment_pool_nodes_share_the_partitions(tmp_path, tiny_model, data_path):
+    """``run_deployment``: 2 pool SuperNodes (no Ray) train 4 partitions per round, round-robin, and stop."""
+    config = {"clients-per-round": 0, "local-steps": 1, "batch-size": 2, "max-train-examples": 8,
+              "model-path": str(tiny_model), "data-path": str(data_path), "query-timeout": 120.0, "round-timeout": 240.0}  # fmt: skip
+    result = run_deployment(tmp_path, num_rounds=1, num_nodes=2, num_partitions=4, run_config=config, timeout=360, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    assert sorted(result.metrics["rank-maps"]) == ["0", "1", "2", "3"]
+    assert result.metrics["history"][0]["clients-ok"] == 4
+    trained = [sorted(line.split("partition ")[1].split()[0] for line in (tmp_path / f"supernode{k}.log").read_text().splitlines()
+                      if "round 1:" in line and "partition " in line) for k in (0, 1)]  # fmt: skip
+    assert sorted(trained[0] + trained[1]) == ["0", "1", "2", "3"] and all(len(t) == 2 for t in trained), trained
+    db = str(tmp_path / "flwr_home" / "state.db")
+    left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and db in _cmdline(p)]
+    assert not left, f"the SuperLink outlived run_deployment: pids {left}"
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
