@@ -315,9 +315,10 @@ def run_deployment(
     """Run the Flower App in Flower's deployment engine on loopback: no Ray (never raises on a failed run).
 
     A ``flower-superlink`` and ``num_nodes`` pool SuperNodes (node config ``partition-id='any'
-    num-partitions=N``: each serves whichever partition a message names, loading the base model
-    once) on 127.0.0.1 free ports, then ``flwr run`` against them. Every process is stopped by PID.
-    This is how several clients share one GPU where Ray is not installed.
+    num-partitions=N``: each serves whichever partition a message names) on 127.0.0.1 free ports,
+    then ``flwr run`` against them. Every process is stopped by PID. This is how several clients
+    share one GPU where Ray is not installed; the price: Flower 1.42's SuperNode runs every message
+    in a fresh ClientApp process, which loads the base model again (simulation keeps it per actor).
 
     Parameters
     ----------

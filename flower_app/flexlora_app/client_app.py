@@ -38,7 +38,8 @@ def _setup(context: Context) -> tuple[Settings, int | None]:
     """The run settings (node config ``device`` overrides run config ``device``) and this node's partition.
 
     The partition is None for a pool node (node config ``partition-id=any``): it trains whichever
-    partition a message names, on one base model loaded once.
+    partition a message names (Flower 1.42's SuperNode runs each message in a fresh ClientApp
+    process, so there the base is loaded per message; in simulation a Ray actor keeps it).
     """
     route_logs(plugin_level=logging.WARNING)  # per-module rank clamping notices stay quiet
     settings = Settings.from_context(context.run_config, context.run_id)
