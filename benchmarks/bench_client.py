@@ -23,7 +23,7 @@ round by round. Throughput counts the non-pad tokens trained. The last line prin
 
 Usage::
 
-    python benchmarks/bench_client.py                                   # CPU, float32 (~25 min on 2 cores)
+    python benchmarks/bench_client.py                                   # CPU, float32 (~18 min on 2 idle cores)
     python benchmarks/bench_client.py --device cuda --dtype bfloat16    # on a GPU
     python benchmarks/bench_client.py --quick                           # smoke test, tiny model (< 60 s)
 
