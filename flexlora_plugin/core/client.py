@@ -22,12 +22,34 @@ from torch import Tensor, nn
 from .errors import FlexLoRAError
 from .peft_io import adapter_state, load_adapter_state, lora_config_for, target_shapes
 
-__all__ = ["DTYPES", "ClientModel", "proximal_term", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "ClientModel", "parse_device", "proximal_term", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
 #: Names accepted for the frozen base's dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_device(name: str | torch.device | None) -> torch.device | None:
+    """Check a device name without looking for hardware: None for ``auto`` (or None), else the device.
+
+    A server checks its clients' setting with it (it may have no GPU itself).
+
+    Raises
+    ------
+    ValueError
+        Not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+    text = "auto" if name is None else str(name).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return device
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -36,18 +58,12 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     Raises
     ------
     ValueError
-        An unknown device name, CUDA asked for where there is none, or ``cuda:N`` past the
-        visible devices (the message says what ``CUDA_VISIBLE_DEVICES`` shows).
+        An unknown device name (:func:`parse_device`), CUDA asked for where there is none, or
+        ``cuda:N`` past the visible devices (the message says what ``CUDA_VISIBLE_DEVICES`` shows).
     """
-    text = "auto" if name is None else str(name).strip().lower()
-    if text == "auto":
+    device = parse_device(name)
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError as err:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from err
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device (torch {torch.__version__})")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 import flexlora_plugin
 from flexlora_plugin.core import FlexLoRAConfig, clamp_ranks, lora_type, sample_ranks
-from flexlora_plugin.core.client import ClientModel, proximal_term, resolve_device, resolve_dtype
+from flexlora_plugin.core.client import ClientModel, parse_device, proximal_term, resolve_device, resolve_dtype
 from flexlora_plugin.data import PaddingCollator, load_client_split, tokenize_examples
 
 logger = logging.getLogger(__name__)
@@ -90,9 +90,8 @@ class Settings:
         )  # fmt: skip
 
     def __post_init__(self) -> None:
-        resolve_dtype(self.dtype)  # a bad name fails here, on the server, before any client starts
-        if self.device.strip().lower() not in ("auto", "cpu", "cuda") and not self.device.strip().lower().startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        resolve_dtype(self.dtype)  # bad names fail here, on the server, before any client starts
+        parse_device(self.device)
         if not (self.proximal_mu >= 0.0):
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu!r}")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flexlora_plugin.core import FlexLoRAError, MissingModuleError, RankError, initial_update, module_infos
-from flexlora_plugin.core.client import ClientModel, proximal_term, resolve_device, resolve_dtype
+from flexlora_plugin.core.client import ClientModel, parse_device, proximal_term, resolve_device, resolve_dtype
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
@@ -33,6 +33,7 @@ def test_resolve_device_and_dtype():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda:0")
+    assert parse_device("cuda:1") == torch.device("cuda", 1) and parse_device("auto") is None  # no hardware looked up
     assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("torch.float32") is torch.float32
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype("int8")

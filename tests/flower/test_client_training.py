@@ -70,8 +70,9 @@ def test_one_base_per_process_and_bf16_training(task, tiny_model, data_path, tmp
     assert len([k for k in task._CLIENT if k[2] == "bfloat16"]) == 1  # one base for every partition
     with pytest.raises(ValueError, match="dtype must be one of"):
         replace(settings, dtype="int4")
-    with pytest.raises(ValueError, match="device must be"):
-        replace(settings, device="tpu")
+    for bad in ("tpu", "cuda:x"):
+        with pytest.raises(ValueError, match="device must be"):
+            replace(settings, device=bad)
 
 
 def test_same_inputs_same_update(task, tiny_model, data_path, tmp_path):
