@@ -20,7 +20,7 @@ EXTRAS = {
 
 setup(
     name="flexlora-plugin",
-    version="0.1.0",
+    version="0.2.0",
     description="FlexLoRA (Bai et al., NeurIPS 2024) heterogeneous-rank federated LoRA for FederatedScope and Flower",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

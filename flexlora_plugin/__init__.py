@@ -4,4 +4,4 @@
 and ``flexlora_plugin.flower`` translate between a host platform and the core.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import ProfileError
-from .profiles import RankSampler, TableSampler, get_profile, homogeneous
+from .profiles import RankSampler, TableSampler, get_profile, homogeneous, profile_rank_maps, rank_label
 
 __all__ = ["FlexLoRAConfig", "METHODS"]
 
@@ -63,8 +63,15 @@ class FlexLoRAConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if self.rank_table is None:
-            self.sampler()  # raises ProfileError on an unknown profile
+        sampler = self.sampler()  # raises ProfileError on an unknown profile
+        maps = profile_rank_maps(sampler) if self.method == "fedavg" else None
+        if maps is not None and len(maps) > 1:
+            where = "the rank table" if self.rank_table is not None else f"profile {self.profile!r}"
+            labels = sorted({rank_label(m) for m in maps})
+            raise ProfileError(
+                f"method 'fedavg' averages factors of one rank, but {where} gives clients {len(maps)} different rank "
+                f"maps ({', '.join(labels)}); use profile 'homo' (or one rank for every client), or method 'flexlora' / 'hetlora'"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FlexLoRAConfig:

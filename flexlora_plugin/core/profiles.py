@@ -17,8 +17,14 @@ type      ranks
 
 and the distributions (shares of r8 / r30 / r30_200 / r200) of the paper's reference code:
 ``homo`` 100/0/0/0, ``uniform`` 25 each, ``heavy_tail_light`` 80/5/5/10,
-``heavy_tail_strong`` 5/5/10/80, ``normal`` 5.75/5.75/44.25/44.25 (aliases: ``random`` for
-``uniform``, ``heavy_tail`` for ``heavy_tail_strong``).
+``heavy_tail_strong`` 5/5/10/80, ``normal`` 5.75/5.75/44.25/44.25.
+
+The reference code (``main.py::get_peft``, FederatedScope branch ``FlexLoRA``) names them
+``homo``, ``random``, ``heavy_tail``, ``heavy_tail_strong`` and ``normal``, with its
+``Type_0..Type_3`` = ``r8``, ``r200``, ``r30_200``, ``r30``. Its names are aliases here:
+``random`` for ``uniform`` and ``heavy_tail`` for ``heavy_tail_light`` (80% r8). Until
+flexlora-plugin 0.2, ``heavy_tail`` meant ``heavy_tail_strong``; using it warns once
+(:class:`FlexLoRAWarning`) so an old config is not silently reinterpreted.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from .adapters import resolve_pattern
-from .errors import ProfileError
+from .errors import FlexLoRAWarning, ProfileError
 
 __all__ = [
     "ATTENTION",
@@ -39,10 +46,15 @@ __all__ = [
     "Distribution",
     "RankSampler",
     "TableSampler",
+    "canonical_profile",
     "clamp_ranks",
+    "describe_profile",
     "get_profile",
     "homogeneous",
+    "list_aliases",
     "list_profiles",
+    "profile_rank_maps",
+    "rank_label",
     "lora_type",
     "register_distribution",
     "register_lora_type",
@@ -68,6 +80,9 @@ class RankSampler(Protocol):
 _TYPES: dict[str, RankMap] = {}
 _PROFILES: dict[str, RankSampler] = {}
 _ALIASES: dict[str, str] = {}
+# Aliases whose meaning changed: alias -> what it meant before. Using one warns once per process.
+_CHANGED: dict[str, str] = {"heavy_tail": "heavy_tail_strong"}
+_WARNED: set[str] = set()
 
 
 def _uniform01(seed: int, client_id: Hashable) -> float:
@@ -199,12 +214,73 @@ def list_profiles() -> list[str]:
     return sorted(_PROFILES)
 
 
+def list_aliases() -> dict[str, str]:
+    """Alias -> profile name, e.g. ``{"heavy_tail": "heavy_tail_light", "random": "uniform"}``."""
+    return dict(sorted(_ALIASES.items()))
+
+
+def canonical_profile(name: str) -> str:
+    """The registered name behind ``name`` (itself, or what the alias stands for); warns like :func:`get_profile`."""
+    get_profile(name)
+    return _ALIASES.get(name, name)
+
+
 def get_profile(name: str) -> RankSampler:
-    """The sampler registered under ``name`` or one of its aliases."""
+    """The sampler registered under ``name`` or one of its aliases.
+
+    An alias whose meaning changed (``heavy_tail``) warns once per process with
+    :class:`FlexLoRAWarning`, naming what it meant before.
+    """
     key = _ALIASES.get(name, name)
     if key not in _PROFILES:
-        raise ProfileError(f"unknown resource profile {name!r}; registered: {list_profiles()} (aliases {sorted(_ALIASES)})")
+        raise ProfileError(f"unknown resource profile {name!r}; registered: {list_profiles()} (aliases {list_aliases()})")
+    if name in _CHANGED and name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(
+            f"profile {name!r} now means {describe_profile(key)}, as in the paper's reference code; before "
+            f"flexlora-plugin 0.2 it meant {_CHANGED[name]!r}. Name {key!r} or {_CHANGED[name]!r} to silence this",
+            FlexLoRAWarning,
+            stacklevel=2,
+        )
     return _PROFILES[key]
+
+
+def profile_rank_maps(profile: str | RankSampler) -> list[RankMap] | None:
+    """The distinct rank maps a profile can give a client, or None when that cannot be known.
+
+    A :class:`Distribution` gives its types of non-zero share, a :class:`TableSampler` its
+    entries and default, :func:`homogeneous` one map; any other callable gives None.
+    """
+    sampler = get_profile(profile) if isinstance(profile, str) else profile
+    if isinstance(sampler, Distribution):
+        maps = [lora_type(t) for t, p in sampler.shares.items() if p > 0]
+    elif isinstance(sampler, TableSampler):
+        entries = [*sampler.table.values(), *([sampler.default] if sampler.default is not None else [])]
+        maps = [lora_type(e) if isinstance(e, str) else dict(e) for e in entries]
+    elif isinstance(sampler, _Homogeneous):
+        maps = [dict.fromkeys(sampler.modules, sampler.r)]
+    else:
+        return None
+    distinct: list[RankMap] = []
+    for m in maps:
+        if m not in distinct:
+            distinct.append(m)
+    return distinct
+
+
+def describe_profile(name: str) -> str:
+    """One line for logs: ``"heavy_tail_strong: 5% r8, 5% r30, 10% r30_200, 80% r200"``."""
+    key = canonical_profile(name)
+    sampler = _PROFILES[key]
+    head = key if key == name else f"{name} (= {key})"
+    if isinstance(sampler, Distribution):
+        return head + ": " + ", ".join(f"{100 * p:g}% {t}" for t, p in sampler.shares.items() if p > 0)
+    return head
+
+
+def rank_label(rank_map: Mapping[str, int]) -> str:
+    """A short name for a rank map: its distinct ranks, e.g. ``r8`` or ``r30-200`` (attention 30, MLP 200)."""
+    return "r" + "-".join(str(r) for r in sorted(set(rank_map.values())))
 
 
 def clamp_ranks(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], *, client: Hashable = "?") -> RankMap:
@@ -263,10 +339,10 @@ def _register_builtins() -> None:
     register_lora_type("r200", 200)
     register_distribution("homo", {"r8": 1.0})
     register_distribution("uniform", {"r8": 0.25, "r30": 0.25, "r30_200": 0.25, "r200": 0.25}, aliases=("random",))
-    register_distribution("heavy_tail_light", {"r8": 0.80, "r30": 0.05, "r30_200": 0.05, "r200": 0.10})
     register_distribution(
-        "heavy_tail_strong", {"r8": 0.05, "r30": 0.05, "r30_200": 0.10, "r200": 0.80}, aliases=("heavy_tail",)
+        "heavy_tail_light", {"r8": 0.80, "r30": 0.05, "r30_200": 0.05, "r200": 0.10}, aliases=("heavy_tail",)
     )
+    register_distribution("heavy_tail_strong", {"r8": 0.05, "r30": 0.05, "r30_200": 0.10, "r200": 0.80})
     register_distribution("normal", {"r8": 0.0575, "r30": 0.0575, "r30_200": 0.4425, "r200": 0.4425})
 
 

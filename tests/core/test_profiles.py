@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 
 import pytest
 
 from flexlora_plugin.core import (
+    FlexLoRAConfig,
+    FlexLoRAWarning,
     ProfileError,
     TableSampler,
     clamp_ranks,
     get_profile,
     list_profiles,
     lora_type,
+    profile_rank_maps,
     register_distribution,
     register_lora_type,
     sample_ranks,
 )
+from flexlora_plugin.core import profiles as profiles_module
+from flexlora_plugin.core.profiles import canonical_profile, describe_profile, list_aliases
 
 PAPER = {
     "homo": {"r8": 1.0},
@@ -41,9 +47,63 @@ def test_frequencies_within_binomial_bounds(name):
     assert set(counts) <= set(PAPER[name])
 
 
-def test_aliases():
+# The paper's reference code, copied by hand (FederatedScope branch FlexLoRA, main.py): its LoRA
+# types (config_types) and get_peft(strategy), one share per type, for every --aggregation choice.
+_ATT, _MLP = ("q_proj", "v_proj", "k_proj", "o_proj"), ("gate_proj", "down_proj", "up_proj")
+REF_TYPES = {
+    "Type_0": dict.fromkeys(_ATT + _MLP, 8),
+    "Type_1": dict.fromkeys(_ATT + _MLP, 200),
+    "Type_2": {**dict.fromkeys(_ATT, 30), **dict.fromkeys(_MLP, 200)},
+    "Type_3": dict.fromkeys(_ATT + _MLP, 30),
+}
+_pdf = [math.exp(-((x - 1.5) ** 2) / (2 * 0.7**2)) for x in (0, 1, 2, 3)]  # norm.pdf(positions, 1.5, 0.7), unnormalised
+REFERENCE = {
+    "homo": {"Type_0": 1.0},  # get_peft returns None: every client at the one rank (ours: r8)
+    "random": {"Type_0": 0.25, "Type_1": 0.25, "Type_2": 0.25, "Type_3": 0.25},  # np.random.randint(0, 4)
+    "heavy_tail": {"Type_0": 0.80, "Type_1": 0.10, "Type_2": 0.05, "Type_3": 0.05},
+    "heavy_tail_strong": {"Type_1": 0.80, "Type_2": 0.10, "Type_3": 0.05, "Type_0": 0.05},
+    "normal": {f"Type_{i}": _pdf[i] / sum(_pdf) for i in range(4)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_reference_names_draw_the_reference_distribution(name):
+    """Each of the reference code's --aggregation names is a profile or an alias with its shares."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FlexLoRAWarning)
+        dist = get_profile(name)
+    ours: dict[tuple, float] = {}
+    for t, p in dist.shares.items():
+        if p > 0:
+            ours[tuple(sorted(lora_type(t).items()))] = p
+    ref = {tuple(sorted(REF_TYPES[t].items())): p for t, p in REFERENCE[name].items() if p > 0}
+    assert set(ours) == set(ref), name
+    for key, p in ref.items():
+        assert ours[key] == pytest.approx(p, abs=1e-4), (name, key)
+
+
+def test_aliases_and_the_heavy_tail_change():
     assert get_profile("random") is get_profile("uniform")
-    assert get_profile("heavy_tail") is get_profile("heavy_tail_strong")
+    assert get_profile("heavy_tail_strong") is not get_profile("heavy_tail_light")
+    assert list_aliases() == {"heavy_tail": "heavy_tail_light", "random": "uniform"}
+    profiles_module._WARNED.discard("heavy_tail")
+    with pytest.warns(FlexLoRAWarning, match="before flexlora-plugin 0.2 it meant 'heavy_tail_strong'"):
+        assert get_profile("heavy_tail") is get_profile("heavy_tail_light")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second use is silent
+        assert canonical_profile("heavy_tail") == "heavy_tail_light"
+        assert describe_profile("heavy_tail_strong") == "heavy_tail_strong: 5% r8, 5% r30, 10% r30_200, 80% r200"
+
+
+def test_fedavg_refuses_a_mixed_rank_profile():
+    with pytest.raises(ProfileError, match="method 'fedavg' averages factors of one rank.*profile 'uniform'.*r200, r30"):
+        FlexLoRAConfig(method="fedavg", profile="uniform")
+    with pytest.raises(ProfileError, match="the rank table gives clients 2 different"):
+        FlexLoRAConfig(method="fedavg", rank_table={"0": "r8", "1": "r30"})
+    FlexLoRAConfig(method="fedavg", profile="homo")
+    FlexLoRAConfig(method="fedavg", rank_table={"0": "r8", "1": dict.fromkeys(_ATT + _MLP, 8)})  # the same map twice
+    assert profile_rank_maps(lambda cid, seed: {"q_proj": 8}) is None  # an opaque sampler: not refused
+    FlexLoRAConfig(method="flexlora", profile="uniform")
 
 
 def test_draw_is_pure_function_of_seed_and_client():
