@@ -120,8 +120,10 @@ def save_peft_adapter(
     )  # fmt: skip
     config.save_pretrained(str(folder))
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    total = sum(chosen.values())
-    logger.info("saved a peft adapter with %d modules (mean rank %.1f) to %s", len(chosen), total / max(1, len(chosen)), folder)
+    logger.info(
+        "saved a peft adapter to %s: %d modules, each at its own rank (%d to %d, mean %.1f)", folder, len(chosen),
+        min(chosen.values(), default=0), max(chosen.values(), default=0), sum(chosen.values()) / max(1, len(chosen)),
+    )  # fmt: skip
     return chosen
 
 

@@ -30,16 +30,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["REPO", "RunResult", "free_port", "main", "run_deployment", "run_simulation", "stop_pids", "toml_overrides", "wait_port"]
+from .._cli import DefaultsHelp
+from .settings import APP_DIR, DEFAULT_DATA, REPO, Settings, SettingsError, app_config
+
+__all__ = [
+    "REPO", "RunResult", "build_parser", "check_options", "free_port", "main", "quiet", "run_deployment", "run_simulation",
+    "stop_pids", "toml_overrides", "wait_port",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-APP_DIR = REPO / "flower_app"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "natural_instructions"
 COMPLETED = "finished:completed"
 TINY_MAX_LENGTH = 1024  # positions of the tiny model (its tokenizer is trained on a few clients' texts)
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+# Flower and library lines that repeat or contradict ours on the console (all stay in flwr_run.log):
+# Flower's round counter restarts at 1 on a resume (ours says "round 4/5 (resumed after 3)"), its
+# strategy banner shows the empty placeholder ArrayRecord (the factors travel per node), its
+# SuperNode-count notice names a default this runner never uses.
+QUIET = re.compile(
+    r"Since flwr 1\.32, default simulated SuperNodes|To change federation size|flwr federation simulation-config"
+    r"|fraction_evaluate is set to 0\.0|Starting FlexLoRA strategy:|├── Number of rounds|├── ArrayRecord \(|"
+    r"├── ConfigRecord \(|\[ROUND \d+/\d+\]|└──> Aggregated MetricRecord|Global evaluation$|└──> MetricRecord: None"
+    r"|Initial global evaluation results|^INFO:flwr:|RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO|^\s*warnings\.warn\($"
+    r"|Loading weights:|is_gradient_checkpointing` is deprecated|^(\x1b\[\d+m)?INFO (\x1b\[0m)?:\s*$"
+)
 
 
 @dataclass
@@ -181,10 +195,19 @@ def run_status(superlink: str, run_id: str, env: Mapping[str, str], app_dir: Pat
         raise RuntimeError(f"cannot read the status of run {run_id}: {proc.stdout[-500:]} {proc.stderr[-500:]}") from err
 
 
+def quiet(line: str) -> bool:
+    """Whether a streamed line is one of Flower's that :data:`QUIET` keeps off the console."""
+    return QUIET.search(re.sub(r"\x1b\[[0-9;]*m|^\(ClientAppActor pid=\d+\)\s*", "", line.rstrip("\n"))) is not None
+
+
 def stream_flwr_run(
-    cmd: Sequence[str], env: Mapping[str, str], log: TextIO, timeout: float, echo: bool
+    cmd: Sequence[str], env: Mapping[str, str], log: TextIO, timeout: float, echo: bool | str
 ) -> tuple[str | None, int]:
-    """Run ``flwr run --stream``, teeing its output; return (run id, exit code; 124 after ``timeout``)."""
+    """Run ``flwr run --stream``, teeing its output; return (run id, exit code; 124 after ``timeout``).
+
+    ``echo``: False = log only; True = every line on stdout too; ``"quiet"`` = stdout without the
+    :func:`quiet` lines (the log keeps everything).
+    """
     run_id = None
     t0 = time.monotonic()
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env), cwd=APP_DIR)
@@ -194,7 +217,7 @@ def stream_flwr_run(
         for line in proc.stdout or ():
             log.write(line)
             log.flush()
-            if echo:
+            if echo and not (echo == "quiet" and quiet(line)):
                 sys.stdout.write(line)
                 sys.stdout.flush()
             match = _RUN_ID.search(line)
@@ -216,7 +239,7 @@ def run_simulation(
     run_config: Mapping[str, Any] | None = None,
     extra_run_config: str = "",
     timeout: float = 900.0,
-    echo: bool = True,
+    echo: bool | str = True,
     gpus_per_client: float = 0.0,
 ) -> RunResult:
     """Run the Flower App in the simulation engine and return its outcome (never raises on a failed run).
@@ -257,7 +280,7 @@ def run_simulation(
         stop_pids(superlink_pids(port))
 
 
-def _run_overrides(out: Path, num_rounds: int, run_config: Mapping[str, Any] | None, echo: bool) -> dict[str, Any]:
+def _run_overrides(out: Path, num_rounds: int, run_config: Mapping[str, Any] | None, echo: bool | str) -> dict[str, Any]:
     """The run config of one run (the tiny model built when no ``model-path`` is given)."""
     from flexlora_plugin.data import sample_texts
     from flexlora_plugin.tiny import build_tiny_llama
@@ -272,7 +295,7 @@ def _run_overrides(out: Path, num_rounds: int, run_config: Mapping[str, Any] | N
     return overrides
 
 
-def _flwr_run(cmd: Sequence[str], env: Mapping[str, str], federation: str, out: Path, timeout: float, echo: bool,
+def _flwr_run(cmd: Sequence[str], env: Mapping[str, str], federation: str, out: Path, timeout: float, echo: bool | str,
               t0: float) -> RunResult:  # fmt: skip
     """Stream one ``flwr run`` into ``out/flwr_run.log`` and read its final status and metrics."""
     log_path = out / "flwr_run.log"
@@ -310,7 +333,7 @@ def run_deployment(
     run_config: Mapping[str, Any] | None = None,
     extra_run_config: str = "",
     timeout: float = 900.0,
-    echo: bool = True,
+    echo: bool | str = True,
 ) -> RunResult:
     """Run the Flower App in Flower's deployment engine on loopback: no Ray (never raises on a failed run).
 
@@ -372,53 +395,235 @@ def run_deployment(
             log.close()
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flexlora_plugin.flower.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-rounds", type=int, default=3)
-    p.add_argument("--strategy", choices=("flexlora", "hetlora", "fedavg"), default="flexlora")
-    p.add_argument("--profile", default="heavy_tail_strong", help="profile name or JSON rank table")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flexlora_plugin.flower.run``."""
+    p = argparse.ArgumentParser(
+        prog="python -m flexlora_plugin.flower.run", description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelp,
+        epilog="Every other run-config key (device, dtype, model-path, lr, ...) goes in --run-config; "
+               "see docs/tutorials/flower.md. Exit status: 0 completed, 1 failed, 2 bad option.",
+    )  # fmt: skip
+    p.add_argument("--num-rounds", type=int, default=3, help="server rounds")
+    p.add_argument("--strategy", choices=METHOD_CHOICES, default="flexlora", help="aggregation method")
+    p.add_argument("--profile", default="heavy_tail_strong",
+                   help=f"resource profile ({', '.join(PROFILE_HELP)}) or a JSON rank table")
     p.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
                    help="simulation (Ray) or deployment (loopback SuperLink + pool SuperNodes, no Ray)")
     p.add_argument("--num-supernodes", type=int, default=8,
                    help="simulation: one per partition; deployment: pool nodes training at once")
     p.add_argument("--num-partitions", type=int, default=8, help="deployment: partitions the pool nodes serve")
-    p.add_argument("--clients-per-round", type=int, default=4)
+    p.add_argument("--clients-per-round", type=int, default=None,
+                   help="partitions sampled each round (0 = all; default: 4, or all when there are fewer)")
     p.add_argument("--gpus-per-client", type=float, default=0.0,
                    help="share of a GPU per virtual client (Flower's client-resources-num-gpus); with --run-config device='auto'")
-    p.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
-    p.add_argument("--run-config", default="", help='extra "k=v ..." overrides, applied last')
+    p.add_argument("--output-dir", default=None, help="where everything lands (default: runs/<timestamp>)")
+    p.add_argument("--run-config", default="", help='extra "k=v ..." run-config overrides, applied last')
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
-    return p.parse_args(argv)
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep the output folder of a failed run (default: removed when this command created it "
+                        "and it holds no server state)")  # fmt: skip
+    p.add_argument("--verbose", action="store_true", help="show every Flower line on the console (the log has them anyway)")
+    return p
+
+
+def _profile_help() -> list[str]:
+    from flexlora_plugin.core import list_aliases, list_profiles
+
+    return [*list_profiles(), *(f"{a} = {n}" for a, n in list_aliases().items())]
+
+
+METHOD_CHOICES = ("flexlora", "hetlora", "fedavg")
+PROFILE_HELP = _profile_help()
+
+
+def _close(key: str, known: Sequence[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """``--run-config "k=v ..."`` as flwr reads it, refusing what flwr would silently drop (``lr``, ``lr=``, ``lr = 1``).
+
+    Raises
+    ------
+    SettingsError
+        A token that is not ``key=value`` or a value flwr cannot type (strings need quotes).
+    """
+    import shlex
+
+    from flwr.common.config import parse_config_args
+
+    if not text.strip():
+        return {}
+    how = "expected space-separated key=value pairs, strings in quotes, e.g. \"device='cuda' lr=0.001\""
+    try:
+        tokens = shlex.split(text, posix=False)
+    except ValueError as err:
+        raise SettingsError(f"--run-config {text!r}: {err}; {how}") from err
+    keys = []
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not (sep and key and value):
+            raise SettingsError(f"--run-config: {token!r} is not key=value; {how}")
+        keys.append(key)
+    try:
+        parsed = parse_config_args([text])
+    except Exception as err:  # click.ClickException: a value that is not bool, int, float or a quoted string
+        raise SettingsError(f"--run-config {text!r}: a value is not a number, true/false or a quoted string; {how}") from err
+    if sorted(parsed) != sorted(set(keys)):
+        raise SettingsError(f"--run-config {text!r}: flwr read only {sorted(parsed)}; {how}")
+    return parsed
+
+
+def check_options(args: argparse.Namespace, out: Path) -> tuple[Settings, dict[str, Any]]:
+    """The run config this command would start, checked before any model, SuperLink or Ray starts.
+
+    Returns the typed :class:`Settings` and the run-config overrides to pass to ``flwr run``.
+
+    Raises
+    ------
+    SettingsError
+        One line naming the option and what to use instead.
+    """
+    for name, value, low in (("--num-rounds", args.num_rounds, 1), ("--num-supernodes", args.num_supernodes, 1),
+                             ("--num-partitions", args.num_partitions, 1),
+                             ("--clients-per-round", args.clients_per_round or 0, 0)):  # fmt: skip
+        if value < low:
+            raise SettingsError(f"{name} must be >= {low}, got {value}")
+    if args.gpus_per_client < 0 or args.timeout <= 0:
+        raise SettingsError(f"--gpus-per-client must be >= 0 and --timeout > 0, got {args.gpus_per_client}, {args.timeout}")
+    defaults = app_config()
+    extra = parse_run_config(args.run_config)
+    for key in extra:
+        if key not in defaults:
+            raise SettingsError(f"--run-config: unknown key {key!r}{_close(key, list(defaults))}; the keys are listed "
+                                "in docs/tutorials/flower.md and flower_app/pyproject.toml")  # fmt: skip
+    partitions = args.num_partitions if args.engine == "deployment" else args.num_supernodes
+    per_round = min(4, partitions) if args.clients_per_round is None else args.clients_per_round
+    overrides = {"num-server-rounds": args.num_rounds, "strategy": args.strategy, "profile": args.profile,
+                 "clients-per-round": per_round, "output-dir": str(out.resolve()),
+                 "data-path": str(DEFAULT_DATA)}  # fmt: skip
+    settings = Settings.from_context({**defaults, **overrides, **extra}, run_id=0)
+    settings.check_paths(partitions)
+    if settings.clients_per_round > partitions:
+        raise SettingsError(f"--clients-per-round {settings.clients_per_round} exceeds the {partitions} partitions; "
+                            f"use at most {partitions} (or 0 for all)")  # fmt: skip
+    if settings.resume and not (out / "server_state.safetensors").exists():
+        raise SettingsError(f"resume=true but {out / 'server_state.safetensors'} does not exist; "
+                            "give --output-dir of an earlier run, or drop resume=true")  # fmt: skip
+    return settings, overrides
+
+
+def describe_run(args: argparse.Namespace, settings: Settings, out: Path, resuming: bool) -> list[str]:
+    """The lines printed before a run starts: what runs, where, and how to read its output."""
+    from flexlora_plugin.core import describe_profile
+
+    table = settings.profile.lstrip().startswith("{")
+    profile = f"rank table {settings.profile}" if table else describe_profile(settings.profile)
+    if args.engine == "deployment":
+        nodes = f"deployment engine, {args.num_supernodes} pool SuperNodes serving {args.num_partitions} partitions"
+    else:
+        nodes = f"simulation engine, {args.num_supernodes} SuperNodes (one partition each)"
+    per_round = settings.clients_per_round or "all"
+    tiny = settings.model_path == settings.output_dir / "tiny-llama"
+    model = (f"tiny random LLaMA built in {settings.model_path} (a plumbing check: its losses and scores say nothing "
+             "about quality)") if tiny else str(settings.model_path)  # fmt: skip
+    start = "round 1" if not resuming else "the next round after the saved server state"
+    return [
+        f"FlexLoRA run: strategy {settings.strategy}, profile {profile}",
+        f"  {nodes}; {per_round} clients per round; {settings.num_server_rounds} rounds from {start}; seed {settings.seed}",
+        f"  clients on {settings.device} ({settings.dtype} base, float32 LoRA), {settings.local_steps} local steps of "
+        f"batch {settings.batch_size}; model: {model}",
+        f"  output folder: {out} (adapter/, metrics.json, server_state.safetensors, flwr_run.log)",
+        "  reading the rounds: r8 = rank 8 on every module, r30-200 = rank 30 on some modules (attention) and 200 on "
+        "others (MLP); 'energy kept' = share of the update's squared norm a client of that rank receives (1 = all)",
+        *([] if args.verbose else ["  Flower lines that repeat ours are kept off the console "
+                                   "(flwr_run.log has all; --verbose shows them)"]),
+    ]
+
+
+def summarize(result: RunResult) -> list[str]:
+    """The lines printed after a run: rounds done, final loss, bytes, where the results are."""
+    rows = [r for r in result.metrics.get("history", []) if "train-loss" in r]
+    lines = []
+    if rows:
+        last = rows[-1]
+        sent = sum(r["bytes-sent"] for r in rows) / 1e6
+        received = sum(r["bytes-received"] for r in rows) / 1e6
+        lines.append(f"done: rounds {rows[0]['round']}-{last['round']}, final train loss {last['train-loss']:.4f} "
+                     f"({last['clients-ok']}/{last['clients']} clients ok), {sent:.1f} MB sent and {received:.1f} MB "
+                     f"received in all")  # fmt: skip
+    lines.append(f"run {result.run_id}: {result.status} in {result.wall_s:.0f} s; log {result.log_path}")
+    if result.ok:
+        lines.append(f"adapter (peft, PeftModel.from_pretrained): {result.adapter_dir}; "
+                     f"metrics: {result.output_dir / 'metrics.json'}")  # fmt: skip
+    return lines
+
+
+def clean_failed(out: Path, created: bool, keep: bool) -> str:
+    """After a failed run: remove ``out`` when this command created it and it holds nothing to resume.
+
+    Returns what was done, for the user. A folder with a server state is kept (resume it with
+    ``--run-config resume=true``); so is any folder the user made, or asked to keep.
+    """
+    import shutil
+
+    if not out.exists():
+        return ""
+    if keep or not created:
+        return f"kept {out}"
+    if (out / "server_state.safetensors").exists():
+        return f"kept {out}: it holds a server state; resume with --output-dir {out} --run-config resume=true"
+    shutil.rmtree(out, ignore_errors=True)
+    return f"removed {out} (it held no finished round; --keep-failed keeps it)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
-    args = _parse(argv)
-    out = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    run_config = {"strategy": args.strategy, "profile": args.profile, "clients-per-round": args.clients_per_round}
-    if args.engine == "deployment":
-        result = run_deployment(
-            out, num_rounds=args.num_rounds, num_nodes=args.num_supernodes, num_partitions=args.num_partitions,
-            run_config=run_config, extra_run_config=args.run_config, timeout=args.timeout,
-        )  # fmt: skip
-    else:
-        result = run_simulation(
-            out, num_rounds=args.num_rounds, num_supernodes=args.num_supernodes, run_config=run_config,
-            extra_run_config=args.run_config, timeout=args.timeout, gpus_per_client=args.gpus_per_client,
-        )  # fmt: skip
-    for row in result.metrics.get("history", []):
-        energy = {k.removeprefix("energy-"): round(v, 4) for k, v in row.items() if k.startswith("energy-")}
-        print(
-            f"round {row['round']}: {row['clients-ok']}/{row['clients']} clients ok, train loss {row['train-loss']:.4f}, "
-            f"sent {row['bytes-sent'] / 1e6:.3f} MB, received {row['bytes-received'] / 1e6:.3f} MB, "
-            f"energy kept {energy}, excluded {row['excluded-partitions']}"
-        )
-    print(f"run {result.run_id}: {result.status} in {result.wall_s:.1f}s; log {result.log_path}")
+    """CLI entry point; returns the exit status (0 completed, 1 failed, 2 bad option, 130/143 interrupted)."""
+    args = build_parser().parse_args(argv)
+    out = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    try:
+        settings, run_config = check_options(args, out)
+    except SettingsError as err:
+        print(f"{build_parser().prog}: error: {err}", file=sys.stderr)
+        return 2
+    created = not out.exists()
+    print("\n".join(describe_run(args, settings, out, resuming=settings.resume)), flush=True)
+    echo = True if args.verbose else "quiet"
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if args.engine == "deployment":
+            result = run_deployment(
+                out, num_rounds=args.num_rounds, num_nodes=args.num_supernodes, num_partitions=args.num_partitions,
+                run_config=run_config, extra_run_config=args.run_config, timeout=args.timeout, echo=echo,
+            )  # fmt: skip
+        else:
+            result = run_simulation(
+                out, num_rounds=args.num_rounds, num_supernodes=args.num_supernodes, run_config=run_config,
+                extra_run_config=args.run_config, timeout=args.timeout, gpus_per_client=args.gpus_per_client, echo=echo,
+            )  # fmt: skip
+    except KeyboardInterrupt as stop:
+        code = stop.args[0] if stop.args and isinstance(stop.args[0], int) else 130
+        print(f"interrupted; the SuperLink was stopped; kept {out} (resume with --output-dir {out} "
+              "--run-config resume=true when it holds a server state)", file=sys.stderr)  # fmt: skip
+        return code
+    print("\n".join(summarize(result)), flush=True)
     if result.ok:
-        print(f"adapter saved to {result.adapter_dir}")
         return 0
     print(f"the run failed ({result.status}); see {result.log_path}", file=sys.stderr)
+    tail = result.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:] if result.log_path.exists() else []
+    if tail:
+        print("last lines of the log:\n  " + "\n  ".join(tail), file=sys.stderr)
+    done = clean_failed(out, created, args.keep_failed)
+    if done:
+        print(done, file=sys.stderr)
     return 1
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(128 + signum)  # unwinds: the runner's finally blocks stop the SuperLink and nodes
 
 
 if __name__ == "__main__":

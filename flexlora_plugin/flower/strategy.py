@@ -32,6 +32,7 @@ from ..core import (
     initial_update,
     load_server_state,
     module_infos,
+    rank_label,
     sample_ranks,
     save_server_state,
     state_nbytes,
@@ -74,11 +75,6 @@ def _last_line(text: str | None, limit: int = 300) -> str:
     """The last non-empty line of a (traceback-like) error reason, at most ``limit`` characters."""
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
     return (lines[-1] if lines else "")[-limit:]
-
-
-def rank_label(rank_map: Mapping[str, int]) -> str:
-    """A short name for a rank map: its distinct ranks, e.g. ``r8`` or ``r30-64``."""
-    return "r" + "-".join(str(r) for r in sorted(set(rank_map.values())))
 
 
 class FlexLoRA(FedAvg):
@@ -194,10 +190,13 @@ class FlexLoRA(FedAvg):
         return max(max(m.values()) for m in self.rank_maps.values())
 
     def summary(self) -> None:
+        """Log this strategy's settings (Flower's ``Strategy.start`` calls it first)."""
+        start = f"resumed after round {self.round_offset}" if self.round_offset else "fresh start"
         logger.info(
-            "FlexLoRA strategy: method=%s, %d nodes, %s clients/round, seed=%d, lora_alpha=%g, resumed after round %d",
-            self.config.method, len(self.rank_maps), self.clients_per_round or f"{self.fraction_train:.0%} of the",
-            self.seed, self.config.lora_alpha, self.round_offset,
+            "FlexLoRA strategy: method=%s, profile=%s, %d nodes, %s clients/round, seed=%d, lora_alpha=%g, %s",
+            self.config.method, "rank table" if self.config.rank_table is not None else self.config.profile,
+            len(self.rank_maps), self.clients_per_round or f"{self.fraction_train:.0%} of the", self.seed,
+            self.config.lora_alpha, start,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ rank query
@@ -279,7 +278,9 @@ class FlexLoRA(FedAvg):
                 raise ValueError(f"rank query: nodes {self.node_of[pid]} and {nid} both claim partition {pid}")
             if self.shapes and shapes != self.shapes:
                 diff = sorted(set(shapes.items()) ^ set(self.shapes.items()))[:3]
-                raise ValueError(f"rank query: node {nid} (partition {pid}) has other module shapes than the nodes before it: {diff}")
+                raise ValueError(
+                    f"rank query: node {nid} (partition {pid}) has other module shapes than the nodes before it: {diff}"
+                )
             self.shapes = shapes
             answered[nid] = pid
             if pool is not None:
@@ -441,10 +442,11 @@ class FlexLoRA(FedAvg):
         start, last = self._clock if self._clock is not None else (time.perf_counter(), rnd)
         elapsed, done = time.perf_counter() - start, rnd - self.round_offset
         eta = elapsed / max(done, 1) * max(last - rnd, 0)  # mean round so far (evaluation included) x rounds left
+        resumed = f" (resumed after {self.round_offset})" if self.round_offset else ""
         logger.info(
-            "round %d/%d: %d/%d clients ok, train loss %.4f, sent %.3f MB, received %.3f MB, energy kept %s, excluded %s; "
+            "round %d/%d%s: %d/%d clients ok, train loss %.4f, sent %.3f MB, received %.3f MB, energy kept %s, excluded %s; "
             "%.0f s elapsed, ETA %.0f s",
-            rnd, last, len(kept), metrics["clients"], loss, metrics["bytes-sent"] / 1e6, metrics["bytes-received"] / 1e6,
+            rnd, last, resumed, len(kept), metrics["clients"], loss, metrics["bytes-sent"] / 1e6, metrics["bytes-received"] / 1e6,
             {k: round(v, 4) for k, v in energy.items()}, sorted(excluded), elapsed, eta,
         )  # fmt: skip
         self.history.append({**metrics, "excluded-reasons": {str(p): r for p, r in excluded.items()}})

@@ -30,6 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation and export the final global adapter to ``output-dir/adapter``."""
     route_logs()
     settings = Settings.from_context(context.run_config, context.run_id)
+    settings.check_paths()
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     if not context.run_config["model-path"]:
         logger.info("building the tiny random LLaMA in %s", settings.model_path)

@@ -1,111 +1,29 @@
-"""The ML side of the FlexLoRA Flower App: run settings, base model cache, rank maps, local training."""
+"""The ML side of the FlexLoRA Flower App: base model cache, rank maps, local training.
+
+The run config is read by :class:`flexlora_plugin.flower.settings.Settings` (re-exported here).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-import flexlora_plugin
-from flexlora_plugin.core import FlexLoRAConfig, clamp_ranks, lora_type, sample_ranks
-from flexlora_plugin.core.client import ClientModel, parse_device, proximal_term, resolve_device, resolve_dtype
+from flexlora_plugin.core import clamp_ranks, lora_type, sample_ranks
+from flexlora_plugin.core.client import ClientModel, proximal_term, resolve_device, resolve_dtype
 from flexlora_plugin.data import PaddingCollator, load_client_split, tokenize_examples
+from flexlora_plugin.flower.settings import FAULT_KINDS, Settings
+
+__all__ = ["FAULT_KINDS", "Settings", "apply_fault", "client_model", "load_base", "node_rank_map", "partition_features",
+           "route_logs", "train_partition"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path(flexlora_plugin.__file__).resolve().parents[1].parent / "shared" / "data" / "natural_instructions"
-FAULT_KINDS = ("nan", "rank", "raise")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The run config (``[tool.flwr.app.config]`` of ``pyproject.toml``), typed."""
-
-    strategy: str
-    profile: str
-    seed: int
-    num_server_rounds: int
-    clients_per_round: int
-    min_nodes: int
-    model_path: Path
-    data_path: Path
-    lora_alpha: float
-    target_modules: tuple[str, ...]
-    local_steps: int
-    batch_size: int
-    lr: float
-    max_length: int
-    max_train_examples: int
-    output_dir: Path
-    resume: bool
-    torch_threads: int
-    query_timeout: float
-    round_timeout: float
-    dump_dir: Path | None
-    faults: Mapping[int, str]
-    eval_data: Path | None = None
-    eval_every: int = 1
-    eval_max_per_task: int = 0
-    eval_max_new_tokens: int = 32
-    eval_batch_size: int = 8
-    device: str = "cpu"
-    dtype: str = "float32"
-    gradient_checkpointing: bool = False
-    proximal_mu: float = 0.0
-
-    @classmethod
-    def from_context(cls, run_config: Mapping[str, Any], run_id: int) -> Settings:
-        """Read and validate the run config; "" paths get their documented defaults."""
-        rc = dict(run_config)
-        out = Path(str(rc["output-dir"])) if rc["output-dir"] else Path.cwd() / "runs" / f"flower-{run_id}"
-        pids = [int(p) for p in str(rc["fault-partition"]).split(",") if p.strip()]
-        kinds = [k.strip() for k in str(rc["fault-kind"]).split(",") if k.strip()]
-        if len(pids) != len(kinds) or any(k not in FAULT_KINDS for k in kinds):
-            raise ValueError(f"fault-partition {pids} and fault-kind {kinds} must pair up; kinds are {FAULT_KINDS}")
-        return cls(
-            strategy=str(rc["strategy"]), profile=str(rc["profile"]), seed=int(rc["seed"]),
-            num_server_rounds=int(rc["num-server-rounds"]), clients_per_round=int(rc["clients-per-round"]),
-            min_nodes=int(rc["min-nodes"]),
-            model_path=Path(str(rc["model-path"])) if rc["model-path"] else out / "tiny-llama",
-            data_path=Path(str(rc["data-path"])) if rc["data-path"] else DEFAULT_DATA,
-            lora_alpha=float(rc["lora-alpha"]),
-            target_modules=tuple(t.strip() for t in str(rc["target-modules"]).split(",") if t.strip()),
-            local_steps=int(rc["local-steps"]), batch_size=int(rc["batch-size"]), lr=float(rc["lr"]),
-            max_length=int(rc["max-length"]), max_train_examples=int(rc["max-train-examples"]), output_dir=out,
-            resume=bool(rc["resume"]), torch_threads=int(rc["torch-threads"]), query_timeout=float(rc["query-timeout"]),
-            round_timeout=float(rc["round-timeout"]), dump_dir=Path(str(rc["dump-dir"])) if rc["dump-dir"] else None,
-            faults=dict(zip(pids, kinds, strict=True)),
-            eval_data=Path(str(rc["eval-data"])) if rc.get("eval-data") else None, eval_every=int(rc.get("eval-every", 1)),
-            eval_max_per_task=int(rc.get("eval-max-per-task", 0)), eval_max_new_tokens=int(rc.get("eval-max-new-tokens", 32)),
-            eval_batch_size=int(rc.get("eval-batch-size", 8)), device=str(rc.get("device", "cpu")),
-            dtype=str(rc.get("dtype", "float32")), gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
-            proximal_mu=float(rc.get("proximal-mu", 0.0)),
-        )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        resolve_dtype(self.dtype)  # bad names fail here, on the server, before any client starts
-        parse_device(self.device)
-        if not (self.proximal_mu >= 0.0):
-            raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu!r}")
-
-    def flexlora_config(self) -> FlexLoRAConfig:
-        """The core config: ``strategy`` is the method; a JSON ``profile`` is a rank table."""
-        table = None
-        if self.profile.lstrip().startswith("{"):
-            raw = json.loads(self.profile)
-            table = {str(k): (dict.fromkeys(self.target_modules, v) if isinstance(v, int) else v) for k, v in raw.items()}
-        return FlexLoRAConfig(
-            method=self.strategy,  # type: ignore[arg-type]
-            profile="homo" if table is not None else self.profile,
-            rank_table=table, seed=self.seed, lora_alpha=self.lora_alpha,
-        )  # fmt: skip
 
 
 def route_logs(plugin_level: int = logging.INFO) -> None:
@@ -152,7 +70,7 @@ def load_base(path: Path, device: str = "cpu", dtype: str = "float32") -> tuple[
 
 
 def client_model(settings: Settings) -> tuple[ClientModel, Any]:
-    """This process's :class:`ClientModel` (the base loaded once on ``device`` in ``dtype``) and tokenizer.
+    """Return this process's :class:`ClientModel` (the base loaded once on ``device`` in ``dtype``) and tokenizer.
 
     Every partition this process trains shares it: one adapter per distinct rank map, the base
     never copied.

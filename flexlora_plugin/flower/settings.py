@@ -1,0 +1,181 @@
+"""The Flower App's run config, typed and checked: :class:`Settings`.
+
+Both sides use it: the ServerApp and ClientApp read their ``Context.run_config`` with
+:meth:`Settings.from_context`, and ``python -m flexlora_plugin.flower.run`` checks the same
+config (``flower_app/pyproject.toml`` defaults + the command line) before it builds a model or
+starts a SuperLink, so a bad option fails in a second with one line, not in a Flower traceback.
+No flwr import here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from flexlora_plugin.core import FlexLoRAConfig
+from flexlora_plugin.core.client import parse_device, resolve_dtype
+
+__all__ = ["APP_DIR", "DEFAULT_DATA", "FAULT_KINDS", "Settings", "SettingsError", "app_config"]
+
+REPO = Path(__file__).resolve().parents[2]
+APP_DIR = REPO / "flower_app"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "natural_instructions"
+FAULT_KINDS = ("nan", "rank", "raise")
+
+
+class SettingsError(ValueError):
+    """A run-config value the run cannot use; the message names the key and what to use instead."""
+
+
+def app_config(app_dir: Path = APP_DIR) -> dict[str, Any]:
+    """The App's run-config defaults: ``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``."""
+    return dict(tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"])
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run config (``[tool.flwr.app.config]`` of ``pyproject.toml``), typed."""
+
+    strategy: str
+    profile: str
+    seed: int
+    num_server_rounds: int
+    clients_per_round: int
+    min_nodes: int
+    model_path: Path
+    data_path: Path
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    local_steps: int
+    batch_size: int
+    lr: float
+    max_length: int
+    max_train_examples: int
+    output_dir: Path
+    resume: bool
+    torch_threads: int
+    query_timeout: float
+    round_timeout: float
+    dump_dir: Path | None
+    faults: Mapping[int, str]
+    eval_data: Path | None = None
+    eval_every: int = 1
+    eval_max_per_task: int = 0
+    eval_max_new_tokens: int = 32
+    eval_batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    proximal_mu: float = 0.0
+
+    @classmethod
+    def from_context(cls, run_config: Mapping[str, Any], run_id: int) -> Settings:
+        """Read and validate the run config; "" paths get their documented defaults.
+
+        Raises
+        ------
+        SettingsError
+            On a missing or ill-typed key, or a value out of range, naming the key.
+        """
+        try:
+            return cls._from_context(dict(run_config), run_id)
+        except KeyError as err:
+            raise SettingsError(f"run config has no key {err.args[0]!r} (the keys of flower_app/pyproject.toml)") from err
+        except (TypeError, ValueError) as err:
+            if isinstance(err, SettingsError):
+                raise
+            raise SettingsError(f"run config: {err}") from err
+
+    @classmethod
+    def _from_context(cls, rc: dict[str, Any], run_id: int) -> Settings:
+        out = Path(str(rc["output-dir"])) if rc["output-dir"] else Path.cwd() / "runs" / f"flower-{run_id}"
+        pids = [int(p) for p in str(rc["fault-partition"]).split(",") if p.strip()]
+        kinds = [k.strip() for k in str(rc["fault-kind"]).split(",") if k.strip()]
+        if len(pids) != len(kinds) or any(k not in FAULT_KINDS for k in kinds):
+            raise SettingsError(f"fault-partition {pids} and fault-kind {kinds} must pair up; kinds are {FAULT_KINDS}")
+        return cls(
+            strategy=str(rc["strategy"]), profile=str(rc["profile"]), seed=int(rc["seed"]),
+            num_server_rounds=int(rc["num-server-rounds"]), clients_per_round=int(rc["clients-per-round"]),
+            min_nodes=int(rc["min-nodes"]),
+            model_path=Path(str(rc["model-path"])) if rc["model-path"] else out / "tiny-llama",
+            data_path=Path(str(rc["data-path"])) if rc["data-path"] else DEFAULT_DATA,
+            lora_alpha=float(rc["lora-alpha"]),
+            target_modules=tuple(t.strip() for t in str(rc["target-modules"]).split(",") if t.strip()),
+            local_steps=int(rc["local-steps"]), batch_size=int(rc["batch-size"]), lr=float(rc["lr"]),
+            max_length=int(rc["max-length"]), max_train_examples=int(rc["max-train-examples"]), output_dir=out,
+            resume=bool(rc["resume"]), torch_threads=int(rc["torch-threads"]), query_timeout=float(rc["query-timeout"]),
+            round_timeout=float(rc["round-timeout"]), dump_dir=Path(str(rc["dump-dir"])) if rc["dump-dir"] else None,
+            faults=dict(zip(pids, kinds, strict=True)),
+            eval_data=Path(str(rc["eval-data"])) if rc.get("eval-data") else None, eval_every=int(rc.get("eval-every", 1)),
+            eval_max_per_task=int(rc.get("eval-max-per-task", 0)), eval_max_new_tokens=int(rc.get("eval-max-new-tokens", 32)),
+            eval_batch_size=int(rc.get("eval-batch-size", 8)), device=str(rc.get("device", "cpu")),
+            dtype=str(rc.get("dtype", "float32")), gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
+            proximal_mu=float(rc.get("proximal-mu", 0.0)),
+        )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        try:
+            resolve_dtype(self.dtype)  # bad names fail here, on the server, before any client starts
+            parse_device(self.device)
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
+        if not (self.proximal_mu >= 0.0):
+            raise SettingsError(f"proximal-mu must be >= 0, got {self.proximal_mu!r}")
+        if self.num_server_rounds < 1:
+            raise SettingsError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
+        for key, value, low in (("clients-per-round", self.clients_per_round, 0), ("min-nodes", self.min_nodes, 0),
+                                ("local-steps", self.local_steps, 0), ("batch-size", self.batch_size, 1),
+                                ("max-length", self.max_length, 1), ("eval-every", self.eval_every, 1)):  # fmt: skip
+            if value < low:
+                raise SettingsError(f"{key} must be >= {low}, got {value}")
+        if not self.target_modules:
+            raise SettingsError("target-modules is empty; e.g. 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'")
+        self.flexlora_config()  # an unknown profile, a bad rank table, fedavg with mixed ranks
+
+    def check_paths(self, partitions: int = 1) -> None:
+        """Fail when a folder or file the run reads is missing: data (partitions ``0..N-1``), model, eval data.
+
+        ``model-path`` "" is fine: the tiny model is built under ``output-dir``.
+        """
+        from flexlora_plugin.data import client_file
+
+        if not self.data_path.is_dir():
+            raise SettingsError(f"data-path {self.data_path} is not a folder (Natural Instructions clients: "
+                                f"local_training_<i>.json; the default is {DEFAULT_DATA})")  # fmt: skip
+        missing = [i for i in range(partitions) if not client_file(self.data_path, i, "train").is_file()]
+        if missing:
+            raise SettingsError(f"data-path {self.data_path} has no training file for partition(s) {missing[:5]}"
+                                f"{'...' if len(missing) > 5 else ''} (e.g. {client_file(self.data_path, missing[0]).name}); "
+                                f"use fewer nodes or partitions")  # fmt: skip
+        if self.model_path != self.output_dir / "tiny-llama" and not (self.model_path / "config.json").is_file():
+            raise SettingsError(f"model-path {self.model_path} is not a transformers model folder (no config.json); "
+                                "build SmolLM2 with python -m flexlora_plugin.models, "
+                                "or leave model-path empty for the tiny model")  # fmt: skip
+        if self.eval_data is not None and not self.eval_data.is_file():
+            raise SettingsError(f"eval-data {self.eval_data} does not exist (e.g. {DEFAULT_DATA / 'heldout_test.json'})")
+
+    def flexlora_config(self) -> FlexLoRAConfig:
+        """The core config: ``strategy`` is the method; a JSON ``profile`` is a rank table."""
+        table = None
+        if self.profile.lstrip().startswith("{"):
+            try:
+                raw = json.loads(self.profile)
+            except json.JSONDecodeError as err:
+                raise SettingsError(f"profile looks like a JSON rank table but is not JSON: {err}") from err
+            if not isinstance(raw, dict):
+                raise SettingsError(f"a JSON profile must be an object {{partition: rank | type | {{module: rank}}}}, "
+                                    f"got {raw!r}")
+            table = {str(k): (dict.fromkeys(self.target_modules, v) if isinstance(v, int) else v) for k, v in raw.items()}
+        try:
+            return FlexLoRAConfig(
+                method=self.strategy,  # type: ignore[arg-type]
+                profile="homo" if table is not None else self.profile,
+                rank_table=table, seed=self.seed, lora_alpha=self.lora_alpha,
+            )  # fmt: skip
+        except ValueError as err:
+            raise SettingsError(str(err).removeprefix("FlexLoRAConfig.profile: ")) from err

@@ -1,0 +1,134 @@
+"""``python -m flexlora_plugin.flower.run`` as a new user meets it: early one-line errors, what ran, where it went."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flexlora_plugin.flower.run import main, quiet  # noqa: E402
+
+pytestmark = [pytest.mark.flower]
+
+SMALL = "local-steps=1 batch-size=2 max-train-examples=4"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--profile", "nosuch"], "unknown resource profile 'nosuch'; registered: ['heavy_tail_light'"),
+        (["--num-rounds", "0"], "--num-rounds must be >= 1, got 0"),
+        (["--strategy", "fedavg"], "method 'fedavg' averages factors of one rank, but profile 'heavy_tail_strong'"),
+        (["--strategy", "fedavg", "--profile", '{"0": 8, "1": 16}'], "the rank table gives clients 2 different rank maps"),
+        (["--run-config", "lrr=0.1"], "unknown key 'lrr' (did you mean 'lr'?)"),
+        (["--run-config", "lr="], "'lr=' is not key=value"),
+        (["--run-config", "device=cuda"], "a value is not a number, true/false or a quoted string"),
+        (["--run-config", "device='gpu'"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        (["--run-config", "dtype='float8'"], "float8"),
+        (["--run-config", "model-path='/no/such/model'"], "model-path /no/such/model is not a transformers model folder"),
+        (["--run-config", "data-path='/'"], "has no training file for partition(s) [0, 1, 2, 3, 4]..."),
+        (["--run-config", "eval-data='/no/such.json'"], "eval-data /no/such.json does not exist"),
+        (["--clients-per-round", "9"], "--clients-per-round 9 exceeds the 8 partitions"),
+        (["--run-config", "resume=true"], "resume=true but"),
+        (["--profile", "{oops"], "profile looks like a JSON rank table but is not JSON"),
+    ],
+)
+def test_bad_options_fail_before_anything_starts(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m flexlora_plugin.flower.run: error: ") and message in err, err
+    assert "\n" not in err and not out.exists()  # one line, nothing built
+
+
+def test_bad_option_from_a_fresh_shell_exits_2_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flexlora_plugin.flower.run", "--profile", "heavy_tail_x"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "heavy_tail_x" in proc.stderr and "aliases {'heavy_tail': 'heavy_tail_light'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0
+    assert "(default: heavy_tail_strong)" in text and "(default: 3)" in text and "heavy_tail = heavy_tail_light" in text
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.\n",
+        "\x1b[92mINFO \x1b[0m:      [ROUND 1/2]\n",
+        "\x1b[92mINFO \x1b[0m:      \t├── ArrayRecord (0.00 MB)\n",
+        "INFO:flwr:[ROUND 2/6]\n",
+        "\x1b[36m(ClientAppActor pid=5986)\x1b[0m Loading weights: 100%|██████████| 272/272\n",
+    ],
+)
+def test_quiet_drops_flowers_misleading_lines(line):
+    assert quiet(line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "\x1b[92mINFO \x1b[0m:      round 1/2: 3/3 clients ok, train loss 6.2, sent 0.1 MB\n",
+        "\x1b[91mERROR \x1b[0m:     ServerApp thread raised an exception: boom\n",
+        "Traceback (most recent call last):\n",
+        "\x1b[93mWARNING \x1b[0m:   round 2: partition 1 (node 7) excluded: non-finite\n",
+    ],
+)
+def test_quiet_keeps_ours_and_every_error(line):
+    assert not quiet(line)
+
+
+@pytest.mark.slow
+def test_a_run_says_what_ran_and_where_its_results_are(tmp_path, tiny_model, data_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--num-rounds", "1", "--num-supernodes", "2", "--clients-per-round", "2", "--output-dir", str(out),
+            "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    head = text.splitlines()[:7]
+    assert head[0] == "FlexLoRA run: strategy flexlora, profile heavy_tail_strong: 5% r8, 5% r30, 10% r30_200, 80% r200"
+    assert "simulation engine, 2 SuperNodes (one partition each); 2 clients per round; 1 rounds from round 1" in head[1]
+    assert "clients on cpu (float32 base, float32 LoRA)" in head[2]
+    assert f"output folder: {out}" in head[3] and "r30-200 = rank 30 on some modules" in head[4]
+    assert "round 1/1: 2/2 clients ok" in text
+    assert "[ROUND 1/1]" not in text and "ArrayRecord (0.00 MB)" not in text  # Flower's own lines: in the log only
+    log = (out / "flwr_run.log").read_text()
+    assert "[ROUND 1/1]" in log
+    tail = text.splitlines()[-3:]
+    assert tail[0].startswith("done: rounds 1-1, final train loss ") and "(2/2 clients ok)" in tail[0]
+    assert tail[1].startswith("run ") and ": finished:completed in " in tail[1]
+    assert tail[2] == f"adapter (peft, PeftModel.from_pretrained): {out / 'adapter'}; metrics: {out / 'metrics.json'}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_failed_run_removes_what_it_created_unless_asked(keep, tmp_path, tiny_model, data_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--num-rounds", "1", "--num-supernodes", "2", "--output-dir", str(out), "--timeout", "2",
+            "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'",
+            *(["--keep-failed"] if keep else [])]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the run failed (timeout)" in err
+    assert out.exists() == keep
+    assert (f"kept {out}" if keep else f"removed {out} (it held no finished round; --keep-failed keeps it)") in err
+
+
+@pytest.mark.slow
+def test_a_failed_run_in_a_folder_the_user_made_is_kept(tmp_path, tiny_model, data_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["--num-rounds", "1", "--num-supernodes", "2", "--output-dir", str(out), "--timeout", "2",
+            "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"]  # fmt: skip
+    assert main(argv) == 1
+    assert (out / "notes.txt").read_text() == "mine" and f"kept {out}" in capsys.readouterr().err
