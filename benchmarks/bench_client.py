@@ -42,13 +42,13 @@ import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import tomllib
 import torch
 from torch import Tensor
 

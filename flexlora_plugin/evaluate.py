@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ._cli import DefaultsHelp
 from .data import build_prompt, load_examples
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
+PROG = "python -m flexlora_plugin.evaluate"
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
@@ -277,25 +279,79 @@ def load_for_eval(
     return model.to(dev), tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generated Rouge-L of a model (+ peft adapter) on a held-out file; prints JSON.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flexlora_plugin.evaluate``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=DefaultsHelp,
+        description="Generated Rouge-L of a model (+ peft adapter) on a held-out file; prints JSON.",
+        epilog="Exit status: 0 scored, 2 bad option (checked before any model loads).",
+    )  # fmt: skip
     parser.add_argument("--adapter", required=True, help="peft adapter folder, or 'none' for the base model")
     parser.add_argument("--data", required=True, type=Path, help="JSON list of {instruction, input, output[, task_id]}")
     parser.add_argument("--base", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-per-task", type=int, default=None, help="score only the first N examples of each task")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for CPU generation (default: 1, fastest here)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, CUDA when available)")
-    parser.add_argument("--dtype", default="float32", help="the base model's dtype: float32 | bfloat16 (default: float32)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens generated per answer")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
+    parser.add_argument("--max-per-task", type=int, default=None,
+                        help="score only the first N examples of each task (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for CPU generation (1 is fastest here)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
+    parser.add_argument("--dtype", default="float32", help="the base model's dtype: float32 | bfloat16")
     parser.add_argument("--no-sort", dest="sort_by_length", action="store_false",
                         help="generate in file order, not batched by prompt length (answers: file order either way)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    return parser
+
+
+def check_options(args: argparse.Namespace) -> tuple[str | None, str]:
+    """``(adapter or None, base model folder)``, checked without loading a model.
+
+    Raises
+    ------
+    ValueError
+        A missing file or folder, a number out of range, or an unusable device or dtype, in one line.
+    """
+    from .core.client import parse_device, resolve_dtype
+
     adapter = None if args.adapter.lower() == "none" else args.adapter
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"--adapter {adapter} is not a peft adapter folder (no adapter_config.json); "
+                         "a run writes one to <output-dir>/adapter, or use --adapter none with --base")  # fmt: skip
+    if not args.data.is_file():
+        raise ValueError(f"--data {args.data} does not exist (e.g. ../shared/data/natural_instructions/heldout_test.json)")
+    base = args.base
+    if base is None:
+        if adapter is None:
+            raise ValueError("--adapter none needs --base MODEL_FOLDER")
+        base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    local = Path(base).exists() or Path(base).is_absolute() or base.startswith(".") or base.count("/") != 1
+    if local and not (Path(base) / "config.json").is_file():  # "org/name" may be a hub id
+        raise ValueError(f"base model {base} is not a transformers folder (no config.json); pass --base")
+    for name, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
+                        ("--threads", args.threads), ("--max-per-task", args.max_per_task or 1)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    parse_device(args.device)
+    resolve_dtype(args.dtype)
+    return adapter, str(base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        adapter, base = check_options(args)
+    except ValueError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    from .tiny import is_tiny_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    tiny = is_tiny_model(base)
+    if tiny:
+        print(f"{PROG}: note: {base} is the tiny random LLaMA of flexlora's tests: the score below is a plumbing check "
+              "and says nothing about quality (SmolLM2: docs/reproduction.md)", file=sys.stderr)  # fmt: skip
     examples = select_examples(load_examples(args.data), args.max_per_task)
-    model, tokenizer = load_for_eval(adapter, args.base, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_for_eval(adapter, base, device=args.device, dtype=args.dtype)
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -310,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"adapter": args.adapter, "data": str(args.data), "max_new_tokens": args.max_new_tokens,
               "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "sort_by_length": args.sort_by_length, "seconds": round(time.perf_counter() - start, 1),
+              **({"note": "tiny random model: a plumbing check, not a quality score"} if tiny else {}),
               **result.summary()}  # fmt: skip
     text = json.dumps(report, indent=2)
     if args.out is not None:

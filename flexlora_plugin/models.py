@@ -316,11 +316,19 @@ def prepare_smollm2(out_dir: str | os.PathLike[str] | None = None, *, max_length
     return prepare_hf_folder(smollm2_gguf_path(), out_dir or DEFAULT_CACHE, max_length=max_length)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flexlora_plugin.models``."""
+    from ._cli import DefaultsHelp
+
+    parser = argparse.ArgumentParser(prog="python -m flexlora_plugin.models", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelp)  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help=f"destination folder (default: {DEFAULT_CACHE})")
-    parser.add_argument("--max-length", type=int, default=1024)
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-length", type=int, default=1024, help="the tokenizer's model_max_length")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(prepare_smollm2(args.out, max_length=args.max_length))
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["build_tiny_llama"]
+__all__ = ["MARKER", "build_tiny_llama", "is_tiny_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ _CORPUS = [
     "The quick brown fox jumps over the lazy dog. Answer yes or no. Classify the sentence.",
     "0 1 2 3 4 5 6 7 8 9 positive negative neutral true false question answer context",
 ]
+MARKER = "FLEXLORA_TINY_RANDOM_MODEL"  # a file in every folder build_tiny_llama writes
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
@@ -50,6 +51,8 @@ def build_tiny_llama(
 
     folder = Path(folder)
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        if not (folder / MARKER).exists():  # a folder from before the marker
+            _mark(folder)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
@@ -69,5 +72,19 @@ def build_tiny_llama(
     )  # fmt: skip
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
+    _mark(folder)
     logger.info("tiny LLaMA written to %s (%d-token vocab)", folder, len(fast))
     return folder
+
+
+def _mark(folder: Path) -> None:
+    (folder / MARKER).write_text(
+        "A tiny LLaMA with random weights, written by flexlora_plugin.tiny.build_tiny_llama for tests and\n"
+        "plumbing checks. Its losses and Rouge-L scores say nothing about the quality of a method.\n",
+        encoding="utf-8",
+    )
+
+
+def is_tiny_model(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is a tiny random model written by :func:`build_tiny_llama`."""
+    return (Path(folder) / MARKER).is_file()

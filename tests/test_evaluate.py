@@ -215,3 +215,40 @@ def test_generation_on_cuda(tmp_path):
         assert next(model.parameters()).device.type == "cuda"
         answers = generate_answers(model, tok, PROMPTS, max_new_tokens=4, batch_size=2)
         assert len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--adapter", "{tmp}/no-adapter", "--data", "{data}"], "is not a peft adapter folder (no adapter_config.json)"),
+        (["--adapter", "none", "--data", "{data}"], "--adapter none needs --base MODEL_FOLDER"),
+        (["--adapter", "none", "--base", "{tmp}/no-model", "--data", "{data}"], "is not a transformers folder"),
+        (["--adapter", "none", "--base", "{tiny}", "--data", "{tmp}/no.json"], "does not exist"),
+        (["--adapter", "none", "--base", "{tiny}", "--data", "{data}", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--adapter", "none", "--base", "{tiny}", "--data", "{data}", "--device", "gpu"], "device must be"),
+    ],
+)
+def test_bad_options_fail_before_a_model_loads(args, message, tmp_path, capsys):
+    from flexlora_plugin.evaluate import main
+
+    tiny = build_tiny_llama(tmp_path / "tiny")
+    (tmp_path / "held.json").write_text(json.dumps([{"instruction": "Say yes.", "input": "", "output": "yes"}]))
+    fill = {"tmp": str(tmp_path), "data": str(tmp_path / "held.json"), "tiny": str(tiny)}
+    capsys.readouterr()  # the model build's progress bars
+    assert main([a.format(**fill) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m flexlora_plugin.evaluate: error: ") and message in err and "\n" not in err, err
+
+
+def test_a_tiny_model_score_says_it_is_a_plumbing_check(tmp_path, capsys):
+    from flexlora_plugin.evaluate import main
+    from flexlora_plugin.tiny import is_tiny_model
+
+    tiny = build_tiny_llama(tmp_path / "tiny")
+    assert is_tiny_model(tiny) and not is_tiny_model(tmp_path)
+    (tmp_path / "held.json").write_text(json.dumps([{"instruction": "Say yes.", "input": "", "output": "yes"}]))
+    capsys.readouterr()
+    assert main(["--adapter", "none", "--base", str(tiny), "--data", str(tmp_path / "held.json"), "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["note"] == "tiny random model: a plumbing check, not a quality score"
+    assert "is the tiny random LLaMA of flexlora's tests" in captured.err

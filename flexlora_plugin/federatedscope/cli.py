@@ -11,10 +11,13 @@ from __future__ import annotations
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 from flexlora_plugin.federatedscope.shim import fs_package_dir
 
-__all__ = ["fs_main_path", "main"]
+PROG = "flexlora-fs"
+
+__all__ = ["check_args", "fs_main_path", "main"]
 
 
 def fs_main_path() -> Path:
@@ -33,16 +36,80 @@ def fs_main_path() -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run FS's ``main.py`` with ``argv`` (default: ``sys.argv[1:]``); return 0 when it finishes."""
-    import flexlora_plugin.federatedscope  # noqa: F401  registers config, workers, trainer, data
+def check_args(args: list[str]) -> list[str]:
+    """Check a ``flexlora-fs`` command line before FederatedScope loads data or a model.
 
+    Merges ``--cfg`` and the ``key value`` pairs into a copy of FS's global config exactly as
+    ``main.py`` does, then runs the plugin's config check and the checks FS would only reach
+    after building the data: rounds, the Natural Instructions folder, a local model folder.
+
+    Returns
+    -------
+    list[str]
+        Notes worth a line (e.g. a model name FS will look up on the Hugging Face hub).
+
+    Raises
+    ------
+    ValueError
+        One line naming the key or file.
+    """
+    from federatedscope.core.cmd_args import parse_args, parse_client_cfg
+    from federatedscope.core.configs.config import global_cfg
+
+    from flexlora_plugin.data import client_file
+    from flexlora_plugin.federatedscope.config import assert_flexlora_cfg, cfg_value
+    from flexlora_plugin.federatedscope.data import DATA_TYPE
+
+    parsed = parse_args(args)
+    if not parsed.cfg_file:
+        raise ValueError("--cfg FILE.yaml is required (e.g. --cfg yaml_configs/tiny_cpu.yaml)")
+    for flag, path in (("--cfg", parsed.cfg_file), ("--client_cfg", parsed.client_cfg_file)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file (paths are relative to {Path.cwd()})")
+    if len(parsed.opts) % 2:
+        raise ValueError(f"options must be 'key value' pairs, got an odd number: {parsed.opts}")
+    cfg: Any = global_cfg.clone()
+    try:
+        cfg.merge_from_file(parsed.cfg_file)
+        cfg.merge_from_list(parse_client_cfg(parsed.opts)[0])
+        assert_flexlora_cfg(cfg)
+    except (KeyError, ValueError, AssertionError, TypeError) as err:
+        raise ValueError(str(err).strip("'\"")) from err
+    notes: list[str] = []
+    if int(cfg_value(cfg.federate.total_round_num)) < 1:
+        raise ValueError(f"federate.total_round_num must be >= 1, got {cfg_value(cfg.federate.total_round_num)}")
+    if str(cfg_value(cfg.data.type)).lower() == DATA_TYPE:
+        root, clients = Path(str(cfg_value(cfg.data.root))), int(cfg_value(cfg.federate.client_num))
+        missing = [i for i in range(clients) if not client_file(root, i, "train").is_file()]
+        if missing:
+            raise ValueError(f"data.root {root}: no local_training_<i>.json for client(s) {[i + 1 for i in missing[:5]]} "
+                             f"of federate.client_num {clients}")  # fmt: skip
+    name, _, hub = str(cfg_value(cfg.model.type)).partition("@")
+    if hub == "huggingface_llm" and not Path(name).exists():
+        if Path(name).is_absolute() or name.startswith(".") or name.count("/") != 1:
+            raise ValueError(f"model.type {name}: no such folder")
+        notes.append(f"model.type {name} is not a local folder: FederatedScope will look it up on the Hugging Face hub "
+                     "(for the tiny model, build it first: see docs/tutorials/federatedscope.md)")  # fmt: skip
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run FS's ``main.py`` with ``argv`` (default: ``sys.argv[1:]``); 0 when it finishes, 2 on a bad option."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        import flexlora_plugin.federatedscope  # noqa: F401  registers config, workers, trainer, data
+
         main_py = fs_main_path()
-    except (ModuleNotFoundError, FileNotFoundError) as err:
-        print(f"flexlora-fs: {err}", file=sys.stderr)
+    except (ImportError, FileNotFoundError) as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
         return 2
+    if args and args[0] not in ("-h", "--help"):
+        try:
+            for note in check_args(args):
+                print(f"{PROG}: note: {note}", file=sys.stderr)
+        except ValueError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
     sys.argv = [str(main_py), *args]
     runpy.run_path(str(main_py), run_name="__main__")
     return 0

@@ -110,12 +110,17 @@ def remove(fs_dir: str | os.PathLike[str]) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``install``, ``remove`` or ``status``; prints one line, returns the exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flexlora_plugin.federatedscope.shim``."""
     parser = argparse.ArgumentParser(prog="python -m flexlora_plugin.federatedscope.shim", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["install", "remove", "status"])
     parser.add_argument("--fs-dir", help="federatedscope package folder (default: the installed one)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``install``, ``remove`` or ``status``; prints one line, returns the exit code."""
+    args = build_parser().parse_args(argv)
     try:
         fs_dir = Path(args.fs_dir) if args.fs_dir else fs_package_dir()
         if args.command == "install":

@@ -18,7 +18,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from federatedscope.core.auxiliaries.utils import param2tensor
 from federatedscope.llm.trainer.trainer import LLMTrainer
 from torch import Tensor, nn

@@ -161,3 +161,24 @@ def test_gpu_profile_two_runs_in_parallel_with_an_extra_eval_file(tmp_path, tiny
     for file in ("extra_heldout.json", "extra2.json"):
         part = text.split(f"## Extra held-out file `{file}`")[1].split("## Extra held-out file")[0]
         assert "| flexlora-uniform | flexlora | uniform |" in part and "| flexlora-uniform | fedavg-r8 | " in part
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--only", "nosuch"], "--only: no run named ['nosuch']; runs: ['zero-shot', 'fedavg-r8'"),
+        (["--set", "rounds=0"], "profile small: rounds must be >= 1, got 0"),
+        (["--set", "roundz=1"], "--set 'roundz=1': expected KEY=VALUE with KEY one of"),
+        (["--set", "clients-per-round=99"], "clients-per-round must be in 1..partitions=32, got 99"),
+        (["--data", "/"], "--data /: no heldout_test.json there"),
+        (["--model", "/no/such/model"], "--model /no/such/model: not 'smollm2', 'tiny' or a transformers folder"),
+        (["--distributions", "heavy_tail,nosuch"], "--distributions: unknown ['nosuch']"),
+        (["--parallel", "0"], "--parallel must be >= 1, got 0"),
+    ],
+)
+def test_bad_options_fail_before_any_model_or_run(args, message, tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, "--work", str(tmp_path / "work"), "--model", "tiny", *args],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip() == out.stderr.strip().splitlines()[-1] and message in out.stderr, out.stderr
+    assert out.stderr.startswith("benchmarks/reproduce.py: error: ") and not (tmp_path / "work").exists()
