@@ -132,3 +132,18 @@ def test_a_failed_run_in_a_folder_the_user_made_is_kept(tmp_path, tiny_model, da
             "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"]  # fmt: skip
     assert main(argv) == 1
     assert (out / "notes.txt").read_text() == "mine" and f"kept {out}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_resumed_run_numbers_its_rounds_from_the_saved_state(tmp_path, tiny_model, data_path, capsys):
+    out = tmp_path / "run"
+    common = ["--num-supernodes", "2", "--clients-per-round", "2", "--output-dir", str(out)]
+    config = f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"
+    assert main(["--num-rounds", "1", *common, "--run-config", config]) == 0
+    capsys.readouterr()
+    assert main(["--num-rounds", "2", *common, "--run-config", f"{config} resume=true"]) == 0
+    text = capsys.readouterr().out
+    assert "2 rounds from the next round after the saved server state" in text
+    assert "round 2/2 (resumed after 1): 2/2 clients ok" in text and "round 1/2" not in text
+    assert "[ROUND 1/1]" not in text and "done: rounds 1-2, final train loss" in text
+    assert "resumed after round 1" in (out / "flwr_run.log").read_text()
