@@ -52,7 +52,11 @@ QUIET = re.compile(
     r"|fraction_evaluate is set to 0\.0|Starting FlexLoRA strategy:|├── Number of rounds|├── ArrayRecord \(|"
     r"├── ConfigRecord \(|\[ROUND \d+/\d+\]|└──> Aggregated MetricRecord|Global evaluation$|└──> MetricRecord: None"
     r"|Initial global evaluation results|^INFO:flwr:|RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO|^\s*warnings\.warn\($"
-    r"|Loading weights:|is_gradient_checkpointing` is deprecated|^(\x1b\[\d+m)?INFO (\x1b\[0m)?:\s*$"
+    r"|Loading weights:|is_gradient_checkpointing` is deprecated|^INFO\s*:\s*$"
+    # Flower's closing "Final results" block: its Global Arrays placeholder and a dump of our own metrics
+    r"|Strategy execution finished in|Final results:$|Global Arrays:$|^INFO\s*:\s*ArrayRecord \(0\.000 MB\)$"
+    r"|(ClientApp|ServerApp)-side (Train|Evaluate) Metrics:$|^INFO\s*:\s*\{\}$"
+    r"|^INFO\s*:\s*(\{ ?\d+: \{ )?'[\w-]+': '[^']*'[,}\s]*$"
 )
 
 
@@ -197,7 +201,9 @@ def run_status(superlink: str, run_id: str, env: Mapping[str, str], app_dir: Pat
 
 def quiet(line: str) -> bool:
     """Whether a streamed line is one of Flower's that :data:`QUIET` keeps off the console."""
-    return QUIET.search(re.sub(r"\x1b\[[0-9;]*m|^\(ClientAppActor pid=\d+\)\s*", "", line.rstrip("\n"))) is not None
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip("\n"))
+    text = re.sub(r"^\(ClientAppActor pid=\d+\)\s*", "", plain)
+    return (text != plain and not text.strip()) or QUIET.search(text) is not None
 
 
 def stream_flwr_run(

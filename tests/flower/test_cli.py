@@ -68,6 +68,11 @@ def test_help_shows_defaults(capsys):
         "\x1b[92mINFO \x1b[0m:      \t├── ArrayRecord (0.00 MB)\n",
         "INFO:flwr:[ROUND 2/6]\n",
         "\x1b[36m(ClientAppActor pid=5986)\x1b[0m Loading weights: 100%|██████████| 272/272\n",
+        "\x1b[36m(ClientAppActor pid=12944)\x1b[0m   warnings.warn(\n",
+        "\x1b[36m(ClientAppActor pid=12944)\x1b[0m \n",
+        "\x1b[92mINFO \x1b[0m:      \t\tArrayRecord (0.000 MB)\n",
+        "\x1b[92mINFO \x1b[0m:      \t{ 1: { 'bytes-received': '1900544',\n",
+        "\x1b[92mINFO \x1b[0m:      \t       'train-loss': '6.2186e+00'}}\n",
     ],
 )
 def test_quiet_drops_flowers_misleading_lines(line):
@@ -81,6 +86,8 @@ def test_quiet_drops_flowers_misleading_lines(line):
         "\x1b[91mERROR \x1b[0m:     ServerApp thread raised an exception: boom\n",
         "Traceback (most recent call last):\n",
         "\x1b[93mWARNING \x1b[0m:   round 2: partition 1 (node 7) excluded: non-finite\n",
+        "\x1b[92mINFO \x1b[0m:      saved a peft adapter to /x/adapter: 14 modules, each at its own rank (32 to 64, mean 54.9)\n",
+        "\n",
     ],
 )
 def test_quiet_keeps_ours_and_every_error(line):
