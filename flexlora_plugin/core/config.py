@@ -6,16 +6,73 @@ Hosts map their own keys onto it (FederatedScope: ``cfg.flexlora.<field>``; Flow
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 
 from .errors import ProfileError
-from .profiles import RankSampler, TableSampler, get_profile, homogeneous, profile_rank_maps, rank_label
+from .profiles import (
+    ATTENTION,
+    MLP,
+    RankSampler,
+    TableSampler,
+    get_profile,
+    homogeneous,
+    lora_type,
+    profile_rank_maps,
+    rank_label,
+)
 
-__all__ = ["FlexLoRAConfig", "METHODS"]
+__all__ = ["FlexLoRAConfig", "METHODS", "parse_rank_table"]
+
+RankEntry = str | dict[str, int]
+
+
+def _rank_entry(client: Hashable, entry: Any, targets: Sequence[str]) -> RankEntry:
+    """One table entry as a LoRA type name or rank map (an int ``r`` means ``r`` on every target)."""
+    if isinstance(entry, bool):
+        raise ProfileError(f"rank table: client {client!r}: rank must be an int, a LoRA type name or a map, got {entry!r}")
+    if isinstance(entry, int):
+        if entry < 1:
+            raise ProfileError(f"rank table: client {client!r}: rank must be >= 1, got {entry}")
+        return dict.fromkeys(targets, entry)
+    if isinstance(entry, str):
+        lora_type(entry)  # raises ProfileError naming the registered types
+        return entry
+    if isinstance(entry, Mapping) and entry:
+        bad = {k: v for k, v in entry.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ProfileError(f"rank table: client {client!r}: ranks must be positive ints, got {bad}")
+        return {str(k): int(v) for k, v in entry.items()}
+    raise ProfileError(
+        f"rank table: client {client!r}: expected an int, a LoRA type name or a {{module: rank}} map, got {entry!r}"
+    )
+
+
+def parse_rank_table(raw: Mapping[Any, Any], targets: Sequence[str]) -> tuple[dict[Any, RankEntry], RankEntry | None]:
+    """The one rank-table reader of every host: ``{client: entry, "default": entry}`` -> (table, default).
+
+    Parameters
+    ----------
+    raw : Mapping
+        Client id -> entry: an int (that rank on every target module), a registered LoRA type
+        name (``r8``, ``r30_200``...) or a ``rank_pattern``-style map (``{"q_proj": 4}``). The
+        optional key ``"default"`` serves clients not listed.
+    targets : sequence of str
+        The adapted module names or suffixes an int entry applies to.
+
+    Raises
+    ------
+    ProfileError
+        An empty table or a malformed entry, naming the client.
+    """
+    if not isinstance(raw, Mapping) or not raw:
+        raise ProfileError(f"rank table: expected a non-empty mapping client -> rank, got {raw!r}")
+    table = {cid: _rank_entry(cid, entry, targets) for cid, entry in raw.items() if cid != "default"}
+    default = _rank_entry("default", raw["default"], targets) if "default" in raw else None
+    return table, default
 
 METHODS = ("flexlora", "hetlora", "fedavg")
 
@@ -33,10 +90,14 @@ class FlexLoRAConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the per-client rank draw and of completion rows."})
     rank_table: Mapping[Any, Any] | None = field(
-        default=None, metadata={"help": "Explicit client id -> LoRA type name or rank map; overrides profile."}
+        default=None,
+        metadata={"help": "Client id -> int rank, LoRA type name or rank map, plus an optional 'default'; overrides profile."},
     )
     homo_rank: int | None = field(
         default=None, metadata={"help": "With profile 'homo': this rank everywhere instead of the r8 type."}
+    )
+    target_modules: tuple[str, ...] = field(
+        default=ATTENTION + MLP, metadata={"help": "Modules an int rank (rank table, homo_rank) applies to."}
     )
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha shared by all clients (s_k = alpha / r_k)."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha / sqrt(r)."})
@@ -59,6 +120,9 @@ class FlexLoRAConfig:
             raise ValueError(f"compute_dtype must be 'float32' or 'float64', got {self.compute_dtype!r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(f"target_modules must be a non-empty tuple of module names, got {self.target_modules!r}")
+        object.__setattr__(self, "target_modules", tuple(str(t) for t in self.target_modules))
         for name in ("homo_rank", "hetlora_max_rank"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -83,11 +147,12 @@ class FlexLoRAConfig:
         return cls(**dict(values))
 
     def sampler(self) -> RankSampler:
-        """The rank sampler this config selects."""
+        """The rank sampler this config selects: the rank table, ``homo_rank`` everywhere, or the profile."""
         if self.rank_table is not None:
-            return TableSampler(dict(self.rank_table))
+            table, default = parse_rank_table(self.rank_table, self.target_modules)
+            return TableSampler(table, default=default)
         if self.profile == "homo" and self.homo_rank is not None:
-            return homogeneous(self.homo_rank)
+            return homogeneous(self.homo_rank, tuple(self.target_modules))
         try:
             return get_profile(self.profile)
         except ProfileError as err:

@@ -278,9 +278,18 @@ def describe_profile(name: str) -> str:
     return head
 
 
-def rank_label(rank_map: Mapping[str, int]) -> str:
-    """A short name for a rank map: its distinct ranks, e.g. ``r8`` or ``r30-200`` (attention 30, MLP 200)."""
-    return "r" + "-".join(str(r) for r in sorted(set(rank_map.values())))
+def rank_label(rank_map: Mapping[str, int], *, by_module: bool = False) -> str:
+    """A short name for a rank map, the one every host logs.
+
+    ``r8`` or ``r30-200`` (its distinct ranks: attention 30, MLP 200); with ``by_module`` the rank
+    per module suffix, ``q_proj=8 v_proj=8`` (``lo-hi`` where layers differ).
+    """
+    if not by_module:
+        return "r" + "-".join(str(r) for r in sorted(set(rank_map.values())))
+    by_suffix: dict[str, list[int]] = {}
+    for module, r in rank_map.items():
+        by_suffix.setdefault(module.rsplit(".", 1)[-1], []).append(r)
+    return " ".join(f"{s}={min(rs)}" if min(rs) == max(rs) else f"{s}={min(rs)}-{max(rs)}" for s, rs in by_suffix.items())
 
 
 def clamp_ranks(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], *, client: Hashable = "?") -> RankMap:

@@ -1,23 +1,22 @@
 """The FS aggregator of :class:`~flexlora_plugin.federatedscope.worker.FlexLoRAServer`.
 
-A thin :class:`federatedscope.core.aggregators.Aggregator` around the core's
-:func:`~flexlora_plugin.core.aggregate`: it holds the current
-:class:`~flexlora_plugin.core.GlobalUpdate` and saves / restores it with the core's server-state
-checkpoint (safetensors + JSON, nothing unpickled), which FS calls through ``save_model`` for
-``federate.save_to``. There is no aggregator registry in FS: this class ships inside our server,
+A thin :class:`federatedscope.core.aggregators.Aggregator` around the core's round protocol
+(:class:`~flexlora_plugin.core.federation.Federation`): it aggregates, and saves / restores the
+core's server-state checkpoint (safetensors + JSON, nothing unpickled), which FS calls through
+``save_model`` for ``federate.save_to``. There is no aggregator registry in FS: this class ships inside our server,
 which swaps it for the stock one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from federatedscope.core.aggregators import Aggregator
-from torch import Tensor
 
-from ..core import FlexLoRAConfig, FlexLoRAError, GlobalUpdate, aggregate, load_server_state, save_server_state
+from ..core import GlobalUpdate
+from ..core.federation import Federation, RoundResult
 
 __all__ = ["FlexLoRAAggregator"]
 
@@ -25,62 +24,43 @@ logger = logging.getLogger(f"federatedscope.{__name__}")  # under FS's logger: i
 
 
 class FlexLoRAAggregator(Aggregator):
-    """Heterogeneous-rank LoRA aggregation (FlexLoRA, or the HetLoRA baseline) for FS.
+    """FS's aggregator slot, filled by the core's round protocol (:class:`~flexlora_plugin.core.federation.Federation`).
 
     Reference: Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous
-    Tasks and Client Resources", NeurIPS 2024 (arXiv:2402.11505). The math lives in
-    :mod:`flexlora_plugin.core`; see ``docs/api.md``.
+    Tasks and Client Resources", NeurIPS 2024 (arXiv:2402.11505). The math and every policy
+    (exclusions, state checks) live in :mod:`flexlora_plugin.core`; see ``docs/api.md``.
 
     Parameters
     ----------
-    settings : FlexLoRAConfig
-        The core settings (``aggregate_kwargs()``).
-    max_rank : int
-        The largest rank any client is assigned (FlexLoRA's dense-path triplet count;
-        HetLoRA's padded rank unless ``settings.hetlora_max_rank`` is set).
-    initial : GlobalUpdate
-        What round 0 broadcasts.
+    federation : Federation
+        The server side of this federation (rank maps assigned).
     """
 
-    def __init__(self, settings: FlexLoRAConfig, *, max_rank: int, initial: GlobalUpdate) -> None:
+    def __init__(self, federation: Federation) -> None:
         super().__init__()
-        self.settings = settings
-        self.max_rank = max_rank
-        self.update = initial
+        self.federation = federation
 
-    def aggregate(self, agg_info: Mapping[str, Any]) -> GlobalUpdate:
-        """Aggregate one round and keep the result as the current global update.
+    @property
+    def update(self) -> GlobalUpdate:
+        """What clients are sent now: the global update, or the round-1 start before any round."""
+        return self.federation.current
 
-        Parameters
-        ----------
-        agg_info : Mapping
-            ``states`` {client id: adapter state dict}, ``weights`` {client id: sample count},
-            ``expected_ranks`` {client id: assigned rank map}.
+    def aggregate(self, agg_info: Mapping[str, Any]) -> RoundResult:
+        """Aggregate one round (``agg_info``: ``replies`` {client id: Reply}, ``failed``, ``round``, ``bytes_sent``).
 
-        Returns
-        -------
-        GlobalUpdate
-            Clients with a wrong rank, shape or NaN/Inf are in ``.excluded`` (not raised).
-
-        Raises
-        ------
-        NonFiniteUpdateError
-            When every client was excluded (the previous update is kept).
+        A client with a bad weight, a wrong rank or shape, or NaN/Inf is left out with its reason
+        (``RoundResult.excluded``); with no usable client the previous global update is kept.
         """
-        states: Mapping[Hashable, Mapping[str, Tensor]] = agg_info["states"]
-        kwargs = self.settings.aggregate_kwargs(client_max_rank=self.max_rank)
-        self.update = aggregate(
-            states, agg_info["weights"], expected_ranks=agg_info["expected_ranks"], on_invalid="exclude", **kwargs
-        )
-        return self.update
+        return self.federation.aggregate(
+            agg_info["replies"], failed=agg_info.get("failed"), round=agg_info.get("round"),
+            bytes_sent=int(agg_info.get("bytes_sent", 0)),
+        )  # fmt: skip
 
     def save_model(self, path: str, cur_round: int = -1) -> None:
         """FS hook for ``federate.save_to``: write the core server state (round = FS ``state``)."""
-        save_server_state(
-            path, self.update, round=int(cur_round), seed=self.settings.seed, max_rank=self.max_rank,
-            extra={"method": self.settings.method, "profile": self.settings.profile},
-        )  # fmt: skip
-        logger.info("FlexLoRA server state (round %d, method %s) saved to %s", cur_round, self.settings.method, path)
+        cfg = self.federation.config
+        self.federation.save(path, round=int(cur_round), extra={"profile": cfg.profile})
+        logger.info("FlexLoRA server state (round %d, method %s) saved to %s", cur_round, cfg.method, path)
 
     def load_model(self, path: str) -> int:
         """Restore the global update from a core server state; return its round.
@@ -88,16 +68,7 @@ class FlexLoRAAggregator(Aggregator):
         Raises
         ------
         FlexLoRAError
-            Not a server state, an empty one, or one written by another method.
+            Not a server state, an empty one, or one written by another method or seed (the
+            core's checks, the same in every host).
         """
-        state = load_server_state(path)
-        if state.update is None:
-            raise FlexLoRAError(f"{path} holds no global update (saved before the first aggregation)")
-        if state.update.method != self.settings.method:
-            raise FlexLoRAError(f"{path} was written by method {state.update.method!r}, this run uses {self.settings.method!r}")
-        if state.seed != self.settings.seed:
-            logger.warning(
-                "server state %s was written with flexlora.seed=%d, this run uses %d", path, state.seed, self.settings.seed
-            )
-        self.update = state.update
-        return state.round
+        return self.federation.restore(path)

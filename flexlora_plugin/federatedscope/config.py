@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexlora_plugin.core import FlexLoRAConfig, RankSampler, TableSampler, get_profile, homogeneous, lora_type
+from flexlora_plugin.core import FlexLoRAConfig, ProfileError, RankSampler, get_profile
+from flexlora_plugin.core.config import parse_rank_table
+from flexlora_plugin.core.profiles import ATTENTION, MLP
 
 __all__ = [
     "ADAPTER_KEYS",
@@ -34,7 +36,6 @@ __all__ = [
     "cfg_value",
     "extend_flexlora_cfg",
     "load_rank_table",
-    "make_sampler",
     "settings_from_cfg",
     "to_core_config",
 ]
@@ -90,25 +91,6 @@ def adapter_args(cfg: Any) -> dict[str, Any]:
     return dict(args[0])
 
 
-def _rank_entry(client: Hashable, entry: Any, targets: Sequence[str]) -> str | dict[str, int]:
-    """One table entry as a LoRA type name or rank map (an int ``r`` means ``r`` on every target)."""
-    if isinstance(entry, bool):
-        raise ValueError(f"rank table: client {client!r}: rank must be an int, a LoRA type name or a map, got {entry!r}")
-    if isinstance(entry, int):
-        if entry < 1:
-            raise ValueError(f"rank table: client {client!r}: rank must be >= 1, got {entry}")
-        return dict.fromkeys(targets, entry)
-    if isinstance(entry, str):
-        lora_type(entry)  # raises ProfileError naming the registered types
-        return entry
-    if isinstance(entry, Mapping) and entry:
-        bad = {k: v for k, v in entry.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
-        if bad:
-            raise ValueError(f"rank table: client {client!r}: ranks must be positive ints, got {bad}")
-        return {str(k): int(v) for k, v in entry.items()}
-    raise ValueError(f"rank table: client {client!r}: expected an int, a LoRA type name or a {{module: rank}} map, got {entry!r}")
-
-
 def load_rank_table(
     path: str | os.PathLike[str], targets: Sequence[str]
 ) -> tuple[dict[int, str | dict[str, int]], str | dict[str, int] | None]:
@@ -142,11 +124,10 @@ def load_rank_table(
         raw = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"flexlora.rank_table {path}: expected a non-empty mapping client_id -> rank, got {type(raw).__name__}")
-    table: dict[int, str | dict[str, int]] = {}
-    default = None
+    ids: dict[Any, Any] = {}
     for key, entry in raw.items():
         if key == "default":
-            default = _rank_entry("default", entry, targets)
+            ids[key] = entry
             continue
         try:
             cid = int(key)
@@ -154,37 +135,22 @@ def load_rank_table(
             raise ValueError(f"flexlora.rank_table {path}: client ids must be integers (FS ids start at 1), got {key!r}") from err
         if cid < 1:
             raise ValueError(f"flexlora.rank_table {path}: FS client ids start at 1, got {cid}")
-        table[cid] = _rank_entry(cid, entry, targets)
-    return table, default
-
-
-def make_sampler(
-    profile: str,
-    *,
-    rank: int,
-    targets: Sequence[str],
-    table: Mapping[int, Any] | None = None,
-    default: Any = None,
-) -> RankSampler:
-    """The core rank sampler that ``cfg.flexlora`` selects.
-
-    A rank table wins; ``profile == ""`` is every client at ``rank`` on ``targets``; otherwise the
-    registered profile (``homo``, ``uniform``, ``heavy_tail_strong``...).
-    """
-    if table:
-        return TableSampler(dict(table), default=default)
-    if profile == "":
-        return homogeneous(rank, tuple(targets))
-    return get_profile(profile)
+        ids[cid] = entry
+    try:
+        return parse_rank_table(ids, targets)  # the core's reader, as in every host
+    except ProfileError as err:
+        raise ProfileError(f"flexlora.rank_table {path}: {err}") from err
 
 
 def to_core_config(
-    flex: Mapping[str, Any], *, method: str, lora_alpha: float, table: Mapping[int, Any] | None = None
-) -> FlexLoRAConfig:
-    """Translate plain ``cfg.flexlora`` values into the core :class:`FlexLoRAConfig`.
+    flex: Mapping[str, Any], *, method: str, lora_alpha: float, table: Mapping[Any, Any] | None = None,
+    default: Any = None, rank: int | None = None, targets: Sequence[str] | None = None,
+) -> FlexLoRAConfig:  # fmt: skip
+    """Translate plain ``cfg.flexlora`` values into the core :class:`FlexLoRAConfig`; nothing else.
 
-    ``profile`` ``""`` maps to the core's ``homo`` (the host builds the homogeneous sampler at
-    the adapter's own rank, see :func:`make_sampler`); ``hetlora_max_rank`` 0 to None.
+    ``profile`` ``""`` is the core's ``homo`` at the adapter's own rank (``homo_rank=rank`` on
+    ``targets``); a rank table (with its ``default``) becomes ``rank_table``; ``hetlora_max_rank``
+    0 is None. The config's :meth:`~FlexLoRAConfig.sampler` is then what draws every client's ranks.
     """
     if method not in METHODS:
         raise ValueError(f"federate.method {method!r} is not served by flexlora-plugin; expected one of {METHODS}")
@@ -193,7 +159,9 @@ def to_core_config(
         method=method,  # type: ignore[arg-type]
         profile=flex["profile"] or "homo",
         seed=int(flex["seed"]),
-        rank_table=dict(table) if table else None,
+        rank_table={**table, **({"default": default} if default is not None else {})} if table else None,
+        homo_rank=int(rank) if not flex["profile"] and not table and rank is not None else None,
+        target_modules=tuple(targets) if targets else ATTENTION + MLP,
         lora_alpha=float(lora_alpha),
         use_rslora=bool(flex["use_rslora"]),
         hetlora_max_rank=max_rank if max_rank > 0 else None,
@@ -242,11 +210,12 @@ def settings_from_cfg(cfg: Any) -> PluginSettings:
     targets = tuple(str(t) for t in args["target_modules"])
     table, default = load_rank_table(flex["rank_table"], targets) if flex["rank_table"] else (None, None)
     core = to_core_config(
-        flex, method=str(cfg_value(cfg.federate.method)).lower(), lora_alpha=float(args["lora_alpha"]), table=table
-    )
+        flex, method=str(cfg_value(cfg.federate.method)).lower(), lora_alpha=float(args["lora_alpha"]), table=table,
+        default=default, rank=int(args["r"]), targets=targets,
+    )  # fmt: skip
     return PluginSettings(
         core=core,
-        sampler=make_sampler(flex["profile"], rank=int(args["r"]), targets=targets, table=table, default=default),
+        sampler=core.sampler(),
         lora_dropout=float(args.get("lora_dropout", 0.0)),
         targets=targets,
         restore_from=str(flex["restore_from"]),

@@ -35,15 +35,8 @@ from federatedscope.core.message import Message
 from federatedscope.core.workers import Client, Server
 from torch import Tensor
 
-from ..core import (
-    NonFiniteUpdateError,
-    initial_update,
-    module_infos_of,
-    sample_ranks,
-    save_peft_adapter,
-    split_state,
-    state_nbytes,
-)
+from ..core import module_infos_of, rank_label, sample_ranks, split_state, state_nbytes
+from ..core.federation import Federation, Reply
 from .aggregator import FlexLoRAAggregator
 from .config import PluginSettings, settings_from_cfg
 from .trainer import FlexLoRATrainer, current_ranks
@@ -58,12 +51,8 @@ def _kib(nbytes: int) -> str:
 
 
 def rank_summary(ranks: Mapping[str, int]) -> str:
-    """``{'...layers.0.self_attn.q_proj': 8, ...}`` -> ``'q_proj=8 v_proj=8'`` (``lo-hi`` if ranks vary)."""
-    by_suffix: dict[str, list[int]] = {}
-    for module, r in ranks.items():
-        by_suffix.setdefault(module.rsplit(".", 1)[-1], []).append(r)
-    parts = [f"{s}={min(rs)}" if min(rs) == max(rs) else f"{s}={min(rs)}-{max(rs)}" for s, rs in by_suffix.items()]
-    return " ".join(parts)
+    """``q_proj=8 v_proj=8``: the core's :func:`rank_label` per module suffix (``lo-hi`` if ranks vary)."""
+    return rank_label(ranks, by_module=True)
 
 
 def module_shapes(model: Any) -> dict[str, tuple[int, int]]:
@@ -72,8 +61,11 @@ def module_shapes(model: Any) -> dict[str, tuple[int, int]]:
 
 
 def assigned_ranks(settings: PluginSettings, client_id: int, shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
-    """The rank map of FS client ``client_id`` (core ``sample_ranks``, resolved on ``shapes``)."""
-    return sample_ranks(settings.sampler, client_id, settings.core.seed, shapes=shapes)
+    """The rank map of FS client ``client_id`` (core ``sample_ranks`` with the config's sampler, resolved on ``shapes``).
+
+    The server's :meth:`Federation.draw_ranks` makes the same draw.
+    """
+    return sample_ranks(settings.core.sampler(), client_id, settings.core.seed, shapes=shapes)
 
 
 class FlexLoRAServer(Server):
@@ -88,16 +80,12 @@ class FlexLoRAServer(Server):
         if config is None:  # FS builds unconfigured workers to list message handlers
             return
         self.flex = settings_from_cfg(self._cfg)
-        self._shapes = module_shapes(self.models[0])
         self._server_ranks = current_ranks(self.models[0])
-        self._ranks: dict[int, dict[str, int]] = {}
-        max_rank = max(max(self.rank_map(cid).values()) for cid in range(1, self._cfg.federate.client_num + 1))
-        initial = initial_update(
-            module_infos_of(self.models[0].state_dict()),
-            [self.rank_map(cid) for cid in range(1, self._cfg.federate.client_num + 1)],
-            seed=self.flex.core.seed,
-        )  # round 1: B = 0 and the first r rows of one common A per module, as in every host and method
-        self.aggregator = FlexLoRAAggregator(self.flex.core, max_rank=max_rank, initial=initial)
+        # the round protocol (core): every client's ranks, round 1's common start, aggregation, state
+        self.federation = Federation(self.flex.core, module_infos_of(self.models[0].state_dict()))
+        for cid in range(1, self._cfg.federate.client_num + 1):
+            self.federation.draw_ranks(cid)
+        self.aggregator = FlexLoRAAggregator(self.federation)
         self.aggregators = [self.aggregator]
         self._exported = False
         if self.flex.restore_from:
@@ -109,29 +97,25 @@ class FlexLoRAServer(Server):
                 )
             logger.info("FlexLoRA: resumed from %s at round %d", self.flex.restore_from, self.state)
         logger.info(
-            "FlexLoRA server: method %s, %d modules, max client rank %d", self.flex.core.method, len(self._shapes), max_rank
-        )
+            "FlexLoRA server: method %s, %d modules, max client rank %d", self.flex.core.method,
+            len(self.federation.shapes), self.federation.max_rank,
+        )  # fmt: skip
 
     def rank_map(self, client_id: int) -> dict[str, int]:
-        """The (cached) rank map assigned to ``client_id``."""
-        if client_id not in self._ranks:
-            self._ranks[client_id] = assigned_ranks(self.flex, client_id, self._shapes)
-        return self._ranks[client_id]
+        """The rank map assigned to ``client_id`` (drawn by the core on first use)."""
+        return self.federation.draw_ranks(client_id)
 
     # -- outgoing ------------------------------------------------------------------------------
     def payload(self, client_id: int) -> dict[str, Tensor]:
         """Return this client's factors: the global update projected at its ranks (a private copy)."""
-        projected = self.aggregator.update.project(
-            self.rank_map(client_id), lora_alpha=self.flex.core.lora_alpha, use_rslora=self.flex.core.use_rslora
-        )
-        return {k: v.clone() for k, v in projected.items()}
+        self.rank_map(client_id)
+        return self.federation.factors_for(client_id)
 
     def _send_per_client(self, msg_type: str, receivers: Sequence[int], state: int) -> None:
-        update = self.aggregator.update
         for cid in receivers:
             content = self.payload(cid)
             if msg_type == "model_para":
-                energy = update.energy_kept(self.rank_map(cid))
+                energy = self.federation.energy_kept(cid)
                 logger.info(
                     "FlexLoRA round %d -> client %d: ranks %s, sent %s, energy kept mean %.4f (min %.4f over %d modules)",
                     state, cid, rank_summary(self.rank_map(cid)), _kib(state_nbytes(content)),
@@ -165,69 +149,48 @@ class FlexLoRAServer(Server):
         self.is_finish = True
         self._monitor.finish_fl()
         self._send_per_client(msg_type, list(self.comm_manager.neighbors.keys()), self.state)
-        if self.flex.save_adapter and not self._exported:
-            ranks = save_peft_adapter(
-                self.aggregator.update, self.flex.save_adapter, base_model_name_or_path=self.flex.base_model,
-                lora_alpha=self.flex.core.lora_alpha, use_rslora=self.flex.core.use_rslora,
-            )  # fmt: skip
+        if self.flex.save_adapter and not self._exported and self.federation.global_update is not None:
+            ranks = self.federation.export(self.flex.save_adapter, base_model_name_or_path=self.flex.base_model)
             self._exported = True
             logger.info("FlexLoRA: global adapter (ranks %s) exported to %s", rank_summary(ranks), self.flex.save_adapter)
 
     # -- incoming ------------------------------------------------------------------------------
-    def collect_feedback(
-        self, buffer: Mapping[int, Any]
-    ) -> tuple[dict[int, dict[str, Tensor]], dict[int, float], dict[int, str]]:
-        """Decode ``{client: (sample_size, state)}`` (tuples arrive as lists, tensors as base64 strings distributed).
+    @staticmethod
+    def collect_feedback(buffer: Mapping[int, Any]) -> dict[int, Reply]:
+        """Decode ``{client: (sample_size, state)}`` (distributed: tuples arrive as lists, tensors as base64 strings).
 
-        Returns
-        -------
-        (states, weights, skipped)
-            Clients with ``sample_size <= 0`` are in ``skipped`` with the reason.
+        A ``sample_size`` that is not a positive number (a client that trained nothing) is left
+        to the core, which excludes it with the reason.
         """
-        states: dict[int, dict[str, Tensor]] = {}
-        weights: dict[int, float] = {}
-        skipped: dict[int, str] = {}
-        for cid, content in buffer.items():
-            sample_size, state = content
-            if not sample_size or sample_size <= 0:
-                skipped[cid] = f"reported sample_size={sample_size} (trained nothing this round)"
-                continue
-            states[cid] = {k: param2tensor(v) for k, v in state.items()}
-            weights[cid] = float(sample_size)
-        return states, weights, skipped
+        replies = {}
+        for cid, (sample_size, state) in buffer.items():
+            replies[cid] = Reply({k: param2tensor(v) for k, v in state.items()}, sample_size)
+        return replies
 
     def _perform_federated_aggregation(self) -> int:
-        """Aggregate this round's buffer with the core; return the number of messages used."""
+        """Aggregate this round's buffer with the core's round protocol; return the number of messages used."""
         buffer = self.msg_buffer["train"][self.state]
         if self.staled_msg_buffer:
             raise RuntimeError("FlexLoRA rounds are synchronous, yet stale messages are buffered (asyn.use is not supported)")
-        states, weights, skipped = self.collect_feedback(buffer)
+        replies = self.collect_feedback(buffer)
         received = ", ".join(
-            f"client {cid}: {rank_summary(current_ranks_of(s))} {_kib(state_nbytes(s))}{_wire(buffer[cid])}"
-            for cid, s in states.items()
+            f"client {cid}: {rank_summary(current_ranks_of(r.state))} {_kib(state_nbytes(r.state))}{_wire(buffer[cid])}"
+            for cid, r in replies.items()
         )
-        try:
-            update = self.aggregator.aggregate(
-                {"states": states, "weights": weights, "expected_ranks": {cid: self.rank_map(cid) for cid in states}}
-            ) if states else None  # fmt: skip
-        except NonFiniteUpdateError as err:
-            logger.warning("FlexLoRA round %d: no usable client update (%s); the previous global update is kept", self.state, err)
-            update = None
-        excluded = {**skipped, **(update.excluded if update is not None else {})}
-        for cid, why in excluded.items():
+        result = self.aggregator.aggregate({"replies": replies, "round": self.state + 1})
+        if not result.updated:
+            logger.warning("FlexLoRA round %d: no usable client update; the previous global update is kept", self.state)
+        for cid, why in result.excluded.items():
             logger.warning("FlexLoRA round %d: client %s excluded: %s", self.state, cid, why)
-        used = len(update.clients) if update is not None else 0
         logger.info(
             "FlexLoRA round %d: aggregated %d/%d clients (%s) | received %s",
-            self.state,
-            used,
-            len(buffer),
-            self.flex.core.method,
-            received,
-        )
-        if update is not None:
+            self.state, len(result.kept), len(buffer), self.flex.core.method, received,
+        )  # fmt: skip
+        if result.updated:
             self.models[0].load_state_dict(
-                update.project(self._server_ranks, lora_alpha=self.flex.core.lora_alpha, use_rslora=self.flex.core.use_rslora)
+                self.federation.global_update.project(  # type: ignore[union-attr]
+                    self._server_ranks, lora_alpha=self.flex.core.lora_alpha, use_rslora=self.flex.core.use_rslora
+                )
             )  # the server's own model holds the rank-r projection (for make_global_eval)
         return len(buffer)
 

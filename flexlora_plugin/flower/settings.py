@@ -170,12 +170,12 @@ class Settings:
             if not isinstance(raw, dict):
                 raise SettingsError(f"a JSON profile must be an object {{partition: rank | type | {{module: rank}}}}, "
                                     f"got {raw!r}")
-            table = {str(k): (dict.fromkeys(self.target_modules, v) if isinstance(v, int) else v) for k, v in raw.items()}
+            table = raw  # read by the core (parse_rank_table), as in every host
         try:
             return FlexLoRAConfig(
                 method=self.strategy,  # type: ignore[arg-type]
                 profile="homo" if table is not None else self.profile,
-                rank_table=table, seed=self.seed, lora_alpha=self.lora_alpha,
+                rank_table=table, seed=self.seed, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
             )  # fmt: skip
         except ValueError as err:
             raise SettingsError(str(err).removeprefix("FlexLoRAConfig.profile: ")) from err

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,20 +22,8 @@ from flwr.serverapp.strategy import FedAvg, Result
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..core import (
-    FlexLoRAConfig,
-    FlexLoRAError,
-    FlexLoRAWarning,
-    GlobalUpdate,
-    aggregate,
-    initial_update,
-    load_server_state,
-    module_infos,
-    rank_label,
-    sample_ranks,
-    save_server_state,
-    state_nbytes,
-)
+from ..core import FlexLoRAConfig, GlobalUpdate, RankError, module_infos, rank_label, state_nbytes
+from ..core.federation import Federation, Reply
 from .records import (
     ARRAYS,
     CONFIG,
@@ -158,36 +145,52 @@ class FlexLoRA(FedAvg):
         self.query_timeout = float(query_timeout)
         self.state_path = Path(state_path) if state_path is not None else None
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
-        self.global_update: GlobalUpdate | None = None
-        self.round_offset = 0
-        self.history: list[dict[str, Any]] = []
-        self.rank_maps: dict[int, dict[str, int]] = {}  # partition id -> rank map
+        self.resume = resume
+        self.federation: Federation | None = None  # the round protocol (core), made once the rank query has the shapes
         self.shapes: dict[str, tuple[int, int]] = {}  # base-model module -> (d_out, d_in), from the rank query
-        self._initial: GlobalUpdate | None = None
         self.node_of: dict[int, int] = {}  # partition id -> node id of a node serving one partition
         self.pool_nodes: list[int] = []  # nodes serving any partition (node config partition-id=any)
         self._pool_size = 0  # partitions 0.._pool_size-1 not claimed by a single-partition node go to the pool
         self._in_flight: list[tuple[Message, int]] = []  # (train message, partition id) of the round in flight
         self._sent_bytes = 0  # of the round in flight
         self._clock: tuple[float, int] | None = None  # (start time, last round) of this start() call, for the ETA
-        if resume and self.state_path is not None and self.state_path.exists():
-            self._restore(self.state_path)
+        self._offset = 0
 
-    # ------------------------------------------------------------------ state
-    def _restore(self, path: Path) -> None:
-        state = load_server_state(path)
-        if state.update is not None and state.update.method != self.config.method:
-            raise ValueError(f"{path} holds a {state.update.method!r} update, this run uses {self.config.method!r}")
-        if state.seed != self.seed:
-            raise ValueError(f"{path} was written with seed {state.seed}, this run uses seed {self.seed}")
-        self.global_update, self.round_offset = state.update, state.round
-        self.history = list(state.extra.get("history", []))
-        logger.info("resumed from %s after round %d", path, state.round)
+    # ------------------------------------------------------------------ the core's round protocol
+    @property
+    def global_update(self) -> GlobalUpdate | None:
+        """The current global update (None before the first aggregated round)."""
+        return self.federation.global_update if self.federation is not None else None
+
+    @property
+    def round_offset(self) -> int:
+        """Rounds done before this ``start()``: the restored state's round (0 for a fresh run)."""
+        return self._offset
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One row per round (``metrics.json``), restored with the state."""
+        return self.federation.history if self.federation is not None else []
+
+    @property
+    def rank_maps(self) -> dict[int, dict[str, int]]:
+        """Partition id -> rank map (from the rank query; pool partitions drawn from the profile)."""
+        return self.federation.rank_maps if self.federation is not None else {}  # type: ignore[return-value]
 
     @property
     def max_rank(self) -> int:
         """The largest rank of any module of any queried node."""
-        return max(max(m.values()) for m in self.rank_maps.values())
+        return self._federation().max_rank
+
+    @property
+    def initial(self) -> GlobalUpdate:
+        """The round-1 adapter (core :func:`initial_update` for the queried shapes, rank maps and seed)."""
+        return self._federation().initial
+
+    def _federation(self) -> Federation:
+        if self.federation is None:
+            raise RuntimeError("the round protocol needs the nodes' module shapes: run query_nodes() first")
+        return self.federation
 
     def summary(self) -> None:
         """Log this strategy's settings (Flower's ``Strategy.start`` calls it first)."""
@@ -229,8 +232,8 @@ class FlexLoRA(FedAvg):
             for nid in node_ids
         ]
         replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
-        answered, errors = self._read_rank_replies(replies)
-        self._expand_pool()
+        answered, errors, reported = self._read_rank_replies(replies)
+        self._start_federation(answered, errors, reported)
         want = expected if expected is not None else len(node_ids)
         if len(answered) < want:
             raise TimeoutError(
@@ -244,22 +247,38 @@ class FlexLoRA(FedAvg):
         )  # fmt: skip
         return dict(self.rank_maps)
 
-    def _expand_pool(self) -> None:
-        """Give every partition ``< num-partitions`` that no single-partition node claims to the pool.
+    def _start_federation(self, answered: dict[int, int], errors: dict[int, str], reported: dict[int, dict[str, int]]) -> None:
+        """The core :class:`Federation` for the queried shapes: node rank maps checked, pool partitions drawn, state restored.
 
-        Their rank maps come from the core's ``sample_ranks(profile, partition, seed)`` on the
-        nodes' module shapes: the draw a single-partition node makes for itself.
+        A node whose reported rank map does not fit the shapes (rank 10**9, an unknown module)
+        is refused like a node that did not answer. Every partition ``< num-partitions`` that no
+        single-partition node claims goes to the pool; its rank map comes from the core's
+        ``sample_ranks(profile, partition, seed)`` on the nodes' module shapes: the draw a
+        single-partition node makes for itself.
         """
-        if not self.pool_nodes:
+        if not self.shapes:
             return
-        sampler = self.config.sampler()
-        for pid in range(self._pool_size):
-            if pid not in self.node_of:
-                self.rank_maps[pid] = sample_ranks(sampler, pid, self.seed, shapes=self.shapes)
+        fed = Federation(self.config, module_infos(self.shapes), shapes=self.shapes, state_path=self.state_path)
+        for pid, ranks in reported.items():
+            nid = self.node_of[pid]
+            try:
+                fed.assign_ranks(pid, ranks)
+            except RankError as err:
+                errors[nid] = f"rank map refused: {err}"
+                logger.warning("rank query: node %d (partition %d): %s", nid, pid, err)
+                del self.node_of[pid], answered[nid]
+        if self.pool_nodes:
+            for pid in range(self._pool_size):
+                if pid not in self.node_of:
+                    fed.draw_ranks(pid)
+        if self.resume and self.state_path is not None and self.state_path.exists():
+            self._offset = fed.restore(self.state_path)
+        self.federation = fed
 
-    def _read_rank_replies(self, replies: list[Message]) -> tuple[dict[int, int], dict[int, str]]:
+    def _read_rank_replies(self, replies: list[Message]) -> tuple[dict[int, int], dict[int, str], dict[int, dict[str, int]]]:
         answered: dict[int, int] = {}
         errors: dict[int, str] = {}
+        reported: dict[int, dict[str, int]] = {}
         for reply in replies:
             nid = reply.metadata.src_node_id
             if reply.has_error():
@@ -287,8 +306,8 @@ class FlexLoRA(FedAvg):
                 self.pool_nodes.append(nid)
                 self._pool_size = max(self._pool_size, pool[0])
                 continue
-            self.node_of[pid], self.rank_maps[pid] = nid, ranks
-        return answered, errors
+            self.node_of[pid], reported[pid] = nid, ranks
+        return answered, errors, reported
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any) -> Result:
         """Run the rank query (unless done) and then ``num_rounds`` rounds of :meth:`Strategy.start`.
@@ -296,7 +315,7 @@ class FlexLoRA(FedAvg):
         After a resume, ``num_rounds`` counts the rounds still to run; round numbers in messages,
         logs, dumps and the state file continue from the restored round.
         """
-        if not self.rank_maps:
+        if self.federation is None:
             self.query_nodes(grid)
         self._clock = (time.perf_counter(), self.round_offset + num_rounds)
         return super().start(grid, initial_arrays if initial_arrays is not None else ArrayRecord(), num_rounds, **kwargs)
@@ -337,19 +356,8 @@ class FlexLoRA(FedAvg):
         logger.info("round %d: sending to partitions %s (%.3f MB)", rnd, pids, sent_bytes / 1e6)
         return messages
 
-    @property
-    def initial(self) -> GlobalUpdate:
-        """The round-1 adapter (core :func:`initial_update` for the queried shapes, rank maps and seed)."""
-        if self._initial is None:
-            if not self.shapes:
-                raise RuntimeError("the round-1 adapter needs the nodes' module shapes: run query_nodes() first")
-            self._initial = initial_update(module_infos(self.shapes), self.rank_maps.values(), seed=self.seed)
-        return self._initial
-
     def _factors_for(self, pid: int) -> dict[str, Tensor]:
-        cfg = self.config
-        update = self.global_update if self.global_update is not None else self.initial
-        return update.project(self.rank_maps[pid], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+        return self._federation().factors_for(pid)
 
     def _pid_of(self, reply: Message) -> int | None:
         """The partition a train reply answers: by the message it replies to, else by its node."""
@@ -361,39 +369,22 @@ class FlexLoRA(FedAvg):
         return next((p for p, n in self.node_of.items() if n == nid), None)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate good replies with the core; failed, malformed or non-finite ones are excluded."""
+        """Decode the replies and hand them to the core's round protocol; failed, malformed or non-finite ones are excluded."""
         rnd = server_round + self.round_offset
-        states, weights, losses, excluded = self._read_train_replies(rnd, list(replies))
-        update = None
-        if states:
-            kwargs = self.config.aggregate_kwargs(client_max_rank=self.max_rank)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FlexLoRAWarning)  # exclusions are logged below
-                    update = aggregate(
-                        states, weights, expected_ranks={p: self.rank_maps[p] for p in states}, on_invalid="exclude", **kwargs
-                    )
-            except FlexLoRAError as err:  # every reply excluded (NonFiniteUpdateError) or unusable
-                logger.error("round %d: no usable reply, the global update is unchanged: %s", rnd, err)
-                excluded.update({p: "aggregation failed: " + str(err) for p in states if p not in excluded})
-        if update is not None:
-            excluded.update({int(p): reason for p, reason in update.excluded.items()})  # type: ignore[call-overload]
-            self.global_update = update
-        for pid, reason in sorted(excluded.items()):
+        decoded, failed = self._read_train_replies(rnd, list(replies))
+        result = self._federation().aggregate(decoded, failed=failed, bytes_sent=self._sent_bytes, round=rnd)
+        if not result.updated and decoded:
+            logger.error("round %d: no usable reply, the global update is unchanged", rnd)
+        for pid, reason in sorted(result.excluded.items()):
             logger.warning("round %d: partition %d (node %s) excluded: %s", rnd, pid, self.node_of.get(pid), reason)
-        metrics = self._round_metrics(rnd, states, weights, losses, excluded)
-        if self.state_path is not None and self.global_update is not None:
-            extra = {"history": self.history}
-            save_server_state(self.state_path, self.global_update, round=rnd, seed=self.seed, max_rank=self.max_rank, extra=extra)
-        return ArrayRecord(), MetricRecord(metrics)
+        row = result.row()
+        self._log_round(rnd, row)
+        return ArrayRecord(), MetricRecord({k: v for k, v in row.items() if k != "excluded-reasons"})
 
-    def _read_train_replies(
-        self, rnd: int, replies: list[Message]
-    ) -> tuple[dict[int, dict[str, Tensor]], dict[int, float], dict[int, float], dict[int, str]]:
-        states: dict[int, dict[str, Tensor]] = {}
-        weights: dict[int, float] = {}
-        losses: dict[int, float] = {}
-        excluded: dict[int, str] = {}
+    def _read_train_replies(self, rnd: int, replies: list[Message]) -> tuple[dict[int, Reply], dict[int, str]]:
+        """Decode train replies into core :class:`Reply` objects; error or undecodable replies into reasons."""
+        decoded: dict[int, Reply] = {}
+        failed: dict[int, str] = {}
         for reply in replies:
             nid = reply.metadata.src_node_id
             pid = self._pid_of(reply)
@@ -401,7 +392,7 @@ class FlexLoRA(FedAvg):
                 logger.warning("round %d: reply from unknown node %d ignored", rnd, nid)
                 continue
             if reply.has_error():
-                excluded[pid] = f"error reply (code {reply.error.code}): {_last_line(reply.error.reason)}"
+                failed[pid] = f"error reply (code {reply.error.code}): {_last_line(reply.error.reason)}"
                 continue
             try:
                 content = reply.content
@@ -409,36 +400,14 @@ class FlexLoRA(FedAvg):
                 metrics = content.metric_records[METRICS]
                 weight, loss = float(metrics[NUM_EXAMPLES]), float(metrics.get(TRAIN_LOSS, math.nan))
             except (KeyError, TypeError, ValueError) as err:
-                excluded[pid] = f"malformed reply: {err!r}"
+                failed[pid] = f"malformed reply: {err!r}"
                 continue
-            if not (math.isfinite(weight) and weight > 0):
-                excluded[pid] = f"num-examples must be positive, got {weight}"
-                continue
-            states[pid], weights[pid], losses[pid] = state, weight, loss
+            decoded[pid] = Reply(state, weight, loss)
             self._dump(rnd, f"reply-p{pid}", state, {NUM_EXAMPLES: str(weight), TRAIN_LOSS: str(loss)})
-        return states, weights, losses, excluded
+        return decoded, failed
 
-    def _round_metrics(
-        self, rnd: int, states: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float],
-        losses: Mapping[int, float], excluded: Mapping[int, str],
-    ) -> dict[str, Any]:  # fmt: skip
-        kept = [p for p in states if p not in excluded]
-        total = sum(weights[p] for p in kept)
-        finite = [p for p in kept if math.isfinite(losses[p])]
-        loss = sum(weights[p] * losses[p] for p in finite) / sum(weights[p] for p in finite) if finite else math.nan
-        metrics: dict[str, Any] = {
-            "round": rnd,
-            "clients": len(states) + len([p for p in excluded if p not in states]),
-            "clients-ok": len(kept),
-            "clients-excluded": len(excluded),
-            "excluded-partitions": sorted(excluded),
-            TRAIN_LOSS: loss,
-            NUM_EXAMPLES: total,
-            "bytes-sent": self._sent_bytes,
-            "bytes-received": sum(state_nbytes(s) for s in states.values()),
-        }
-        energy = self._energy_by_rank() if self.global_update is not None else {}
-        metrics.update({f"energy-{label}": value for label, value in energy.items()})
+    def _log_round(self, rnd: int, row: Mapping[str, Any]) -> None:
+        energy = {k.removeprefix("energy-"): round(v, 4) for k, v in row.items() if k.startswith("energy-")}
         start, last = self._clock if self._clock is not None else (time.perf_counter(), rnd)
         elapsed, done = time.perf_counter() - start, rnd - self.round_offset
         eta = elapsed / max(done, 1) * max(last - rnd, 0)  # mean round so far (evaluation included) x rounds left
@@ -446,22 +415,9 @@ class FlexLoRA(FedAvg):
         logger.info(
             "round %d/%d%s: %d/%d clients ok, train loss %.4f, sent %.3f MB, received %.3f MB, energy kept %s, excluded %s; "
             "%.0f s elapsed, ETA %.0f s",
-            rnd, last, resumed, len(kept), metrics["clients"], loss, metrics["bytes-sent"] / 1e6, metrics["bytes-received"] / 1e6,
-            {k: round(v, 4) for k, v in energy.items()}, sorted(excluded), elapsed, eta,
+            rnd, last, resumed, row["clients-ok"], row["clients"], row[TRAIN_LOSS], row["bytes-sent"] / 1e6,
+            row["bytes-received"] / 1e6, energy, row["excluded-partitions"], elapsed, eta,
         )  # fmt: skip
-        self.history.append({**metrics, "excluded-reasons": {str(p): r for p, r in excluded.items()}})
-        return metrics
-
-    def _energy_by_rank(self) -> dict[str, float]:
-        """Mean over modules of the share of ‖ΔW‖² kept by each distinct rank map among the nodes."""
-        update = self.global_update
-        out: dict[str, float] = {}
-        for ranks in self.rank_maps.values():
-            label = rank_label(ranks)
-            if label not in out and update is not None:
-                kept = update.energy_kept(ranks)
-                out[label] = sum(kept.values()) / len(kept)
-        return dict(sorted(out.items()))
 
     # ------------------------------------------------------------------ evaluate (off)
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -29,7 +29,8 @@ def test_rank_table_entries(tmp_path: Path) -> None:
     path.write_text("1: 4\n2: r8\n3: {q_proj: 2, v_proj: 6}\ndefault: 16\n")
     table, default = config.load_rank_table(path, ["q_proj", "v_proj"])
     assert table == {1: {"q_proj": 4, "v_proj": 4}, 2: "r8", 3: {"q_proj": 2, "v_proj": 6}}
-    sampler = config.make_sampler("", rank=8, targets=["q_proj", "v_proj"], table=table, default=default)
+    sampler = config.to_core_config(FLEX, method="flexlora", lora_alpha=16, table=table, default=default, rank=8,
+                                    targets=["q_proj", "v_proj"]).sampler()  # fmt: skip
     assert set(sample_ranks(sampler, 3, 0, shapes=SHAPES).values()) == {2, 6}
     assert set(sample_ranks(sampler, 9, 0, shapes=SHAPES).values()) == {16}  # default
     assert set(sample_ranks(sampler, 2, 0, shapes=SHAPES).values()) == {8}
@@ -55,10 +56,12 @@ def test_rank_table_json_and_errors(tmp_path: Path) -> None:
 
 
 def test_homogeneous_profile_uses_adapter_rank() -> None:
-    sampler = config.make_sampler("", rank=8, targets=["q_proj", "v_proj"])
-    assert set(sample_ranks(sampler, 5, 0, shapes=SHAPES).values()) == {8}
-    heavy = config.make_sampler("heavy_tail_strong", rank=8, targets=["q_proj", "v_proj"])
-    assert sample_ranks(heavy, 5, 0) == sample_ranks("heavy_tail_strong", 5, 0)
+    def sampler(profile):
+        flex = {**FLEX, "profile": profile}
+        return config.to_core_config(flex, method="flexlora", lora_alpha=16, rank=8, targets=["q_proj", "v_proj"]).sampler()
+
+    assert set(sample_ranks(sampler(""), 5, 0, shapes=SHAPES).values()) == {8}
+    assert sample_ranks(sampler("heavy_tail_strong"), 5, 0) == sample_ranks("heavy_tail_strong", 5, 0)
 
 
 def test_to_core_config() -> None:

@@ -39,9 +39,10 @@ class Recorder:
         original = server.collect_feedback
 
         def collect(buffer: Any) -> Any:
-            states, weights, skipped = original(buffer)
-            self.received[server.state] = ({c: {k: v.clone() for k, v in s.items()} for c, s in states.items()}, dict(weights))
-            return states, weights, skipped
+            replies = original(buffer)
+            states = {c: {k: v.clone() for k, v in r.state.items()} for c, r in replies.items()}
+            self.received[server.state] = (states, {c: float(r.num_examples) for c, r in replies.items()})
+            return replies
 
         server.collect_feedback = collect
 

@@ -1,0 +1,353 @@
+"""The server side of a federation, host-agnostic: :class:`Federation`.
+
+A host (Flower's strategy, FederatedScope's server) owns the transport: who is sampled, how a
+message is encoded, where logs go. Everything else about a round is a policy and lives here, once:
+
+* **rank maps**: drawn from the config's profile (``sample_ranks`` on the model's module shapes)
+  or reported by a client, and checked against those shapes (every module covered, no unknown
+  module, ``1 <= r <= min(d_out, d_in)``);
+* **what a client receives**: round 1 the common start of every method (:func:`initial_update`:
+  ``B = 0`` and the first ``r`` rows of one common ``A`` per module), later the global update
+  projected at the client's ranks;
+* **replies**: a failed reply, a weight that is not a positive finite number, a wrong rank or
+  shape, NaN/Inf factors: the client is left out of the round with a reason; when nobody is left
+  the previous global update is kept;
+* **round metrics**: weighted train loss, examples, bytes both ways, the share of ‖ΔW‖² each
+  distinct rank map keeps (by :func:`rank_label`), excluded clients with reasons;
+* **server state**: saved atomically after a round, restored with the same checks for every host
+  (another method or seed is refused: both change what clients would be sent);
+* **export** of the global update as a peft adapter.
+
+Shapes, in the docstrings below: a module's factors are ``A: (r, d_in)``, ``B: (d_out, r)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .adapters import resolve_pattern, state_nbytes
+from .aggregation import GlobalUpdate, ModuleInfo, aggregate
+from .checkpoint import load_server_state, save_server_state
+from .config import FlexLoRAConfig
+from .errors import FlexLoRAError, FlexLoRAWarning, RankError
+from .profiles import rank_label, sample_ranks
+from .start import initial_update
+
+__all__ = ["Federation", "Reply", "RoundResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a client sent back after a round: its adapter state, its weight, its mean train loss."""
+
+    state: Mapping[str, Tensor]
+    num_examples: float
+    train_loss: float = math.nan
+
+
+@dataclass
+class RoundResult:
+    """One aggregated round, as every host reports it.
+
+    Attributes
+    ----------
+    round : int
+        The round number (1-based, continuing after a resume).
+    kept : list
+        Clients whose reply went into the global update.
+    excluded : dict
+        Client -> why it was left out (failed, bad weight, wrong rank or shape, non-finite...).
+    updated : bool
+        False when no reply was usable: the previous global update is kept.
+    """
+
+    round: int
+    kept: list[Hashable]
+    excluded: dict[Hashable, str]
+    updated: bool
+    train_loss: float
+    num_examples: float
+    bytes_sent: int
+    bytes_received: int
+    energy: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """A flat history row (the keys of Flower's ``metrics.json`` history)."""
+        return {
+            "round": self.round,
+            "clients": len(self.kept) + len(self.excluded),
+            "clients-ok": len(self.kept),
+            "clients-excluded": len(self.excluded),
+            "excluded-partitions": _sorted(self.excluded),
+            "train-loss": self.train_loss,
+            "num-examples": self.num_examples,
+            "bytes-sent": self.bytes_sent,
+            "bytes-received": self.bytes_received,
+            **{f"energy-{label}": value for label, value in self.energy.items()},
+            "excluded-reasons": {str(c): r for c, r in self.excluded.items()},
+        }
+
+
+def _sorted(ids: Iterable[Hashable]) -> list[Hashable]:
+    try:
+        return sorted(ids)  # type: ignore[type-var]
+    except TypeError:  # mixed id types
+        return sorted(ids, key=str)
+
+
+class Federation:
+    """The server side of one federation: rank maps, what each client gets, rounds, state, export.
+
+    Parameters
+    ----------
+    config : FlexLoRAConfig
+        Method, profile or rank table, seed, lora_alpha...
+    info : Mapping[str, ModuleInfo]
+        The adapted modules (:func:`~flexlora_plugin.core.module_infos` from base-model shapes,
+        or :func:`~flexlora_plugin.core.module_infos_of` from an adapter state); their key
+        format is the one clients are sent.
+    shapes : Mapping[str, tuple[int, int]], optional
+        Module name -> ``(d_out, d_in)`` in the names the host's rank maps use (e.g. Flower's
+        base-model names); each must match one module of ``info`` as a suffix. (default: ``info``'s)
+    state_path : path, optional
+        Where :meth:`aggregate` saves the server state after every round. (default: None)
+
+    Examples
+    --------
+    >>> fed = Federation(FlexLoRAConfig(profile="uniform"), module_infos(shapes))
+    >>> for client in clients: fed.draw_ranks(client)
+    >>> send = {c: fed.factors_for(c) for c in sampled}          # round 1: the common start
+    >>> result = fed.aggregate({c: Reply(state, n, loss) for ...})  # round 1 done
+    """
+
+    def __init__(
+        self, config: FlexLoRAConfig, info: Mapping[str, ModuleInfo], *,
+        shapes: Mapping[str, tuple[int, int]] | None = None, state_path: str | os.PathLike[str] | None = None,
+    ) -> None:  # fmt: skip
+        if not info:
+            raise RankError("a federation needs at least one adapted module")
+        self.config = config
+        self.info = dict(info)
+        raw = shapes if shapes is not None else {m: i.shape for m, i in self.info.items()}
+        self.shapes = {m: (int(d_out), int(d_in)) for m, (d_out, d_in) in raw.items()}
+        if len(self.shapes) != len(self.info):
+            raise RankError(f"shapes name {len(self.shapes)} modules, info {len(self.info)}")
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.rank_maps: dict[Hashable, dict[str, int]] = {}
+        self.global_update: GlobalUpdate | None = None
+        self.round = 0  # the last completed round
+        self.history: list[dict[str, Any]] = []
+        self._initial: GlobalUpdate | None = None
+        self._sampler = config.sampler()
+
+    # ------------------------------------------------------------------ rank maps
+    def draw_ranks(self, client: Hashable) -> dict[str, int]:
+        """The profile's rank map for ``client`` (a pure function of (seed, client)), resolved and clamped on the shapes."""
+        if client not in self.rank_maps:
+            self._set(client, sample_ranks(self._sampler, client, self.config.seed, shapes=self.shapes))
+        return dict(self.rank_maps[client])
+
+    def assign_ranks(self, client: Hashable, ranks: Mapping[str, int]) -> dict[str, int]:
+        """Take the rank map a client reports, after checking it against the module shapes.
+
+        Raises
+        ------
+        RankError
+            A module no entry covers, an entry that matches no module, or a rank outside
+            ``1..min(d_out, d_in)``; the message names the client and the module.
+        """
+        resolved: dict[str, int] = {}
+        for module, (d_out, d_in) in self.shapes.items():
+            r = resolve_pattern(module, ranks)
+            if r is None:
+                raise RankError(f"client {client!r}: no rank for module {module} in its rank map")
+            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(d_out, d_in):
+                raise RankError(
+                    f"client {client!r}, module {module} ({d_out}×{d_in}): rank must be in 1..{min(d_out, d_in)}, got {r!r}"
+                )
+            resolved[module] = r
+        unknown = [k for k in ranks if not self._matches_a_module(k)]
+        if unknown:
+            raise RankError(f"client {client!r}: rank map entries {unknown} match no adapted module")
+        self._set(client, dict(ranks))
+        return dict(ranks)
+
+    def _set(self, client: Hashable, ranks: dict[str, int]) -> None:
+        if self._initial is not None and client not in self.rank_maps:
+            self._initial = None  # a new client: the common start is drawn over every rank map known
+        self.rank_maps[client] = ranks
+
+    def _matches_a_module(self, key: str) -> bool:
+        if key in self.shapes or any(m.endswith("." + key) for m in self.shapes):
+            return True
+        return any(resolve_pattern(m, {key: 1}) is not None for m in self.shapes)  # a regex key
+    @property
+    def max_rank(self) -> int:
+        """The largest rank of any module of any client."""
+        if not self.rank_maps:
+            raise RankError("no rank map yet: draw_ranks() or assign_ranks() first")
+        return max(max(self.rank_for(c).values()) for c in self.rank_maps)
+
+    def rank_for(self, client: Hashable) -> dict[str, int]:
+        """``client``'s rank per module (full module names)."""
+        ranks = self.rank_maps[client]
+        return {m: int(resolve_pattern(m, ranks)) for m in self.shapes}  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ outgoing
+    @property
+    def initial(self) -> GlobalUpdate:
+        """The round-1 adapter of every method (:func:`initial_update` over every known rank map)."""
+        if self._initial is None:
+            if not self.rank_maps:
+                raise RankError("the round-1 adapter needs the clients' rank maps: draw_ranks() or assign_ranks() first")
+            self._initial = initial_update(self.info, self.rank_maps.values(), seed=self.config.seed)
+        return self._initial
+
+    @property
+    def current(self) -> GlobalUpdate:
+        """What clients are sent now: the global update, or the round-1 start before any round."""
+        return self.global_update if self.global_update is not None else self.initial
+
+    def factors_for(self, client: Hashable) -> dict[str, Tensor]:
+        """``client``'s factors: :attr:`current` projected at its ranks, ``s·B·A`` the best rank-r approximation.
+
+        Returns a private copy (``A: (r, d_in)``, ``B: (d_out, r)`` per module), safe to hand to a transport.
+        """
+        cfg = self.config
+        projected = self.current.project(self.rank_maps[client], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+        return {k: v.clone() for k, v in projected.items()}
+
+    def energy_kept(self, client: Hashable) -> dict[str, float]:
+        """Per module, the share of ‖ΔW‖² that ``client``'s projection keeps (1 before any round)."""
+        return self.current.energy_kept(self.rank_maps[client])
+
+    def energy_by_label(self, clients: Iterable[Hashable] | None = None) -> dict[str, float]:
+        """Mean over modules of the energy kept, per distinct rank map (by :func:`rank_label`)."""
+        out: dict[str, float] = {}
+        for client in self.rank_maps if clients is None else clients:
+            label = rank_label(self.rank_for(client))
+            if label not in out:
+                kept = self.energy_kept(client)
+                out[label] = sum(kept.values()) / len(kept)
+        return dict(sorted(out.items()))
+
+    # ------------------------------------------------------------------ incoming
+    def aggregate(
+        self, replies: Mapping[Hashable, Reply], *, failed: Mapping[Hashable, str] | None = None, bytes_sent: int = 0,
+        round: int | None = None,
+    ) -> RoundResult:  # fmt: skip
+        """Aggregate one round's replies into the global update; never raises for a bad client.
+
+        Parameters
+        ----------
+        replies : Mapping[client, Reply]
+            The replies that arrived and decoded.
+        failed : Mapping[client, str], optional
+            Clients whose reply failed at the host (error reply, undecodable), with the reason.
+        bytes_sent : int
+            Bytes of factors the host sent this round (for the metrics).
+        round : int, optional
+            This round's number. (default: the last completed round + 1)
+
+        Returns
+        -------
+        RoundResult
+            Also appended to :attr:`history` (as :meth:`RoundResult.row`) and, with a
+            ``state_path``, saved with the new global update.
+        """
+        rnd = self.round + 1 if round is None else int(round)
+        excluded: dict[Hashable, str] = dict(failed or {})
+        usable: dict[Hashable, Reply] = {}
+        for client, reply in replies.items():
+            if client not in self.rank_maps:
+                excluded[client] = "no rank map was assigned to this client"
+            elif isinstance(reply.num_examples, bool) or not (
+                isinstance(reply.num_examples, (int, float)) and math.isfinite(reply.num_examples) and reply.num_examples > 0
+            ):
+                excluded[client] = f"num-examples must be a positive finite number, got {reply.num_examples!r}"
+            else:
+                usable[client] = reply
+        update = None
+        if usable:
+            kwargs = self.config.aggregate_kwargs(client_max_rank=self.max_rank)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FlexLoRAWarning)  # the reasons are returned, hosts log them once
+                    update = aggregate(
+                        {c: r.state for c, r in usable.items()}, {c: float(r.num_examples) for c, r in usable.items()},
+                        expected_ranks={c: self.rank_maps[c] for c in usable}, on_invalid="exclude", **kwargs,
+                    )  # fmt: skip
+            except FlexLoRAError as err:  # every reply excluded, or none usable together
+                excluded.update({c: f"no usable reply this round: {err}" for c in usable if c not in excluded})
+        if update is not None:
+            excluded.update(update.excluded)
+            self.global_update = update
+        kept = [c for c in usable if c not in excluded]
+        weights = {c: float(usable[c].num_examples) for c in kept}
+        finite = [c for c in kept if math.isfinite(usable[c].train_loss)]
+        loss = sum(weights[c] * usable[c].train_loss for c in finite) / sum(weights[c] for c in finite) if finite else math.nan
+        result = RoundResult(
+            round=rnd, kept=kept, excluded=excluded, updated=update is not None, train_loss=loss,
+            num_examples=sum(weights.values()), bytes_sent=int(bytes_sent),
+            bytes_received=sum(state_nbytes(r.state) for r in replies.values()),
+            energy=self.energy_by_label() if self.global_update is not None else {},
+        )  # fmt: skip
+        self.round = rnd
+        self.history.append(result.row())
+        if self.state_path is not None and self.global_update is not None:
+            self.save(self.state_path)
+        return result
+
+    # ------------------------------------------------------------------ state
+    def save(self, path: str | os.PathLike[str], *, round: int | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the server state (global update, round, seed, history) atomically."""
+        meta = {"history": self.history, "method": self.config.method, **(extra or {})}
+        return save_server_state(
+            path, self.global_update, round=self.round if round is None else int(round), seed=self.config.seed,
+            max_rank=self.max_rank if self.rank_maps else None, extra=meta,
+        )  # fmt: skip
+
+    def restore(self, path: str | os.PathLike[str]) -> int:
+        """Continue from a saved server state; return its round.
+
+        Raises
+        ------
+        FlexLoRAError
+            The file holds no update, or was written by another method or with another seed
+            (the seed fixes every client's ranks and the round-1 start: continuing under another
+            one would send clients factors of other ranks).
+        """
+        state = load_server_state(path)
+        if state.update is None:
+            raise FlexLoRAError(f"{path} holds no global update (saved before the first aggregation)")
+        if state.update.method != self.config.method:
+            raise FlexLoRAError(f"{path} was written by method {state.update.method!r}, this run uses {self.config.method!r}")
+        if state.seed != self.config.seed:
+            raise FlexLoRAError(f"{path} was written with seed {state.seed}, this run uses seed {self.config.seed}")
+        self.global_update, self.round = state.update, state.round
+        self.history = list(state.extra.get("history", []))
+        logger.info("resumed from %s after round %d", path, state.round)
+        return state.round
+
+    # ------------------------------------------------------------------ export
+    def export(self, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None) -> dict[str, int]:
+        """Write the global update as a peft adapter (each module at the rank reproducing its ΔW); return the ranks."""
+        from .export import save_peft_adapter
+
+        if self.global_update is None:
+            raise FlexLoRAError("no round produced a global update; nothing to export")
+        return save_peft_adapter(
+            self.global_update, folder, base_model_name_or_path=base_model_name_or_path,
+            lora_alpha=self.config.lora_alpha, use_rslora=self.config.use_rslora,
+        )  # fmt: skip

@@ -1,0 +1,151 @@
+"""core.Federation: the server side of a round, against float64 references written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flexlora_plugin.core import FlexLoRAConfig, FlexLoRAError, RankError, common_lora_A, module_infos
+from flexlora_plugin.core.federation import Federation, Reply
+from flexlora_plugin.core.profiles import sample_ranks
+from tests.conftest import best_rank_error, make_client, ref_delta
+
+SHAPES = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.0.mlp.down_proj": (16, 40)}
+PREFIX = "base_model.model."
+ALPHA = 16.0
+
+
+def _fed(tmp_path=None, **config) -> Federation:
+    cfg = FlexLoRAConfig(**{"lora_alpha": ALPHA, **config})
+    return Federation(cfg, module_infos(SHAPES), shapes=SHAPES, state_path=None if tmp_path is None else tmp_path / "s.safetensors")
+
+
+def _reply(ranks: dict[str, int], gen: torch.Generator, n: float = 10.0, loss: float = 1.0) -> Reply:
+    state = make_client({PREFIX + m: r for m, r in ranks.items()}, {PREFIX + m: s for m, s in SHAPES.items()}, gen=gen)
+    return Reply(state, n, loss)
+
+
+def _factors(state: dict[str, torch.Tensor], module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return state[f"{PREFIX}{module}.lora_A.weight"].double(), state[f"{PREFIX}{module}.lora_B.weight"].double()
+
+
+def test_ranks_drawn_from_the_profile_and_checked_when_reported():
+    fed = _fed(profile="uniform")
+    assert fed.draw_ranks(3) == sample_ranks("uniform", 3, 0, shapes=SHAPES)
+    q, down = SHAPES
+    assert fed.assign_ranks("a", {q: 4, down: 8}) == {q: 4, down: 8}
+    assert fed.assign_ranks("b", {"q_proj": 2, "down_proj": 16}) == {"q_proj": 2, "down_proj": 16}  # suffixes are fine
+    with pytest.raises(RankError, match=r"client 'x', module model.layers.0.self_attn.q_proj \(24×16\): rank must be in 1..16, got 1000000000"):
+        fed.assign_ranks("x", {q: 10**9, down: 8})
+    with pytest.raises(RankError, match="client 'x': no rank for module model.layers.0.mlp.down_proj"):
+        fed.assign_ranks("x", {q: 4})
+    with pytest.raises(RankError, match=r"client 'x': rank map entries \['k_proj'\] match no adapted module"):
+        fed.assign_ranks("x", {q: 4, down: 4, "k_proj": 4})
+    with pytest.raises(RankError, match="got True"):
+        fed.assign_ranks("x", {q: True, down: 4})
+    assert "x" not in fed.rank_maps
+
+
+def test_round1_sends_the_common_start_at_each_clients_rank():
+    fed = _fed(profile="homo")
+    for client, r in (("a", 4), ("b", 12)):
+        fed.assign_ranks(client, dict.fromkeys(SHAPES, r))
+    for client, r in (("a", 4), ("b", 12)):
+        sent = fed.factors_for(client)
+        for module, (d_out, _) in SHAPES.items():
+            A, B = _factors(sent, module)
+            common = common_lora_A(PREFIX + module, 12, SHAPES[module][1], seed=0)
+            assert torch.equal(B, torch.zeros(d_out, r, dtype=torch.float64))
+            assert torch.allclose(A, common[:r].double())
+
+
+def test_a_round_matches_an_independent_float64_reference():
+    gen = torch.Generator().manual_seed(0)
+    fed = _fed(profile="homo")
+    ranks = {"a": 4, "b": 8, "c": 12}
+    for client, r in ranks.items():
+        fed.assign_ranks(client, dict.fromkeys(SHAPES, r))
+    replies = {c: _reply(dict.fromkeys(SHAPES, r), gen, n=n, loss=loss) for (c, r), n, loss in zip(ranks.items(), (10, 30, 60), (2.0, 1.0, 4.0))}
+    result = fed.aggregate(replies, bytes_sent=123)
+    assert result.updated and result.kept == ["a", "b", "c"] and result.excluded == {} and result.round == 1
+    assert result.train_loss == pytest.approx((10 * 2 + 30 * 1 + 60 * 4) / 100) and result.num_examples == 100
+    assert result.bytes_sent == 123 and result.bytes_received == sum(4 * v.numel() for r in replies.values() for v in r.state.values())
+    states = [r.state for r in replies.values()]
+    for module in SHAPES:
+        ref = ref_delta(states, [10, 30, 60], PREFIX + module, [ALPHA] * 3)
+        for client, r in ranks.items():
+            A, B = _factors(fed.factors_for(client), module)
+            approx = (ALPHA / r) * B @ A
+            assert float((ref - approx).norm()) == pytest.approx(best_rank_error(ref, r), rel=1e-4, abs=1e-5), (client, module)
+    assert set(result.energy) == {"r4", "r8", "r12"} and all(0 < e <= 1 + 1e-6 for e in result.energy.values())
+    assert fed.history == [result.row()] and result.row()["excluded-partitions"] == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (lambda r: Reply(r.state, 0), "num-examples must be a positive finite number, got 0"),
+        (lambda r: Reply(r.state, math.nan), "num-examples must be a positive finite number, got nan"),
+        (lambda r: Reply(r.state, True), "num-examples must be a positive finite number, got True"),
+        (lambda r: Reply({k: v.clone().fill_(math.nan) for k, v in r.state.items()}, 5), "non-finite"),
+        (lambda r: Reply({k: (v[:-1] if ".lora_A." in k else v[:, :-1]) for k, v in r.state.items()}, 5), "rank"),
+    ],
+)
+def test_a_bad_reply_is_left_out_with_its_reason(bad, reason):
+    gen = torch.Generator().manual_seed(1)
+    fed = _fed(profile="homo")
+    for client in ("good", "bad"):
+        fed.assign_ranks(client, dict.fromkeys(SHAPES, 4))
+    good = _reply(dict.fromkeys(SHAPES, 4), gen)
+    result = fed.aggregate({"good": good, "bad": bad(_reply(dict.fromkeys(SHAPES, 4), gen))}, failed={"gone": "error reply"})
+    assert result.kept == ["good"] and result.updated
+    assert reason in result.excluded["bad"] and result.excluded["gone"] == "error reply"
+    assert set(result.row()["excluded-reasons"]) == {"bad", "gone"}
+
+
+def test_no_usable_reply_keeps_the_previous_update():
+    gen = torch.Generator().manual_seed(2)
+    fed = _fed(profile="homo")
+    fed.assign_ranks("a", dict.fromkeys(SHAPES, 4))
+    fed.aggregate({"a": _reply(dict.fromkeys(SHAPES, 4), gen)})
+    before = fed.global_update
+    nan = _reply(dict.fromkeys(SHAPES, 4), gen)
+    result = fed.aggregate({"a": Reply({k: v.fill_(math.inf) for k, v in nan.state.items()}, 3)})
+    assert not result.updated and fed.global_update is before and "no usable reply" in result.excluded["a"]
+    assert result.round == 2 and math.isnan(result.train_loss)
+
+
+def test_state_round_trip_and_the_same_refusals_in_every_host(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    fed = _fed(tmp_path, profile="homo", seed=5)
+    fed.assign_ranks("a", dict.fromkeys(SHAPES, 4))
+    fed.aggregate({"a": _reply(dict.fromkeys(SHAPES, 4), gen)})
+    fed.aggregate({"a": _reply(dict.fromkeys(SHAPES, 4), gen)})
+    again = _fed(profile="homo", seed=5)
+    again.assign_ranks("a", dict.fromkeys(SHAPES, 4))
+    assert again.restore(tmp_path / "s.safetensors") == 2 and again.round == 2 and again.history == fed.history
+    assert all(torch.equal(again.factors_for("a")[k], v) for k, v in fed.factors_for("a").items())
+    with pytest.raises(FlexLoRAError, match="written with seed 5, this run uses seed 6"):
+        _fed(profile="homo", seed=6).restore(tmp_path / "s.safetensors")
+    with pytest.raises(FlexLoRAError, match="written by method 'flexlora', this run uses 'hetlora'"):
+        _fed(profile="homo", seed=5, method="hetlora").restore(tmp_path / "s.safetensors")
+    empty = tmp_path / "empty.safetensors"
+    _fed(profile="homo").save(empty)
+    with pytest.raises(FlexLoRAError, match="holds no global update"):
+        _fed(profile="homo").restore(empty)
+
+
+def test_export_writes_the_exact_global_update(tmp_path):
+    from flexlora_plugin.core import adapter_error
+
+    gen = torch.Generator().manual_seed(4)
+    fed = _fed(profile="homo")
+    with pytest.raises(FlexLoRAError, match="nothing to export"):
+        fed.export(tmp_path / "none")
+    for client, r in (("a", 4), ("b", 8)):
+        fed.assign_ranks(client, dict.fromkeys(SHAPES, r))
+    fed.aggregate({c: _reply(dict.fromkeys(SHAPES, r), gen) for c, r in (("a", 4), ("b", 8))})
+    ranks = fed.export(tmp_path / "adapter", base_model_name_or_path="tiny")
+    assert set(ranks.values()) == {12} and max(adapter_error(fed.global_update, tmp_path / "adapter").values()) < 1e-5
