@@ -6,10 +6,19 @@ server-state checkpoints; :class:`FlexLoRAConfig`. Definitions and math: ``docs/
 """
 
 from .adapters import LORA_A, LORA_B, LoRAFactors, lora_scaling, resolve_pattern, split_state, state_nbytes
-from .aggregation import ClientUpdate, FlexLoRAUpdate, GlobalUpdate, ModuleInfo, aggregate
+from .aggregation import (
+    ClientUpdate,
+    FlexLoRAUpdate,
+    GlobalUpdate,
+    ModuleInfo,
+    aggregate,
+    list_methods,
+    method_class,
+    register_method,
+)
 from .baselines import FedAvgUpdate, HetLoRAUpdate
 from .checkpoint import ServerState, load_server_state, save_server_state
-from .config import METHODS, FlexLoRAConfig
+from .config import FlexLoRAConfig, parse_rank_table
 from .errors import (
     FlexLoRAError,
     FlexLoRAWarning,
@@ -80,16 +89,20 @@ __all__ = [
     "homogeneous",
     "initial_update",
     "list_aliases",
+    "list_methods",
     "list_profiles",
     "load_server_state",
     "lora_scaling",
     "lora_type",
+    "method_class",
     "module_infos",
     "module_infos_of",
     "profile_rank_maps",
     "rank_label",
+    "parse_rank_table",
     "register_distribution",
     "register_lora_type",
+    "register_method",
     "register_profile",
     "resolve_pattern",
     "sample_ranks",
@@ -98,3 +111,5 @@ __all__ = [
     "split_state",
     "state_nbytes",
 ]
+
+METHODS = tuple(list_methods())  # the built-in methods, registered above (list_methods() also has user ones)

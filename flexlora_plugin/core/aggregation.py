@@ -20,7 +20,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -36,11 +36,15 @@ from .errors import (
 )
 from .projection import Spectrum, dense_spectrum, factored_spectrum, redistribute
 
-__all__ = ["ClientUpdate", "GlobalUpdate", "FlexLoRAUpdate", "ModuleInfo", "Method", "aggregate"]
+__all__ = [
+    "ClientUpdate", "FlexLoRAUpdate", "GlobalUpdate", "Method", "ModuleInfo", "aggregate", "list_methods", "method_class",
+    "register_method",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["flexlora", "fedavg", "hetlora"]
+Method = str  # a registered method name (list_methods())
+U = TypeVar("U", bound="GlobalUpdate")
 Ranks = Union[int, Mapping[str, int]]
 Scaling = Union[float, Mapping[str, float]]
 ProgressFn = Callable[[int, int, str], None]
@@ -77,6 +81,43 @@ class ClientUpdate:
     weight: float
     factors: Mapping[str, LoRAFactors]
     scalings: Mapping[str, float]
+
+
+_METHODS: dict[str, type[GlobalUpdate]] = {}
+_AGGREGATING: list[str] = []
+
+
+def register_method(name: str, *, aggregates: bool = True) -> Callable[[type[U]], type[U]]:
+    """Class decorator: register a :class:`GlobalUpdate` subclass as method ``name``.
+
+    ``aggregate(method=name)`` then builds it with its ``from_clients``, and server states and
+    peft export dispatch through its own hooks (``state_tensors``/``from_state``,
+    ``export_factors``). ``aggregates=False`` registers an update that is only restored and
+    exported (the round-1 start). A duplicate name raises.
+    """
+
+    def decorate(cls: type[U]) -> type[U]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered (by {_METHODS[name].__name__})")
+        cls.method = name
+        _METHODS[name] = cls
+        if aggregates:
+            _AGGREGATING.append(name)
+        return cls
+
+    return decorate
+
+
+def method_class(name: str) -> type[GlobalUpdate]:
+    """The update class registered as ``name``."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown aggregation method {name!r}; registered: {list_methods()}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    """The aggregation methods ``aggregate`` and :class:`FlexLoRAConfig` accept, in registration order."""
+    return list(_AGGREGATING)
 
 
 class GlobalUpdate(ABC):
@@ -117,6 +158,37 @@ class GlobalUpdate(ABC):
     @abstractmethod
     def delta(self, module: str) -> Tensor:
         """Dense ``ΔW : (d_out, d_in)`` of ``module`` in the compute dtype (built on demand)."""
+
+    # Hooks every registered method implements: aggregation, server state, peft export.
+    @classmethod
+    @abstractmethod
+    def from_clients(
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
+        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
+        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> GlobalUpdate:  # fmt: skip
+        """Build this method's update from validated clients (:func:`aggregate` calls it); unused options are ignored."""
+
+    @abstractmethod
+    def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What a server state stores for ``module``: named tensors and JSON extras."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(
+        cls, info: Mapping[str, ModuleInfo], clients: Sequence[Hashable], tensors: Mapping[str, Mapping[str, Tensor]],
+        entries: Mapping[str, Mapping[str, Any]], *, compute_dtype: torch.dtype, seed: int,
+    ) -> GlobalUpdate:  # fmt: skip
+        """Rebuild an update from :meth:`state_tensors` output, per module."""
+
+    @abstractmethod
+    def exact_rank(self, module: str, tol: float) -> int:
+        """Smallest rank ``r ≥ 1`` whose adapter reproduces ``module``'s ΔW to ``tol`` (relative Frobenius)."""
+
+    @abstractmethod
+    def export_factors(self, module: str, r: int | None, scaling_of: Callable[[int], float], tol: float) -> tuple[Tensor, Tensor]:
+        """``(A : (r, d_in), B : (d_out, r))`` written to a peft adapter; ``r`` None = the rank reproducing ΔW to ``tol``."""
 
     @abstractmethod
     def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -214,6 +286,7 @@ class GlobalUpdate(ABC):
         return to_compute(t, self.compute_dtype, self.device)
 
 
+@register_method("flexlora")
 class FlexLoRAUpdate(GlobalUpdate):
     """FlexLoRA's global update: ``ΔW = Σ_k p_k s_k B_k A_k`` per module, served by truncated SVD.
 
@@ -284,6 +357,59 @@ class FlexLoRAUpdate(GlobalUpdate):
             return factored_spectrum(Bs, As, [c for c, _, _ in terms])
         return dense_spectrum(self._delta(module, f64), min(self.info[module].shape))
 
+    @classmethod
+    def from_clients(
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
+        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
+        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> FlexLoRAUpdate:  # fmt: skip
+        """``ΔW = Σ_k p_k s_k B_k A_k`` per module, ``p_k`` renormalised over the clients holding it (kept factored)."""
+        terms = {
+            m: [
+                (c.weight / _total(clients, m) * c.scalings[m], c.factors[m].B, c.factors[m].A) for c in clients if m in c.factors
+            ]
+            for m in info
+        }
+        return cls(
+            info, [c.client for c in clients], excluded, terms=terms, max_rank=max_rank, progress=progress,
+            compute_dtype=compute_dtype, device=device, seed=seed,
+        )  # fmt: skip
+
+    def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The singular triplets (``US``, ``S``, ``Vh``): all of them, or the top ``max_rank``."""
+        spec = self.spectrum(module, max_rank or min(self.info[module].shape))
+        return {"US": spec.US, "S": spec.S, "Vh": spec.Vh}, {"total_energy": spec.total_energy, "complete": spec.complete}
+
+    @classmethod
+    def from_state(
+        cls, info: Mapping[str, ModuleInfo], clients: Sequence[Hashable], tensors: Mapping[str, Mapping[str, Tensor]],
+        entries: Mapping[str, Mapping[str, Any]], *, compute_dtype: torch.dtype, seed: int,
+    ) -> FlexLoRAUpdate:  # fmt: skip
+        spectra = {
+            m: Spectrum(US=t["US"], S=t["S"], Vh=t["Vh"], total_energy=float(entries[m]["total_energy"]),
+                        complete=bool(entries[m]["complete"]))  # fmt: skip
+            for m, t in tensors.items()
+        }
+        return cls(info, clients, {}, spectra=spectra, compute_dtype=compute_dtype, seed=seed)
+
+    def exact_rank(self, module: str, tol: float) -> int:
+        """Smallest ``r ≥ 1`` with ``‖ΔW − [ΔW]_r‖_F ≤ tol · ‖ΔW‖_F``, from the float64 spectrum."""
+        return self.exact_spectrum(module).rank_at(tol)
+
+    def export_factors(self, module: str, r: int | None, scaling_of: Callable[[int], float], tol: float) -> tuple[Tensor, Tensor]:
+        """The leading triplets themselves, from a float64 spectrum.
+
+        Not :meth:`project_module`: for clients it swaps triplets below ``matrix_rank``'s cutoff
+        for zero-B completion rows, and float32 triplets reproduce ΔW only to ~1e-5. With ``r``
+        None, half of ``tol`` goes to truncation, half is left to storing the factors in the
+        compute dtype.
+        """
+        spec = self.exact_spectrum(module)
+        r = spec.rank_at(tol / 2) if r is None else r
+        scaling = scaling_of(r)
+        return spec.Vh[:r].to(self.compute_dtype), (spec.US[:, :r] / scaling).to(self.compute_dtype)
+
     def spectrum(self, module: str, k: int) -> Spectrum:
         """Leading singular triplets of ``module``'s ΔW, at least ``min(k, rank)`` of them."""
         info = self._check_module(module)
@@ -318,7 +444,7 @@ def aggregate(
     states: Sequence[Mapping[str, Tensor]] | Mapping[Any, Mapping[str, Tensor]],
     weights: Sequence[float] | Mapping[Any, float],
     *,
-    method: Method = "flexlora",
+    method: str = "flexlora",
     lora_alpha: float | None = None,
     scalings: Sequence[Scaling] | Mapping[Any, Scaling] | None = None,
     use_rslora: bool = False,
@@ -341,8 +467,9 @@ def aggregate(
         A mapping's keys are the client ids used in messages and in ``excluded``.
     weights : sequence or mapping of float
         Positive, finite; typically each client's sample count. Normalised per module.
-    method : {"flexlora", "fedavg", "hetlora"}
-        (default: "flexlora")
+    method : str
+        A registered method (:func:`list_methods`: ``"flexlora"``, ``"fedavg"``, ``"hetlora"``, or
+        one added with :func:`register_method`). (default: "flexlora")
     lora_alpha : float, optional
         Clients' ``lora_alpha``; ``s_k = lora_scaling(lora_alpha, r_k, use_rslora)`` per module.
     scalings : sequence or mapping, optional
@@ -382,10 +509,9 @@ def aggregate(
         A malformed client with ``on_invalid="raise"``; :class:`NonFiniteUpdateError` when no
         client is left.
     """
-    from .baselines import FedAvgUpdate, HetLoRAUpdate  # local: baselines builds on this module
-
-    if method not in ("flexlora", "fedavg", "hetlora"):
-        raise ValueError(f"unknown aggregation method {method!r}; expected 'flexlora', 'fedavg' or 'hetlora'")
+    cls = method_class(method)  # unknown name: ValueError listing the registered methods
+    if method not in _AGGREGATING:
+        raise ValueError(f"method {method!r} is not an aggregation method; registered: {list_methods()}")
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     clients, excluded = collect_clients(
@@ -396,20 +522,9 @@ def aggregate(
     clients = [c for c in clients if c.client not in excluded]
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
-    if method == "fedavg":
-        return FedAvgUpdate.from_clients(clients, info, excluded, compute_dtype=compute_dtype, device=device, seed=seed)
-    if method == "hetlora":
-        return HetLoRAUpdate.from_clients(
-            clients, info, excluded, max_rank=max_rank, weighting=hetlora_weighting,
-            compute_dtype=compute_dtype, device=device, seed=seed,
-        )  # fmt: skip
-    terms = {
-        m: [(c.weight / _total(clients, m) * c.scalings[m], c.factors[m].B, c.factors[m].A) for c in clients if m in c.factors]
-        for m in info
-    }
-    return FlexLoRAUpdate(
-        info, [c.client for c in clients], excluded, terms=terms, max_rank=max_rank, progress=progress,
-        compute_dtype=compute_dtype, device=device, seed=seed,
+    return cls.from_clients(
+        clients, info, excluded, max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,
+        device=device, seed=seed, progress=progress,
     )  # fmt: skip
 
 

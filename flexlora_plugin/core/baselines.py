@@ -16,13 +16,13 @@ Both keep *global factors* ``B̄ : (d_out, R)`` and ``Ā : (R, d_in)`` per modul
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .aggregation import ClientUpdate, GlobalUpdate, ModuleInfo
+from .aggregation import ClientUpdate, GlobalUpdate, ModuleInfo, ProgressFn, register_method
 from .errors import RankError
 
 __all__ = ["FactorsUpdate", "FedAvgUpdate", "HetLoRAUpdate"]
@@ -52,6 +52,37 @@ class FactorsUpdate(GlobalUpdate):
         A, B = self.factors[module]
         return self.scales[module] * (B @ A)
 
+    @classmethod
+    def from_clients(
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
+        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
+        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> FactorsUpdate:  # fmt: skip
+        raise TypeError(f"{cls.__name__} is not built from client updates")
+
+    def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The global factors ``A``, ``B`` and their ``scale``."""
+        A, B = self.factors[module]
+        return {"A": A, "B": B}, {"scale": self.scales[module]}
+
+    @classmethod
+    def from_state(
+        cls, info: Mapping[str, ModuleInfo], clients: Sequence[Hashable], tensors: Mapping[str, Mapping[str, Tensor]],
+        entries: Mapping[str, Mapping[str, Any]], *, compute_dtype: torch.dtype, seed: int,
+    ) -> FactorsUpdate:  # fmt: skip
+        factors = {m: (t["A"], t["B"]) for m, t in tensors.items()}
+        scales = {m: float(entries[m]["scale"]) for m in tensors}
+        return cls(info, clients, {}, factors=factors, scales=scales, compute_dtype=compute_dtype, seed=seed)
+
+    def exact_rank(self, module: str, tol: float) -> int:
+        """The rank of the global factors (ΔW is their product)."""
+        return int(self.factors[module][0].shape[0])
+
+    def export_factors(self, module: str, r: int | None, scaling_of: Callable[[int], float], tol: float) -> tuple[Tensor, Tensor]:
+        r = self.exact_rank(module, tol) if r is None else r
+        return self.project_module(module, r, scaling=scaling_of(r))
+
     def _energy_kept(self, module: str, r: int) -> float:
         A, B = self.factors[module]
         total = _frob2(B, A)
@@ -65,22 +96,17 @@ def _frob2(B: Tensor, A: Tensor) -> float:
     return float(((B.T @ B) * (A @ A.T)).sum())
 
 
+@register_method("fedavg")
 class FedAvgUpdate(FactorsUpdate):
     """FedAvg of LoRA factors (homogeneous ranks only): ``ΔW = s · (Σ p_k B_k)(Σ p_k A_k)``."""
 
-    method = "fedavg"
-
     @classmethod
     def from_clients(
-        cls,
-        clients: Sequence[ClientUpdate],
-        info: Mapping[str, ModuleInfo],
-        excluded: Mapping[Hashable, str],
-        *,
-        compute_dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        seed: int = 0,
-    ) -> FedAvgUpdate:
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
+        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
+        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> FedAvgUpdate:  # fmt: skip
         mixed = {}
         for m in info:
             ranks = {c.client: c.factors[m].r for c in clients if m in c.factors}
@@ -109,24 +135,18 @@ class FedAvgUpdate(FactorsUpdate):
         return A.to(dtype).cpu(), B.to(dtype).cpu()
 
 
+@register_method("hetlora")
 class HetLoRAUpdate(FactorsUpdate):
     """HetLoRA: zero-padded, scale-aligned factor averaging; projection by truncation."""
 
-    method = "hetlora"
-
     @classmethod
     def from_clients(
-        cls,
-        clients: Sequence[ClientUpdate],
-        info: Mapping[str, ModuleInfo],
-        excluded: Mapping[Hashable, str],
-        *,
-        max_rank: int | None,
-        weighting: Literal["data", "norm"],
-        compute_dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        seed: int = 0,
-    ) -> HetLoRAUpdate:
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
+        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
+        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> HetLoRAUpdate:  # fmt: skip
+        weighting = hetlora_weighting
         if weighting not in ("data", "norm"):
             raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {weighting!r}")
         top = max(f.r for c in clients for f in c.factors.values())

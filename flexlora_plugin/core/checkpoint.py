@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .aggregation import FlexLoRAUpdate, GlobalUpdate, ModuleInfo
-from .baselines import FactorsUpdate, FedAvgUpdate, HetLoRAUpdate
+from .aggregation import GlobalUpdate, ModuleInfo, method_class
 from .errors import FlexLoRAError
-from .projection import Spectrum
-from .start import InitialUpdate
 
 __all__ = ["ServerState", "load_server_state", "save_server_state"]
 
@@ -75,14 +72,9 @@ def save_server_state(
             entry: dict[str, Any] = {
                 "shape": list(mi.shape), "dtype": _dtype_name(mi.dtype), "a_key": mi.a_key, "b_key": mi.b_key,
             }  # fmt: skip
-            if isinstance(update, FlexLoRAUpdate):
-                spec = update.spectrum(m, max_rank or min(mi.shape))
-                tensors.update({f"{m}{_SEP}US": spec.US, f"{m}{_SEP}S": spec.S, f"{m}{_SEP}Vh": spec.Vh})
-                entry.update(total_energy=spec.total_energy, complete=spec.complete)
-            elif isinstance(update, FactorsUpdate):
-                A, B = update.factors[m]
-                tensors.update({f"{m}{_SEP}A": A, f"{m}{_SEP}B": B})
-                entry["scale"] = update.scales[m]
+            named, extras = update.state_tensors(m, max_rank)  # the method's own hook
+            tensors.update({f"{m}{_SEP}{name}": t for name, t in named.items()})
+            entry.update(extras)
             modules[m] = entry
     meta = {
         "format": FORMAT,
@@ -132,19 +124,13 @@ def _restore_update(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     compute_dtype = tensors[next(iter(tensors))].dtype if tensors else torch.float32
     seed = int(meta["seed"])
     clients: list[str] = meta["clients"]
-    excluded: dict[Hashable, str] = {}
-    if meta["method"] == "flexlora":
-        spectra = {
-            m: Spectrum(
-                US=tensors[f"{m}{_SEP}US"], S=tensors[f"{m}{_SEP}S"], Vh=tensors[f"{m}{_SEP}Vh"],
-                total_energy=float(e["total_energy"]), complete=bool(e["complete"]),
-            )  # fmt: skip
-            for m, e in meta["modules"].items()
-        }
-        return FlexLoRAUpdate(info, clients, excluded, spectra=spectra, compute_dtype=compute_dtype, seed=seed)
-    cls = {"fedavg": FedAvgUpdate, "hetlora": HetLoRAUpdate, "initial": InitialUpdate}.get(meta["method"])
-    if cls is None:
-        raise FlexLoRAError(f"unknown method {meta['method']!r} in server state")
-    factors = {m: (tensors[f"{m}{_SEP}A"], tensors[f"{m}{_SEP}B"]) for m in info}
-    scales = {m: float(e["scale"]) for m, e in meta["modules"].items()}
-    return cls(info, clients, excluded, factors=factors, scales=scales, compute_dtype=compute_dtype, seed=seed)
+    try:
+        cls = method_class(meta["method"])
+    except ValueError as err:
+        raise FlexLoRAError(f"unknown method {meta['method']!r} in server state") from err
+    per_module: dict[str, dict[str, torch.Tensor]] = {m: {} for m in info}
+    for key, t in tensors.items():
+        module, _, name = key.rpartition(_SEP)
+        if module in per_module:
+            per_module[module][name] = t
+    return cls.from_state(info, clients, per_module, meta["modules"], compute_dtype=compute_dtype, seed=seed)

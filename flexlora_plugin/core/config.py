@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from .aggregation import list_methods
 from .errors import ProfileError
 from .profiles import (
     ATTENTION,
@@ -25,7 +26,7 @@ from .profiles import (
     rank_label,
 )
 
-__all__ = ["FlexLoRAConfig", "METHODS", "parse_rank_table"]
+__all__ = ["FlexLoRAConfig", "parse_rank_table"]
 
 RankEntry = str | dict[str, int]
 
@@ -74,15 +75,15 @@ def parse_rank_table(raw: Mapping[Any, Any], targets: Sequence[str]) -> tuple[di
     default = _rank_entry("default", raw["default"], targets) if "default" in raw else None
     return table, default
 
-METHODS = ("flexlora", "hetlora", "fedavg")
 
 
 @dataclass(frozen=True)
 class FlexLoRAConfig:
     """FlexLoRA settings. Every field is validated in ``__post_init__``."""
 
-    method: Literal["flexlora", "hetlora", "fedavg"] = field(
-        default="flexlora", metadata={"help": "Aggregation: 'flexlora', 'hetlora' or 'fedavg' (homogeneous ranks)."}
+    method: str = field(
+        default="flexlora",
+        metadata={"help": "Aggregation: a registered method (list_methods(): 'flexlora', 'fedavg', 'hetlora')."},
     )
     profile: str = field(
         default="homo",
@@ -112,8 +113,8 @@ class FlexLoRAConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in list_methods():
+            raise ValueError(f"method must be one of {list_methods()}, got {self.method!r}")
         if self.hetlora_weighting not in ("data", "norm"):
             raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {self.hetlora_weighting!r}")
         if self.compute_dtype not in ("float32", "float64"):

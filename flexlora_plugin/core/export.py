@@ -20,9 +20,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from .adapters import lora_scaling, split_state
-from .aggregation import FlexLoRAUpdate, GlobalUpdate
-from .baselines import FactorsUpdate
-from .projection import Spectrum
+from .aggregation import GlobalUpdate
 
 __all__ = ["PEFT_PREFIX", "adapter_error", "exact_ranks", "save_peft_adapter"]
 
@@ -31,28 +29,14 @@ logger = logging.getLogger(__name__)
 PEFT_PREFIX = "base_model.model."
 
 
-def _rank_at(spec: Spectrum, tol: float) -> int:
-    """Smallest ``r ≥ 1`` with ``Σ_{i≥r} σ_i² ≤ tol² · ‖ΔW‖_F²``."""
-    tail = (spec.S.double() ** 2).flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} σ_j²
-    ok = (tail <= (tol**2) * spec.total_energy).nonzero()
-    return max(1, int(ok[0]) if len(ok) else spec.k)
-
-
 def exact_ranks(update: GlobalUpdate, tol: float = 1e-5) -> dict[str, int]:
     """Per module, the smallest rank ``r ≥ 1`` with ``‖ΔW − [ΔW]_r‖_F ≤ tol · ‖ΔW‖_F``.
 
     ``flexlora``: from the full spectrum computed in float64 (:meth:`FlexLoRAUpdate.exact_spectrum`).
-    Baselines: the rank of their global factors (their ΔW is that factor product).
+    Baselines: the rank of their global factors (their ΔW is that factor product). Each method
+    answers through its own ``exact_rank`` hook.
     """
-    out: dict[str, int] = {}
-    for m in update.modules:
-        if isinstance(update, FlexLoRAUpdate):
-            out[m] = _rank_at(update.exact_spectrum(m), tol)
-        elif isinstance(update, FactorsUpdate):
-            out[m] = int(update.factors[m][0].shape[0])
-        else:
-            raise TypeError(f"cannot export a {type(update).__name__}")
-    return out
+    return {m: update.exact_rank(m, tol) for m in update.modules}
 
 
 def _module_path(module: str) -> str:
@@ -93,21 +77,9 @@ def save_peft_adapter(
     tensors = {}
     for m in update.modules:
         base = m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m
-        if isinstance(update, FlexLoRAUpdate):
-            # The leading triplets themselves, from a float64 spectrum. Not project_module: for clients
-            # it swaps triplets below matrix_rank's cutoff for zero-B completion rows, and float32
-            # triplets reproduce ΔW only to ~1e-5. Half of tol goes to truncation, half is left to
-            # storing the factors in the update's compute dtype.
-            spec = update.exact_spectrum(m)
-            r = _rank_at(spec, tol / 2) if ranks is None else update.rank_for(m, ranks)
-            scaling = lora_scaling(lora_alpha, r, use_rslora)
-            A, B = spec.Vh[:r].to(update.compute_dtype), (spec.US[:, :r] / scaling).to(update.compute_dtype)
-        elif isinstance(update, FactorsUpdate):
-            r = int(update.factors[m][0].shape[0]) if ranks is None else update.rank_for(m, ranks)
-            A, B = update.project_module(m, r, scaling=lora_scaling(lora_alpha, r, use_rslora))
-        else:
-            raise TypeError(f"cannot export a {type(update).__name__}")
-        chosen[m] = r
+        fixed = None if ranks is None else update.rank_for(m, ranks)
+        A, B = update.export_factors(m, fixed, lambda r: lora_scaling(lora_alpha, r, use_rslora), tol)  # the method's hook
+        chosen[m] = int(A.shape[0])
         tensors[f"{base}.lora_A.weight"] = A.cpu().contiguous()
         tensors[f"{base}.lora_B.weight"] = B.cpu().contiguous()
     folder = Path(folder)

@@ -75,6 +75,12 @@ class Spectrum:
         tol = max(self.US.shape[0], self.Vh.shape[1]) * eps * float(self.S[0])
         return int((self.S > tol).sum())
 
+    def rank_at(self, tol: float) -> int:
+        """Smallest ``r ≥ 1`` with ``Σ_{i≥r} σ_i² ≤ tol² · ‖ΔW‖_F²`` (``‖ΔW − [ΔW]_r‖_F ≤ tol · ‖ΔW‖_F``)."""
+        tail = (self.S.double() ** 2).flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} σ_j²
+        ok = (tail <= (tol**2) * self.total_energy).nonzero()
+        return max(1, int(ok[0]) if len(ok) else self.k)
+
     def energy_kept(self, r: int) -> float:
         """``Σ_{i<r} σ_i² / Σ_i σ_i²``; 1.0 for ΔW = 0."""
         if self.total_energy == 0.0:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .adapters import LORA_A, LORA_B, split_state
-from .aggregation import ModuleInfo
+from .aggregation import ModuleInfo, register_method
 from .baselines import FactorsUpdate
 from .errors import RankError
 from .export import PEFT_PREFIX, _module_path
@@ -54,14 +54,13 @@ def common_lora_A(module: str, rank: int, d_in: int, *, seed: int) -> Tensor:
     return torch.stack(rows).to(torch.float32)
 
 
+@register_method("initial", aggregates=False)
 class InitialUpdate(FactorsUpdate):
     """The round-1 global update: ``ΔW = 0`` held as ``B̄ = 0`` and the common ``Ā`` per module.
 
     ``project(ranks)`` returns ``A = Ā[:r]`` and ``B = 0`` (the receiver's scaling is irrelevant:
     ``B = 0``). Build it with :func:`initial_update`.
     """
-
-    method = "initial"
 
     def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         A, B = self.factors[module]

@@ -438,7 +438,13 @@ def _profile_help() -> list[str]:
     return [*list_profiles(), *(f"{a} = {n}" for a, n in list_aliases().items())]
 
 
-METHOD_CHOICES = ("flexlora", "hetlora", "fedavg")
+def _methods() -> list[str]:
+    from flexlora_plugin.core import list_methods
+
+    return list_methods()
+
+
+METHOD_CHOICES = tuple(_methods())
 PROFILE_HELP = _profile_help()
 
 

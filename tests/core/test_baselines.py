@@ -79,3 +79,38 @@ def test_hetlora_is_not_flexlora(gen):
     flex = aggregate(states, [1, 1], lora_alpha=8).project(4, lora_alpha=8)
     prod = lambda p: p["a.q_proj.lora_B.weight"] @ p["a.q_proj.lora_A.weight"]  # noqa: E731
     assert float((prod(het) - prod(flex)).norm()) > 1e-3 * float(prod(flex).norm())
+
+
+def test_a_registered_method_aggregates_saves_restores_and_exports(gen, tmp_path):
+    """Methods live in a registry: save, load and export dispatch through the update's own hooks."""
+    from flexlora_plugin.core import (
+        FedAvgUpdate,
+        FlexLoRAConfig,
+        adapter_error,
+        list_methods,
+        load_server_state,
+        register_method,
+        save_peft_adapter,
+        save_server_state,
+    )
+
+    if "test-fedavg-copy" not in list_methods():
+
+        @register_method("test-fedavg-copy")
+        class Copy(FedAvgUpdate):
+            pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("fedavg")(FedAvgUpdate)
+    with pytest.raises(ValueError, match=r"unknown aggregation method 'nope'; registered: \['flexlora', 'fedavg', 'hetlora'"):
+        aggregate([make_client(dict.fromkeys(SHAPES, 4), SHAPES, gen=gen)], [1], lora_alpha=8, method="nope")
+    with pytest.raises(ValueError, match="'initial' is not an aggregation method"):
+        aggregate([make_client(dict.fromkeys(SHAPES, 4), SHAPES, gen=gen)], [1], lora_alpha=8, method="initial")
+    states = [make_client(dict.fromkeys(SHAPES, 4), SHAPES, gen=gen) for _ in range(2)]
+    update = aggregate(states, [1, 3], lora_alpha=8, method="test-fedavg-copy")
+    assert update.method == "test-fedavg-copy" and FlexLoRAConfig(method="test-fedavg-copy", profile="homo")
+    save_server_state(tmp_path / "s.safetensors", update, round=1)
+    back = load_server_state(tmp_path / "s.safetensors").update
+    assert type(back) is type(update) and all(torch.equal(back.delta(m), update.delta(m)) for m in update.modules)
+    save_peft_adapter(back, tmp_path / "adapter", base_model_name_or_path="x", lora_alpha=8)
+    assert max(adapter_error(update, tmp_path / "adapter").values()) < 1e-5
