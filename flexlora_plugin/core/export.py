@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .adapters import lora_scaling, split_state
 from .aggregation import GlobalUpdate
 
-__all__ = ["PEFT_PREFIX", "adapter_error", "exact_ranks", "save_peft_adapter"]
+__all__ = ["PEFT_PREFIX", "adapter_error", "exact_ranks", "export_adapter", "save_peft_adapter", "write_peft_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,68 @@ def _module_path(module: str) -> str:
     return module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
 
 
+def export_adapter(
+    update: GlobalUpdate,
+    *,
+    lora_alpha: float,
+    use_rslora: bool = False,
+    ranks: Mapping[str, int] | int | None = None,
+    tol: float = 1e-5,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The global update as peft adapter tensors (``base_model.model.<module>.lora_A.weight`` ...) and the rank per module.
+
+    Parameters
+    ----------
+    lora_alpha : float
+        Scaling of the exported adapter: ``s = alpha / r_module``.
+    ranks : int or Mapping, optional
+        Fixed rank(s) instead of :func:`exact_ranks` (then the result is a truncation, whose
+        error :func:`adapter_error` reports). A FlexLoRA global update is near full rank (340–382
+        of 576 on SmolLM2-135M, about the model's size): a fixed rank makes it small.
+    tol : float
+        Without ``ranks``, each module reproduces its ΔW to ``‖ΔW − s·B A‖_F ≤ tol · ‖ΔW‖_F``.
+        (default: 1e-5)
+    """
+    chosen: dict[str, int] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for m in update.modules:
+        base = m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m
+        fixed = None if ranks is None else update.rank_for(m, ranks)
+        A, B = update.export_factors(m, fixed, lambda r: lora_scaling(lora_alpha, r, use_rslora), tol)  # the method's hook
+        chosen[m] = int(A.shape[0])
+        tensors[f"{base}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"{base}.lora_B.weight"] = B.cpu().contiguous()
+    return tensors, chosen
+
+
+def write_peft_adapter(
+    folder: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    chosen: Mapping[str, int],
+    *,
+    base_model_name_or_path: str,
+    lora_alpha: float,
+    use_rslora: bool = False,
+    task_type: str | None = "CAUSAL_LM",
+) -> dict[str, int]:
+    """Write :func:`export_adapter`'s output as a peft adapter folder (config with ``rank_pattern`` + safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = sorted({_module_path(m).split(".")[-1] for m in chosen})
+    config = LoraConfig(
+        r=max(chosen.values()), lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=targets,  # type: ignore[arg-type]
+        rank_pattern={_module_path(m): r for m, r in chosen.items()}, lora_dropout=0.0, bias="none",
+        base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+    )  # fmt: skip
+    config.save_pretrained(str(folder))
+    save_file(dict(tensors), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    logger.info(
+        "saved a peft adapter to %s: %d modules, each at its own rank (%d to %d, mean %.1f)", folder, len(chosen),
+        min(chosen.values(), default=0), max(chosen.values(), default=0), sum(chosen.values()) / max(1, len(chosen)),
+    )  # fmt: skip
+    return dict(chosen)
+
+
 def save_peft_adapter(
     update: GlobalUpdate,
     folder: str | os.PathLike[str],
@@ -57,46 +119,12 @@ def save_peft_adapter(
 ) -> dict[str, int]:
     """Write ``update`` as a peft LoRA adapter folder and return the rank used per module.
 
-    Parameters
-    ----------
-    update : GlobalUpdate
-    folder : path
-        Created if needed; existing adapter files are overwritten.
-    base_model_name_or_path : str
-        Recorded in ``adapter_config.json``.
-    lora_alpha : float
-        Scaling of the exported adapter: ``s = alpha / r_module``.
-    ranks : int or Mapping, optional
-        Fixed rank(s) instead of :func:`exact_ranks` (then the result is a truncation).
-    tol : float
-        The written adapter reproduces each module's ΔW to ``‖ΔW − s·B A‖_F ≤ tol · ‖ΔW‖_F``
-        (check it with :func:`adapter_error`): ranks are :func:`exact_ranks` at ``tol / 2``,
-        the other half being left to rounding. (default: 1e-5)
+    :func:`export_adapter` then :func:`write_peft_adapter`; see them for ``ranks`` and ``tol``
+    (check the result with :func:`adapter_error`).
     """
-    chosen: dict[str, int] = {}
-    tensors = {}
-    for m in update.modules:
-        base = m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m
-        fixed = None if ranks is None else update.rank_for(m, ranks)
-        A, B = update.export_factors(m, fixed, lambda r: lora_scaling(lora_alpha, r, use_rslora), tol)  # the method's hook
-        chosen[m] = int(A.shape[0])
-        tensors[f"{base}.lora_A.weight"] = A.cpu().contiguous()
-        tensors[f"{base}.lora_B.weight"] = B.cpu().contiguous()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    targets = sorted({_module_path(m).split(".")[-1] for m in chosen})
-    config = LoraConfig(
-        r=max(chosen.values()), lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=targets,  # type: ignore[arg-type]
-        rank_pattern={_module_path(m): r for m, r in chosen.items()}, lora_dropout=0.0, bias="none",
-        base_model_name_or_path=base_model_name_or_path, task_type=task_type,
-    )  # fmt: skip
-    config.save_pretrained(str(folder))
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    logger.info(
-        "saved a peft adapter to %s: %d modules, each at its own rank (%d to %d, mean %.1f)", folder, len(chosen),
-        min(chosen.values(), default=0), max(chosen.values(), default=0), sum(chosen.values()) / max(1, len(chosen)),
-    )  # fmt: skip
-    return chosen
+    tensors, chosen = export_adapter(update, lora_alpha=lora_alpha, use_rslora=use_rslora, ranks=ranks, tol=tol)
+    return write_peft_adapter(folder, tensors, chosen, base_model_name_or_path=base_model_name_or_path,
+                              lora_alpha=lora_alpha, use_rslora=use_rslora, task_type=task_type)  # fmt: skip
 
 
 def adapter_error(update: GlobalUpdate, folder: str | os.PathLike[str]) -> dict[str, float]:

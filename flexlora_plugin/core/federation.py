@@ -149,6 +149,7 @@ class Federation:
         self.round = 0  # the last completed round
         self.history: list[dict[str, Any]] = []
         self._initial: GlobalUpdate | None = None
+        self._adapter: tuple[tuple[int, str], tuple[dict[str, Tensor], dict[str, int]]] | None = None
         self._sampler = config.sampler()
 
     # ------------------------------------------------------------------ rank maps
@@ -341,13 +342,28 @@ class Federation:
         return state.round
 
     # ------------------------------------------------------------------ export
-    def export(self, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None) -> dict[str, int]:
-        """Write the global update as a peft adapter (each module at the rank reproducing its ΔW); return the ranks."""
-        from .export import save_peft_adapter
+    def adapter(self, ranks: int | Mapping[str, int] | None = None) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """The global update as peft adapter tensors and ranks (cached per ``ranks``): exact, or truncated at ``ranks``."""
+        from .export import export_adapter
 
         if self.global_update is None:
             raise FlexLoRAError("no round produced a global update; nothing to export")
-        return save_peft_adapter(
-            self.global_update, folder, base_model_name_or_path=base_model_name_or_path,
+        key = (id(self.global_update), repr(ranks))
+        if self._adapter is None or self._adapter[0] != key:
+            cfg = self.config
+            self._adapter = (key, export_adapter(self.global_update, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
+                                                 ranks=ranks))  # fmt: skip
+        return self._adapter[1]
+
+    def export(
+        self, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None,
+        ranks: int | Mapping[str, int] | None = None,
+    ) -> dict[str, int]:  # fmt: skip
+        """Write the global update as a peft adapter (each module at the rank reproducing its ΔW, or at ``ranks``)."""
+        from .export import write_peft_adapter
+
+        tensors, chosen = self.adapter(ranks)
+        return write_peft_adapter(
+            folder, tensors, chosen, base_model_name_or_path=base_model_name_or_path,  # type: ignore[arg-type]
             lora_alpha=self.config.lora_alpha, use_rslora=self.config.use_rslora,
         )  # fmt: skip

@@ -72,6 +72,7 @@ class Settings:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     proximal_mu: float = 0.0
+    export_rank: int = 0
 
     @classmethod
     def from_context(cls, run_config: Mapping[str, Any], run_id: int) -> Settings:
@@ -115,7 +116,7 @@ class Settings:
             eval_max_per_task=int(rc.get("eval-max-per-task", 0)), eval_max_new_tokens=int(rc.get("eval-max-new-tokens", 32)),
             eval_batch_size=int(rc.get("eval-batch-size", 8)), device=str(rc.get("device", "cpu")),
             dtype=str(rc.get("dtype", "float32")), gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
-            proximal_mu=float(rc.get("proximal-mu", 0.0)),
+            proximal_mu=float(rc.get("proximal-mu", 0.0)), export_rank=int(rc.get("export-rank", 0)),
         )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -130,7 +131,8 @@ class Settings:
             raise SettingsError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
         for key, value, low in (("clients-per-round", self.clients_per_round, 0), ("min-nodes", self.min_nodes, 0),
                                 ("local-steps", self.local_steps, 0), ("batch-size", self.batch_size, 1),
-                                ("max-length", self.max_length, 1), ("eval-every", self.eval_every, 1)):  # fmt: skip
+                                ("max-length", self.max_length, 1), ("eval-every", self.eval_every, 1),
+                                ("export-rank", self.export_rank, 0)):  # fmt: skip
             if value < low:
                 raise SettingsError(f"{key} must be >= {low}, got {value}")
         if not self.target_modules:

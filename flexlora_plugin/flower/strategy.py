@@ -94,6 +94,10 @@ class FlexLoRA(FedAvg):
     dump_dir : path, optional
         For tests: per round, the factors sent to and received from every partition as
         safetensors (``round-NNN/sent-pK.safetensors``, ``reply-pK.safetensors``). (default: None)
+    export_ranks : int or Mapping, optional
+        Rank(s) of the final adapter that :meth:`start` returns in ``Result.arrays`` (peft keys,
+        ``base_model.model.<module>.lora_A.weight``...). (default: None, each module at the rank
+        reproducing its ΔW to 1e-5: near full rank for FlexLoRA, about the model's size)
     **config_fields
         ``FlexLoRAConfig`` fields when ``config`` is None.
 
@@ -113,8 +117,14 @@ class FlexLoRA(FedAvg):
 
     ``fedavg`` and ``hetlora`` (``config.method``) run the same code. Aggregation runs in the
     config's ``compute_dtype`` (float32 by default); factors are sent in the adapters' dtype.
-    The global update lives in :attr:`global_update`; the ArrayRecord returned to ``start()``
-    is empty. Federated evaluation is off (``configure_evaluate`` returns no message).
+    The global update lives in :attr:`global_update`; rounds pass an empty ArrayRecord to Flower
+    (each node gets its own factors), and :meth:`start` returns the final global adapter in
+    ``Result.arrays``. Federated evaluation is off (``configure_evaluate`` returns no message).
+
+    The class subclasses Flower's ``FedAvg`` for its sampling knobs (``fraction_train``,
+    ``min_available_nodes``) and its ``start`` loop; every step of a round (``configure_train``,
+    ``aggregate_train``) is our own, translating to the core's
+    :class:`~flexlora_plugin.core.federation.Federation`.
     """
 
     def __init__(
@@ -129,6 +139,7 @@ class FlexLoRA(FedAvg):
         state_path: str | os.PathLike[str] | None = None,
         resume: bool = False,
         dump_dir: str | os.PathLike[str] | None = None,
+        export_ranks: int | Mapping[str, int] | None = None,
         **config_fields: Any,
     ) -> None:
         if config is not None and config_fields:
@@ -146,6 +157,7 @@ class FlexLoRA(FedAvg):
         self.state_path = Path(state_path) if state_path is not None else None
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.resume = resume
+        self.export_ranks = export_ranks
         self.federation: Federation | None = None  # the round protocol (core), made once the rank query has the shapes
         self.shapes: dict[str, tuple[int, int]] = {}  # base-model module -> (d_out, d_in), from the rank query
         self.node_of: dict[int, int] = {}  # partition id -> node id of a node serving one partition
@@ -318,7 +330,11 @@ class FlexLoRA(FedAvg):
         if self.federation is None:
             self.query_nodes(grid)
         self._clock = (time.perf_counter(), self.round_offset + num_rounds)
-        return super().start(grid, initial_arrays if initial_arrays is not None else ArrayRecord(), num_rounds, **kwargs)
+        result = super().start(grid, initial_arrays if initial_arrays is not None else ArrayRecord(), num_rounds, **kwargs)
+        if self.global_update is not None:  # the final global model, where Flower users look for it
+            tensors, _ = self._federation().adapter(self.export_ranks)
+            result.arrays = state_to_record(tensors)[0]
+        return result
 
     # ------------------------------------------------------------------ train
     def sampled_partitions(self, server_round: int) -> list[int]:

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flexlora_app.task import Settings, load_base, route_logs
 from flexlora_plugin.core import RankError
-from flexlora_plugin.core.export import adapter_error, save_peft_adapter
+from flexlora_plugin.core.export import adapter_error
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, rank_label
 from flexlora_plugin.tiny import build_tiny_llama
@@ -43,6 +43,7 @@ def main(grid: Grid, context: Context) -> None:
         state_path=settings.output_dir / STATE_FILE,
         resume=settings.resume,
         dump_dir=settings.dump_dir,
+        export_ranks=settings.export_rank or None,
     )
     strategy.query_nodes(grid)
     remaining = settings.num_server_rounds - strategy.round_offset
@@ -56,13 +57,14 @@ def main(grid: Grid, context: Context) -> None:
     if strategy.global_update is None:
         raise RuntimeError("no round produced a global update; no adapter to export")
     adapter = settings.output_dir / ADAPTER_DIR
-    # The global model itself: each module at the numerical rank reproducing its ΔW to 1e-5.
-    chosen = save_peft_adapter(
-        strategy.global_update, adapter, base_model_name_or_path=str(settings.model_path), lora_alpha=settings.lora_alpha
-    )
+    # The global model itself: each module at the numerical rank reproducing its ΔW to 1e-5, or at
+    # export-rank (a truncation, whose error is reported below). Computed once, also in Result.arrays.
+    chosen = strategy.federation.export(adapter, base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
+                                        ranks=settings.export_rank or None)  # fmt: skip
     try:  # an independent check of the export: ‖ΔW − s·B A‖_F / ‖ΔW‖_F read back from the folder
         max_error: float | None = max(adapter_error(strategy.global_update, adapter).values())
-        logger.info("exported adapter reproduces ΔW to a relative Frobenius error of at most %.2e", max_error)
+        what = f"truncated at export-rank {settings.export_rank}" if settings.export_rank else "exact"
+        logger.info("exported adapter (%s) reproduces ΔW to a relative Frobenius error of at most %.2e", what, max_error)
     except RankError as exc:  # a restored state keeps only the clients' top triplets, not ΔW
         max_error = None
         logger.warning("exported adapter not checked against ΔW: %s", exc)
@@ -105,8 +107,8 @@ def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, 
         model = base
         if strategy.global_update is not None:
             folder = settings.output_dir / "eval-adapter"
-            save_peft_adapter(strategy.global_update, folder, base_model_name_or_path=str(settings.model_path),
-                              lora_alpha=settings.lora_alpha)  # fmt: skip
+            strategy.federation.export(folder, base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
+                                       ranks=settings.export_rank or None)  # the exported model; cached for the final export
             model = PeftModel.from_pretrained(base, folder)  # LoRA layers injected into the shared base...
         try:
             result = evaluate_model(model, tokenizer, examples, max_new_tokens=settings.eval_max_new_tokens,

@@ -149,3 +149,20 @@ def test_export_writes_the_exact_global_update(tmp_path):
     fed.aggregate({c: _reply(dict.fromkeys(SHAPES, r), gen) for c, r in (("a", 4), ("b", 8))})
     ranks = fed.export(tmp_path / "adapter", base_model_name_or_path="tiny")
     assert set(ranks.values()) == {12} and max(adapter_error(fed.global_update, tmp_path / "adapter").values()) < 1e-5
+
+
+def test_a_truncated_export_and_the_cached_adapter(tmp_path):
+    from flexlora_plugin.core import adapter_error
+
+    gen = torch.Generator().manual_seed(5)
+    fed = _fed(profile="homo")
+    for client, r in (("a", 4), ("b", 8)):
+        fed.assign_ranks(client, dict.fromkeys(SHAPES, r))
+    fed.aggregate({c: _reply(dict.fromkeys(SHAPES, r), gen) for c, r in (("a", 4), ("b", 8))})
+    tensors, ranks = fed.adapter(3)
+    assert fed.adapter(3)[0] is tensors and set(ranks.values()) == {3}  # computed once per update and rank
+    fed.export(tmp_path / "r3", base_model_name_or_path="tiny", ranks=3)
+    errors = adapter_error(fed.global_update, tmp_path / "r3")
+    for module in fed.global_update.modules:  # the truncation error is the Eckart–Young optimum at rank 3
+        delta = fed.global_update.delta(module).double()
+        assert errors[module] == pytest.approx(best_rank_error(delta, 3) / float(delta.norm()), rel=1e-3)

@@ -207,3 +207,14 @@ def test_fedavg_round1_common_start_and_exact_average(tmp_path, tiny_model, data
             A_ref, B_ref = ref[module]
             assert float((A - A_ref).norm() / A_ref.norm()) <= 1e-6, (pid, module)
             assert float((B - B_ref).norm() / B_ref.norm()) <= 1e-6, (pid, module)
+
+
+def test_export_rank_writes_a_truncated_adapter_and_reports_its_error(tmp_path, tiny_model, data_path):
+    """export-rank=2: every module of the final adapter at rank 2, its (non-zero) error in metrics.json."""
+    config = {**SMALL, "profile": json.dumps(TABLE), "clients-per-round": 0, "export-rank": 2,
+              "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+    result = run_simulation(tmp_path, num_rounds=1, num_supernodes=3, run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    assert set(result.metrics["adapter-ranks"].values()) == {2}
+    assert 1e-3 < result.metrics["adapter-max-rel-error"] < 1.0
+    assert "exported adapter (truncated at export-rank 2)" in result.log_path.read_text()
