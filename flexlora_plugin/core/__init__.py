@@ -22,11 +22,13 @@ from .config import FlexLoRAConfig, parse_rank_table
 from .errors import (
     FlexLoRAError,
     FlexLoRAWarning,
+    MagnitudeError,
     MissingModuleError,
     NonFiniteUpdateError,
     ProfileError,
     RankError,
     ShapeMismatchError,
+    UnsupportedDtypeError,
     UnsupportedKeyError,
 )
 from .export import adapter_error, exact_ranks, save_peft_adapter
@@ -67,6 +69,7 @@ __all__ = [
     "HetLoRAUpdate",
     "InitialUpdate",
     "LoRAFactors",
+    "MagnitudeError",
     "MissingModuleError",
     "ModuleInfo",
     "NonFiniteUpdateError",
@@ -77,6 +80,7 @@ __all__ = [
     "ShapeMismatchError",
     "Spectrum",
     "TableSampler",
+    "UnsupportedDtypeError",
     "UnsupportedKeyError",
     "adapter_error",
     "aggregate",

@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from .errors import MissingModuleError, RankError, ShapeMismatchError, UnsupportedKeyError
+from .errors import MissingModuleError, RankError, ShapeMismatchError, UnsupportedDtypeError, UnsupportedKeyError
 
 __all__ = [
     "LORA_A",
@@ -103,6 +103,9 @@ def _reject(key: str, client: Hashable) -> UnsupportedKeyError:
     return UnsupportedKeyError(f"client {client}: key {key!r} is not supported ({why})")
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def split_state(state: Mapping[str, Tensor], *, client: Hashable = "?") -> dict[str, LoRAFactors]:
     """Group an adapter state dict into per-module :class:`LoRAFactors`, validating it.
 
@@ -130,13 +133,22 @@ def split_state(state: Mapping[str, Tensor], *, client: Hashable = "?") -> dict[
         When a factor is not a 2-D tensor, or a module appears twice (two adapter names).
     """
     parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    if not isinstance(state, Mapping) or not state:
+        raise MissingModuleError(f"client {client}: sent no LoRA factor (an empty or non-mapping state)")
     for key, value in state.items():
+        if not isinstance(key, str):
+            raise UnsupportedKeyError(f"client {client}: state-dict key {key!r} is a {type(key).__name__}, not a string")
         match = _KEY_RE.match(key)
         if match is None:
             raise _reject(key, client)
         if not isinstance(value, Tensor) or value.dim() != 2:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ShapeMismatchError(f"client {client}: {key} must be a 2-D tensor, got {shape}")
+        if value.dtype not in FLOAT_DTYPES:
+            raise UnsupportedDtypeError(
+                f"client {client}: {key} is {str(value.dtype).removeprefix('torch.')}; factors must be float16, "
+                "bfloat16, float32 or float64"
+            )
         slot = parts.setdefault(match["module"], {})
         if match["factor"] in slot:
             raise ShapeMismatchError(

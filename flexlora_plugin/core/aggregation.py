@@ -14,6 +14,7 @@ module; ``s_k`` its scaling. ΔW replaces (is not added to) the previous round's
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -29,6 +30,7 @@ from .adapters import LoRAFactors, lora_scaling, resolve_pattern, split_state, t
 from .errors import (
     FlexLoRAError,
     FlexLoRAWarning,
+    MagnitudeError,
     MissingModuleError,
     NonFiniteUpdateError,
     RankError,
@@ -450,6 +452,8 @@ def aggregate(
     use_rslora: bool = False,
     expected_ranks: Sequence[Ranks | None] | Mapping[Any, Ranks | None] | None = None,
     on_invalid: Literal["raise", "exclude"] = "raise",
+    expected_shapes: Mapping[str, tuple[int, int]] | None = None,
+    max_norm: float | None = None,
     max_rank: int | None = None,
     hetlora_weighting: Literal["data", "norm"] = "data",
     compute_dtype: torch.dtype = torch.float32,
@@ -480,9 +484,17 @@ def aggregate(
         Per client the rank (int or rank map) it was assigned; a client reporting another rank
         is invalid.
     on_invalid : {"raise", "exclude"}
-        What to do with a malformed client (bad keys, ranks, shapes): raise, or leave it out of
-        this round with a :class:`FlexLoRAWarning`. Clients with NaN/Inf factors are always
-        excluded with a warning. (default: "raise")
+        What to do with a malformed client (bad keys or dtypes, ranks, shapes, an update too
+        large to aggregate): raise, or leave it out of this round with a :class:`FlexLoRAWarning`.
+        Clients with NaN/Inf factors are always excluded with a warning. (default: "raise")
+    expected_shapes : Mapping[str, tuple[int, int]], optional
+        Module -> ``(d_out, d_in)`` the server knows (e.g. from its model): a client with another
+        shape, or a module not listed, is invalid, whichever client arrives first. (default: the
+        first client's shapes are the reference)
+    max_norm : float, optional
+        An optional bound on each client's ``s·‖B‖_F·‖A‖_F`` per module (float64); a client above
+        it is invalid. Off by default. Independently, an update that would overflow float32
+        aggregation (above ``√max(float32) / N``) is always invalid.
     max_rank : int, optional
         ``flexlora``: the largest rank that will be requested (the dense path extracts that many
         triplets once). ``hetlora``: the padded global rank (default: the largest client rank).
@@ -516,9 +528,9 @@ def aggregate(
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     clients, excluded = collect_clients(
         states, weights, lora_alpha=lora_alpha, scalings=scalings, use_rslora=use_rslora,
-        expected_ranks=expected_ranks, on_invalid=on_invalid,
+        expected_ranks=expected_ranks, on_invalid=on_invalid, max_norm=max_norm,
     )  # fmt: skip
-    info = _module_infos(clients, excluded, on_invalid)
+    info = _module_infos(clients, excluded, on_invalid, expected_shapes)
     clients = [c for c in clients if c.client not in excluded]
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
@@ -541,8 +553,13 @@ def collect_clients(
     use_rslora: bool,
     expected_ranks: Sequence[Ranks | None] | Mapping[Any, Ranks | None] | None,
     on_invalid: Literal["raise", "exclude"],
+    max_norm: float | None = None,
 ) -> tuple[list[ClientUpdate], dict[Hashable, str]]:
-    """Validate every client's state dict; return the usable ones and the excluded ids with reasons."""
+    """Validate every client's state dict; return the usable ones and the excluded ids with reasons.
+
+    Weights come back divided by the largest one (the ratios ``p_k`` are unchanged; a sum of
+    weights near 1e308 no longer overflows).
+    """
     if on_invalid not in ("raise", "exclude"):
         raise ValueError(f"on_invalid must be 'raise' or 'exclude', got {on_invalid!r}")
     ids: list[Hashable] = list(states) if isinstance(states, Mapping) else list(range(len(states)))
@@ -576,7 +593,41 @@ def collect_clients(
             _exclude(excluded, cid, f"non-finite values (NaN/Inf) in module {bad}")
             continue
         clients.append(ClientUpdate(client=cid, weight=float(weight), factors=factors, scalings=scaled))
-    return clients, excluded
+    clients = _within_magnitude(clients, excluded, on_invalid, max_norm)
+    top = max((c.weight for c in clients), default=1.0)  # p_k = w_k / Σ w: divide by the largest first, no overflow
+    return [dataclasses.replace(c, weight=c.weight / top) for c in clients], excluded
+
+
+def update_norm_bound(f: LoRAFactors, scaling: float) -> float:
+    """``s · ‖B‖_F · ‖A‖_F`` in float64: an upper bound of ``‖s·B·A‖_F``, computed without forming it."""
+    return abs(scaling) * float(f.B.double().norm()) * float(f.A.double().norm())
+
+
+def _within_magnitude(
+    clients: list[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str, max_norm: float | None
+) -> list[ClientUpdate]:
+    """Leave out a client whose update would overflow the aggregation, or exceeds ``max_norm``, before anything global changes.
+
+    The overflow limit: ``‖ΔW‖_F² `` must stay below the float32 maximum, so every client's
+    ``s·‖B‖·‖A‖`` (float64) must be at most ``√max(float32) / N`` for N clients (≈ 1.8e19 / N).
+    """
+    limit = math.sqrt(torch.finfo(torch.float32).max) / max(1, len(clients))
+    kept = []
+    for c in clients:
+        norms = {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()}
+        module, worst = max(norms.items(), key=lambda kv: kv[1])
+        why = None
+        if worst > limit:
+            why = f"update too large to aggregate: module {module} has ‖s·B·A‖ up to {worst:.3g} (limit {limit:.3g})"
+        elif max_norm is not None and worst > max_norm:
+            why = f"update norm {worst:.3g} in module {module} is above the bound {max_norm:.3g}"
+        if why is None:
+            kept.append(c)
+        elif on_invalid == "raise":
+            raise MagnitudeError(f"client {c.client}: {why}")
+        else:
+            _exclude(excluded, c.client, why)
+    return kept
 
 
 def _by_client(values: object, ids: list[Hashable], name: str) -> dict[Hashable, object]:
@@ -617,18 +668,23 @@ def _client_scaling(
 
 
 def _module_infos(
-    clients: Sequence[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str
-) -> dict[str, ModuleInfo]:
-    """Module shapes, dtypes and keys; a client disagreeing with the first-seen shape is invalid."""
-    shapes: dict[str, tuple[int, int]] = {}
+    clients: Sequence[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str,
+    expected: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, ModuleInfo]:  # fmt: skip
+    """Module shapes, dtypes and keys; a client disagreeing with the expected (or first-seen) shape is invalid."""
+    shapes: dict[str, tuple[int, int]] = {m: (int(a), int(b)) for m, (a, b) in (expected or {}).items()}
+    source = "the server's model" if expected else "other clients"
     for c in clients:
         for module, f in c.factors.items():
-            seen = shapes.setdefault(module, f.shape)
-            if seen != f.shape:
-                msg = (
+            if expected is not None and module not in shapes:
+                msg = f"client {c.client}: module {module} is not adapted in this federation"
+            else:
+                seen = shapes.setdefault(module, f.shape)
+                msg = "" if seen == f.shape else (
                     f"client {c.client}, module {module}: weight shape {f.shape} (lora_A {tuple(f.A.shape)}, "
-                    f"lora_B {tuple(f.B.shape)}) differs from {seen} sent by other clients"
-                )
+                    f"lora_B {tuple(f.B.shape)}) differs from {seen} of {source}"
+                )  # fmt: skip
+            if msg:
                 if on_invalid == "raise":
                     raise ShapeMismatchError(msg)
                 _exclude(excluded, c.client, msg)

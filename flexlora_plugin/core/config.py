@@ -6,6 +6,7 @@ Hosts map their own keys onto it (FederatedScope: ``cfg.flexlora.<field>``; Flow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -108,6 +109,10 @@ class FlexLoRAConfig:
     hetlora_weighting: Literal["data", "norm"] = field(
         default="data", metadata={"help": "HetLoRA weights: data sizes, or Frobenius norms of s_k B_k A_k."}
     )
+    max_update_norm: float | None = field(
+        default=None,
+        metadata={"help": "Optional absolute bound on a client's s·‖B‖·‖A‖ per module; a client above it is excluded (off)."},
+    )
     compute_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"help": "Aggregation precision; adapters are returned in their own dtype."}
     )
@@ -119,6 +124,11 @@ class FlexLoRAConfig:
             raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {self.hetlora_weighting!r}")
         if self.compute_dtype not in ("float32", "float64"):
             raise ValueError(f"compute_dtype must be 'float32' or 'float64', got {self.compute_dtype!r}")
+        if self.max_update_norm is not None and not (
+            isinstance(self.max_update_norm, (int, float)) and not isinstance(self.max_update_norm, bool)
+            and math.isfinite(self.max_update_norm) and self.max_update_norm > 0
+        ):  # fmt: skip
+            raise ValueError(f"max_update_norm must be a positive finite number or None, got {self.max_update_norm!r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if isinstance(self.target_modules, str) or not self.target_modules:
@@ -177,4 +187,5 @@ class FlexLoRAConfig:
             "compute_dtype": getattr(torch, self.compute_dtype),
             "seed": self.seed,
             "max_rank": max_rank,
+            "max_norm": self.max_update_norm,
         }

@@ -11,11 +11,13 @@ from __future__ import annotations
 __all__ = [
     "FlexLoRAError",
     "FlexLoRAWarning",
+    "MagnitudeError",
     "MissingModuleError",
     "NonFiniteUpdateError",
     "ProfileError",
     "RankError",
     "ShapeMismatchError",
+    "UnsupportedDtypeError",
     "UnsupportedKeyError",
 ]
 
@@ -41,6 +43,14 @@ class MissingModuleError(FlexLoRAError, KeyError):
 
 class UnsupportedKeyError(FlexLoRAError, ValueError):
     """A state-dict key is not a LoRA factor (``modules_to_save``, DoRA magnitude, bias...)."""
+
+
+class UnsupportedDtypeError(FlexLoRAError, ValueError):
+    """A factor is not a floating tensor (float16, bfloat16, float32, float64): integers and bools are refused."""
+
+
+class MagnitudeError(FlexLoRAError, ValueError):
+    """A client's update is too large to aggregate in the compute dtype (it would overflow), or above the norm bound."""
 
 
 class NonFiniteUpdateError(FlexLoRAError, ValueError):

@@ -287,7 +287,8 @@ class Federation:
                     warnings.simplefilter("ignore", FlexLoRAWarning)  # the reasons are returned, hosts log them once
                     update = aggregate(
                         {c: r.state for c, r in usable.items()}, {c: float(r.num_examples) for c, r in usable.items()},
-                        expected_ranks={c: self.rank_maps[c] for c in usable}, on_invalid="exclude", **kwargs,
+                        expected_ranks={c: self.rank_maps[c] for c in usable}, on_invalid="exclude",
+                        expected_shapes={m: i.shape for m, i in self.info.items()}, **kwargs,
                     )  # fmt: skip
             except FlexLoRAError as err:  # every reply excluded, or none usable together
                 excluded.update({c: f"no usable reply this round: {err}" for c in usable if c not in excluded})
