@@ -271,6 +271,8 @@ class Federation:
         excluded: dict[Hashable, str] = dict(failed or {})
         usable: dict[Hashable, Reply] = {}
         for client, reply in replies.items():
+            if client in excluded:  # the host also reported a failure for it: the failure stands
+                continue
             if client not in self.rank_maps:
                 excluded[client] = "no rank map was assigned to this client"
             elif isinstance(reply.num_examples, bool) or not (

@@ -113,6 +113,8 @@ def record_to_state(arrays: ArrayRecord, config: ConfigRecord | None = None) -> 
         dtypes = json.loads(note)
     except json.JSONDecodeError as err:
         raise ValueError(f"{ARRAY_DTYPES} is not valid JSON: {note[:80]!r}") from err
+    if not isinstance(dtypes, dict):
+        raise ValueError(f"{ARRAY_DTYPES} must be a JSON object {{key: dtype}}, got {note[:80]!r}")
     state = dict(arrays.to_torch_state_dict()) if len(arrays) else {}
     for key, name in dtypes.items():
         if key not in state:
@@ -120,7 +122,11 @@ def record_to_state(arrays: ArrayRecord, config: ConfigRecord | None = None) -> 
         dtype = getattr(torch, str(name), None)
         if dtype not in _VIEWED:
             raise ValueError(f"{ARRAY_DTYPES}: {key!r} has unsupported dtype {name!r}")
-        state[key] = state[key].view(dtype)
+        try:
+            state[key] = state[key].view(dtype)
+        except RuntimeError as err:  # e.g. an odd-width int8 array viewed as bf16
+            shape, have = tuple(state[key].shape), state[key].dtype
+            raise ValueError(f"{ARRAY_DTYPES}: {key!r} ({shape}, {have}) cannot be read as {name}: {err}") from err
     return state
 
 

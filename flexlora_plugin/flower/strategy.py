@@ -408,6 +408,7 @@ class FlexLoRA(FedAvg):
                 logger.warning("round %d: reply from unknown node %d ignored", rnd, nid)
                 continue
             if reply.has_error():
+                decoded.pop(pid, None)
                 failed[pid] = f"error reply (code {reply.error.code}): {_last_line(reply.error.reason)}"
                 continue
             try:
@@ -417,6 +418,10 @@ class FlexLoRA(FedAvg):
                 weight, loss = float(metrics[NUM_EXAMPLES]), float(metrics.get(TRAIN_LOSS, math.nan))
             except (KeyError, TypeError, ValueError) as err:
                 failed[pid] = f"malformed reply: {err!r}"
+                continue
+            if pid in decoded or pid in failed:  # a second reply for one partition: neither can be trusted
+                decoded.pop(pid, None)
+                failed[pid] = f"two replies for partition {pid} in one round (node {nid} and another); both dropped"
                 continue
             decoded[pid] = Reply(state, weight, loss)
             self._dump(rnd, f"reply-p{pid}", state, {NUM_EXAMPLES: str(weight), TRAIN_LOSS: str(loss)})

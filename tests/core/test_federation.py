@@ -166,3 +166,13 @@ def test_a_truncated_export_and_the_cached_adapter(tmp_path):
     for module in fed.global_update.modules:  # the truncation error is the Eckart–Young optimum at rank 3
         delta = fed.global_update.delta(module).double()
         assert errors[module] == pytest.approx(best_rank_error(delta, 3) / float(delta.norm()), rel=1e-3)
+
+
+def test_a_failure_the_host_reports_wins_over_a_reply_for_the_same_client():
+    gen = torch.Generator().manual_seed(6)
+    fed = _fed(profile="homo")
+    for client in ("a", "b"):
+        fed.assign_ranks(client, dict.fromkeys(SHAPES, 4))
+    result = fed.aggregate({"a": _reply(dict.fromkeys(SHAPES, 4), gen), "b": _reply(dict.fromkeys(SHAPES, 4), gen)},
+                           failed={"a": "two replies"})  # fmt: skip
+    assert result.kept == ["b"] and result.excluded == {"a": "two replies"} and fed.global_update.clients == ("b",)

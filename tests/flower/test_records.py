@@ -90,3 +90,23 @@ def test_sampling_is_deterministic_and_order_free():
 def test_rank_label():
     assert rank_label({"a": 8, "b": 8}) == "r8"
     assert rank_label({"a": 64, "b": 30, "c": 64}) == "r30-64"
+
+
+@pytest.mark.parametrize(
+    ("note", "match"),
+    [
+        ("[]", "must be a JSON object"),
+        ("5", "must be a JSON object"),
+        ('{"k": "load"}', "unsupported dtype 'load'"),
+    ],
+)
+def test_a_hostile_dtype_note_is_a_value_error(note, match):
+    arrays, _ = state_to_record({"k": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match=match):
+        record_to_state(arrays, ConfigRecord({ARRAY_DTYPES: note}))
+
+
+def test_a_bf16_note_on_an_odd_width_int8_array_is_a_value_error():
+    arrays, _ = state_to_record({"k": torch.zeros(2, 3, dtype=torch.int8)})
+    with pytest.raises(ValueError, match="cannot be read as bfloat16"):
+        record_to_state(arrays, ConfigRecord({ARRAY_DTYPES: '{"k": "bfloat16"}'}))
