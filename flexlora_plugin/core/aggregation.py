@@ -39,7 +39,8 @@ from .errors import (
 from .projection import Spectrum, dense_spectrum, factored_spectrum, redistribute
 
 __all__ = [
-    "ClientUpdate", "FlexLoRAUpdate", "GlobalUpdate", "Method", "ModuleInfo", "aggregate", "list_methods", "method_class",
+    "AggregateOptions", "ClientUpdate", "FlexLoRAUpdate", "GlobalUpdate", "Method", "ModuleInfo", "aggregate", "list_methods",
+    "method_class",
     "register_method",
 ]  # fmt: skip
 
@@ -83,6 +84,18 @@ class ClientUpdate:
     weight: float
     factors: Mapping[str, LoRAFactors]
     scalings: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class AggregateOptions:
+    """What :func:`aggregate` hands every method's ``from_clients``; each method reads the fields it needs."""
+
+    max_rank: int | None = None
+    hetlora_weighting: Literal["data", "norm"] = "data"
+    compute_dtype: torch.dtype = torch.float32
+    device: torch.device | str | None = None
+    seed: int = 0
+    progress: ProgressFn | None = None
 
 
 _METHODS: dict[str, type[GlobalUpdate]] = {}
@@ -165,12 +178,10 @@ class GlobalUpdate(ABC):
     @classmethod
     @abstractmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
-        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
-        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
-        progress: ProgressFn | None = None,
-    ) -> GlobalUpdate:  # fmt: skip
-        """Build this method's update from validated clients (:func:`aggregate` calls it); unused options are ignored."""
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        options: AggregateOptions,
+    ) -> GlobalUpdate:
+        """Build this method's update from validated clients (:func:`aggregate` calls it); it reads the options it needs."""
 
     @abstractmethod
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -361,11 +372,9 @@ class FlexLoRAUpdate(GlobalUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
-        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
-        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
-        progress: ProgressFn | None = None,
-    ) -> FlexLoRAUpdate:  # fmt: skip
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        options: AggregateOptions,
+    ) -> FlexLoRAUpdate:
         """``ΔW = Σ_k p_k s_k B_k A_k`` per module, ``p_k`` renormalised over the clients holding it (kept factored)."""
         terms = {
             m: [
@@ -373,9 +382,10 @@ class FlexLoRAUpdate(GlobalUpdate):
             ]
             for m in info
         }
+        o = options
         return cls(
-            info, [c.client for c in clients], excluded, terms=terms, max_rank=max_rank, progress=progress,
-            compute_dtype=compute_dtype, device=device, seed=seed,
+            info, [c.client for c in clients], excluded, terms=terms, max_rank=o.max_rank, progress=o.progress,
+            compute_dtype=o.compute_dtype, device=o.device, seed=o.seed,
         )  # fmt: skip
 
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -534,10 +544,9 @@ def aggregate(
     clients = [c for c in clients if c.client not in excluded]
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
-    return cls.from_clients(
-        clients, info, excluded, max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,
-        device=device, seed=seed, progress=progress,
-    )  # fmt: skip
+    options = AggregateOptions(max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,
+                               device=device, seed=seed, progress=progress)  # fmt: skip
+    return cls.from_clients(clients, info, excluded, options)
 
 
 def _total(clients: Sequence[ClientUpdate], module: str) -> float:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .aggregation import ClientUpdate, GlobalUpdate, ModuleInfo, ProgressFn, register_method
+from .aggregation import AggregateOptions, ClientUpdate, GlobalUpdate, ModuleInfo, register_method
 from .errors import RankError
 
 __all__ = ["FactorsUpdate", "FedAvgUpdate", "HetLoRAUpdate"]
@@ -54,11 +54,9 @@ class FactorsUpdate(GlobalUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
-        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
-        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
-        progress: ProgressFn | None = None,
-    ) -> FactorsUpdate:  # fmt: skip
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        options: AggregateOptions,
+    ) -> FactorsUpdate:
         raise TypeError(f"{cls.__name__} is not built from client updates")
 
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -102,11 +100,10 @@ class FedAvgUpdate(FactorsUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
-        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
-        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
-        progress: ProgressFn | None = None,
-    ) -> FedAvgUpdate:  # fmt: skip
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        options: AggregateOptions,
+    ) -> FedAvgUpdate:
+        compute_dtype, device, seed = options.compute_dtype, options.device, options.seed
         mixed = {}
         for m in info:
             ranks = {c.client: c.factors[m].r for c in clients if m in c.factors}
@@ -141,12 +138,11 @@ class HetLoRAUpdate(FactorsUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str], *,
-        max_rank: int | None = None, hetlora_weighting: Literal["data", "norm"] = "data",
-        compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, seed: int = 0,
-        progress: ProgressFn | None = None,
-    ) -> HetLoRAUpdate:  # fmt: skip
-        weighting = hetlora_weighting
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        options: AggregateOptions,
+    ) -> HetLoRAUpdate:
+        weighting, max_rank = options.hetlora_weighting, options.max_rank
+        compute_dtype, device, seed = options.compute_dtype, options.device, options.seed
         if weighting not in ("data", "norm"):
             raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {weighting!r}")
         top = max(f.r for c in clients for f in c.factors.values())
