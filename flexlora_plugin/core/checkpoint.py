@@ -8,8 +8,10 @@ factors. The restored update projects exactly as the original for every rank it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .aggregation import GlobalUpdate, ModuleInfo, method_class
-from .errors import FlexLoRAError
+from .errors import FlexLoRAError, FlexLoRAWarning
 
 __all__ = ["ServerState", "load_server_state", "save_server_state"]
 
-FORMAT = "flexlora-server-state/1"
+FORMAT = "flexlora-server-state/2"  # /2 adds a sha256 per tensor
+_READABLE = ("flexlora-server-state/1", FORMAT)
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _SEP = "::"
 
 
@@ -76,8 +80,10 @@ def save_server_state(
             tensors.update({f"{m}{_SEP}{name}": t for name, t in named.items()})
             entry.update(extras)
             modules[m] = entry
+    owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # safetensors refuses shared storage
     meta = {
         "format": FORMAT,
+        "sha256": {k: _sha256(t) for k, t in owned.items()},
         "method": update.method if update is not None else "",
         "round": round,
         "seed": seed,
@@ -88,7 +94,6 @@ def save_server_state(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # safetensors refuses shared storage
     save_file(owned, str(tmp), metadata={"flexlora": json.dumps(meta)})
     os.replace(tmp, path)
     return path
@@ -102,23 +107,71 @@ def load_server_state(path: str | os.PathLike[str]) -> ServerState:
     FlexLoRAError
         When the file is not a FlexLoRA server state.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("flexlora")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("flexlora")
+    except (OSError, SafetensorError) as err:
+        raise FlexLoRAError(f"{path} cannot be read as a safetensors server state: {err}") from err
     if raw is None:
         raise FlexLoRAError(f"{path} is not a FlexLoRA server state (no 'flexlora' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise FlexLoRAError(f"{path}: the 'flexlora' metadata is not JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise FlexLoRAError(f"{path}: the 'flexlora' metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") not in _READABLE:
         raise FlexLoRAError(f"{path}: unsupported state format {meta.get('format')!r}, expected {FORMAT!r}")
+    for name, kind in (("method", str), ("round", int), ("seed", int), ("modules", dict), ("clients", list)):
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise FlexLoRAError(f"{path}: metadata field {name!r} must be a {kind.__name__}, got {meta.get(name)!r}")
     tensors = load_file(str(path))
-    update = _restore_update(meta, tensors) if meta["method"] else None
-    return ServerState(update=update, round=int(meta["round"]), seed=int(meta["seed"]), extra=meta.get("extra", {}))
+    _verify(path, meta, tensors)
+    try:
+        update = _restore_update(meta, tensors) if meta["method"] else None
+    except FlexLoRAError as err:
+        raise FlexLoRAError(f"{path}: {err}") from err
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise FlexLoRAError(f"{path}: malformed module entry in the metadata: {err!r}") from err
+    return ServerState(update=update, round=meta["round"], seed=meta["seed"], extra=meta.get("extra", {}))
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _verify(path: str | os.PathLike[str], meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every module has its tensors, and (format /2) every tensor its sha256.
+
+    A checksum detects corruption (a flipped byte, a truncated copy), not tampering: whoever can
+    write the file can rewrite the checksums too.
+    """
+    sums = meta.get("sha256")
+    if sums is None:
+        warnings.warn(f"{path} was written before per-tensor checksums (format /1); loaded unchecked", FlexLoRAWarning,
+                      stacklevel=3)  # fmt: skip
+    else:
+        if set(sums) != set(tensors):
+            raise FlexLoRAError(f"{path}: tensors {sorted(set(tensors) ^ set(sums))[:4]} are missing or not listed")
+        bad = [k for k, t in tensors.items() if _sha256(t) != sums[k]]
+        if bad:
+            raise FlexLoRAError(f"{path}: sha256 mismatch in {bad[:4]} (the file is corrupted)")
+    if meta["method"]:
+        held = {k.rpartition(_SEP)[0] for k in tensors}
+        missing = [m for m in meta["modules"] if m not in held]
+        if missing or len(held - set(meta["modules"])):
+            raise FlexLoRAError(f"{path}: modules {missing[:4] or sorted(held - set(meta['modules']))[:4]} "
+                                "have metadata without tensors or tensors without metadata")  # fmt: skip
 
 
 def _restore_update(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> GlobalUpdate:
+    for m, e in meta["modules"].items():
+        if e.get("dtype") not in _DTYPES:
+            raise FlexLoRAError(f"module {m}: dtype {e.get('dtype')!r} is not one of {sorted(_DTYPES)}")
     info = {
-        m: ModuleInfo(m, (e["shape"][0], e["shape"][1]), getattr(torch, e["dtype"]), e["a_key"], e["b_key"])
+        m: ModuleInfo(m, (int(e["shape"][0]), int(e["shape"][1])), _DTYPES[e["dtype"]], str(e["a_key"]), str(e["b_key"]))
         for m, e in meta["modules"].items()
     }
     compute_dtype = tensors[next(iter(tensors))].dtype if tensors else torch.float32

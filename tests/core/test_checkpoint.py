@@ -49,10 +49,83 @@ def test_empty_state_and_foreign_files(tmp_path):
     assert state.update is None and state.round == 0
     pkl = tmp_path / "evil.safetensors"
     pkl.write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(Exception):  # safetensors refuses to parse a pickle; nothing is unpickled
+    with pytest.raises(FlexLoRAError, match="cannot be read as a safetensors server state"):  # nothing is unpickled
         load_server_state(pkl)
     from safetensors.torch import save_file
 
     save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(FlexLoRAError, match="not a FlexLoRA server state"):
         load_server_state(tmp_path / "plain.safetensors")
+
+
+def _saved(tmp_path, gen):
+    states = [make_client(dict.fromkeys(SHAPES, 4), SHAPES, gen=gen) for _ in range(2)]
+    return save_server_state(tmp_path / "s.safetensors", aggregate(states, [1, 1], lora_alpha=8), round=3, seed=1)
+
+
+def _rewrite(path, edit_meta=None, edit_tensors=None):
+    """Rewrite a state file with its metadata or tensors changed (what a corrupting copy or a careless edit does)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    if edit_tensors:
+        edit_tensors(tensors)
+    raw = meta["flexlora"]
+    if edit_meta:
+        raw = edit_meta(json.loads(raw))
+        raw = raw if isinstance(raw, str) else json.dumps(raw)
+    save_file(tensors, str(path), metadata={"flexlora": raw})
+
+
+def test_one_flipped_byte_in_tensor_data_is_detected(tmp_path, gen):
+    path = _saved(tmp_path, gen)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's data, past the header
+    path.write_bytes(bytes(data))
+    with pytest.raises(FlexLoRAError, match=r"sha256 mismatch in .* \(the file is corrupted\)"):
+        load_server_state(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: "{not json", "the 'flexlora' metadata is not JSON"),
+        (lambda m: [1, 2], "must be a JSON object, got list"),
+        (lambda m: {k: v for k, v in m.items() if k != "round"}, "metadata field 'round' must be a int, got None"),
+        (lambda m: {**m, "seed": "0"}, "metadata field 'seed' must be a int"),
+        (lambda m: {**m, "modules": {k: {**e, "dtype": "load"} for k, e in m["modules"].items()}},
+         "dtype 'load' is not one of"),
+        (lambda m: {**m, "modules": dict(list(m["modules"].items())[1:])}, "metadata without tensors or tensors without metadata"),
+        (lambda m: {**m, "modules": {k: {kk: vv for kk, vv in e.items() if kk != "shape"} for k, e in m["modules"].items()}},
+         "malformed module entry"),
+        (lambda m: {**m, "format": "flexlora-server-state/9"}, "unsupported state format"),
+    ],
+)
+def test_bad_metadata_is_a_flexlora_error_naming_the_file(tmp_path, gen, edit, match):
+    path = _saved(tmp_path, gen)
+    _rewrite(path, edit_meta=edit)
+    with pytest.raises(FlexLoRAError, match=match) as info:
+        load_server_state(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_tensor_removed_or_added_is_detected(tmp_path, gen):
+    path = _saved(tmp_path, gen)
+    _rewrite(path, edit_tensors=lambda t: t.pop(next(iter(t))))
+    with pytest.raises(FlexLoRAError, match="are missing or not listed"):
+        load_server_state(path)
+
+
+def test_a_state_of_format_1_loads_with_a_warning(tmp_path, gen):
+    from flexlora_plugin.core import FlexLoRAWarning
+
+    path = _saved(tmp_path, gen)
+    _rewrite(path, edit_meta=lambda m: {**{k: v for k, v in m.items() if k != "sha256"}, "format": "flexlora-server-state/1"})
+    with pytest.warns(FlexLoRAWarning, match="before per-tensor checksums"):
+        state = load_server_state(path)
+    assert state.round == 3 and state.seed == 1 and state.update is not None
