@@ -285,6 +285,8 @@ class FlexLoRA(FedAvg):
                     fed.draw_ranks(pid)
         if self.resume and self.state_path is not None and self.state_path.exists():
             self._offset = fed.restore(self.state_path)
+        elif self.resume:
+            logger.warning("resume=true but there is no server state at %s: starting at round 1", self.state_path)
         self.federation = fed
 
     def _read_rank_replies(self, replies: list[Message]) -> tuple[dict[int, int], dict[int, str], dict[int, dict[str, int]]]:
