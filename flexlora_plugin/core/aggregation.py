@@ -608,8 +608,17 @@ def collect_clients(
 
 
 def update_norm_bound(f: LoRAFactors, scaling: float) -> float:
-    """``s · ‖B‖_F · ‖A‖_F`` in float64: an upper bound of ``‖s·B·A‖_F``, computed without forming it."""
-    return abs(scaling) * float(f.B.double().norm()) * float(f.A.double().norm())
+    """``s · ‖B‖_F · ‖A‖_F`` in float64: an upper bound of ``‖s·B·A‖_F``, computed without forming it.
+
+    Each norm is taken in the factor's dtype (no float64 copy of every client's factors) and only
+    recomputed in float64 when it overflowed; the product is a Python float (float64).
+    """
+    return abs(scaling) * _norm64(f.B) * _norm64(f.A)
+
+
+def _norm64(t: Tensor) -> float:
+    n = float(torch.linalg.vector_norm(t))
+    return n if math.isfinite(n) else float(torch.linalg.vector_norm(t.double()))
 
 
 def _within_magnitude(
