@@ -519,6 +519,7 @@ def check_options(args: argparse.Namespace, out: Path) -> tuple[Settings, dict[s
                  "data-path": str(DEFAULT_DATA)}  # fmt: skip
     settings = Settings.from_context({**defaults, **overrides, **extra}, run_id=0)
     settings.check_paths(partitions)
+    _check_hardware(args, settings)
     if settings.clients_per_round > partitions:
         raise SettingsError(f"--clients-per-round {settings.clients_per_round} exceeds the {partitions} partitions; "
                             f"use at most {partitions} (or 0 for all)")  # fmt: skip
@@ -526,6 +527,21 @@ def check_options(args: argparse.Namespace, out: Path) -> tuple[Settings, dict[s
         raise SettingsError(f"resume=true but {out / 'server_state.safetensors'} does not exist; "
                             "give --output-dir of an earlier run, or drop resume=true")  # fmt: skip
     return settings, overrides
+
+
+def _check_hardware(args: argparse.Namespace, settings: Settings) -> None:
+    """Every node of this runner is on this machine: its device must exist here, GPU shares need CUDA."""
+    import torch
+
+    from flexlora_plugin.core.client import resolve_device
+
+    if args.gpus_per_client > 0 and not torch.cuda.is_available():
+        raise SettingsError(f"--gpus-per-client {args.gpus_per_client:g} reserves GPU shares, but torch sees no CUDA device "
+                            "here; on a CPU-only machine use --gpus-per-client 0")  # fmt: skip
+    try:
+        resolve_device(settings.device)
+    except ValueError as err:
+        raise SettingsError(f"{err}; use device='auto' or 'cpu' here") from err
 
 
 def describe_run(args: argparse.Namespace, settings: Settings, out: Path, resuming: bool) -> list[str]:

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
+import torch  # noqa: E402
+
 from flexlora_plugin.flower.run import main, quiet  # noqa: E402
 
 pytestmark = [pytest.mark.flower]
@@ -34,6 +36,10 @@ SMALL = "local-steps=1 batch-size=2 max-train-examples=4"
         (["--clients-per-round", "9"], "--clients-per-round 9 exceeds the 8 partitions"),
         (["--run-config", "resume=true"], "resume=true but"),
         (["--profile", "{oops"], "profile looks like a JSON rank table but is not JSON"),
+        pytest.param(["--gpus-per-client", "0.25"], "reserves GPU shares, but torch sees no CUDA device",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+        pytest.param(["--run-config", "device='cuda'"], "use device='auto' or 'cpu' here",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
 )
 def test_bad_options_fail_before_anything_starts(argv, message, tmp_path, capsys):
