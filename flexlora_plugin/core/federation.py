@@ -99,6 +99,13 @@ class RoundResult:
         }
 
 
+def _nbytes(state: Any) -> int:
+    """Bytes of the tensors in a reply, whatever else a hostile reply holds."""
+    if not isinstance(state, Mapping):
+        return 0
+    return state_nbytes({k: v for k, v in state.items() if isinstance(v, Tensor)})
+
+
 def _sorted(ids: Iterable[Hashable]) -> list[Hashable]:
     try:
         return sorted(ids)  # type: ignore[type-var]
@@ -304,7 +311,7 @@ class Federation:
         result = RoundResult(
             round=rnd, kept=kept, excluded=excluded, updated=update is not None, train_loss=loss,
             num_examples=sum(weights.values()), bytes_sent=int(bytes_sent),
-            bytes_received=sum(state_nbytes(r.state) for r in replies.values()),
+            bytes_received=sum(_nbytes(r.state) for r in replies.values()),
             energy=self.energy_by_label() if self.global_update is not None else {},
         )  # fmt: skip
         self.round = rnd

@@ -95,3 +95,12 @@ def test_federation_keeps_the_previous_update_when_every_reply_is_hostile(gen):
     hostile = {k: v * 1e20 for k, v in _good(gen).items()}
     result = fed.aggregate({"a": Reply(hostile, 1)})
     assert not result.updated and fed.global_update is before and "too large" in result.excluded["a"]
+
+
+def test_a_reply_that_is_not_a_state_dict_is_excluded_not_a_crash(gen):
+    fed = Federation(FlexLoRAConfig(profile="homo", lora_alpha=8), module_infos({m[len("base_model.model."):]: s for m, s in SHAPES.items()}))
+    for client in ("junk", "list", "good"):
+        fed.assign_ranks(client, dict.fromkeys(SHAPES, 4))
+    junk = {"base_model.model.l0.q_proj.lora_A.weight": "not a tensor"}
+    result = fed.aggregate({"junk": Reply(junk, 1), "list": Reply([1, 2], 1), "good": Reply(_good(gen), 1)})
+    assert result.kept == ["good"] and set(result.excluded) == {"junk", "list"}
