@@ -151,19 +151,21 @@ class Federation:
         if len(self.shapes) != len(self.info):
             raise RankError(f"shapes name {len(self.shapes)} modules, info {len(self.info)}")
         self.state_path = Path(state_path) if state_path is not None else None
-        self.rank_maps: dict[Hashable, dict[str, int]] = {}
+        self.rank_maps: dict[Hashable, dict[str, int]] = {}  # as drawn or reported (what clients are told)
+        self._resolved: dict[Hashable, dict[str, int]] = {}  # the same, one rank per module of self.shapes
         self.global_update: GlobalUpdate | None = None
         self.round = 0  # the last completed round
         self.history: list[dict[str, Any]] = []
         self._initial: GlobalUpdate | None = None
-        self._adapter: tuple[tuple[int, str], tuple[dict[str, Tensor], dict[str, int]]] | None = None
+        self._adapter: tuple[GlobalUpdate, str, tuple[dict[str, Tensor], dict[str, int]]] | None = None
         self._sampler = config.sampler()
 
     # ------------------------------------------------------------------ rank maps
     def draw_ranks(self, client: Hashable) -> dict[str, int]:
         """The profile's rank map for ``client`` (a pure function of (seed, client)), resolved and clamped on the shapes."""
         if client not in self.rank_maps:
-            self._set(client, sample_ranks(self._sampler, client, self.config.seed, shapes=self.shapes))
+            drawn = sample_ranks(self._sampler, client, self.config.seed, shapes=self.shapes)  # keyed by self.shapes
+            self._set(client, drawn, drawn)
         return dict(self.rank_maps[client])
 
     def assign_ranks(self, client: Hashable, ranks: Mapping[str, int]) -> dict[str, int]:
@@ -188,29 +190,30 @@ class Federation:
         unknown = [k for k in ranks if not self._matches_a_module(k)]
         if unknown:
             raise RankError(f"client {client!r}: rank map entries {unknown} match no adapted module")
-        self._set(client, dict(ranks))
+        self._set(client, dict(ranks), resolved)
         return dict(ranks)
 
-    def _set(self, client: Hashable, ranks: dict[str, int]) -> None:
+    def _set(self, client: Hashable, ranks: dict[str, int], resolved: dict[str, int]) -> None:
         if self._initial is not None and client not in self.rank_maps:
             self._initial = None  # a new client: the common start is drawn over every rank map known
         self.rank_maps[client] = ranks
+        self._resolved[client] = dict(resolved)
 
     def _matches_a_module(self, key: str) -> bool:
         if key in self.shapes or any(m.endswith("." + key) for m in self.shapes):
             return True
         return any(resolve_pattern(m, {key: 1}) is not None for m in self.shapes)  # a regex key
+
     @property
     def max_rank(self) -> int:
         """The largest rank of any module of any client."""
         if not self.rank_maps:
             raise RankError("no rank map yet: draw_ranks() or assign_ranks() first")
-        return max(max(self.rank_for(c).values()) for c in self.rank_maps)
+        return max(max(r.values()) for r in self._resolved.values())
 
     def rank_for(self, client: Hashable) -> dict[str, int]:
-        """``client``'s rank per module (full module names)."""
-        ranks = self.rank_maps[client]
-        return {m: int(resolve_pattern(m, ranks)) for m in self.shapes}  # type: ignore[arg-type]
+        """``client``'s rank per module (the names of :attr:`shapes`), resolved once when its map was set."""
+        return dict(self._resolved[client])
 
     # ------------------------------------------------------------------ outgoing
     @property
@@ -244,7 +247,7 @@ class Federation:
         """Mean over modules of the energy kept, per distinct rank map (by :func:`rank_label`)."""
         out: dict[str, float] = {}
         for client in self.rank_maps if clients is None else clients:
-            label = rank_label(self.rank_for(client))
+            label = rank_label(self._resolved[client])
             if label not in out:
                 kept = self.energy_kept(client)
                 out[label] = sum(kept.values()) / len(kept)
@@ -358,12 +361,12 @@ class Federation:
 
         if self.global_update is None:
             raise FlexLoRAError("no round produced a global update; nothing to export")
-        key = (id(self.global_update), repr(ranks))
-        if self._adapter is None or self._adapter[0] != key:
+        update, key = self.global_update, repr(ranks)
+        if self._adapter is None or self._adapter[0] is not update or self._adapter[1] != key:
             cfg = self.config
-            self._adapter = (key, export_adapter(self.global_update, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
-                                                 ranks=ranks))  # fmt: skip
-        return self._adapter[1]
+            self._adapter = (update, key, export_adapter(update, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
+                                                         ranks=ranks))  # fmt: skip
+        return self._adapter[2]
 
     def export(
         self, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None,
