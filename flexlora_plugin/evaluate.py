@@ -235,6 +235,21 @@ def paired_bootstrap(
     return _cluster_bootstrap([a[t] - b[t] for t in sorted(a)], n_boot=n_boot, seed=seed, level=level)
 
 
+def base_of(adapter: str | None, base: str | None) -> str:
+    """The base model folder: ``base``, else the adapter's ``base_model_name_or_path``.
+
+    Raises
+    ------
+    ValueError
+        Neither is given (``--adapter none`` needs ``--base``).
+    """
+    if base is not None:
+        return base
+    if adapter is None:
+        raise ValueError("--adapter none needs --base MODEL_FOLDER")
+    return str(json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
 def load_for_eval(
     adapter: str | None, base: str | None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
 ) -> tuple[Any, Any]:
@@ -264,10 +279,7 @@ def load_for_eval(
     from .core.client import resolve_device, resolve_dtype
     from .models import load_tokenizer
 
-    if base is None:
-        if adapter is None:
-            raise ValueError("--base is required with --adapter none")
-        base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = base_of(adapter, base)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(base)
@@ -318,11 +330,7 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, str]:
                          "a run writes one to <output-dir>/adapter, or use --adapter none with --base")  # fmt: skip
     if not args.data.is_file():
         raise ValueError(f"--data {args.data} does not exist (e.g. ../shared/data/natural_instructions/heldout_test.json)")
-    base = args.base
-    if base is None:
-        if adapter is None:
-            raise ValueError("--adapter none needs --base MODEL_FOLDER")
-        base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = base_of(adapter, args.base)
     local = Path(base).exists() or Path(base).is_absolute() or base.startswith(".") or base.count("/") != 1
     if local and not (Path(base) / "config.json").is_file():  # "org/name" may be a hub id
         raise ValueError(f"base model {base} is not a transformers folder (no config.json); pass --base")
