@@ -448,7 +448,7 @@ def check_setup(args: argparse.Namespace, distributions: list[str]) -> None:
 
     from flexlora_plugin.core import list_aliases, list_profiles
     from flexlora_plugin.core.client import resolve_device
-    from flexlora_plugin.data import client_file
+    from flexlora_plugin.data import missing_clients
 
     unknown = [d for d in distributions if d not in list_profiles() and d not in list_aliases()]
     if unknown:
@@ -475,7 +475,7 @@ def check_setup(args: argparse.Namespace, distributions: list[str]) -> None:
         bad_option(f"profile {args.profile}: clients-per-round must be in 1..partitions={prof['partitions']}, got {prof['clients-per-round']}")
     if not (args.data / HELDOUT).is_file():
         bad_option(f"--data {args.data}: no {HELDOUT} there (the Natural Instructions folder, default {DATA})")
-    missing = [i for i in range(prof["partitions"]) if not client_file(args.data, i, "train").is_file()]
+    missing = missing_clients(args.data, prof["partitions"])
     if missing:
         bad_option(f"--data {args.data}: no training file for partition(s) {missing[:5]} of the {prof['partitions']} "
                    f"the profile uses (--set partitions=N)")  # fmt: skip

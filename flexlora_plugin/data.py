@@ -55,6 +55,7 @@ __all__ = [
     "PROMPT_NO_INPUT",
     "PaddingCollator",
     "build_prompt",
+    "missing_clients",
     "client_file",
     "load_client_split",
     "load_examples",
@@ -93,6 +94,11 @@ def client_file(folder: str | os.PathLike[str], client_id: int, split: Split = "
     if isinstance(client_id, bool) or not isinstance(client_id, int) or client_id < 0:
         raise ValueError(f"client_id must be a non-negative int, got {client_id!r}")
     return Path(folder) / _SPLIT_FILES[split].format(i=client_id)
+
+
+def missing_clients(folder: str | os.PathLike[str], num_clients: int, split: Split = "train") -> list[int]:
+    """Client ids ``0..num_clients-1`` whose split file is absent from ``folder`` (what runners check before starting)."""
+    return [i for i in range(num_clients) if not client_file(folder, i, split).is_file()]
 
 
 def load_examples(path: str | os.PathLike[str], max_examples: int | None = None) -> list[dict[str, str]]:

@@ -77,3 +77,13 @@ def test_files_and_errors(tmp_path):
         load_client_split(tmp_path, 5)
     with pytest.raises(ValueError, match="split"):
         client_file(tmp_path, 0, "dev")  # type: ignore[arg-type]
+
+
+def test_missing_clients_names_the_absent_split_files(tmp_path):
+    from flexlora_plugin.data import missing_clients
+
+    for i in (0, 2):
+        (tmp_path / f"local_training_{i}.json").write_text("[]")
+    (tmp_path / "local_eval_1.json").write_text("[]")  # another split does not count
+    assert missing_clients(tmp_path, 4) == [1, 3]
+    assert missing_clients(tmp_path, 2, "eval") == [0]

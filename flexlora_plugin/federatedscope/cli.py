@@ -56,7 +56,7 @@ def check_args(args: list[str]) -> list[str]:
     from federatedscope.core.cmd_args import parse_args, parse_client_cfg
     from federatedscope.core.configs.config import global_cfg
 
-    from flexlora_plugin.data import client_file
+    from flexlora_plugin.data import missing_clients
     from flexlora_plugin.federatedscope.config import assert_flexlora_cfg, cfg_value
     from flexlora_plugin.federatedscope.data import DATA_TYPE
 
@@ -80,7 +80,7 @@ def check_args(args: list[str]) -> list[str]:
         raise ValueError(f"federate.total_round_num must be >= 1, got {cfg_value(cfg.federate.total_round_num)}")
     if str(cfg_value(cfg.data.type)).lower() == DATA_TYPE:
         root, clients = Path(str(cfg_value(cfg.data.root))), int(cfg_value(cfg.federate.client_num))
-        missing = [i for i in range(clients) if not client_file(root, i, "train").is_file()]
+        missing = missing_clients(root, clients)
         if missing:
             raise ValueError(f"data.root {root}: no local_training_<i>.json for client(s) {[i + 1 for i in missing[:5]]} "
                              f"of federate.client_num {clients}")  # fmt: skip

@@ -144,12 +144,12 @@ class Settings:
 
         ``model-path`` "" is fine: the tiny model is built under ``output-dir``.
         """
-        from flexlora_plugin.data import client_file
+        from flexlora_plugin.data import client_file, missing_clients
 
         if not self.data_path.is_dir():
             raise SettingsError(f"data-path {self.data_path} is not a folder (Natural Instructions clients: "
                                 f"local_training_<i>.json; the default is {DEFAULT_DATA})")  # fmt: skip
-        missing = [i for i in range(partitions) if not client_file(self.data_path, i, "train").is_file()]
+        missing = missing_clients(self.data_path, partitions)
         if missing:
             raise SettingsError(f"data-path {self.data_path} has no training file for partition(s) {missing[:5]}"
                                 f"{'...' if len(missing) > 5 else ''} (e.g. {client_file(self.data_path, missing[0]).name}); "
