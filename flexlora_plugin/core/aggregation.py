@@ -19,7 +19,8 @@ import logging
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union
 
@@ -36,7 +37,9 @@ from .errors import (
     RankError,
     ShapeMismatchError,
 )
-from .projection import Spectrum, dense_spectrum, factored_spectrum, redistribute
+from .projection import GramBasis, Spectrum, dense_spectrum, redistribute, ritz_spectrum
+from .staging import Stack, device_verdicts, stage
+from .terms import ModuleTerms, StackedTerms, TermList
 
 __all__ = [
     "AggregateOptions", "ClientUpdate", "FlexLoRAUpdate", "GlobalUpdate", "Method", "ModuleInfo", "aggregate", "list_methods",
@@ -96,6 +99,7 @@ class AggregateOptions:
     device: torch.device | str | None = None
     seed: int = 0
     progress: ProgressFn | None = None
+    stacks: Mapping[str, Stack] | None = None  # the factors stacked on the device (staging.stage), if they were
 
 
 _METHODS: dict[str, type[GlobalUpdate]] = {}
@@ -317,7 +321,7 @@ class FlexLoRAUpdate(GlobalUpdate):
         clients: Sequence[Hashable],
         excluded: Mapping[Hashable, str],
         *,
-        terms: Mapping[str, list[tuple[float, Tensor, Tensor]]] | None = None,
+        terms: Mapping[str, ModuleTerms] | None = None,
         spectra: Mapping[str, Spectrum] | None = None,
         max_rank: int | None = None,
         progress: ProgressFn | None = None,
@@ -328,12 +332,14 @@ class FlexLoRAUpdate(GlobalUpdate):
         super().__init__(info, clients, excluded, compute_dtype=compute_dtype, device=device, seed=seed)
         self._terms = dict(terms or {})
         self._spectra: dict[str, Spectrum] = dict(spectra or {})
+        self._bases: dict[str, GramBasis] = {}  # kept without max_rank, for later larger ranks
         self._max_rank = max_rank
         self._progress = progress
 
     def stacked_rank(self, module: str) -> int:
         """``R = Σ_k r_k`` over the clients that have ``module`` (0 for a restored update)."""
-        return sum(int(A.shape[0]) for _, _, A in self._terms.get(module, ()))
+        terms = self._terms.get(module)
+        return terms.stacked_rank if terms is not None else 0
 
     def uses_factored_path(self, module: str) -> bool:
         """True when ``R < min(d_out, d_in)``: exact SVD without a dense ΔW."""
@@ -343,16 +349,13 @@ class FlexLoRAUpdate(GlobalUpdate):
         return self._delta(module, self.compute_dtype)
 
     def _delta(self, module: str, dtype: torch.dtype) -> Tensor:
-        info = self._check_module(module)
+        self._check_module(module)
         if module not in self._terms:
             spec = self._spectra[module]
             if not spec.complete:
                 raise RankError(f"module {module}: restored update holds only its top {spec.k} triplets; ΔW is not available")
             return (spec.US @ spec.Vh).to(dtype)
-        delta = torch.zeros(info.shape, dtype=dtype, device=self.device)
-        for coef, B, A in self._terms[module]:
-            delta.addmm_(B.to(device=self.device, dtype=dtype), A.to(device=self.device, dtype=dtype), alpha=coef)
-        return delta
+        return self._terms[module].delta(dtype, self.device)
 
     def exact_spectrum(self, module: str) -> Spectrum:
         """All singular triplets of ``module``'s ΔW computed in float64; not cached.
@@ -365,10 +368,8 @@ class FlexLoRAUpdate(GlobalUpdate):
             return self.spectrum(module, 1)
         f64 = torch.float64
         if self.uses_factored_path(module):
-            terms = self._terms[module]
-            Bs, As = [B.to(self.device, f64) for _, B, _ in terms], [A.to(self.device, f64) for _, _, A in terms]
-            return factored_spectrum(Bs, As, [c for c, _, _ in terms])
-        return dense_spectrum(self._delta(module, f64), min(self.info[module].shape))
+            return self._terms[module].factored_spectrum(f64, self.device)
+        return dense_spectrum(self._delta(module, f64), min(self.info[module].shape))  # type: ignore[return-value]
 
     @classmethod
     def from_clients(
@@ -376,12 +377,17 @@ class FlexLoRAUpdate(GlobalUpdate):
         options: AggregateOptions,
     ) -> FlexLoRAUpdate:
         """``ΔW = Σ_k p_k s_k B_k A_k`` per module, ``p_k`` renormalised over the clients holding it (kept factored)."""
-        terms = {
-            m: [
-                (c.weight / _total(clients, m) * c.scalings[m], c.factors[m].B, c.factors[m].A) for c in clients if m in c.factors
-            ]
-            for m in info
-        }
+        coefs = {m: {c.client: c.weight / _total(clients, m) * c.scalings[m] for c in clients if m in c.factors} for m in info}
+        terms: dict[str, ModuleTerms] = {}
+        for m, shape in ((m, mi.shape) for m, mi in info.items()):
+            if options.stacks is not None:  # one stack per module, on the device; c_j repeated over client j's rows
+                st = options.stacks[m]
+                per_row = [coefs[m][c] for c, r in zip(st.clients, st.ranks, strict=True) for _ in range(r)]
+                coef = torch.tensor(per_row, dtype=torch.float64, device=st.A_cat.device)
+                terms[m] = StackedTerms(st.B_cat, st.A_cat, coef, st.ranks, shape)
+            else:
+                held = [(coefs[m][c.client], c.factors[m].B, c.factors[m].A) for c in clients if m in c.factors]
+                terms[m] = TermList(held, shape)
         o = options
         return cls(
             info, [c.client for c in clients], excluded, terms=terms, max_rank=o.max_rank, progress=o.progress,
@@ -391,6 +397,9 @@ class FlexLoRAUpdate(GlobalUpdate):
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The singular triplets (``US``, ``S``, ``Vh``): all of them, or the top ``max_rank``."""
         spec = self.spectrum(module, max_rank or min(self.info[module].shape))
+        if max_rank is not None and spec.k > max_rank:  # the cache may hold more than the state asks for
+            spec = Spectrum(US=spec.US[:, :max_rank], S=spec.S[:max_rank], Vh=spec.Vh[:max_rank],
+                            total_energy=spec.total_energy, complete=False)  # fmt: skip
         return {"US": spec.US, "S": spec.S, "Vh": spec.Vh}, {"total_energy": spec.total_energy, "complete": spec.complete}
 
     @classmethod
@@ -424,6 +433,10 @@ class FlexLoRAUpdate(GlobalUpdate):
 
     def spectrum(self, module: str, k: int) -> Spectrum:
         """Leading singular triplets of ``module``'s ΔW, at least ``min(k, rank)`` of them."""
+        with ieee_float32():
+            return self._spectrum(module, k)
+
+    def _spectrum(self, module: str, k: int) -> Spectrum:
         info = self._check_module(module)
         cached = self._spectra.get(module)
         if cached is not None and (cached.complete or cached.k >= k):
@@ -431,14 +444,22 @@ class FlexLoRAUpdate(GlobalUpdate):
         if module not in self._terms:
             held = cached.k if cached else 0
             raise RankError(f"module {module}: restored update holds {held} triplets, rank {k} was requested")
+        terms = self._terms[module]
         if self.uses_factored_path(module):
-            terms = self._terms[module]
-            spec = factored_spectrum(
-                [self._compute(B) for _, B, _ in terms], [self._compute(A) for _, _, A in terms], [c for c, _, _ in terms]
-            )
+            spec = terms.factored_spectrum(self.compute_dtype, self.device)
+            if self._max_rank is not None and max(k, self._max_rank) < spec.k:  # keep what was promised, not all R
+                top = max(k, self._max_rank)
+                spec = Spectrum(US=spec.US[:, :top].clone(), S=spec.S[:top].clone(), Vh=spec.Vh[:top].clone(),
+                                total_energy=spec.total_energy, complete=False)  # fmt: skip
+        elif module in self._bases:  # a rank above the first decomposition's: one Ritz step on the factors
+            spec = ritz_spectrum(self._bases[module], k, terms.matmul, terms.rmatmul)
         else:
-            k = max(k, self._max_rank or 0)
-            spec = dense_spectrum(self.delta(module), min(k, min(info.shape)))
+            target = max(k, self._max_rank if self._max_rank is not None else max(terms.ranks))
+            spec, basis = dense_spectrum(self.delta(module), min(target, min(info.shape)), keep_basis=True)  # type: ignore[misc]
+            if basis is not None and self._max_rank is None and not spec.complete:
+                self._bases[module] = basis
+        if cached is not None:
+            logger.debug("module %s: spectrum extended from %d to %d triplets", module, cached.k, spec.k)
         self._spectra[module] = spec
         if self._progress is not None:
             self._progress(len(self._spectra), len(self.modules), module)
@@ -450,6 +471,23 @@ class FlexLoRAUpdate(GlobalUpdate):
 
     def _energy_kept(self, module: str, r: int) -> float:
         return self.spectrum(module, r).energy_kept(r)
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Run float32 matmuls in full IEEE precision inside; the caller's setting is restored on exit.
+
+    No TF32 on Ampere+ GPUs, whatever the caller set with ``torch.set_float32_matmul_precision``.
+    """
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def aggregate(
@@ -470,6 +508,7 @@ def aggregate(
     device: torch.device | str | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    stack_on_device: bool | None = None,
 ) -> GlobalUpdate:
     """Aggregate client LoRA adapters of possibly different ranks into one global update.
 
@@ -506,18 +545,29 @@ def aggregate(
         it is invalid. Off by default. Independently, an update that would overflow float32
         aggregation (above ``√max(float32) / N``) is always invalid.
     max_rank : int, optional
-        ``flexlora``: the largest rank that will be requested (the dense path extracts that many
-        triplets once). ``hetlora``: the padded global rank (default: the largest client rank).
+        ``flexlora``: the largest rank that will be requested. Each module is decomposed once,
+        for ``max(max_rank, requested)`` triplets, and only those are kept. Without it the first
+        request decomposes for the largest client rank of the module and keeps the Gram
+        eigenbasis (``min(d_out, d_in)²`` floats per dense-path module, 16 MiB at 2048), so a
+        later, larger rank costs one Rayleigh–Ritz step on the factors and never another ΔW or
+        decomposition; pass it to keep less. ``hetlora``: the padded global rank (default: the
+        largest client rank).
     hetlora_weighting : {"data", "norm"}
         HetLoRA weights: data sizes, or ``‖s_k B_k A_k‖_F`` (the HetLoRA paper). (default: "data")
     compute_dtype : torch.dtype
         torch.float32 (default) or torch.float64.
     device : torch.device or str, optional
-        Where the math runs (e.g. "cuda"); results come back on the CPU.
+        Where the math runs (e.g. "cuda"); results come back on the CPU. On CUDA the factors are
+        stacked on the device through pinned, overlapped copies, checked there, and ΔW is one
+        GEMM per module (:mod:`~flexlora_plugin.core.staging`); the round's factors then live on
+        the device until the update is freed.
     seed : int
         Seeds the random completion rows of ``flexlora`` projections. (default: 0)
     progress : callable, optional
         ``progress(done, total, module)`` after each module's spectrum (``flexlora``).
+    stack_on_device : bool, optional
+        Stack and check the factors on ``device`` as described above. (default: True on CUDA,
+        False elsewhere, where the clients' own tensors are used without a copy)
 
     Returns
     -------
@@ -536,17 +586,49 @@ def aggregate(
         raise ValueError(f"method {method!r} is not an aggregation method; registered: {list_methods()}")
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+    stacked = _stack_on(device) if stack_on_device is None else bool(stack_on_device and device is not None)
     clients, excluded = collect_clients(
         states, weights, lora_alpha=lora_alpha, scalings=scalings, use_rslora=use_rslora,
-        expected_ranks=expected_ranks, on_invalid=on_invalid, max_norm=max_norm,
+        expected_ranks=expected_ranks, on_invalid=on_invalid, max_norm=max_norm, check_values=not stacked,
     )  # fmt: skip
     info = _module_infos(clients, excluded, on_invalid, expected_shapes)
     clients = [c for c in clients if c.client not in excluded]
+    stacks = None
+    if stacked and clients:
+        clients, stacks = _staged(clients, info, excluded, on_invalid, max_norm, torch.device(device))  # type: ignore[arg-type]
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
     options = AggregateOptions(max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,
-                               device=device, seed=seed, progress=progress)  # fmt: skip
+                               device=device, seed=seed, progress=progress, stacks=stacks)  # fmt: skip
     return cls.from_clients(clients, info, excluded, options)
+
+
+def _stack_on(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _staged(
+    clients: list[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: dict[Hashable, str], on_invalid: str,
+    max_norm: float | None, device: torch.device,
+) -> tuple[list[ClientUpdate], dict[str, Stack]]:  # fmt: skip
+    """Stage the clients' factors on ``device`` and apply the value checks there.
+
+    Returns the kept clients, with device views as factors (every method can use them), and the stacks.
+    """
+    host = {c.client: {m: (f.A, f.B) for m, f in c.factors.items()} for c in clients}
+    stacks = stage(host, list(info), device)
+    nonfinite, norms = device_verdicts(stacks, {c.client: c.scalings for c in clients})
+    clients = apply_value_checks(clients, excluded, nonfinite, on_invalid, max_norm, norms)
+    keep = {c.client for c in clients}
+    stacks = {m: st.select(keep) for m, st in stacks.items()}
+    moved = []
+    for c in clients:
+        views = {}
+        for m, f in c.factors.items():
+            A, B = stacks[m].factors_of(c.client)
+            views[m] = dataclasses.replace(f, A=A, B=B)
+        moved.append(dataclasses.replace(c, factors=views))
+    return moved, stacks
 
 
 def _total(clients: Sequence[ClientUpdate], module: str) -> float:
@@ -563,11 +645,13 @@ def collect_clients(
     expected_ranks: Sequence[Ranks | None] | Mapping[Any, Ranks | None] | None,
     on_invalid: Literal["raise", "exclude"],
     max_norm: float | None = None,
+    check_values: bool = True,
 ) -> tuple[list[ClientUpdate], dict[Hashable, str]]:
     """Validate every client's state dict; return the usable ones and the excluded ids with reasons.
 
     Weights come back divided by the largest one (the ratios ``p_k`` are unchanged; a sum of
-    weights near 1e308 no longer overflows).
+    weights near 1e308 no longer overflows). ``check_values=False`` leaves the NaN/Inf and
+    magnitude checks to the caller (:func:`apply_value_checks`, after staging on a device).
     """
     if on_invalid not in ("raise", "exclude"):
         raise ValueError(f"on_invalid must be 'raise' or 'exclude', got {on_invalid!r}")
@@ -597,14 +681,36 @@ def collect_clients(
                 raise
             _exclude(excluded, cid, str(err))
             continue
-        bad = next((m for m, f in factors.items() if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all())), None)
-        if bad is not None:
-            _exclude(excluded, cid, f"non-finite values (NaN/Inf) in module {bad}")
-            continue
         clients.append(ClientUpdate(client=cid, weight=float(weight), factors=factors, scalings=scaled))
-    clients = _within_magnitude(clients, excluded, on_invalid, max_norm)
-    top = max((c.weight for c in clients), default=1.0)  # p_k = w_k / Σ w: divide by the largest first, no overflow
-    return [dataclasses.replace(c, weight=c.weight / top) for c in clients], excluded
+    if check_values:
+        bad = {c.client: [m for m, f in c.factors.items() if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all())][:1]
+               for c in clients}  # fmt: skip
+        clients = apply_value_checks(clients, excluded, bad, on_invalid, max_norm)
+    return clients, excluded
+
+
+def apply_value_checks(
+    clients: list[ClientUpdate], excluded: dict[Hashable, str], nonfinite: Mapping[Hashable, Sequence[str]],
+    on_invalid: str, max_norm: float | None, norms: Mapping[Hashable, Mapping[str, float]] | None = None,
+) -> list[ClientUpdate]:  # fmt: skip
+    """Apply the value policy, wherever the values were inspected.
+
+    Clients with NaN/Inf are excluded, then those too large to aggregate (or above ``max_norm``);
+    the weights of the rest are divided by the largest one (``p_k`` unchanged, no overflow of ``Σ w``).
+
+    ``nonfinite``: client -> modules with NaN/Inf (first one named). ``norms``: client -> module ->
+    ``s·‖B‖_F·‖A‖_F`` (default: computed here from the host factors).
+    """
+    kept = []
+    for c in clients:
+        bad = [m for m in c.factors if m in set(nonfinite.get(c.client, ()))]
+        if bad:
+            _exclude(excluded, c.client, f"non-finite values (NaN/Inf) in module {bad[0]}")
+        else:
+            kept.append(c)
+    kept = _within_magnitude(kept, excluded, on_invalid, max_norm, norms)
+    top = max((c.weight for c in kept), default=1.0)  # p_k = w_k / Σ w: divide by the largest first, no overflow
+    return [dataclasses.replace(c, weight=c.weight / top) for c in kept]
 
 
 def update_norm_bound(f: LoRAFactors, scaling: float) -> float:
@@ -622,8 +728,9 @@ def _norm64(t: Tensor) -> float:
 
 
 def _within_magnitude(
-    clients: list[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str, max_norm: float | None
-) -> list[ClientUpdate]:
+    clients: list[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str, max_norm: float | None,
+    norms_of: Mapping[Hashable, Mapping[str, float]] | None = None,
+) -> list[ClientUpdate]:  # fmt: skip
     """Leave out a client whose update would overflow the aggregation, or exceeds ``max_norm``, before anything global changes.
 
     The overflow limit: ``‖ΔW‖_F² `` must stay below the float32 maximum, so every client's
@@ -632,7 +739,10 @@ def _within_magnitude(
     limit = math.sqrt(torch.finfo(torch.float32).max) / max(1, len(clients))
     kept = []
     for c in clients:
-        norms = {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()}
+        if norms_of is not None:
+            norms = norms_of[c.client]
+        else:
+            norms = {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()}
         module, worst = max(norms.items(), key=lambda kv: kv[1])
         why = None
         if worst > limit:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,10 @@ from torch import Tensor
 
 from .errors import RankError
 
-__all__ = ["Spectrum", "dense_spectrum", "factored_spectrum", "frobenius2", "redistribute"]
+__all__ = [
+    "GramBasis", "Spectrum", "dense_spectrum", "factored_spectrum", "frobenius2", "gram_basis", "redistribute", "ritz_spectrum",
+    "stacked_spectrum",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -105,23 +109,30 @@ def factored_spectrum(Bs: list[Tensor], As: list[Tensor], coefs: list[float]) ->
         Complete (all ``R`` triplets), in the dtype of the inputs.
     """
     B_cat = torch.cat([c * B for c, B in zip(coefs, Bs, strict=True)], dim=1)
-    A_cat = torch.cat(As, dim=0)
+    return stacked_spectrum(B_cat, torch.cat(As, dim=0))
+
+
+def stacked_spectrum(B_cat: Tensor, A_cat: Tensor) -> Spectrum:
+    """Exact SVD of ``B_cat @ A_cat``: two thin QRs and the SVD of an ``R × R`` core (module notes).
+
+    ``B_cat : (d_out, R)`` has the coefficients folded in; ``A_cat : (R, d_in)``.
+    """
     Q_b, R_b = torch.linalg.qr(B_cat)
-    del B_cat
     Q_a, R_a = torch.linalg.qr(A_cat.T)
-    del A_cat
     U_c, S, Vh_c = torch.linalg.svd(R_b @ R_a.T)
     US = (Q_b @ U_c) * S
     Vh = Vh_c @ Q_a.T
     return Spectrum(US=US, S=S, Vh=Vh, total_energy=float((S.double() ** 2).sum()), complete=True)
 
 
-def dense_spectrum(delta: Tensor, k: int) -> Spectrum:
+def dense_spectrum(delta: Tensor, k: int, *, keep_basis: bool = False) -> Spectrum | tuple[Spectrum, GramBasis | None]:
     """Top-``k`` singular triplets of a dense ``delta : (d_out, d_in)``.
 
     For small ``k`` the Gram matrix of the smaller side is eigendecomposed and the result
     refined by one Rayleigh–Ritz step; for large ``k`` a thin SVD is cheaper and used instead.
-    ``delta`` is not modified.
+    ``delta`` is not modified. With ``keep_basis`` also returns the whole Gram eigenbasis (None
+    after a thin SVD, whose returned spectrum is then complete), from which
+    :func:`ritz_spectrum` serves a larger ``k`` later without another decomposition.
     """
     d_out, d_in = delta.shape
     n = min(d_out, d_in)
@@ -129,21 +140,70 @@ def dense_spectrum(delta: Tensor, k: int) -> Spectrum:
     total = frobenius2(delta)
     if k >= _FULL_SVD_SHARE * n:
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        return Spectrum(US=U[:, :k] * S[:k], S=S[:k].clone(), Vh=Vh[:k].clone(), total_energy=total, complete=k == n)
-    wide = d_out <= d_in
+        keep = n if keep_basis else k  # the other triplets cost nothing more here
+        spec = Spectrum(
+            US=U[:, :keep] * S[:keep], S=S[:keep].clone(), Vh=Vh[:keep].clone(), total_energy=total, complete=keep == n
+        )
+        return (spec, None) if keep_basis else spec
+    basis = gram_basis(delta, total)
+    spec = ritz_spectrum(basis, k, lambda X: delta @ X, lambda Y: delta.T @ Y)
+    return (spec, basis) if keep_basis else spec
+
+
+@dataclass(frozen=True)
+class GramBasis:
+    """The eigenvectors of ``ΔW ΔWᵀ`` (``wide``: ``d_out ≤ d_in``) or ``ΔWᵀ ΔW``, leading first.
+
+    Attributes
+    ----------
+    vecs : Tensor, shape (n, n)
+        ``n = min(d_out, d_in)``; column ``i`` belongs to the ``i``-th largest eigenvalue.
+    wide : bool
+        True: left singular directions (``n = d_out``); False: right ones (``n = d_in``).
+    shape : tuple[int, int]
+        ``(d_out, d_in)`` of ΔW.
+    total_energy : float
+        ``‖ΔW‖_F²``.
+    """
+
+    vecs: Tensor
+    wide: bool
+    shape: tuple[int, int]
+    total_energy: float
+
+
+def gram_basis(delta: Tensor, total_energy: float | None = None) -> GramBasis:
+    """Eigendecompose the Gram matrix of the smaller side of ``delta : (d_out, d_in)`` (all ``n`` vectors)."""
+    wide = delta.shape[0] <= delta.shape[1]
     gram = delta @ delta.T if wide else delta.T @ delta
     _, vecs = torch.linalg.eigh(gram)
     del gram
-    basis = vecs[:, -k:].flip(1)  # leading eigenvectors: left (wide) or right singular vectors
-    del vecs
-    # Rayleigh–Ritz: the best rank-k approximation within span(basis), computed exactly.
-    if wide:
-        Q, _ = torch.linalg.qr(delta.T @ basis)  # (d_in, k), the matching right subspace
-        U, S, Wh = torch.linalg.svd(delta @ Q, full_matrices=False)  # (d_out, k)
-        return Spectrum(US=U * S, S=S, Vh=Wh @ Q.T, total_energy=total, complete=k == n)
-    Q, _ = torch.linalg.qr(delta @ basis)  # (d_out, k)
-    W, S, Vh = torch.linalg.svd(Q.T @ delta, full_matrices=False)  # (k, d_in)
-    return Spectrum(US=(Q @ W) * S, S=S, Vh=Vh, total_energy=total, complete=k == n)
+    total = frobenius2(delta) if total_energy is None else total_energy
+    return GramBasis(vecs=vecs.flip(1), wide=wide, shape=(int(delta.shape[0]), int(delta.shape[1])), total_energy=total)
+
+
+MatMul = Callable[[Tensor], Tensor]
+
+
+def ritz_spectrum(basis: GramBasis, k: int, matmul: MatMul, rmatmul: MatMul) -> Spectrum:
+    """Top-``k`` triplets of ΔW by one Rayleigh–Ritz step on the leading ``k`` Gram eigenvectors.
+
+    ``matmul(X) = ΔW @ X`` for ``X : (d_in, k)`` and ``rmatmul(Y) = ΔWᵀ @ Y`` for
+    ``Y : (d_out, k)``: a dense ΔW, or its factors (``Σ c_j B_j (A_j X)``), so a larger ``k`` is
+    served later from a kept basis without forming ΔW again. The step computes the best rank-``k``
+    approximation within the basis' span exactly, which restores the float32 accuracy that the
+    squared Gram spectrum loses.
+    """
+    n = basis.vecs.shape[0]
+    k = min(k, n)
+    lead = basis.vecs[:, :k]  # left (wide) or right singular directions
+    if basis.wide:
+        Q, _ = torch.linalg.qr(rmatmul(lead))  # (d_in, k), the matching right subspace
+        U, S, Wh = torch.linalg.svd(matmul(Q), full_matrices=False)  # (d_out, k)
+        return Spectrum(US=U * S, S=S, Vh=Wh @ Q.T, total_energy=basis.total_energy, complete=k == n)
+    Q, _ = torch.linalg.qr(matmul(lead))  # (d_out, k)
+    W, S, Vh = torch.linalg.svd(rmatmul(Q).T, full_matrices=False)  # Qᵀ ΔW : (k, d_in)
+    return Spectrum(US=(Q @ W) * S, S=S, Vh=Vh, total_energy=basis.total_energy, complete=k == n)
 
 
 def frobenius2(delta: Tensor, rows: int = 256) -> float:
@@ -152,10 +212,8 @@ def frobenius2(delta: Tensor, rows: int = 256) -> float:
     A float32 norm of a 2048×5504 matrix is off by ~1e-3 relative; a whole float64 copy would
     cost twice ΔW's memory. The temporary here is one float64 block.
     """
-    total = 0.0
-    for start in range(0, delta.shape[0], rows):
-        total += float(torch.linalg.vector_norm(delta[start : start + rows], dtype=torch.float64)) ** 2
-    return total
+    blocks = [torch.linalg.vector_norm(delta[i : i + rows], dtype=torch.float64) for i in range(0, delta.shape[0], rows)]
+    return float((torch.stack(blocks) ** 2).sum()) if blocks else 0.0  # one device sync, not one per block
 
 
 def redistribute(
