@@ -25,8 +25,9 @@ two sample modules, from the factors each variant saved. Results: docs/performan
 
 Usage::
 
-    python benchmarks/bench_aggregation.py             # full run (about 10-15 min on 2 cores)
-    python benchmarks/bench_aggregation.py --quick     # smoke run, small shapes (< 30 s)
+    python benchmarks/bench_aggregation.py             # full run (about 15 min on 2 cores)
+    python benchmarks/bench_aggregation.py --quick     # smoke run, small shapes (< 40 s)
+    python benchmarks/bench_aggregation.py --device cuda --threads 16   # GPU: (t), (b), (c0), (c); 80 clients
 """
 
 from __future__ import annotations
@@ -54,11 +55,15 @@ from torch import Tensor
 ALPHA = 16.0
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-VARIANTS = ("reference", "dense", "ours")
+VARIANTS = ("reference", "dense", "ours-default", "ours", "transfer")
+DEFAULT_VARIANTS = ("reference", "dense", "ours-default", "ours")
+CUDA_VARIANTS = ("transfer", "dense", "ours-default", "ours")
 LABELS = {
     "reference": "(a) reference (FederatedScope FlexLoRA)",
     "dense": "(b) dense baseline (addmm + thin SVD)",
-    "ours": "(c) ours (flexlora_plugin.core)",
+    "ours-default": "(c0) ours, default call (no max_rank, ranks smallest first)",
+    "ours": "(c) ours, as the hosts call it (max_rank)",
+    "transfer": "(t) transfer alone: every factor host -> device (pinned)",
 }
 TARGETS = {"speed_vs_dense_80": 1.5, "mem_vs_reference_80": 10.0, "speed_vs_dense_small": 20.0, "exact": 1e-5}
 Pair = tuple[Tensor, Tensor]  # (A : (r, d_in), B : (d_out, r))
@@ -78,6 +83,7 @@ class Setting:
     inter: int  # MLP width: gate/up are (inter, hidden), down is (hidden, inter)
     ranks: str  # "profile:<name>" (sample_ranks) or "choice:4,8,16" (one rank per client)
     seed: int = 0
+    device: str = "cpu"
     scale: float = 0.02
     reps: int = 3
     threads: int = 2
@@ -206,8 +212,11 @@ def run_reference(states: Sequence[dict[str, Tensor]], weights: Sequence[float],
     return (weighted_single_weights, weight_dict), weight_dict
 
 
-def run_dense(states: Sequence[dict[str, Tensor]], weights: Sequence[float], phases: dict[str, float]) -> tuple[Any, Any]:
-    """One dense ΔW at a time (addmm_), thin SVD, one projection per distinct rank."""
+def run_dense(
+    states: Sequence[dict[str, Tensor]], weights: Sequence[float], phases: dict[str, float], device: str = "cpu"
+) -> tuple[Any, Any]:
+    """One dense ΔW at a time (addmm_), thin SVD, one projection per distinct rank; on ``device``
+    each factor is copied there as it is used and the results come back to the host."""
     t_acc = t_svd = 0.0
     t0 = time.perf_counter()
     terms: dict[str, list[tuple[float, Tensor, Tensor]]] = {}
@@ -221,14 +230,15 @@ def run_dense(states: Sequence[dict[str, Tensor]], weights: Sequence[float], pha
         for module, held in terms.items():
             t1 = time.perf_counter()
             total = sum(w for w, _, _ in held)
-            delta = torch.zeros(held[0][2].shape[0], held[0][1].shape[1])
+            delta = torch.zeros(held[0][2].shape[0], held[0][1].shape[1], device=device)
             for w, A, B in held:
-                delta.addmm_(B, A, alpha=w / total * ALPHA / A.shape[0])
+                delta.addmm_(B.to(device), A.to(device), alpha=w / total * ALPHA / A.shape[0])
+            sync(device)
             t2 = time.perf_counter()
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
             del delta
             for r in sorted({A.shape[0] for _, A, _ in held}):
-                out[(module, r)] = (Vh[:r].clone(), U[:, :r] * (S[:r] / (ALPHA / r)))
+                out[(module, r)] = (Vh[:r].cpu(), (U[:, :r] * (S[:r] / (ALPHA / r))).cpu())
             del U, S, Vh
             t_acc, t_svd = t_acc + (t2 - t1), t_svd + (time.perf_counter() - t2)
     phases["accumulate"], phases["svd+project"] = t_acc, t_svd
@@ -237,18 +247,26 @@ def run_dense(states: Sequence[dict[str, Tensor]], weights: Sequence[float], pha
 
 
 def run_ours(
-    states: Sequence[dict[str, Tensor]], weights: Sequence[float], rank_maps: Sequence[dict[str, int]], phases: dict[str, float]
+    states: Sequence[dict[str, Tensor]], weights: Sequence[float], rank_maps: Sequence[dict[str, int]], phases: dict[str, float],
+    device: str = "cpu", default_call: bool = False,
 ) -> tuple[Any, Any]:
-    """``aggregate(max_rank=r_max)``, then ``project`` once per distinct rank map."""
+    """``aggregate(max_rank=r_max)`` then ``project`` once per distinct rank map; with
+    ``default_call`` as a user calls it: no ``max_rank``, rank maps smallest first."""
     from flexlora_plugin.core import aggregate
 
     t0 = time.perf_counter()
     maps = distinct_rank_maps(rank_maps)
     r_max = max(max(rm.values()) for rm in maps)
-    update = aggregate(states, weights, lora_alpha=ALPHA, max_rank=r_max)
+    on = None if device == "cpu" else device
+    if default_call:
+        maps = sorted(maps, key=lambda rm: (max(rm.values()), sum(rm.values())))
+        update = aggregate(states, weights, lora_alpha=ALPHA, device=on)
+    else:
+        update = aggregate(states, weights, lora_alpha=ALPHA, max_rank=r_max, device=on)
+    sync(device)
     t1 = time.perf_counter()
     outs = [update.project(rm, lora_alpha=ALPHA) for rm in maps]
-    phases["aggregate (validate)"] = t1 - t0
+    phases["aggregate (validate" + (", stage" if on else "") + ")"] = t1 - t0
     phases["project (ΔW + spectrum + factors)"] = time.perf_counter() - t1
     table = {
         (m, rm[m]): (out[f"{m}.lora_A.weight"], out[f"{m}.lora_B.weight"]) for rm, out in zip(maps, outs, strict=True) for m in rm
@@ -273,10 +291,11 @@ def reset_peak() -> None:
         fh.write("5")  # resets VmHWM to the current VmRSS
 
 
-def warm_up_libraries() -> None:
-    """Touch every BLAS/LAPACK routine once on tiny inputs, so their code pages are in the baseline."""
-    x = torch.randn(64, 48)
-    torch.zeros(64, 48).addmm_(x[:, :8], x[:8], alpha=0.5)
+def warm_up_libraries(device: str = "cpu") -> None:
+    """Touch every BLAS/LAPACK routine once on tiny inputs, so their code pages (and on CUDA the
+    context, cuBLAS and cuSOLVER handles) are in the baseline."""
+    x = torch.randn(64, 48, device=device)
+    torch.zeros(64, 48, device=device).addmm_(x[:, :8], x[:8], alpha=0.5)
     torch.linalg.svd(x, full_matrices=False)
     torch.linalg.svd(x.T, full_matrices=False)
     torch.linalg.qr(x)
@@ -284,12 +303,37 @@ def warm_up_libraries() -> None:
     torch.linalg.svdvals(x.double())
 
 
-def run_variant(variant: str, states: Any, weights: Any, rank_maps: Any, phases: dict[str, float]) -> tuple[Any, Any]:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_transfer(states: Sequence[dict[str, Tensor]], pinned: Sequence[Tensor], phases: dict[str, float], device: str) -> tuple[Any, Any]:
+    """The bound: every factor's bytes from pinned host memory to ``device``, asynchronous, one sync.
+    Also timed: the same from the pageable tensors (as a server receives them), for reference."""
+    t0 = time.perf_counter()
+    on_device = [t.to(device, non_blocking=True) for t in pinned]
+    sync(device)
+    t1 = time.perf_counter()
+    del on_device
+    pageable = [t.to(device, non_blocking=True) for s in states for t in s.values()]
+    sync(device)
+    phases["pinned -> device"] = t1 - t0
+    phases["pageable -> device"] = time.perf_counter() - t1
+    del pageable
+    return None, {}
+
+
+def run_variant(
+    variant: str, states: Any, weights: Any, rank_maps: Any, phases: dict[str, float], device: str = "cpu", pinned: Any = None
+) -> tuple[Any, Any]:
     if variant == "reference":
         return run_reference(states, weights, phases)
     if variant == "dense":
-        return run_dense(states, weights, phases)
-    return run_ours(states, weights, rank_maps, phases)
+        return run_dense(states, weights, phases, device)
+    if variant == "transfer":
+        return run_transfer(states, pinned, phases, device)
+    return run_ours(states, weights, rank_maps, phases, device, default_call=variant == "ours-default")
 
 
 def child_main(variant: str, spec_path: str, out_path: str) -> None:
@@ -299,20 +343,26 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     setting = Setting(**{**spec, "check": tuple(spec["check"]), "rank_table": tuple(map(tuple, spec["rank_table"]))})
     torch.set_num_threads(setting.threads)
-    if variant == "ours":
+    device = setting.device
+    if variant.startswith("ours"):
         import flexlora_plugin.core  # noqa: F401  (imported before the baseline, as (a)/(b) import nothing)
     t_gen = time.perf_counter()
     states, weights, rank_maps = make_federation(setting)
     t_gen = time.perf_counter() - t_gen
-    warm_up_libraries()
+    warm_up_libraries(device)
+    pinned = [t.pin_memory() for s in states for t in s.values()] if variant == "transfer" else None
     gc.collect()
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    device_base = torch.cuda.memory_allocated() if device != "cpu" else 0
     reset_peak()
     baseline = proc_status("VmRSS")
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
-    kept, table = run_variant(variant, states, weights, rank_maps, phases)
+    kept, table = run_variant(variant, states, weights, rank_maps, phases, device, pinned)
     first = time.perf_counter() - t0
     hwm = proc_status("VmHWM")
+    device_peak = torch.cuda.max_memory_allocated() - device_base if device != "cpu" else 0
     sample = {
         f"{m}|{r}|{n}": t.clone(memory_format=torch.contiguous_format)
         for (m, r), pair in table.items()
@@ -326,8 +376,8 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
     for _ in range(setting.reps):
         ph: dict[str, float] = {}
         t0 = time.perf_counter()
-        kept, table = run_variant(variant, states, weights, rank_maps, ph)
-        times.append(time.perf_counter() - t0)
+        kept, table = run_variant(variant, states, weights, rank_maps, ph, device, pinned)
+        times.append(ph["pinned -> device"] if variant == "transfer" else time.perf_counter() - t0)
         rep_phases.append(ph)
         del kept, table
         gc.collect()
@@ -336,9 +386,9 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
         "phases_median": {k: statistics.median(p[k] for p in rep_phases) for k in rep_phases[0]} if rep_phases else {},
         "baseline_rss": baseline, "hwm": hwm, "extra_peak": hwm - baseline, "hwm_end": proc_status("VmHWM"),
         "input_bytes": sum(t.numel() * t.element_size() for s in states for t in s.values()), "generate_s": t_gen,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": device, "device_extra_peak": device_peak,
     }  # fmt: skip
-    if variant == "ours":
+    if variant == "ours" and device == "cpu":
         result.update(time_delta_phase(setting, states, weights, rank_maps))
     Path(out_path + ".json").write_text(json.dumps(result))
 
@@ -488,21 +538,26 @@ def mib(x: float) -> str:
 
 def setting_table(name: str, run: dict[str, Any]) -> list[str]:
     s, res, gaps = run["setting"], run["results"], run["gaps"]
+    on_gpu = s.get("device", "cpu") != "cpu"
     lines = [
         f"### Setting `{name}`: {s['n_clients']} clients, {s['n_modules']} modules "
-        f"(hidden {s['hidden']}, MLP {s['inter']}), ranks `{s['ranks']}`",
+        f"(hidden {s['hidden']}, MLP {s['inter']}), ranks `{s['ranks']}`, device `{s.get('device', 'cpu')}`",
         "",
         f"Stacked rank R = Σ r_k per module: {run['stacked_rank'][0]}–{run['stacked_rank'][1]}; distinct ranks "
         f"{run['distinct_ranks']}; client factors in memory: {mib(next(iter(res.values()))['input_bytes'])} MiB.",
         "",
-        "| variant | median time [s] | runs [s] | extra peak [MiB] | VmHWM [MiB] | baseline RSS [MiB] | max exactness gap | other load [cores] |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| variant | median time [s] | runs [s] | extra peak [MiB] | VmHWM [MiB] | baseline RSS [MiB] | max exactness gap | other load [cores] |"
+        + (" device extra peak [MiB] |" if on_gpu else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""),
     ]
     for v, r in res.items():
-        runs = ", ".join(f"{t:.2f}" for t in r["times"])
-        gap = max(gaps[v].values())
-        lines.append(f"| {LABELS[v]} | {r['median']:.2f} | {runs} | {mib(r['extra_peak'])} | {mib(r['hwm'])} | "
-                     f"{mib(r['baseline_rss'])} | {gap:.1e} | {r['other_load']:.2f} |")  # fmt: skip
+        runs = ", ".join(f"{t:.3f}" if on_gpu else f"{t:.2f}" for t in r["times"])
+        gap = f"{max(gaps[v].values()):.1e}" if gaps[v] else "-"
+        median = f"{r['median']:.3f}" if on_gpu else f"{r['median']:.2f}"
+        lines.append(f"| {LABELS[v]} | {median} | {runs} | {mib(r['extra_peak'])} | {mib(r['hwm'])} | "
+                     f"{mib(r['baseline_rss'])} | {gap} | {r['other_load']:.2f} |"
+                     + (f" {mib(r.get('device_extra_peak', 0))} |" if on_gpu else ""))  # fmt: skip
+    gaps = {v: g for v, g in gaps.items() if g}
     ranks = sorted({r for g in gaps.values() for r in g})
     lines += [
         "",
@@ -514,20 +569,23 @@ def setting_table(name: str, run: dict[str, Any]) -> list[str]:
     lines += ["| variant | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---|" + "---:|" * len(ranks)]
     lines += [f"| {LABELS[v]} | " + " | ".join(f"{g[r]:.1e}" for r in ranks) + " |" for v, g in gaps.items()]
     lines += ["", "Phases (median of the timed runs, s): " + "; ".join(
-        f"{v}: " + ", ".join(f"{k} {t:.2f}" for k, t in r["phases_median"].items()) for v, r in res.items())]  # fmt: skip
+        f"{v}: " + ", ".join(f"{k} {t:.3f}" for k, t in r["phases_median"].items()) for v, r in res.items())]  # fmt: skip
     return lines
 
 
 def ratios(run: dict[str, Any]) -> dict[str, float]:
     res = run["results"]
     out: dict[str, float] = {}
-    if "ours" not in res:
-        return out
-    for v in ("reference", "dense"):
-        if v in res:
-            out[f"speed {v}/ours"] = res[v]["median"] / res["ours"]["median"]
-            out[f"extra peak {v}/ours"] = res[v]["extra_peak"] / max(res["ours"]["extra_peak"], 1)
-    if "reference" in res:
+    for ours in ("ours-default", "ours"):
+        if ours not in res:
+            continue
+        for v in ("reference", "dense"):
+            if v in res:
+                out[f"speed {v}/{ours}"] = res[v]["median"] / res[ours]["median"]
+                out[f"extra peak {v}/{ours}"] = res[v]["extra_peak"] / max(res[ours]["extra_peak"], 1)
+        if "transfer" in res:
+            out[f"time {ours}/transfer bound"] = res[ours]["median"] / res["transfer"]["median"]
+    if "reference" in res and "ours" in res:
         out["bound: extra peak reference / r_max factors"] = res["reference"]["extra_peak"] / run["rmax_bytes"]
         out["bound: extra peak reference / all kept factors"] = res["reference"]["extra_peak"] / run["output_bytes"]
     return out
@@ -538,7 +596,16 @@ def target_lines(runs: dict[str, dict[str, Any]], quick: bool) -> list[str]:
     big, small = runs.get("80-clients"), runs.get("small-rank")
     if big is not None:
         r = ratios(big)
-        if "speed dense/ours" in r:
+        on_gpu = big["setting"].get("device", "cpu") != "cpu"
+        where = " (GPU)" if on_gpu else ""
+        if "speed dense/ours-default" in r:
+            v = r["speed dense/ours-default"]
+            rows.append((f"80 clients{where}: default call ≥ 1.5× faster than (b)", f"{v:.2f}×", v >= TARGETS["speed_vs_dense_80"]))
+        for ours in ("ours-default", "ours"):
+            if f"time {ours}/transfer bound" in r:
+                v = r[f"time {ours}/transfer bound"]
+                rows.append((f"80 clients (GPU): ({'c0' if ours == 'ours-default' else 'c'}) ≤ 2× the transfer bound", f"{v:.2f}×", v <= 2.0))
+        if "speed dense/ours" in r and not on_gpu:
             rows.append(
                 (
                     "80 clients: ≥ 1.5× faster than (b)",
@@ -546,7 +613,7 @@ def target_lines(runs: dict[str, dict[str, Any]], quick: bool) -> list[str]:
                     r["speed dense/ours"] >= TARGETS["speed_vs_dense_80"],
                 )
             )
-        if "extra peak reference/ours" in r:
+        if "extra peak reference/ours" in r and not on_gpu:
             v = r["extra peak reference/ours"]
             rows.append(("80 clients: ≥ 10× less extra peak memory than (a)", f"{v:.2f}×", v >= TARGETS["mem_vs_reference_80"]))
     if small is not None:
@@ -559,7 +626,7 @@ def target_lines(runs: dict[str, dict[str, Any]], quick: bool) -> list[str]:
                     r["speed dense/ours"] >= TARGETS["speed_vs_dense_small"],
                 )
             )
-    worst = max(g for run in runs.values() for gv in run["gaps"].values() for g in gv.values())
+    worst = max((g for run in runs.values() for gv in run["gaps"].values() for g in gv.values()), default=0.0)
     rows.append(("all variants exact to 1e-5", f"max gap {worst:.1e}", worst <= TARGETS["exact"]))
     lines = ["| target | measured | met? |", "|---|---:|---|"]
     lines += [f"| {t} | {m} | {'met' if ok else 'MISSED'} |" for t, m, ok in rows]
@@ -582,7 +649,7 @@ def report(
     )
     for name, run in runs.items():
         o = run["results"].get("ours")
-        if o is None:
+        if o is None or "dense_modules" not in o:
             continue
         if o["dense_modules"]:
             rate, best = o["delta_flops"] / o["delta_s"] / 1e9, max(peak["best"], o["gemm_here"]["best"])
@@ -610,7 +677,8 @@ def settings_from(args: argparse.Namespace) -> list[Setting]:
             args.modules,
             args.reps,
         )
-    common = {"n_modules": mods, "hidden": hidden, "inter": inter, "seed": args.seed, "reps": reps, "threads": args.threads}
+    common = {"n_modules": mods, "hidden": hidden, "inter": inter, "seed": args.seed, "reps": reps, "threads": args.threads,
+              "device": args.device}  # fmt: skip
     out = []
     for name in args.settings.split(","):
         if name == "80-clients":
@@ -625,8 +693,13 @@ def settings_from(args: argparse.Namespace) -> list[Setting]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (small shapes, few clients), < 30 s")
-    p.add_argument("--settings", default="80-clients,small-rank", help="comma list of 80-clients, small-rank (default: both)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--settings", help="comma list of 80-clients, small-rank (default: both; --device cuda: 80-clients)")
+    p.add_argument(
+        "--variants",
+        help=f"comma list of {', '.join(VARIANTS)} (default: {', '.join(DEFAULT_VARIANTS)}; --device cuda: {', '.join(CUDA_VARIANTS)})",
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where (b), (c0), (c) compute; cuda also times (t), the transfer bound (default: cpu)")  # fmt: skip
     p.add_argument("--clients", type=int, default=80, help="clients of the 80-clients setting (default: 80)")
     p.add_argument("--small-clients", type=int, default=10, help="clients of the small-rank setting (default: 10)")
     p.add_argument(
@@ -654,6 +727,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.quick else 2
+    cuda = args.device == "cuda"
+    if args.settings is None:
+        args.settings = "80-clients" if cuda else "80-clients,small-rank"
+    if args.variants is None:
+        args.variants = ",".join(CUDA_VARIANTS if cuda else DEFAULT_VARIANTS)
+    if cuda and not args.variant and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    if "transfer" in args.variants.split(",") and not cuda:
+        raise SystemExit("(t) transfer times host -> GPU copies: it needs --device cuda")
+    if "reference" in args.variants.split(",") and cuda:
+        raise SystemExit("--device cuda: (a) reference is the published CPU code; leave it out of --variants")
     if args.variant:
         child_main(args.variant, args.spec, args.out)
         return
