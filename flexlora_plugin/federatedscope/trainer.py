@@ -18,7 +18,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from federatedscope.core.auxiliaries.utils import param2tensor
 from federatedscope.llm.trainer.trainer import LLMTrainer
 from torch import Tensor, nn
 
@@ -26,6 +25,7 @@ from ..core import RankError, split_state
 from ..core.client import proximal_term
 from ..core.export import PEFT_PREFIX
 from ..core.peft_io import lora_config_for
+from .wire import decode_state, encode_state
 
 __all__ = ["FlexLoRATrainer", "TrainableProximal", "hook_del_trainable_init", "hook_record_trainable_init"]
 
@@ -106,11 +106,14 @@ class FlexLoRATrainer(LLMTrainer):
 
         Raises
         ------
+        PayloadError
+            The factors are not flexlora's safetensors encoding (e.g. FS's pickled tensors: refused,
+            never unpickled) or not tensors.
         RankError
             A key is missing or unexpected, or a factor's shape is not this adapter's.
         """
         own = self.ctx.model.state_dict()
-        received = {k: param2tensor(v) for k, v in model_parameters.items()}
+        received = decode_state(model_parameters, sender="server")
         missing, unexpected = sorted(set(own) - set(received)), sorted(set(received) - set(own))
         if missing or unexpected:
             raise RankError(
@@ -120,8 +123,12 @@ class FlexLoRATrainer(LLMTrainer):
         if bad:
             key, (got, want) = next(iter(bad.items()))
             raise RankError(f"{key}: received {got}, this client's adapter is {want} ({len(bad)} factors differ)")
-        model_parameters.update(received)
-        super().update(model_parameters, strict=strict)
+        super().update(received, strict=strict)
+
+    def get_model_para(self) -> Any:
+        """The adapter's factors; in distributed mode as one safetensors string (FS would pickle tensors)."""
+        para = super().get_model_para()
+        return encode_state(para) if self.cfg.federate.mode == "distributed" else para
 
     def use_trainable_prox(self) -> None:
         """Replace FedProx's all-parameter hooks and regularizer by the trainable-only ones."""

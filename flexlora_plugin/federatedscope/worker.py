@@ -13,7 +13,10 @@ rank ``r_k`` needs its own factors. :class:`FlexLoRAServer` therefore
 * logs per round the bytes received and sent per client and the share of ‖ΔW‖² each client's
   ranks keep;
 * saves the core server state through ``federate.save_to``, resumes from
-  ``flexlora.restore_from``, and optionally exports the final update as a peft adapter.
+  ``flexlora.restore_from``, and optionally exports the final update as a peft adapter;
+* in distributed mode sends and accepts factors only as safetensors strings
+  (:mod:`~flexlora_plugin.federatedscope.wire`): a reply in FS's base64-pickle encoding is
+  refused with a reason, never unpickled.
 
 :class:`FlexLoRAClient` builds its LoRA at its ranks (through
 :class:`~flexlora_plugin.federatedscope.trainer.FlexLoRATrainer`) once its id is known (at
@@ -30,7 +33,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from federatedscope.core.auxiliaries.utils import param2tensor
 from federatedscope.core.message import Message
 from federatedscope.core.workers import Client, Server
 from torch import Tensor
@@ -40,6 +42,7 @@ from ..core.federation import Federation, Reply
 from .aggregator import FlexLoRAAggregator
 from .config import PluginSettings, settings_from_cfg
 from .trainer import FlexLoRATrainer, current_ranks
+from .wire import PayloadError, decode_state, encode_state, encoded_nbytes
 
 __all__ = ["FlexLoRAClient", "FlexLoRAServer", "assigned_ranks", "module_shapes", "rank_summary"]
 
@@ -113,12 +116,13 @@ class FlexLoRAServer(Server):
 
     def _send_per_client(self, msg_type: str, receivers: Sequence[int], state: int) -> None:
         for cid in receivers:
-            content = self.payload(cid)
+            factors = self.payload(cid)
+            content = encode_state(factors) if self._cfg.federate.mode == "distributed" else factors
             if msg_type == "model_para":
                 energy = self.federation.energy_kept(cid)
                 logger.info(
                     "FlexLoRA round %d -> client %d: ranks %s, sent %s, energy kept mean %.4f (min %.4f over %d modules)",
-                    state, cid, rank_summary(self.rank_map(cid)), _kib(state_nbytes(content)),
+                    state, cid, rank_summary(self.rank_map(cid)), _kib(state_nbytes(factors)),
                     sum(energy.values()) / len(energy), min(energy.values()), len(energy),
                 )  # fmt: skip
             self.comm_manager.send(
@@ -156,28 +160,34 @@ class FlexLoRAServer(Server):
 
     # -- incoming ------------------------------------------------------------------------------
     @staticmethod
-    def collect_feedback(buffer: Mapping[int, Any]) -> dict[int, Reply]:
-        """Decode ``{client: (sample_size, state)}`` (distributed: tuples arrive as lists, tensors as base64 strings).
+    def collect_feedback(buffer: Mapping[int, Any]) -> tuple[dict[int, Reply], dict[int, str]]:
+        """Decode ``{client: (sample_size, content)}``; return the replies and the refused clients with the reason.
 
-        A ``sample_size`` that is not a positive number (a client that trained nothing) is left
-        to the core, which excludes it with the reason.
+        Distributed: tuples arrive as lists and the factors as one safetensors string
+        (:mod:`~flexlora_plugin.federatedscope.wire`); anything else, FS's base64-pickled tensors
+        included, is refused without being unpickled. A ``sample_size`` that is not a positive
+        number is left to the core, which excludes it with the reason.
         """
-        replies = {}
-        for cid, (sample_size, state) in buffer.items():
-            replies[cid] = Reply({k: param2tensor(v) for k, v in state.items()}, sample_size)
-        return replies
+        replies, failed = {}, {}
+        for cid, item in buffer.items():
+            try:
+                sample_size, content = item
+                replies[cid] = Reply(decode_state(content, sender=f"client {cid}"), sample_size)
+            except (PayloadError, TypeError, ValueError) as err:
+                failed[cid] = f"reply refused: {err}"
+        return replies, failed
 
     def _perform_federated_aggregation(self) -> int:
         """Aggregate this round's buffer with the core's round protocol; return the number of messages used."""
         buffer = self.msg_buffer["train"][self.state]
         if self.staled_msg_buffer:
             raise RuntimeError("FlexLoRA rounds are synchronous, yet stale messages are buffered (asyn.use is not supported)")
-        replies = self.collect_feedback(buffer)
+        replies, failed = self.collect_feedback(buffer)
         received = ", ".join(
             f"client {cid}: {rank_summary(current_ranks_of(r.state))} {_kib(state_nbytes(r.state))}{_wire(buffer[cid])}"
             for cid, r in replies.items()
         )
-        result = self.aggregator.aggregate({"replies": replies, "round": self.state + 1})
+        result = self.aggregator.aggregate({"replies": replies, "failed": failed, "round": self.state + 1})
         if not result.updated:
             logger.warning("FlexLoRA round %d: no usable client update; the previous global update is kept", self.state)
         for cid, why in result.excluded.items():
@@ -196,8 +206,8 @@ class FlexLoRAServer(Server):
 
 
 def _wire(content: Any) -> str:
-    """`` (wire N KiB)`` when tensors arrived base64-pickled (distributed mode), else ''."""
-    encoded = sum(len(v) for v in content[1].values() if isinstance(v, str))
+    """`` (wire N KiB)`` when the factors arrived encoded (distributed mode), else ''."""
+    encoded = encoded_nbytes(content[1])
     return f" (wire {_kib(encoded)})" if encoded else ""
 
 

@@ -36,39 +36,67 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=30)
 
 
-def test_distributed_loopback(tiny_model: Path, tmp_path: Path, rank_table: Path) -> None:
-    cli = [sys.executable, "-m", "flexlora_plugin.federatedscope.cli"]
+def _distributed(tiny_model: Path, tmp_path: Path, rank_table: Path, client_modules: dict[int, str],
+                 env: dict[str, str] | None = None) -> tuple[list[int], str]:  # fmt: skip
+    """Run a server and one client per entry (``python -m <module>``) over loopback gRPC; return exit codes and the server log."""
     sport = free_port()
     common = [*_common(tiny_model, tmp_path, rank_table), "distribute.server_port", str(sport), "federate.save_to", ""]
-    logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("server", "client1", "client2")}
+    names = ["server", *(f"client{i}" for i in client_modules)]
+    logs = {name: (tmp_path / f"{name}.log").open("w") for name in names}
     procs: list[subprocess.Popen] = []
+    run_env = {**os.environ, **(env or {})}
     try:
-        procs.append(subprocess.Popen([*cli, "--cfg", str(YAMLS / "distributed_server.yaml"), *common], cwd=REPO,
+        cli = [sys.executable, "-m", "flexlora_plugin.federatedscope.cli"]
+        procs.append(subprocess.Popen([*cli, "--cfg", str(YAMLS / "distributed_server.yaml"), *common], cwd=REPO, env=run_env,
                                       stdout=logs["server"], stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
         time.sleep(5)
-        for i in (1, 2):
+        for i, module in client_modules.items():
             opts = [*common, "distribute.data_idx", str(i), "distribute.client_port", str(free_port()), "expname", f"c{i}"]
-            procs.append(subprocess.Popen([*cli, "--cfg", str(YAMLS / "distributed_client.yaml"), *opts], cwd=REPO,
-                                          stdout=logs[f"client{i}"], stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+            procs.append(subprocess.Popen([sys.executable, "-m", module, "--cfg", str(YAMLS / "distributed_client.yaml"), *opts],
+                                          cwd=REPO, env=run_env, stdout=logs[f"client{i}"], stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
         deadline = time.monotonic() + TIMEOUT
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        server_log = (tmp_path / "server.log").read_text()
-        assert [p.returncode for p in procs] == [0, 0, 0], server_log[-3000:]
-        for rnd in (0, 1):
-            assert f"FlexLoRA round {rnd}: aggregated 2/2 clients" in server_log
-        assert "(wire " in server_log  # tensors crossed the wire base64-pickled
-        ranks = {
-            line.split("LoRA ranks ")[1].strip()
-            for i in (1, 2)
-            for line in (tmp_path / f"client{i}.log").read_text().splitlines()
-            if "LoRA ranks" in line
-        }
-        assert {r.split("\x1b")[0] for r in ranks} == {"q_proj=4 v_proj=4", "q_proj=8 v_proj=8"}
+        return [p.returncode for p in procs], (tmp_path / "server.log").read_text()
     finally:
         _stop(procs)
         for f in logs.values():
             f.close()
+
+
+CLI = "flexlora_plugin.federatedscope.cli"
+
+
+def test_distributed_loopback(tiny_model: Path, tmp_path: Path, rank_table: Path) -> None:
+    codes, server_log = _distributed(tiny_model, tmp_path, rank_table, {1: CLI, 2: CLI})
+    assert codes == [0, 0, 0], server_log[-3000:]
+    for rnd in (0, 1):
+        assert f"FlexLoRA round {rnd}: aggregated 2/2 clients" in server_log
+    assert "(wire " in server_log  # the factors crossed the wire as safetensors strings
+    ranks = {
+        line.split("LoRA ranks ")[1].strip()
+        for i in (1, 2)
+        for line in (tmp_path / f"client{i}.log").read_text().splitlines()
+        if "LoRA ranks" in line
+    }
+    assert {r.split("\x1b")[0] for r in ranks} == {"q_proj=4 v_proj=4", "q_proj=8 v_proj=8"}
+
+
+def test_distributed_pickled_reply_is_refused_not_executed(tiny_model: Path, tmp_path: Path, rank_table: Path) -> None:
+    """A client replying in FS's base64-pickle encoding, one tensor a pickle that runs code: the
+    server excludes it every round with the reason, finishes with the honest client, runs nothing."""
+    marker = tmp_path / "pwned"
+    codes, server_log = _distributed(tiny_model, tmp_path, rank_table, {1: CLI, 2: "tests.federatedscope.rogue_client"},
+                                     env={"ROGUE_MARKER": str(marker)})  # fmt: skip
+    assert codes == [0, 0, 0], server_log[-3000:]
+    assert not marker.exists()
+    rogue_log = (tmp_path / "client2.log").read_text()
+    rogue = int(rogue_log.split("FlexLoRA client ")[1].split(":")[0])  # ids follow the join order
+    for rnd in (0, 1):
+        assert f"FlexLoRA round {rnd}: aggregated 1/2 clients" in server_log
+        assert f"FlexLoRA round {rnd}: client {rogue} excluded: reply refused: client {rogue}: " in server_log
+    assert "base64-pickle encoding; refused, never unpickled" in server_log
 
 
 def _run(cmd: list[str], tmp_path: Path, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -39,10 +39,10 @@ class Recorder:
         original = server.collect_feedback
 
         def collect(buffer: Any) -> Any:
-            replies = original(buffer)
+            replies, failed = original(buffer)
             states = {c: {k: v.clone() for k, v in r.state.items()} for c, r in replies.items()}
             self.received[server.state] = (states, {c: float(r.num_examples) for c, r in replies.items()})
-            return replies
+            return replies, failed
 
         server.collect_feedback = collect
 
