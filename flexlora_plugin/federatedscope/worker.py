@@ -37,7 +37,7 @@ from federatedscope.core.message import Message
 from federatedscope.core.workers import Client, Server
 from torch import Tensor
 
-from ..core import module_infos_of, rank_label, sample_ranks, split_state, state_nbytes
+from ..core import FlexLoRAError, module_infos_of, rank_label, sample_ranks, split_state, state_nbytes
 from ..core.federation import Federation, Reply
 from .aggregator import FlexLoRAAggregator
 from .config import PluginSettings, settings_from_cfg
@@ -184,7 +184,8 @@ class FlexLoRAServer(Server):
             raise RuntimeError("FlexLoRA rounds are synchronous, yet stale messages are buffered (asyn.use is not supported)")
         replies, failed = self.collect_feedback(buffer)
         received = ", ".join(
-            f"client {cid}: {rank_summary(current_ranks_of(r.state))} {_kib(state_nbytes(r.state))}{_wire(buffer[cid])}"
+            f"client {cid}: {rank_summary(current_ranks_of(r.state)) or 'malformed'} "
+            f"{_kib(state_nbytes(r.state))}{_wire(buffer[cid])}"
             for cid, r in replies.items()
         )
         result = self.aggregator.aggregate({"replies": replies, "failed": failed, "round": self.state + 1})
@@ -212,12 +213,14 @@ def _wire(content: Any) -> str:
 
 
 def current_ranks_of(state: Mapping[str, Tensor]) -> dict[str, int]:
-    """Rank per module of a received state dict (0 for a malformed factor, for logging only)."""
-    out: dict[str, int] = {}
-    for key, t in state.items():
-        if ".lora_A" in key:
-            out[key.split(".lora_A")[0]] = int(t.shape[0]) if t.dim() == 2 else 0
-    return out
+    """Rank per module of a received state dict, parsed by the core's ``split_state``.
+
+    ``{}`` when malformed: this is for logging only, the core's exclusion says why.
+    """
+    try:
+        return {m: f.r for m, f in split_state(state, client="log").items()}
+    except FlexLoRAError:
+        return {}
 
 
 class FlexLoRAClient(Client):
