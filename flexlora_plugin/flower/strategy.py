@@ -427,6 +427,10 @@ class FlexLoRA(FedAvg):
                 continue
             decoded[pid] = Reply(state, weight, loss)
             self._dump(rnd, f"reply-p{pid}", state, {NUM_EXAMPLES: str(weight), TRAIN_LOSS: str(loss)})
+        for _, pid in self._in_flight:  # sampled, yet nothing came back: a dead node, or the round timed out
+            if pid not in decoded and pid not in failed:
+                node = self.node_of.get(pid, "of the pool")
+                failed[pid] = f"no reply this round (node {node} unavailable, or the round timed out)"
         return decoded, failed
 
     def _log_round(self, rnd: int, row: Mapping[str, Any]) -> None:

@@ -110,3 +110,20 @@ def test_a_bf16_note_on_an_odd_width_int8_array_is_a_value_error():
     arrays, _ = state_to_record({"k": torch.zeros(2, 3, dtype=torch.int8)})
     with pytest.raises(ValueError, match="cannot be read as bfloat16"):
         record_to_state(arrays, ConfigRecord({ARRAY_DTYPES: '{"k": "bfloat16"}'}))
+
+
+def test_a_sampled_partition_without_a_reply_is_reported_as_excluded():
+    """A dead SuperNode sends nothing back (or a reply Flower cannot attribute): its partition is a
+    failure with a reason, so metrics list it in excluded-partitions instead of silently dropping it."""
+    from flexlora_plugin.flower.strategy import FlexLoRA
+
+    strategy = FlexLoRA(lora_alpha=16.0)
+    strategy.node_of = {0: 11, 1: 12}
+    strategy._in_flight = [(object(), 0), (object(), 1), (object(), 5)]  # 5: served by a pool node
+    decoded, failed = strategy._read_train_replies(3, [])
+    assert decoded == {}
+    assert failed == {
+        0: "no reply this round (node 11 unavailable, or the round timed out)",
+        1: "no reply this round (node 12 unavailable, or the round timed out)",
+        5: "no reply this round (node of the pool unavailable, or the round timed out)",
+    }
