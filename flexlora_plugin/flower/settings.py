@@ -10,6 +10,7 @@ No flwr import here.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,17 @@ from flexlora_plugin.core.client import parse_device, resolve_dtype
 __all__ = ["APP_DIR", "DEFAULT_DATA", "FAULT_KINDS", "Settings", "SettingsError", "app_config"]
 
 REPO = Path(__file__).resolve().parents[2]
-APP_DIR = REPO / "flower_app"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "natural_instructions"
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name, "")
+    return Path(value).expanduser().resolve() if value else default
+
+
+# The Flower App folder and the default data: $FLEXLORA_APP_DIR / $FLEXLORA_DATA, else found next
+# to the package (a clone installed with `pip install -e .`; a wheel install has no flower_app/).
+APP_DIR = _env_path("FLEXLORA_APP_DIR", REPO / "flower_app")
+DEFAULT_DATA = _env_path("FLEXLORA_DATA", REPO.parent / "shared" / "data" / "natural_instructions")
 FAULT_KINDS = ("nan", "rank", "raise")
 
 
@@ -33,8 +43,20 @@ class SettingsError(ValueError):
 
 
 def app_config(app_dir: Path = APP_DIR) -> dict[str, Any]:
-    """The App's run-config defaults: ``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``."""
-    return dict(tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"])
+    """The App's run-config defaults: ``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``.
+
+    Raises
+    ------
+    SettingsError
+        No App there: the package was installed without its repository (set ``FLEXLORA_APP_DIR``).
+    """
+    path = app_dir / "pyproject.toml"
+    if not path.is_file():
+        raise SettingsError(
+            f"no Flower App at {app_dir} ({path.name} is missing): run from a clone of flexlora-plugin installed with "
+            "`pip install -e .`, or set FLEXLORA_APP_DIR to its flower_app folder"
+        )
+    return dict(tomllib.loads(path.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"])
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -55,6 +56,16 @@ def test_bad_option_from_a_fresh_shell_exits_2_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "heavy_tail_x" in proc.stderr and "aliases {'heavy_tail': 'heavy_tail_light'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_app_folder_is_one_line_naming_the_fix(tmp_path):
+    """A package installed without its repository has no flower_app/: say so, and how to point at one."""
+    env = {**os.environ, "FLEXLORA_APP_DIR": str(tmp_path / "nowhere")}
+    proc = subprocess.run([sys.executable, "-m", "flexlora_plugin.flower.run"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"no Flower App at {tmp_path / 'nowhere'}" in proc.stderr and "FLEXLORA_APP_DIR" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
