@@ -138,24 +138,26 @@ def _plan(module: str, factors: Factors, dtype: torch.dtype | None) -> _Plan:
     return _Plan(module, tuple(c for c, _ in held), tuple(p for _, p in held), chosen)
 
 
-def _fill(plan: _Plan, buf: Tensor | None) -> Tensor:
-    """All ``A_j`` of the plan, row-stacked, into ``buf`` (or a new tensor): ``(a_numel,)``."""
-    out = buf[: plan.a_numel] if buf is not None else torch.empty(plan.a_numel, dtype=plan.dtype)
+def _pack(tensors: Sequence[Tensor], dtype: torch.dtype, buf: Tensor | None) -> Tensor:
+    """``tensors`` flattened one after another (each keeps its row-major layout) into ``buf``, or a new tensor.
+
+    ``A_j : (r_j, d_in)`` so packed are ``A_cat``; ``B_j : (d_out, r_j)`` stay separate blocks, joined on the device.
+    """
+    numel = sum(t.numel() for t in tensors)
+    out = buf[:numel] if buf is not None else torch.empty(numel, dtype=dtype)
     off = 0
-    for A, _ in plan.pairs:
-        out[off : off + A.numel()].view_as(A).copy_(A)
-        off += A.numel()
+    for t in tensors:
+        out[off : off + t.numel()].view_as(t).copy_(t)
+        off += t.numel()
     return out
+
+
+def _fill(plan: _Plan, buf: Tensor | None) -> Tensor:
+    return _pack([A for A, _ in plan.pairs], plan.dtype, buf)
 
 
 def _fill_b(plan: _Plan, buf: Tensor | None) -> Tensor:
-    """Every ``B_j`` flattened one after another (each stays ``(d_out, r_j)`` row-major): ``(b_numel,)``."""
-    out = buf[: plan.b_numel] if buf is not None else torch.empty(plan.b_numel, dtype=plan.dtype)
-    off = 0
-    for _, B in plan.pairs:
-        out[off : off + B.numel()].view_as(B).copy_(B)
-        off += B.numel()
-    return out
+    return _pack([B for _, B in plan.pairs], plan.dtype, buf)
 
 
 def _assemble(plan: _Plan, a_flat: Tensor, b_flat: Tensor, device: torch.device) -> Stack:
