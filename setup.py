@@ -8,7 +8,7 @@ HERE = Path(__file__).parent
 # The two hosts cannot share one environment: Flower needs protobuf >= 5.28, FederatedScope's
 # generated gRPC stubs need protobuf 3.20.x. Install either extra, never both.
 EXTRAS = {
-    "test": ["pytest>=8", "tokenizers>=0.20", "rouge-score>=0.1.2", "matplotlib>=3.8"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "tokenizers>=0.20", "rouge-score>=0.1.2", "matplotlib>=3.8"],
     "bench": ["psutil>=5.9"],
     "eval": ["rouge-score>=0.1.2", "matplotlib>=3.8", "gguf>=0.10", "sentencepiece>=0.2"],
     "flower": ["flwr[simulation]>=1.42,<1.43"],

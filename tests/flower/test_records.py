@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 
 pytest.importorskip("flwr")
@@ -127,3 +130,51 @@ def test_a_sampled_partition_without_a_reply_is_reported_as_excluded():
         1: "no reply this round (node 12 unavailable, or the round timed out)",
         5: "no reply this round (node of the pool unavailable, or the round timed out)",
     }
+
+
+def test_fuzz_the_reply_parser_then_the_core():
+    """Random arrays (any dtype, shape, key) with random dtype notes: the parser returns tensors or
+    raises one of the errors the strategy turns into a 'malformed reply' exclusion; what it returns
+    then meets the core, which excludes it with a reason or aggregates it. Never a raw exception."""
+    pytest.importorskip("hypothesis", reason="pip install hypothesis (in the test extra)")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from flexlora_plugin.core import FlexLoRAError, aggregate
+
+    shapes = {"m.q_proj": (6, 4)}
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16, torch.int64, torch.bool,
+              torch.uint8]  # fmt: skip
+    keys = st.sampled_from(["m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight", "m.q_proj.weight", "x", ""])
+    arrays = st.dictionaries(keys, st.tuples(st.sampled_from(dtypes), st.lists(st.integers(0, 7), min_size=0, max_size=3)),
+                             max_size=3)  # fmt: skip
+    notes = st.one_of(
+        st.none(), st.text(max_size=12), st.just("[]"), st.just("5"), st.just("null"),
+        st.dictionaries(keys, st.sampled_from(["bfloat16", "float16", "load", "int16", "", "float32"]), max_size=2).map(json.dumps),
+    )  # fmt: skip
+
+    @settings(max_examples=150, deadline=None)
+    @given(spec=arrays, note=notes)
+    def check(spec, note):
+        state = {}
+        for key, (dtype, shape) in spec.items():
+            values = torch.rand(tuple(shape))
+            state[key] = values > 0.5 if dtype == torch.bool else (values * 4 - 2).to(dtype)
+        record, _ = state_to_record(state)  # bf16 travels as int16; the random note below decides how it is read
+        config = ConfigRecord({ARRAY_DTYPES: note}) if note is not None else None
+        try:
+            parsed = record_to_state(record, config)
+        except (KeyError, TypeError, ValueError):
+            return  # the strategy's 'malformed reply' exclusion
+        assert all(isinstance(v, torch.Tensor) for v in parsed.values())
+        good = {"m.q_proj.lora_A.weight": torch.ones(2, 4), "m.q_proj.lora_B.weight": torch.ones(6, 2)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                update = aggregate({"fuzz": parsed, "good": good}, {"fuzz": 1.0, "good": 1.0}, lora_alpha=4.0,
+                                   on_invalid="exclude", expected_shapes=shapes)  # fmt: skip
+            except FlexLoRAError:
+                raise AssertionError("the good client was lost") from None
+        assert "good" in update.clients and set(update.clients) | set(update.excluded) == {"fuzz", "good"}
+
+    check()
