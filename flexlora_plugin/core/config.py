@@ -116,6 +116,11 @@ class FlexLoRAConfig:
     compute_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"help": "Aggregation precision; adapters are returned in their own dtype."}
     )
+    drop_after_failures: int = field(
+        default=0,
+        metadata={"help": "Stop sampling a client once it was excluded this many rounds in a row (0: never). "
+                          "Changes which clients later rounds sample; the dropped set is saved with the state."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.method not in list_methods():
@@ -134,6 +139,9 @@ class FlexLoRAConfig:
         if isinstance(self.target_modules, str) or not self.target_modules:
             raise ValueError(f"target_modules must be a non-empty tuple of module names, got {self.target_modules!r}")
         object.__setattr__(self, "target_modules", tuple(str(t) for t in self.target_modules))
+        drop = self.drop_after_failures
+        if isinstance(drop, bool) or not isinstance(drop, int) or drop < 0:
+            raise ValueError(f"drop_after_failures must be an int >= 0 (0: never drop), got {self.drop_after_failures!r}")
         for name in ("homo_rank", "hetlora_max_rank"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -70,6 +70,8 @@ class RoundResult:
         Client -> why it was left out (failed, bad weight, wrong rank or shape, non-finite...).
     updated : bool
         False when no reply was usable: the previous global update is kept.
+    dropped : list
+        Clients dropped from sampling at this round (``drop_after_failures`` rounds excluded in a row).
     """
 
     round: int
@@ -81,6 +83,7 @@ class RoundResult:
     bytes_sent: int
     bytes_received: int
     energy: dict[str, float] = field(default_factory=dict)
+    dropped: list[Hashable] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         """A flat history row (the keys of Flower's ``metrics.json`` history)."""
@@ -90,6 +93,7 @@ class RoundResult:
             "clients-ok": len(self.kept),
             "clients-excluded": len(self.excluded),
             "excluded-partitions": _sorted(self.excluded),
+            "dropped-partitions": _sorted(self.dropped),
             "train-loss": self.train_loss,
             "num-examples": self.num_examples,
             "bytes-sent": self.bytes_sent,
@@ -104,6 +108,13 @@ def _nbytes(state: Any) -> int:
     if not isinstance(state, Mapping):
         return 0
     return state_nbytes({k: v for k, v in state.items() if isinstance(v, Tensor)})
+
+
+def _client_id(raw: Any) -> Hashable:
+    """A client id read back from JSON: ints and strings as they were, anything else as its string."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ValueError(f"client id {raw!r} is neither an int nor a string")
+    return raw
 
 
 def _sorted(ids: Iterable[Hashable]) -> list[Hashable]:
@@ -156,6 +167,8 @@ class Federation:
         self.global_update: GlobalUpdate | None = None
         self.round = 0  # the last completed round
         self.history: list[dict[str, Any]] = []
+        self.failures: dict[Hashable, int] = {}  # client -> rounds excluded in a row
+        self.dropped: dict[Hashable, int] = {}  # client -> round it was dropped from sampling at
         self._initial: GlobalUpdate | None = None
         self._adapter: tuple[GlobalUpdate, str, tuple[dict[str, Tensor], dict[str, int]]] | None = None
         self._sampler = config.sampler()
@@ -311,11 +324,12 @@ class Federation:
         weights = {c: float(usable[c].num_examples) for c in kept}
         finite = [c for c in kept if math.isfinite(usable[c].train_loss)]
         loss = sum(weights[c] * usable[c].train_loss for c in finite) / sum(weights[c] for c in finite) if finite else math.nan
+        dropped = self._count_failures(kept, excluded, rnd)
         result = RoundResult(
             round=rnd, kept=kept, excluded=excluded, updated=update is not None, train_loss=loss,
             num_examples=sum(weights.values()), bytes_sent=int(bytes_sent),
             bytes_received=sum(_nbytes(r.state) for r in replies.values()),
-            energy=self.energy_by_label() if self.global_update is not None else {},
+            energy=self.energy_by_label() if self.global_update is not None else {}, dropped=dropped,
         )  # fmt: skip
         self.round = rnd
         self.history.append(result.row())
@@ -323,10 +337,30 @@ class Federation:
             self.save(self.state_path)
         return result
 
+    def _count_failures(self, kept: list[Hashable], excluded: Mapping[Hashable, str], rnd: int) -> list[Hashable]:
+        """Update the consecutive-exclusion counts; return the clients dropped at this round (opt-in)."""
+        for client in kept:
+            self.failures[client] = 0
+        newly = []
+        limit = self.config.drop_after_failures
+        for client in excluded:
+            self.failures[client] = self.failures.get(client, 0) + 1
+            if limit and self.failures[client] >= limit and client not in self.dropped:
+                self.dropped[client] = rnd
+                newly.append(client)
+                logger.warning("client %s dropped from sampling: excluded %d rounds in a row (drop_after_failures=%d); "
+                               "last reason: %s", client, self.failures[client], limit, excluded[client])  # fmt: skip
+        return newly
+
+    def eligible(self, clients: Iterable[Hashable]) -> list[Hashable]:
+        """``clients`` without the dropped ones, sorted: what a host samples from (a pure function of the saved state)."""
+        return _sorted(c for c in clients if c not in self.dropped)
+
     # ------------------------------------------------------------------ state
     def save(self, path: str | os.PathLike[str], *, round: int | None = None, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the server state (global update, round, seed, history) atomically."""
-        meta = {"history": self.history, "method": self.config.method, **(extra or {})}
+        meta = {"history": self.history, "method": self.config.method, "failures": [[c, n] for c, n in self.failures.items()],
+                "dropped": [[c, r] for c, r in self.dropped.items()], **(extra or {})}  # fmt: skip
         return save_server_state(
             path, self.global_update, round=self.round if round is None else int(round), seed=self.config.seed,
             max_rank=self.max_rank if self.rank_maps else None, extra=meta,
@@ -351,6 +385,13 @@ class Federation:
             raise FlexLoRAError(f"{path} was written with seed {state.seed}, this run uses seed {self.config.seed}")
         self.global_update, self.round = state.update, state.round
         self.history = list(state.extra.get("history", []))
+        try:  # lists of [client, n] pairs: JSON keeps the ids' int/str type
+            self.failures = {_client_id(c): int(n) for c, n in state.extra.get("failures", [])}
+            self.dropped = {_client_id(c): int(r) for c, r in state.extra.get("dropped", [])}
+        except (TypeError, ValueError) as err:
+            raise FlexLoRAError(f"{path}: malformed 'failures' / 'dropped' entries: {err}") from None
+        if self.dropped:
+            logger.info("resumed with %d client(s) dropped from sampling: %s", len(self.dropped), _sorted(self.dropped))
         logger.info("resumed from %s after round %d", path, state.round)
         return state.round
 

@@ -95,6 +95,7 @@ class Settings:
     gradient_checkpointing: bool = False
     proximal_mu: float = 0.0
     export_rank: int = 0
+    drop_after_failures: int = 0
 
     @classmethod
     def from_context(cls, run_config: Mapping[str, Any], run_id: int) -> Settings:
@@ -139,6 +140,7 @@ class Settings:
             eval_batch_size=int(rc.get("eval-batch-size", 8)), device=str(rc.get("device", "cpu")),
             dtype=str(rc.get("dtype", "float32")), gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
             proximal_mu=float(rc.get("proximal-mu", 0.0)), export_rank=int(rc.get("export-rank", 0)),
+            drop_after_failures=int(rc.get("drop-after-failures", 0)),
         )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -154,7 +156,8 @@ class Settings:
         for key, value, low in (("clients-per-round", self.clients_per_round, 0), ("min-nodes", self.min_nodes, 0),
                                 ("local-steps", self.local_steps, 0), ("batch-size", self.batch_size, 1),
                                 ("max-length", self.max_length, 1), ("eval-every", self.eval_every, 1),
-                                ("export-rank", self.export_rank, 0)):  # fmt: skip
+                                ("export-rank", self.export_rank, 0),
+                                ("drop-after-failures", self.drop_after_failures, 0)):  # fmt: skip
             if value < low:
                 raise SettingsError(f"{key} must be >= {low}, got {value}")
         if not self.target_modules:
@@ -200,6 +203,7 @@ class Settings:
                 method=self.strategy,  # type: ignore[arg-type]
                 profile="homo" if table is not None else self.profile,
                 rank_table=table, seed=self.seed, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
+                drop_after_failures=self.drop_after_failures,
             )  # fmt: skip
         except ValueError as err:
             raise SettingsError(str(err).removeprefix("FlexLoRAConfig.profile: ")) from err

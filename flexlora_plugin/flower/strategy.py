@@ -340,10 +340,18 @@ class FlexLoRA(FedAvg):
 
     # ------------------------------------------------------------------ train
     def sampled_partitions(self, server_round: int) -> list[int]:
-        """Partitions trained in (global) round ``server_round``."""
+        """Partitions trained in (global) round ``server_round``: a pure function of (seed, round, eligible set).
+
+        Eligible: every partition, minus those the core dropped after ``drop_after_failures``
+        rounds excluded in a row (off by default; the dropped set is saved with the state).
+        """
         n = len(self.rank_maps)
         k = self.clients_per_round or max(1, int(n * self.fraction_train))
-        return sample_partitions(self.rank_maps, min(k, n), seed=self.seed, server_round=server_round)
+        eligible = self._federation().eligible(self.rank_maps) if self.federation is not None else sorted(self.rank_maps)
+        if not eligible:
+            raise RuntimeError(f"round {server_round}: every partition was dropped after "
+                               f"{self.config.drop_after_failures} rounds excluded in a row; nothing left to sample")  # fmt: skip
+        return sample_partitions(eligible, min(k, len(eligible)), seed=self.seed, server_round=server_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One message per sampled node, carrying that node's own factors; ``config`` is copied, never mutated."""

@@ -176,3 +176,29 @@ def test_a_failure_the_host_reports_wins_over_a_reply_for_the_same_client():
     result = fed.aggregate({"a": _reply(dict.fromkeys(SHAPES, 4), gen), "b": _reply(dict.fromkeys(SHAPES, 4), gen)},
                            failed={"a": "two replies"})  # fmt: skip
     assert result.kept == ["b"] and result.excluded == {"a": "two replies"} and fed.global_update.clients == ("b",)
+
+
+def test_drop_after_failures_is_opt_in_counts_rounds_in_a_row_and_survives_a_resume(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    ranks = dict.fromkeys(SHAPES, 4)
+
+    def round_(fed, failing):
+        replies = {c: _reply(ranks, gen) for c in (1, 2, 3) if c not in failing}
+        return fed.aggregate(replies, failed={c: "error reply" for c in failing})
+
+    off = _fed(profile="homo")
+    on = _fed(tmp_path, profile="homo", drop_after_failures=2)
+    for fed in (off, on):
+        for c in (1, 2, 3):
+            fed.assign_ranks(c, ranks)
+    for failing in ({2, 3}, {3}, {2, 3}):  # 3 fails three rounds in a row; 2 fails, recovers, fails again
+        results = [round_(fed, failing) for fed in (off, on)]
+    assert off.dropped == {} and off.eligible([3, 1, 2]) == [1, 2, 3]
+    assert on.dropped == {3: 2} and on.failures == {1: 0, 2: 1, 3: 3}
+    assert on.eligible([3, 1, 2]) == [1, 2]
+    assert results[1].dropped == [] and on.history[1]["dropped-partitions"] == [3]
+    resumed = _fed(profile="homo", drop_after_failures=2)
+    resumed.restore(tmp_path / "s.safetensors")
+    assert resumed.dropped == {3: 2} and resumed.failures == on.failures and resumed.eligible([1, 2, 3]) == [1, 2]
+    with pytest.raises(ValueError, match="drop_after_failures must be an int >= 0"):
+        FlexLoRAConfig(drop_after_failures=-1)
