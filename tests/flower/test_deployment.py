@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,69 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_a_supernode_killed_mid_run_is_reported_as_excluded(tmp_path, tiny_model, data_path):
+    """Three SuperNodes on loopback, two rounds; the node of partition 2 is SIGKILLed once round 1
+    is logged. The run completes and round 2 lists partition 2 as excluded, with the reason."""
+    link_port = free_port()
+    env = flwr_env(tmp_path / "flwr_home", free_port())
+    with (tmp_path / "flwr_home" / "config.toml").open("a") as f:
+        f.write(f'\n[superlink.deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        log = (tmp_path / "superlink.log").open("w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
+             "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        ))  # fmt: skip
+        wait_port(link_port, 60)
+        nodes = []
+        for k, node_config in enumerate(POOL_NODES["fixed"]):
+            log = (tmp_path / f"supernode{k}.log").open("w")
+            logs.append(log)
+            nodes.append(subprocess.Popen(
+                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
+                 "--node-config", node_config],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+        procs += nodes
+        config = {"num-server-rounds": 2, "clients-per-round": 0, "min-nodes": 3, "local-steps": 1, "batch-size": 2,
+                  "max-train-examples": 8, "model-path": str(tiny_model), "data-path": str(data_path),
+                  "output-dir": str(tmp_path / "out"), "query-timeout": 120.0, "round-timeout": 45.0}  # fmt: skip
+        run = subprocess.Popen(
+            ["flwr", "run", str(APP_DIR), "deploy", "--stream", "--run-config", toml_overrides(config)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=APP_DIR,
+        )  # fmt: skip
+        procs.append(run)
+        watchdog = threading.Timer(360, run.kill)
+        watchdog.start()
+        lines = []
+        for line in run.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "round 1/2" in line and nodes[2].poll() is None:
+                nodes[2].kill()  # partition 2's node dies between its round-1 reply and round 2
+                nodes[2].wait(timeout=15)
+        run.wait(timeout=30)
+        watchdog.cancel()
+        text = "".join(lines)
+        (tmp_path / "flwr_run.log").write_text(text)
+        assert nodes[2].returncode is not None, text[-3000:]  # it was killed
+        run_id = text.split("Successfully started run ")[1].split()[0]
+        status = run_status("deploy", run_id, env)
+        assert status == "finished:completed", (status, text[-4000:])
+        first, second = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+        assert first["clients-ok"] == 3 and first["excluded-partitions"] == []
+        assert second["clients-ok"] == 2 and second["excluded-partitions"] == [2]
+        assert "round 2: partition 2 (node" in text
+        # the SuperLink's own error once the node missed two heartbeats, or our report when the round timed out first
+        assert "Node Unavailable" in text or "no reply this round" in text
+    finally:
+        stop_pids([p.pid for p in reversed(procs) if p.poll() is None])
+        for p in procs:
+            p.wait(timeout=15)
+        for log in logs:
+            log.close()
