@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +174,42 @@ def test_a_resumed_run_numbers_its_rounds_from_the_saved_state(tmp_path, tiny_mo
     assert "round 2/2 (resumed after 1): 2/2 clients ok" in text and "round 1/2" not in text
     assert "[ROUND 1/1]" not in text and "done: rounds 1-2, final train loss" in text
     assert "resumed after round 1" in (out / "flwr_run.log").read_text()
+
+
+def _pids_with_env(entry: str) -> list[int]:
+    """Processes whose environment holds ``entry`` (this run's FLWR_HOME): the runner's descendants."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_it_started_and_keeps_the_run(tmp_path, tiny_model, data_path):
+    """SIGTERM mid-run: exit 143, the SuperLink, SuperExec and Ray workers of this run are gone, the folder and log stay."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "flexlora_plugin.flower.run", "--num-rounds", "20", "--num-supernodes", "2",
+           "--output-dir", str(out), "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = out / "flwr_run.log"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (log.exists() and "round 1/20" in log.read_text(errors="replace")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(1)
+    home = f"FLWR_HOME={out / 'flwr_home'}"
+    assert _pids_with_env(home), "no process of the run was found while it ran"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted; the SuperLink was stopped; kept" in err
+    assert log.exists() and "round 1/20" in log.read_text(errors="replace")
+    deadline = time.monotonic() + 30
+    while _pids_with_env(home) and time.monotonic() < deadline:
+        time.sleep(1)
+    left = _pids_with_env(home)
+    assert not left, [" ".join(Path(f"/proc/{p}/cmdline").read_text(errors="replace").split("\0"))[:200] for p in left]
