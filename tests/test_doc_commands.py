@@ -34,7 +34,8 @@ SHELL_LANGS = {"", "bash", "sh", "shell", "console"}
 ACTIVATE = re.compile(r"^(\.|source)\s+\S*bin/activate\b")
 NEEDS_ENV = ("python", "flwr", "flower-superlink", "flower-supernode", "flexlora-fs", "pytest")
 BUILTINS = {"echo", "export", "mkdir", "cat", "kill", "for", "done", "tac", "cd", "pip", "python3", "ls", "rm", "diff",
-            ".venv/bin/pip"}  # fmt: skip
+            ".venv/bin/pip", "printf"}  # fmt: skip
+SYSTEM_TOOLS = ("openssl", "ssh-keygen")  # the TLS recipe: present on the machine, openssl's subcommand exists
 STOP_TOKENS = {">", ">>", "2>&1", "&", "|", "&&", ";", "2>", "1>"}
 
 
@@ -205,5 +206,11 @@ def test_documented_command(cmd: Command):
         assert len(args[args.index("--cfg") + 2 :]) % 2 == 0, f"{cmd}: options must be key value pairs"
     elif program in ("flwr", "flower-superlink", "flower-supernode"):
         _check_flower(cmd, program, args)
+    elif program in SYSTEM_TOOLS:
+        if shutil.which(program) is None:
+            pytest.skip(f"{program} is not installed here")
+        if program == "openssl":
+            proc = subprocess.run(["openssl", args[0], "-help"], capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, f"{cmd}: openssl {args[0]} -help failed: {proc.stderr[-300:]}"
     elif program not in BUILTINS:
         raise AssertionError(f"{cmd}: no check for {program!r}: add one to {Path(__file__).name}")

@@ -6,8 +6,10 @@ These are the commands of docs/tutorials/flower.md ("Deployment"); every process
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,90 @@ def test_a_supernode_killed_mid_run_is_reported_as_excluded(tmp_path, tiny_model
         assert "round 2: partition 2 (node" in text
         # the SuperLink's own error once the node missed two heartbeats, or our report when the round timed out first
         assert "Node Unavailable" in text or "no reply this round" in text
+    finally:
+        stop_pids([p.pid for p in reversed(procs) if p.poll() is None])
+        for p in procs:
+            p.wait(timeout=15)
+        for log in logs:
+            log.close()
+
+
+def _tls_and_keys(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost signed by it, and two SuperNode key pairs (openssl, ssh-keygen)."""
+    folder.mkdir(parents=True)
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    cmds = [
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=flexlora-test-ca",
+         "-keyout", "ca.key", "-out", "ca.crt"],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"],
+        ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+         "-extfile", "san.ext", "-out", "server.pem"],
+        *[["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", f"node{k}"] for k in (0, 1)],
+    ]  # fmt: skip
+    for cmd in cmds:
+        subprocess.run(cmd, cwd=folder, check=True, capture_output=True, timeout=60)
+    return {name: folder / name for name in ("ca.crt", "server.pem", "server.key", "node0", "node0.pub", "node1", "node1.pub")}
+
+
+def test_tls_and_supernode_auth_on_loopback(tmp_path, tiny_model, data_path):
+    """The secure recipe of docs/tutorials/flower.md: TLS everywhere, only registered SuperNodes.
+
+    Node 0 is registered and trains; node 1 presents a valid key that was never registered and is
+    refused, so the run trains partition 0 alone."""
+    if not (shutil.which("openssl") and shutil.which("ssh-keygen")):
+        pytest.skip("needs openssl and ssh-keygen to make the test certificates and keys")
+    files = _tls_and_keys(tmp_path / "certs")
+    link_port = free_port()
+    env = flwr_env(tmp_path / "flwr_home", free_port())
+    with (tmp_path / "flwr_home" / "config.toml").open("a") as f:
+        f.write(f'\n[superlink.secure]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{files["ca.crt"]}"\n')
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        log = (tmp_path / "superlink.log").open("w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            ["flower-superlink", "--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile", str(files["server.pem"]),
+             "--ssl-keyfile", str(files["server.key"]), "--enable-supernode-auth", "--host", "127.0.0.1",
+             "--port", str(link_port), "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        ))  # fmt: skip
+        wait_port(link_port, 60)
+        reg = subprocess.run(["flwr", "supernode", "register", str(files["node0.pub"]), "secure"], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        for k in (0, 1):
+            log = (tmp_path / f"supernode{k}.log").open("w")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                ["flower-supernode", "--root-certificates", str(files["ca.crt"]), "--superlink", f"127.0.0.1:{link_port}",
+                 "--port", str(free_port()), "--node-config", f"partition-id={k} num-partitions=2 rank={4 * (k + 1)}",
+                 "--auth-supernode-private-key", str(files[f"node{k}"])],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+        config = {"num-server-rounds": 1, "clients-per-round": 0, "min-nodes": 1, "local-steps": 1, "batch-size": 2,
+                  "max-train-examples": 8, "model-path": str(tiny_model), "data-path": str(data_path),
+                  "output-dir": str(tmp_path / "out"), "query-timeout": 60.0, "round-timeout": 120.0}  # fmt: skip
+        time.sleep(5)  # both nodes have tried to connect; only node 0 may
+        run = subprocess.run(
+            ["flwr", "run", str(APP_DIR), "secure", "--stream", "--run-config", toml_overrides(config)],
+            env=env, capture_output=True, text=True, timeout=360, cwd=APP_DIR,
+        )  # fmt: skip
+        text = run.stdout + run.stderr
+        (tmp_path / "flwr_run.log").write_text(text)
+        assert "Successfully started run " in text, text[-3000:]
+        run_id = text.split("Successfully started run ")[1].split()[0]
+        assert run_status("secure", run_id, env) == "finished:completed", text[-4000:]
+        metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+        assert metrics["rank-maps"] == {"0": "r4"} and metrics["history"][0]["clients-ok"] == 1
+        listed = subprocess.run(["flwr", "supernode", "list", "secure"], env=env, capture_output=True, text=True,
+                                timeout=120, cwd=tmp_path)  # fmt: skip
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        for log in logs:
+            log.flush()
+        assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text()
+        assert "Failed to activate SuperNode" in (tmp_path / "supernode1.log").read_text()
     finally:
         stop_pids([p.pid for p in reversed(procs) if p.poll() is None])
         for p in procs:
