@@ -178,3 +178,32 @@ def test_fuzz_the_reply_parser_then_the_core():
         assert "good" in update.clients and set(update.clients) | set(update.excluded) == {"fuzz", "good"}
 
     check()
+
+
+def test_a_second_reply_for_one_partition_drops_both(monkeypatch):
+    """Two replies for partition 0 in one round (a replayed or duplicated message): neither can be
+    trusted, both are dropped with a reason naming the node; partition 1's single reply is kept."""
+    from flwr.app import Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flexlora_plugin.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
+    from flexlora_plugin.flower.strategy import FlexLoRA
+
+    for name in ("run_id", "node_id", "task_id"):  # what a running ServerApp has; messages need it
+        monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
+    sent = []
+    for pid, node in ((0, 7), (1, 8)):
+        msg = Message(RecordDict({CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
+        msg.metadata._message_id = f"m{pid}"  # the grid sets it when sending
+        sent.append((msg, pid))
+
+    def reply(msg):
+        arrays, note = state_to_record({"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)})
+        return Message(RecordDict({ARRAYS: arrays, CONFIG: note, METRICS: MetricRecord({NUM_EXAMPLES: 5})}), reply_to=msg)
+
+    strategy = FlexLoRA(lora_alpha=16.0)
+    strategy.node_of = {0: 7, 1: 8}
+    strategy._in_flight = sent
+    decoded, failed = strategy._read_train_replies(2, [reply(sent[0][0]), reply(sent[0][0]), reply(sent[1][0])])
+    assert list(decoded) == [1]
+    assert failed == {0: "two replies for partition 0 in one round (node 7 and another); both dropped"}
