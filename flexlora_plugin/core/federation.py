@@ -34,12 +34,12 @@ from typing import Any
 
 from torch import Tensor
 
-from .adapters import resolve_pattern, state_nbytes
+from .adapters import state_nbytes
 from .aggregation import GlobalUpdate, ModuleInfo, aggregate
 from .checkpoint import load_server_state, save_server_state
 from .config import FlexLoRAConfig
 from .errors import FlexLoRAError, FlexLoRAWarning, RankError
-from .profiles import rank_label, sample_ranks
+from .profiles import check_rank_map, rank_label, sample_ranks
 from .start import initial_update
 
 __all__ = ["Federation", "Reply", "RoundResult"]
@@ -190,19 +190,7 @@ class Federation:
             A module no entry covers, an entry that matches no module, or a rank outside
             ``1..min(d_out, d_in)``; the message names the client and the module.
         """
-        resolved: dict[str, int] = {}
-        for module, (d_out, d_in) in self.shapes.items():
-            r = resolve_pattern(module, ranks)
-            if r is None:
-                raise RankError(f"client {client!r}: no rank for module {module} in its rank map")
-            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(d_out, d_in):
-                raise RankError(
-                    f"client {client!r}, module {module} ({d_out}×{d_in}): rank must be in 1..{min(d_out, d_in)}, got {r!r}"
-                )
-            resolved[module] = r
-        unknown = [k for k in ranks if not self._matches_a_module(k)]
-        if unknown:
-            raise RankError(f"client {client!r}: rank map entries {unknown} match no adapted module")
+        resolved = check_rank_map(ranks, self.shapes, client=client)
         self._set(client, dict(ranks), resolved)
         return dict(ranks)
 
@@ -211,11 +199,6 @@ class Federation:
             self._initial = None  # a new client: the common start is drawn over every rank map known
         self.rank_maps[client] = ranks
         self._resolved[client] = dict(resolved)
-
-    def _matches_a_module(self, key: str) -> bool:
-        if key in self.shapes or any(m.endswith("." + key) for m in self.shapes):
-            return True
-        return any(resolve_pattern(m, {key: 1}) is not None for m in self.shapes)  # a regex key
 
     @property
     def max_rank(self) -> int:

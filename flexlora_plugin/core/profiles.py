@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from .adapters import resolve_pattern
-from .errors import FlexLoRAWarning, ProfileError
+from .errors import FlexLoRAWarning, ProfileError, RankError
 
 __all__ = [
     "ATTENTION",
@@ -47,6 +47,7 @@ __all__ = [
     "RankSampler",
     "TableSampler",
     "canonical_profile",
+    "check_rank_map",
     "clamp_ranks",
     "describe_profile",
     "get_profile",
@@ -290,6 +291,53 @@ def rank_label(rank_map: Mapping[str, int], *, by_module: bool = False) -> str:
     for module, r in rank_map.items():
         by_suffix.setdefault(module.rsplit(".", 1)[-1], []).append(r)
     return " ".join(f"{s}={min(rs)}" if min(rs) == max(rs) else f"{s}={min(rs)}-{max(rs)}" for s, rs in by_suffix.items())
+
+
+def check_rank_map(ranks: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]], *, client: Hashable = "?") -> dict[str, int]:
+    """Check a rank map against the module shapes and resolve it to one rank per module; the one check every side uses.
+
+    Parameters
+    ----------
+    ranks : Mapping[str, int]
+        ``rank_pattern``-style: full module names, suffixes such as ``q_proj``, or regexes.
+    shapes : Mapping[str, tuple[int, int]]
+        Full module name -> ``(d_out, d_in)``: every adapted module.
+    client : Hashable
+        Names the client in errors. (default: "?")
+
+    Returns
+    -------
+    dict[str, int]
+        Full module name -> rank, for every module of ``shapes``.
+
+    Raises
+    ------
+    RankError
+        A module no entry covers, an entry that matches no module, or a rank that is not an int
+        in ``1..min(d_out, d_in)``; the message names the client and the module.
+    """
+    if not isinstance(ranks, Mapping) or not all(isinstance(k, str) for k in ranks):
+        raise RankError(f"client {client!r}: a rank map must map module names to ranks, got {ranks!r:.120}")
+    resolved: dict[str, int] = {}
+    for module, (d_out, d_in) in shapes.items():
+        r = resolve_pattern(module, ranks)
+        if r is None:
+            raise RankError(f"client {client!r}: no rank for module {module} in its rank map")
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(d_out, d_in):
+            raise RankError(
+                f"client {client!r}, module {module} ({d_out}×{d_in}): rank must be in 1..{min(d_out, d_in)}, got {r!r}"
+            )
+        resolved[module] = r
+    unknown = [k for k in ranks if not _matches_a_module(k, shapes)]
+    if unknown:
+        raise RankError(f"client {client!r}: rank map entries {unknown} match no adapted module")
+    return resolved
+
+
+def _matches_a_module(key: str, shapes: Mapping[str, tuple[int, int]]) -> bool:
+    if key in shapes or any(m.endswith("." + key) for m in shapes):
+        return True
+    return any(resolve_pattern(m, {key: 1}) is not None for m in shapes)  # a regex key
 
 
 def clamp_ranks(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], *, client: Hashable = "?") -> RankMap:

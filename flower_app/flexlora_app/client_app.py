@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
+from typing import Any
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexlora_app.task import Settings, apply_fault, client_model, node_rank_map, route_logs, train_partition
+from flexlora_plugin.core import RankError, check_rank_map
 from flexlora_plugin.flower.records import (
     ARRAYS,
     CONFIG,
@@ -72,6 +74,24 @@ def query_rank(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RANK_INFO: record}), reply_to=msg)
 
 
+def received_rank_map(settings: Settings, config: Any, pid: int) -> dict[str, int]:
+    """The rank map the server sent, checked against this process's model by the core.
+
+    The server's map is authoritative: it took it from this node's own query reply, or drew it
+    from the profile for a pool node. The node no longer re-derives it.
+
+    Raises
+    ------
+    RankError
+        Not a JSON object of module -> rank, or a rank this model cannot hold (e.g. 10**9).
+    """
+    try:
+        sent = json.loads(str(config[RANK_MAP]))
+    except json.JSONDecodeError as err:
+        raise RankError(f"partition {pid}: the server's rank map is not JSON: {err}") from None
+    return check_rank_map(sent, client_model(settings)[0].shapes, client=pid)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the received factors, train ``local-steps`` steps on ``device``, reply with the adapter."""
@@ -80,9 +100,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round, pid = int(config[SERVER_ROUND]), int(config[PARTITION_ID])
     if node_pid is not None and pid != node_pid:
         raise ValueError(f"message for partition {pid} reached partition {node_pid}")
-    ranks = node_rank_map(settings, context.node_config if node_pid is not None else {}, pid)
-    if RANK_MAP in config and json.loads(str(config[RANK_MAP])) != ranks:
-        raise ValueError(f"partition {pid}: the server assigned other ranks than this node draws (check profile and seed)")
+    if RANK_MAP in config:
+        ranks = received_rank_map(settings, config, pid)
+    else:  # a strategy that sends no rank map: the node's own draw
+        ranks = node_rank_map(settings, context.node_config if node_pid is not None else {}, pid)
     received = record_to_state(msg.content.array_records[ARRAYS], config)
     state, num_examples, loss = train_partition(settings, pid, ranks, received, server_round)
     if pid in settings.faults:

@@ -153,3 +153,18 @@ def test_table_sampler():
     assert table(9, 0)["q_proj"] == 8
     with pytest.raises(ProfileError, match="not in the rank table"):
         TableSampler({})(3, 0)
+
+
+def test_check_rank_map_is_the_one_rank_map_check():
+    """What the server applies to a reported map and a client to the map it is sent."""
+    from flexlora_plugin.core import RankError, check_rank_map
+
+    shapes = {"l0.q_proj": (8, 6), "l0.down_proj": (6, 10)}
+    assert check_rank_map({"q_proj": 4, "down_proj": 6}, shapes) == {"l0.q_proj": 4, "l0.down_proj": 6}
+    for bad, match in (({"q_proj": 10**9, "down_proj": 2}, r"module l0.q_proj \(8×6\): rank must be in 1..6"),
+                       ({"q_proj": 2}, "no rank for module l0.down_proj"),
+                       ({"q_proj": 2, "down_proj": 2, "k_proj": 2}, r"entries \['k_proj'\] match no adapted module"),
+                       ({"q_proj": True, "down_proj": 2}, "got True"),
+                       ([4, 4], "must map module names to ranks")):  # fmt: skip
+        with pytest.raises(RankError, match=match):
+            check_rank_map(bad, shapes, client=3)

@@ -94,3 +94,33 @@ def test_cuda_bf16_training(task, tiny_model, data_path, tmp_path):
     state, _, loss = task.train_partition(settings, 0, ranks, received, server_round=1)
     assert task.client_model(settings)[0].device.type == "cuda"
     assert {v.device.type for v in state.values()} == {"cpu"} and torch.isfinite(torch.tensor(loss))
+
+
+def test_the_client_takes_the_servers_rank_map_after_the_core_checks_it(task, tiny_model, data_path, tmp_path):
+    """The node trains at the map the server sent (it no longer re-derives it); a map its model
+    cannot hold is a RankError before any adapter is built."""
+    pytest.importorskip("flwr")
+    import json
+
+    sys.path.insert(0, str(APP))
+    try:
+        from flexlora_app.client_app import received_rank_map
+    finally:
+        sys.path.remove(str(APP))
+    from flwr.app import ConfigRecord
+
+    from flexlora_plugin.core import RankError
+    from flexlora_plugin.flower.records import RANK_MAP
+
+    settings = _settings(task, tiny_model, data_path, tmp_path)
+    shapes = task.client_model(settings)[0].shapes
+    sent = {m: 2 for m in shapes}
+    assert received_rank_map(settings, ConfigRecord({RANK_MAP: json.dumps(sent)}), 0) == sent
+    assert received_rank_map(settings, ConfigRecord({RANK_MAP: json.dumps({"q_proj": 3, "k_proj": 3, "v_proj": 3, "o_proj": 3,
+                                                                           "gate_proj": 3, "up_proj": 3, "down_proj": 3})}),
+                             0) == dict.fromkeys(shapes, 3)  # fmt: skip
+    first = next(iter(shapes))
+    with pytest.raises(RankError, match=f"client 0, module {first}"):
+        received_rank_map(settings, ConfigRecord({RANK_MAP: json.dumps({**sent, first: 10**9})}), 0)
+    with pytest.raises(RankError, match="not JSON"):
+        received_rank_map(settings, ConfigRecord({RANK_MAP: "{"}), 0)
