@@ -207,16 +207,19 @@ def quiet(line: str) -> bool:
 
 
 def stream_flwr_run(
-    cmd: Sequence[str], env: Mapping[str, str], log: TextIO, timeout: float, echo: bool | str
+    cmd: Sequence[str], env: Mapping[str, str], log: TextIO, timeout: float, echo: bool | str, cwd: Path = APP_DIR
 ) -> tuple[str | None, int]:
-    """Run ``flwr run --stream``, teeing its output; return (run id, exit code; 124 after ``timeout``).
+    """Run ``flwr run --stream`` from the App folder ``cwd``, teeing its output; return (run id, exit code).
+
+    The exit code is 124 when ``timeout`` killed it.
 
     ``echo``: False = log only; True = every line on stdout too; ``"quiet"`` = stdout without the
-    :func:`quiet` lines (the log keeps everything).
+    :func:`quiet` lines (the log keeps everything). The simulation's workers inherit ``cwd``, so
+    it must be the App being run: its package then shadows any other copy.
     """
     run_id = None
     t0 = time.monotonic()
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env), cwd=APP_DIR)
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env), cwd=cwd)
     watchdog = threading.Timer(timeout, proc.kill)  # a silent hang cannot outlive the timeout
     watchdog.start()
     try:
@@ -247,6 +250,7 @@ def run_simulation(
     timeout: float = 900.0,
     echo: bool | str = True,
     gpus_per_client: float = 0.0,
+    app_dir: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Run the Flower App in the simulation engine and return its outcome (never raises on a failed run).
 
@@ -265,6 +269,9 @@ def run_simulation(
         Flower's ``client-resources-num-gpus``: the share of a GPU each virtual client reserves
         (0.25 = four clients train at once on one GPU). Pair it with run-config ``device``
         ``auto``/``cuda``. (default: 0, CPU only)
+    app_dir : path, optional
+        Another Flower App folder to run, e.g. a copy of ``flower_app/`` with your own ClientApp.
+        (default: :data:`~flexlora_plugin.flower.settings.APP_DIR`)
     """
     if gpus_per_client < 0:
         raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
@@ -276,12 +283,13 @@ def run_simulation(
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
     if gpus_per_client:
         federation += f" client-resources-num-gpus={gpus_per_client!r}"
-    cmd = ["flwr", "run", str(APP_DIR), "local", "--stream", "--federation-config", federation,
+    app = Path(app_dir).resolve() if app_dir is not None else APP_DIR
+    cmd = ["flwr", "run", str(app), "local", "--stream", "--federation-config", federation,
            "--run-config", toml_overrides(overrides)]  # fmt: skip
     if extra_run_config:
         cmd += ["--run-config", extra_run_config]
     try:
-        return _flwr_run(cmd, env, "local", out, timeout, echo, t0)
+        return _flwr_run(cmd, env, "local", out, timeout, echo, t0, cwd=app)
     finally:
         stop_pids(superlink_pids(port))
 
@@ -302,11 +310,11 @@ def _run_overrides(out: Path, num_rounds: int, run_config: Mapping[str, Any] | N
 
 
 def _flwr_run(cmd: Sequence[str], env: Mapping[str, str], federation: str, out: Path, timeout: float, echo: bool | str,
-              t0: float) -> RunResult:  # fmt: skip
+              t0: float, cwd: Path = APP_DIR) -> RunResult:  # fmt: skip
     """Stream one ``flwr run`` into ``out/flwr_run.log`` and read its final status and metrics."""
     log_path = out / "flwr_run.log"
     with log_path.open("w", encoding="utf-8") as log:
-        run_id, code = stream_flwr_run(cmd, env, log, timeout, echo)
+        run_id, code = stream_flwr_run(cmd, env, log, timeout, echo, cwd)
     if code == 124:
         status = "timeout"
     elif run_id is None:

@@ -21,7 +21,7 @@ import tomllib
 from flexlora_plugin.core import FlexLoRAConfig
 from flexlora_plugin.core.client import parse_device, resolve_dtype
 
-__all__ = ["APP_DIR", "DEFAULT_DATA", "FAULT_KINDS", "Settings", "SettingsError", "app_config"]
+__all__ = ["APP_DIR", "DEFAULT_DATA", "Settings", "SettingsError", "app_config"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,6 @@ def _env_path(name: str, default: Path) -> Path:
 # to the package (a clone installed with `pip install -e .`; a wheel install has no flower_app/).
 APP_DIR = _env_path("FLEXLORA_APP_DIR", REPO / "flower_app")
 DEFAULT_DATA = _env_path("FLEXLORA_DATA", REPO.parent / "shared" / "data" / "natural_instructions")
-FAULT_KINDS = ("nan", "rank", "raise")
 
 
 class SettingsError(ValueError):
@@ -84,7 +83,6 @@ class Settings:
     query_timeout: float
     round_timeout: float
     dump_dir: Path | None
-    faults: Mapping[int, str]
     eval_data: Path | None = None
     eval_every: int = 1
     eval_max_per_task: int = 0
@@ -118,10 +116,6 @@ class Settings:
     @classmethod
     def _from_context(cls, rc: dict[str, Any], run_id: int) -> Settings:
         out = Path(str(rc["output-dir"])) if rc["output-dir"] else Path.cwd() / "runs" / f"flower-{run_id}"
-        pids = [int(p) for p in str(rc["fault-partition"]).split(",") if p.strip()]
-        kinds = [k.strip() for k in str(rc["fault-kind"]).split(",") if k.strip()]
-        if len(pids) != len(kinds) or any(k not in FAULT_KINDS for k in kinds):
-            raise SettingsError(f"fault-partition {pids} and fault-kind {kinds} must pair up; kinds are {FAULT_KINDS}")
         return cls(
             strategy=str(rc["strategy"]), profile=str(rc["profile"]), seed=int(rc["seed"]),
             num_server_rounds=int(rc["num-server-rounds"]), clients_per_round=int(rc["clients-per-round"]),
@@ -134,7 +128,6 @@ class Settings:
             max_length=int(rc["max-length"]), max_train_examples=int(rc["max-train-examples"]), output_dir=out,
             resume=bool(rc["resume"]), torch_threads=int(rc["torch-threads"]), query_timeout=float(rc["query-timeout"]),
             round_timeout=float(rc["round-timeout"]), dump_dir=Path(str(rc["dump-dir"])) if rc["dump-dir"] else None,
-            faults=dict(zip(pids, kinds, strict=True)),
             eval_data=Path(str(rc["eval-data"])) if rc.get("eval-data") else None, eval_every=int(rc.get("eval-every", 1)),
             eval_max_per_task=int(rc.get("eval-max-per-task", 0)), eval_max_new_tokens=int(rc.get("eval-max-new-tokens", 32)),
             eval_batch_size=int(rc.get("eval-batch-size", 8)), device=str(rc.get("device", "cpu")),

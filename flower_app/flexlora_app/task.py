@@ -17,10 +17,9 @@ from torch import Tensor
 from flexlora_plugin.core import clamp_ranks, lora_type, sample_ranks
 from flexlora_plugin.core.client import ClientModel, proximal_term, resolve_device, resolve_dtype
 from flexlora_plugin.data import PaddingCollator, load_client_split, tokenize_examples
-from flexlora_plugin.flower.settings import FAULT_KINDS, Settings
+from flexlora_plugin.flower.settings import Settings
 
-__all__ = ["FAULT_KINDS", "Settings", "apply_fault", "client_model", "load_base", "node_rank_map", "partition_features",
-           "route_logs", "train_partition"]  # fmt: skip
+__all__ = ["Settings", "client_model", "load_base", "node_rank_map", "partition_features", "route_logs", "train_partition"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,17 +154,3 @@ def train_partition(
         losses.append(loss.detach())
     mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
     return cm.state(), len(feats), mean_loss
-
-
-def apply_fault(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
-    """Tests only: a NaN reply (``nan``) or a wrong-rank one (``rank``: first module loses a rank)."""
-    out = {k: v.clone() for k, v in state.items()}
-    first_a = next(k for k in out if ".lora_A." in k)
-    first_b = first_a.replace(".lora_A.", ".lora_B.")
-    if kind == "nan":
-        out[first_a][0, 0] = float("nan")
-    elif kind == "rank":
-        out[first_a], out[first_b] = out[first_a][:-1].contiguous(), out[first_b][:, :-1].contiguous()
-    else:
-        raise RuntimeError(f"deliberate client failure ({kind})")
-    return out

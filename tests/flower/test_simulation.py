@@ -163,13 +163,14 @@ def test_metrics_and_final_adapter_load(mixed_run, tiny_model):
         assert rel <= 1e-5, (module, r, rel)
 
 
-def test_bad_replies_are_excluded_not_fatal(tmp_path, tiny_model, data_path):
+def test_bad_replies_are_excluded_not_fatal(tmp_path, tiny_model, data_path, fault_app):
     """Round 1: three bad replies excluded with their reasons; drop-after-failures=1 then stops
     sampling them, so round 2 trains partition 0 alone."""
     config = {**SMALL, "profile": json.dumps({"0": 4, "1": 8, "2": 8, "3": 4}), "clients-per-round": 0,
               "fault-partition": "1,2,3", "fault-kind": "nan,rank,raise", "drop-after-failures": 1,
               "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
-    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=4, run_config=config, timeout=300, echo=False)
+    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=4, run_config=config, timeout=300, echo=False,
+                            app_dir=fault_app)  # fmt: skip
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     row, second = result.metrics["history"]
     assert row["clients-ok"] == 1 and row["excluded-partitions"] == [1, 2, 3] and row["dropped-partitions"] == [1, 2, 3]
