@@ -84,6 +84,22 @@ def _extend_built_global_cfg() -> None:
         extend_flexlora_cfg(global_cfg)
 
 
+def _declare_aggregators() -> None:
+    """Tell FS's aggregator builder that our methods aggregate ("clients_avg").
+
+    FS builds a stock aggregator for every server before the server's own ``__init__`` runs;
+    :class:`~flexlora_plugin.federatedscope.worker.FlexLoRAServer` then replaces it with
+    :class:`~flexlora_plugin.federatedscope.aggregator.FlexLoRAAggregator`. Without this entry FS
+    warns "Aggregator for method flexlora is not implemented. Will use default one", which is
+    misleading: the default one is never used.
+    """
+    from federatedscope.core.configs import constants
+
+    for method in METHODS:
+        constants.AGGREGATOR_TYPE.setdefault(method, "clients_avg")
+
+
+_declare_aggregators()
 _fs_register.register_config("flexlora", extend_flexlora_cfg)
 _extend_built_global_cfg()
 for _method in METHODS:

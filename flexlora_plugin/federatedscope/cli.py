@@ -57,7 +57,7 @@ def check_args(args: list[str]) -> list[str]:
     from federatedscope.core.configs.config import global_cfg
 
     from flexlora_plugin.data import missing_clients
-    from flexlora_plugin.federatedscope.config import assert_flexlora_cfg, cfg_value
+    from flexlora_plugin.federatedscope.config import assert_flexlora_cfg, cfg_value, using_cfg_file
     from flexlora_plugin.federatedscope.data import DATA_TYPE
 
     parsed = parse_args(args)
@@ -70,9 +70,10 @@ def check_args(args: list[str]) -> list[str]:
         raise ValueError(f"options must be 'key value' pairs, got an odd number: {parsed.opts}")
     cfg: Any = global_cfg.clone()
     try:
-        cfg.merge_from_file(parsed.cfg_file)
-        cfg.merge_from_list(parse_client_cfg(parsed.opts)[0])
-        assert_flexlora_cfg(cfg)
+        with using_cfg_file(parsed.cfg_file):  # relative inputs may be relative to the yaml's folder
+            cfg.merge_from_file(parsed.cfg_file)
+            cfg.merge_from_list(parse_client_cfg(parsed.opts)[0])
+            assert_flexlora_cfg(cfg)
     except (KeyError, ValueError, AssertionError, TypeError) as err:
         raise ValueError(str(err).strip("'\"")) from err
     notes: list[str] = []

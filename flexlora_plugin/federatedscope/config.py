@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,6 +264,83 @@ def _unsupported(cfg: Any) -> list[str]:
     return [why for bad, why in checks if bad]
 
 
+_NOTES: list[str] = []  # said while FS merges the config, before its logger exists; flushed by our workers
+
+INPUT_PATHS = (("data", "root"), ("flexlora", "rank_table"), ("flexlora", "restore_from"))
+
+
+def note(message: str) -> None:
+    """Keep ``message`` for :func:`flush_notes` (FS configures its logger only after merging the config)."""
+    if message not in _NOTES:
+        _NOTES.append(message)
+
+
+def flush_notes() -> None:
+    """Log the notes kept while the config was merged, once, where FS users see them."""
+    while _NOTES:
+        logger.info(_NOTES.pop(0))
+
+
+_CFG_FILE: list[str] = []  # set by using_cfg_file() where the yaml is not on sys.argv (flexlora-fs's early check)
+
+
+@contextmanager
+def using_cfg_file(path: str) -> Iterator[None]:
+    """Within the block, :func:`yaml_dir` is ``path``'s folder."""
+    _CFG_FILE.append(path)
+    try:
+        yield
+    finally:
+        _CFG_FILE.pop()
+
+
+def yaml_dir(argv: Sequence[str] | None = None) -> Path | None:
+    """The folder of the ``--cfg`` yaml: :func:`using_cfg_file`'s, else this process's command line.
+
+    FS's ``main.py`` and ``flexlora-fs`` both take ``--cfg FILE``.
+    """
+    if _CFG_FILE and argv is None:
+        return Path(_CFG_FILE[-1]).resolve().parent
+    args = list(sys.argv if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg == "--cfg" and i + 1 < len(args):
+            return Path(args[i + 1]).resolve().parent
+        if arg.startswith("--cfg="):
+            return Path(arg.split("=", 1)[1]).resolve().parent
+    return None
+
+
+def resolve_input_path(value: str, base: Path | None) -> str | None:
+    """A relative input path that exists only relative to ``base`` (the yaml's folder), made absolute.
+
+    The rule: a path is relative to the current directory, as everywhere in FS; when nothing is
+    there and the yaml's folder holds it, it is relative to the yaml's folder. So the plugin's
+    yamls, whose inputs are written relative to their own folder, run from any directory (FS's
+    root included). Returns None when nothing changes.
+    """
+    if not value or os.path.isabs(value) or base is None or Path(value).exists():
+        return None
+    candidate = base / value
+    return str(candidate.resolve()) if candidate.exists() else None
+
+
+def _resolve_inputs(cfg: Any) -> None:
+    base = yaml_dir()
+    for section, key in INPUT_PATHS:
+        node = cfg.get(section) if hasattr(cfg, "get") else None
+        if node is None or key not in node:
+            continue
+        resolved = resolve_input_path(str(cfg_value(node[key]) or ""), base)
+        if resolved is not None:
+            note(f"{section}.{key}: {node[key]} -> {resolved} (relative to the yaml's folder)")
+            node[key] = resolved
+    name, at, hub = str(cfg_value(cfg.model.type)).partition("@")
+    resolved = resolve_input_path(name, base) if at else None
+    if resolved is not None:
+        note(f"model.type: {name} -> {resolved} (relative to the yaml's folder)")
+        cfg.model.type = f"{resolved}@{hub}"
+
+
 def assert_flexlora_cfg(cfg: Any) -> None:
     """Validate ``cfg.flexlora`` against the rest of the config (FS calls it on every merge).
 
@@ -275,6 +354,7 @@ def assert_flexlora_cfg(cfg: Any) -> None:
     """
     if "flexlora" not in cfg:
         return
+    _resolve_inputs(cfg)  # every method: it only turns a path that does not exist into one that does
     method = str(cfg_value(cfg.federate.method)).lower()
     ours = method in METHODS
     if cfg.flexlora.use and not ours:
@@ -311,7 +391,7 @@ def assert_flexlora_cfg(cfg: Any) -> None:
     trainer_type = str(cfg_value(cfg.trainer.type)).lower()
     if trainer_type == "llmtrainer":
         cfg.trainer.type = TRAINER_TYPE
-        logger.info("federate.method %s: trainer.type llmtrainer -> %s (heterogeneous-rank LLMTrainer)", method, TRAINER_TYPE)
+        note(f"federate.method {method}: trainer.type llmtrainer -> {TRAINER_TYPE} (heterogeneous-rank LLMTrainer)")
     elif trainer_type != TRAINER_TYPE:
         raise ValueError(
             f"federate.method {method!r} needs trainer.type {TRAINER_TYPE!r} (or 'llmtrainer'), got {trainer_type!r}"

@@ -40,7 +40,7 @@ from torch import Tensor
 from ..core import FlexLoRAError, module_infos_of, rank_label, sample_ranks, split_state, state_nbytes
 from ..core.federation import Federation, Reply
 from .aggregator import FlexLoRAAggregator
-from .config import PluginSettings, settings_from_cfg
+from .config import PluginSettings, flush_notes, settings_from_cfg
 from .trainer import FlexLoRATrainer, current_ranks
 from .wire import PayloadError, decode_state, encode_state, encoded_nbytes
 
@@ -82,6 +82,7 @@ class FlexLoRAServer(Server):
         )
         if config is None:  # FS builds unconfigured workers to list message handlers
             return
+        flush_notes()  # what the config checks said before FS's logger existed
         self.flex = settings_from_cfg(self._cfg)
         self._server_ranks = current_ranks(self.models[0])
         # the round protocol (core): every client's ranks, round 1's common start, aggregation, state
@@ -232,6 +233,7 @@ class FlexLoRAClient(Client):
         super().__init__(ID, server_id, state, config, data, model, device, strategy, is_unseen_client, *args, **kwargs)
         if config is None:
             return
+        flush_notes()
         if not isinstance(self.trainer, FlexLoRATrainer):
             raise TypeError(
                 f"federate.method {config.federate.method!r} needs trainer.type 'flexlora_llmtrainer', "

@@ -128,10 +128,17 @@ def test_shim_activates_plain_main_py(tiny_model: Path, tmp_path: Path, rank_tab
     assert _run([*shim, "install", "--fs-dir", str(fs_copy)], tmp_path).returncode == 0
     which = _run([sys.executable, "-c", "import federatedscope; print(federatedscope.__file__)"], tmp_path, env)
     assert which.stdout.strip().startswith(str(fs_copy)), which.stdout
-    out = _run([sys.executable, str(fs_copy / "main.py"), "--cfg", str(YAMLS / "tiny_cpu.yaml"),
-                *_common(tiny_model, tmp_path, rank_table), "federate.total_round_num", "1", "federate.save_to", ""], tmp_path, env)  # fmt: skip
+    # as FS users run it: from FederatedScope's root, the yaml by absolute path; its data.root and
+    # rank_table are relative to the yaml's folder
+    out = _run([sys.executable, "federatedscope/main.py", "--cfg", str(YAMLS / "tiny_cpu.yaml"),
+                "model.type", f"{tiny_model}@huggingface_llm", "outdir", str(tmp_path / "exp"), "flexlora.max_examples", "4",
+                "federate.total_round_num", "1", "federate.save_to", ""], tmp_path, env, cwd=copy_root)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FlexLoRA round 0: aggregated 3/3 clients" in out.stderr
+    assert f"data.root: ../../shared/data/natural_instructions -> {NI_DATA.resolve()}" in out.stderr
+    assert f"flexlora.rank_table: tiny_rank_table.yaml -> {YAMLS / 'tiny_rank_table.yaml'}" in out.stderr
+    assert "trainer.type llmtrainer -> flexlora_llmtrainer" in out.stderr  # said once FS's logger exists
+    assert "Aggregator for method flexlora is not implemented" not in out.stderr
     # the plugin not importable: the shim raises RuntimeError (FS would swallow an ImportError elsewhere)
     fake = tmp_path / "fake"
     (fake / "flexlora_plugin" / "federatedscope").mkdir(parents=True)
