@@ -85,6 +85,38 @@ def cfg_value(value: Any) -> Any:
     return value.value if type(value).__name__ == "Argument" and hasattr(value, "value") else value
 
 
+def peft_default_targets(model_name: str) -> tuple[str, ...]:
+    """Peft's default LoRA ``target_modules`` for the model at ``model_name`` (a folder or a hub id).
+
+    What ``LoraConfig(target_modules=None)`` would pick; only the model's config is read.
+
+    Raises
+    ------
+    ValueError
+        The config cannot be read (e.g. a hub id offline), or peft has no default for its type.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(model_name).model_type
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"llm.adapter.args[0] has no target_modules, and the config of model {model_name!r} cannot be read to pick "
+            f"peft's defaults ({str(err).splitlines()[0]}); set target_modules"
+        ) from None
+    if model_type not in DEFAULTS:
+        raise ValueError(f"llm.adapter.args[0] has no target_modules and peft has no default for model type {model_type!r}; "
+                         "set target_modules")  # fmt: skip
+    return tuple(DEFAULTS[model_type])
+
+
+def _set_adapter_arg(cfg: Any, key: str, value: Any) -> None:
+    args = [dict(a) for a in cfg_value(cfg.llm.adapter.args)]
+    args[0][key] = value
+    cfg.llm.adapter.args = args
+
+
 def adapter_args(cfg: Any) -> dict[str, Any]:
     """``llm.adapter.args[0]`` as a plain dict (the kwargs FS-LLM passes to ``LoraConfig``)."""
     args = cfg_value(cfg.llm.adapter.args)
@@ -193,7 +225,8 @@ class PluginSettings:
     restore_from, save_adapter : str
         Paths ('' = off).
     base_model : str
-        ``model.type`` without its ``@hub`` suffix (recorded in an exported adapter).
+        ``model.type`` without its ``@hub`` suffix, a local folder made absolute (:func:`base_model_name`),
+        recorded in an exported adapter.
     """
 
     core: FlexLoRAConfig
@@ -222,8 +255,18 @@ def settings_from_cfg(cfg: Any) -> PluginSettings:
         targets=targets,
         restore_from=str(flex["restore_from"]),
         save_adapter=str(flex["save_adapter"]),
-        base_model=str(cfg_value(cfg.model.type)).split("@")[0],
+        base_model=base_model_name(str(cfg_value(cfg.model.type)).split("@")[0]),
     )
+
+
+def base_model_name(name: str) -> str:
+    """What an exported adapter records as its base: a hub id as given, a local folder as its absolute path.
+
+    A relative folder (``exp/tiny_llama``) would mean nothing outside the directory FS ran from;
+    the Flower host records absolute folders too, and ``flexlora_plugin.evaluate`` finds the
+    base through it.
+    """
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,8 +421,13 @@ def assert_flexlora_cfg(cfg: Any) -> None:
         )
     if args.get("bias", "none") != "none":
         raise ValueError(f"llm.adapter.args[0]['bias'] must be 'none' for {method!r}, got {args['bias']!r}")
-    if not isinstance(args.get("r"), int) or not args.get("target_modules") or "lora_alpha" not in args:
-        raise ValueError("llm.adapter.args[0] must set an int 'r', 'lora_alpha' and a non-empty 'target_modules' list")
+    if not isinstance(args.get("r"), int) or "lora_alpha" not in args:
+        raise ValueError("llm.adapter.args[0] must set an int 'r' and 'lora_alpha'")
+    if not args.get("target_modules"):  # a stock FS-LLM yaml: peft's defaults for the model, as FS-LLM itself gets
+        name = str(cfg_value(cfg.model.type)).partition("@")[0]
+        targets = peft_default_targets(name)
+        _set_adapter_arg(cfg, "target_modules", list(targets))
+        note(f"llm.adapter.args[0] has no target_modules: peft's defaults for {name}, {list(targets)}")
     flex = flex_values(cfg)
     if "use_rslora" in args and bool(args["use_rslora"]) != bool(flex["use_rslora"]):
         raise ValueError(

@@ -19,10 +19,12 @@ def _cfg(yaml: Path, opts: list[str] | None = None) -> Any:
     from federatedscope.core.configs.config import global_cfg
 
     import flexlora_plugin.federatedscope  # noqa: F401
+    from flexlora_plugin.federatedscope.config import using_cfg_file
 
     cfg = global_cfg.clone()
-    cfg.merge_from_file(str(yaml))
-    cfg.merge_from_list(opts or [])
+    with using_cfg_file(str(yaml)):  # what --cfg tells main.py: inputs may be relative to the yaml's folder
+        cfg.merge_from_file(str(yaml))
+        cfg.merge_from_list(opts or [])
     return cfg
 
 
@@ -61,3 +63,18 @@ def test_invalid_combinations_raise(opts: list[str], match: str) -> None:
 def test_flexlora_use_with_another_method_raises() -> None:
     with pytest.raises(ValueError, match="federate.method"):
         _cfg(YAMLS / "fedavg_r8.yaml", ["flexlora.use", "True"])
+
+
+def test_a_stock_yaml_without_target_modules_gets_peft_defaults(tiny_model: Path, tmp_path: Path) -> None:
+    """FS-LLM yamls often omit target_modules (peft then picks the model's defaults): so does the plugin."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    from flexlora_plugin.federatedscope.config import adapter_args, settings_from_cfg
+
+    args = "[{'adapter_package': 'peft', 'adapter_method': 'lora', 'r': 8, 'lora_alpha': 16}]"
+    cfg = _cfg(YAMLS / "tiny_cpu.yaml", ["model.type", f"{tiny_model}@huggingface_llm", "llm.adapter.args", args,
+                                         "outdir", str(tmp_path)])  # fmt: skip
+    assert adapter_args(cfg)["target_modules"] == DEFAULTS["llama"]
+    assert settings_from_cfg(cfg).targets == tuple(DEFAULTS["llama"])
+    with pytest.raises(ValueError, match="cannot be read to pick peft's defaults"):
+        _cfg(YAMLS / "tiny_cpu.yaml", ["model.type", f"{tmp_path / 'nowhere'}@huggingface_llm", "llm.adapter.args", args])

@@ -141,3 +141,23 @@ def test_clear_errors_without_federatedscope(monkeypatch: pytest.MonkeyPatch) ->
         import flexlora_plugin.federatedscope  # noqa: F401
     with pytest.raises(ModuleNotFoundError, match="not importable"):
         shim.fs_package_dir()
+
+
+def test_input_paths_fall_back_to_the_yaml_folder_and_bases_are_absolute(tmp_path: Path, monkeypatch) -> None:
+    yaml_dir = tmp_path / "configs"
+    (yaml_dir / "tables").mkdir(parents=True)
+    (yaml_dir / "tables" / "t.yaml").write_text("default: 4\n")
+    run_dir = tmp_path / "run"
+    (run_dir / "here.yaml").parent.mkdir()
+    (run_dir / "here.yaml").write_text("default: 4\n")
+    monkeypatch.chdir(run_dir)
+    assert config.resolve_input_path("tables/t.yaml", yaml_dir) == str(yaml_dir / "tables" / "t.yaml")
+    assert config.resolve_input_path("here.yaml", yaml_dir) is None  # the current directory comes first, as in FS
+    assert config.resolve_input_path("missing.yaml", yaml_dir) is None  # nowhere: left for the error naming it
+    assert config.resolve_input_path(str(yaml_dir / "tables" / "t.yaml"), yaml_dir) is None  # absolute: unchanged
+    assert config.yaml_dir(["main.py", "--cfg", "../configs/x.yaml"]) == yaml_dir
+    assert config.yaml_dir(["main.py", "--cfg=../configs/x.yaml"]) == yaml_dir and config.yaml_dir(["main.py"]) is None
+    with config.using_cfg_file(str(yaml_dir / "x.yaml")):
+        assert config.yaml_dir() == yaml_dir
+    assert config.base_model_name("here.yaml") == str(run_dir / "here.yaml")
+    assert config.base_model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
