@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .adapters import split_state
 from .errors import MissingModuleError, RankError
 
-__all__ = ["adapter_state", "load_adapter_state", "lora_config_for", "target_shapes"]
+__all__ = ["adapter_state", "check_received", "load_adapter_state", "lora_config_for", "target_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,38 @@ def adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, 
     return {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
 
+def check_received(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> None:
+    """Check the factors a client receives, in every host.
+
+    LoRA keys only, A/B ranks agreeing, exactly this adapter's keys, each at this adapter's shape.
+
+    Parameters
+    ----------
+    state : Mapping[str, Tensor]
+        The received factors.
+    own : Mapping[str, Tensor]
+        The receiving adapter's factors, same key format (their shapes are what must arrive).
+
+    Raises
+    ------
+    MissingModuleError
+        When the adapter has factors that ``state`` lacks, or the reverse.
+    RankError
+        When a factor's shape differs from the adapter's (factors for a client of another rank).
+    UnsupportedKeyError
+        For a key that is not a LoRA factor.
+    """
+    split_state(state, client="server")  # rejects non-LoRA keys and A/B rank mismatches
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise MissingModuleError(
+            f"adapter keys differ: missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise RankError(f"{key}: received {tuple(value.shape)}, the model's adapter is {tuple(own[key].shape)}")
+
+
 def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor], adapter_name: str = "default") -> None:
     """Load factors into ``model``'s adapter ``adapter_name``, failing on any missing or misshaped factor.
 
@@ -76,15 +108,7 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor], adapter_na
     RankError
         When a factor's shape differs from the model's (a client of another rank).
     """
-    split_state(state, client="server")  # rejects non-LoRA keys and A/B rank mismatches
     own = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise MissingModuleError(
-            f"adapter keys differ: missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})"
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise RankError(f"{key}: received {tuple(value.shape)}, the model's adapter is {tuple(own[key].shape)}")
+    check_received(state, own)
     with torch.no_grad():
         set_peft_model_state_dict(model, {k: v.to(own[k].dtype) for k, v in state.items()}, adapter_name=adapter_name)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..core import RankError, split_state
 from ..core.client import proximal_term
 from ..core.export import PEFT_PREFIX
-from ..core.peft_io import lora_config_for
+from ..core.peft_io import check_received, lora_config_for
 from .wire import decode_state, encode_state
 
 __all__ = ["FlexLoRATrainer", "TrainableProximal", "hook_del_trainable_init", "hook_record_trainable_init"]
@@ -109,20 +109,12 @@ class FlexLoRATrainer(LLMTrainer):
         PayloadError
             The factors are not flexlora's safetensors encoding (e.g. FS's pickled tensors: refused,
             never unpickled) or not tensors.
-        RankError
-            A key is missing or unexpected, or a factor's shape is not this adapter's.
+        MissingModuleError, RankError
+            A key is missing or unexpected, or a factor's shape is not this adapter's
+            (:func:`~flexlora_plugin.core.peft_io.check_received`).
         """
-        own = self.ctx.model.state_dict()
         received = decode_state(model_parameters, sender="server")
-        missing, unexpected = sorted(set(own) - set(received)), sorted(set(received) - set(own))
-        if missing or unexpected:
-            raise RankError(
-                f"received adapter keys differ from this client's: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in received.items() if tuple(v.shape) != tuple(own[k].shape)}
-        if bad:
-            key, (got, want) = next(iter(bad.items()))
-            raise RankError(f"{key}: received {got}, this client's adapter is {want} ({len(bad)} factors differ)")
+        check_received(received, self.ctx.model.state_dict())  # the core's checks, as in the Flower client
         super().update(received, strict=strict)
 
     def get_model_para(self) -> Any:

@@ -49,7 +49,11 @@ def encoded_nbytes(content: Any) -> int:
 
 
 def decode_state(content: Any, *, sender: Hashable) -> dict[str, Tensor]:
-    """The state dict in ``content``: flexlora's encoding, or tensors from this same process.
+    """The state dict in ``content``: flexlora's encoding, or tensors from this same process (copied).
+
+    In FS's standalone mode a client's reply holds views of its model's parameters, which it
+    overwrites in place when it loads the next projection; a server keeping those views would see
+    its round's ΔW change under it. The copy makes every received state the receiver's own.
 
     Raises
     ------
@@ -76,4 +80,5 @@ def decode_state(content: Any, *, sender: Hashable) -> dict[str, Tensor]:
         how = " (FederatedScope's base64-pickle encoding; refused, never unpickled)" if kind in ("str", "bytes") else ""
         raise PayloadError(f"{sender}: {len(odd)} value(s) are not tensors, e.g. {key!r}: {kind}{how}; "
                            "flexlora peers send safetensors payloads")  # fmt: skip
-    return dict(content)
+    # in-process (standalone) tensors are the sender's live parameters: the receiver owns a copy
+    return {k: v.detach().clone() for k, v in content.items()}

@@ -15,7 +15,7 @@ pytest.importorskip(
 
 import torch  # noqa: E402
 
-from flexlora_plugin.core import split_state  # noqa: E402
+from flexlora_plugin.core import FlexLoRAError, split_state  # noqa: E402
 
 ALPHA = 16.0
 
@@ -85,6 +85,18 @@ def test_mixed_ranks_projection_and_training(run_fs: Any, tiny_opts: list[str]) 
             trained = _delta64(rec.uploaded[cid][1], module)
             assert torch.linalg.norm(trained - held) > 1e-6 * torch.linalg.norm(held), "local training left the adapter unchanged"
     assert set(runner.server.aggregator.update.clients) == {1, 2, 3}
+    # parity: the host's global ΔW after the last round equals a float64 reference from its replies
+    states, weights = rec.received[1]
+    total = sum(weights.values())
+    update = runner.server.aggregator.update
+    for module in modules:
+        ref = sum((weights[c] / total) * _delta64(states[c], module) for c in states)
+        assert torch.linalg.norm(update.delta(module).double() - ref) <= 1e-6 * torch.linalg.norm(ref), module
+    # and a client refuses factors of another shape with the core's check (as the Flower client does)
+    own = runner.client[1].trainer.ctx.model.state_dict()
+    wrong = {k: (v[:1] if ".lora_A" in k else v[:, :1]).clone() for k, v in own.items()}
+    with pytest.raises(FlexLoRAError, match="received .* the model's adapter is"):
+        runner.client[1].trainer.update(wrong)
 
 
 def test_bad_clients_do_not_lose_the_round(run_fs: Any, tiny_opts: list[str]) -> None:

@@ -42,9 +42,13 @@ def test_round_trip_keeps_dtype_shape_and_values(gen):
     assert wire.encoded_nbytes(encoded) == len(encoded[wire.PAYLOAD_KEY]) and wire.encoded_nbytes(state) == 0
 
 
-def test_in_process_tensors_pass_through(gen):
+def test_in_process_tensors_are_copied(gen):
+    """Standalone replies are views of the client's parameters: the receiver must own a copy."""
     state = {"m.lora_A.weight": torch.randn(2, 3, generator=gen)}
-    assert wire.decode_state(state, sender="client 1")["m.lora_A.weight"] is state["m.lora_A.weight"]
+    got = wire.decode_state(state, sender="client 1")["m.lora_A.weight"]
+    assert torch.equal(got, state["m.lora_A.weight"])
+    state["m.lora_A.weight"].zero_()  # the client loads its next projection in place
+    assert got.abs().sum() > 0
 
 
 def test_fs_pickled_tensors_are_refused_and_never_executed(tmp_path):
