@@ -1,7 +1,8 @@
 """Server-side aggregation: client adapters in, one global update out.
 
-:func:`aggregate` validates the clients' adapter state dicts, applies the exclusion policy and
-returns a :class:`GlobalUpdate` for the chosen method:
+:func:`aggregate` validates the clients' adapter state dicts (:mod:`~flexlora_plugin.core.validation`,
+the trust boundary), applies the exclusion policy and returns a :class:`GlobalUpdate` for the
+chosen method, registered with :func:`register_method`:
 
 * ``flexlora`` (:class:`FlexLoRAUpdate`): ``ΔW = Σ_k p_k s_k B_k A_k`` per module, redistributed
   by truncated SVD (Bai et al., "Federated Fine-tuning of Large Language Models under
@@ -17,29 +18,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
-from .adapters import LoRAFactors, lora_scaling, resolve_pattern, split_state, to_compute
+from .adapters import lora_scaling, resolve_pattern, to_compute
 from .errors import (
-    FlexLoRAError,
-    FlexLoRAWarning,
-    MagnitudeError,
     MissingModuleError,
     NonFiniteUpdateError,
     RankError,
-    ShapeMismatchError,
 )
 from .projection import GramBasis, Spectrum, dense_spectrum, redistribute, ritz_spectrum
 from .staging import Stack, device_verdicts, stage
 from .terms import ModuleTerms, StackedTerms, TermList
+from .validation import ClientUpdate, ModuleInfo, Ranks, Scaling, apply_value_checks, client_module_infos, collect_clients
 
 __all__ = [
     "AggregateOptions", "ClientUpdate", "FlexLoRAUpdate", "GlobalUpdate", "Method", "ModuleInfo", "aggregate", "list_methods",
@@ -51,42 +48,7 @@ logger = logging.getLogger(__name__)
 
 Method = str  # a registered method name (list_methods())
 U = TypeVar("U", bound="GlobalUpdate")
-Ranks = Union[int, Mapping[str, int]]
-Scaling = Union[float, Mapping[str, float]]
 ProgressFn = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class ModuleInfo:
-    """What the server knows of one adapted module.
-
-    Attributes
-    ----------
-    name : str
-        Key prefix before ``.lora_A`` / ``.lora_B``.
-    shape : tuple[int, int]
-        ``(d_out, d_in)``.
-    dtype : torch.dtype
-        The adapters' dtype; projections are returned in it.
-    a_key, b_key : str
-        Keys used in the returned state dicts (the input key format).
-    """
-
-    name: str
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    a_key: str
-    b_key: str
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """One validated client: its id, normalised-later weight, factors and per-module scaling."""
-
-    client: Hashable
-    weight: float
-    factors: Mapping[str, LoRAFactors]
-    scalings: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -591,7 +553,7 @@ def aggregate(
         states, weights, lora_alpha=lora_alpha, scalings=scalings, use_rslora=use_rslora,
         expected_ranks=expected_ranks, on_invalid=on_invalid, max_norm=max_norm, check_values=not stacked,
     )  # fmt: skip
-    info = _module_infos(clients, excluded, on_invalid, expected_shapes)
+    info = client_module_infos(clients, excluded, on_invalid, expected_shapes)
     clients = [c for c in clients if c.client not in excluded]
     stacks = None
     if stacked and clients:
@@ -633,201 +595,3 @@ def _staged(
 
 def _total(clients: Sequence[ClientUpdate], module: str) -> float:
     return sum(c.weight for c in clients if module in c.factors)
-
-
-def collect_clients(
-    states: Sequence[Mapping[str, Tensor]] | Mapping[Any, Mapping[str, Tensor]],
-    weights: Sequence[float] | Mapping[Any, float],
-    *,
-    lora_alpha: float | None,
-    scalings: Sequence[Scaling] | Mapping[Any, Scaling] | None,
-    use_rslora: bool,
-    expected_ranks: Sequence[Ranks | None] | Mapping[Any, Ranks | None] | None,
-    on_invalid: Literal["raise", "exclude"],
-    max_norm: float | None = None,
-    check_values: bool = True,
-) -> tuple[list[ClientUpdate], dict[Hashable, str]]:
-    """Validate every client's state dict; return the usable ones and the excluded ids with reasons.
-
-    Weights come back divided by the largest one (the ratios ``p_k`` are unchanged; a sum of
-    weights near 1e308 no longer overflows). ``check_values=False`` leaves the NaN/Inf and
-    magnitude checks to the caller (:func:`apply_value_checks`, after staging on a device).
-    """
-    if on_invalid not in ("raise", "exclude"):
-        raise ValueError(f"on_invalid must be 'raise' or 'exclude', got {on_invalid!r}")
-    ids: list[Hashable] = list(states) if isinstance(states, Mapping) else list(range(len(states)))
-    if not ids:
-        raise ValueError("aggregate() needs at least one client state dict, got none")
-    if lora_alpha is None and scalings is None:
-        raise ValueError("pass lora_alpha (scaling alpha/r per module) or explicit per-client scalings")
-    state_of = _by_client(states, ids, "states")
-    weight_of, scaling_of, expected_of = (
-        _by_client(weights, ids, "weights"),
-        _by_client(scalings, ids, "scalings") if scalings is not None else {},
-        _by_client(expected_ranks, ids, "expected_ranks") if expected_ranks is not None else {},
-    )
-    clients: list[ClientUpdate] = []
-    excluded: dict[Hashable, str] = {}
-    for cid in ids:
-        weight = weight_of[cid]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"client {cid}: weight must be a positive finite number, got {weight!r}")
-        try:
-            factors = split_state(state_of[cid], client=cid)  # type: ignore[arg-type]
-            _check_expected(cid, factors, expected_of.get(cid))
-            scaled = {m: _client_scaling(cid, m, f.r, lora_alpha, scaling_of.get(cid), use_rslora) for m, f in factors.items()}
-        except FlexLoRAError as err:
-            if on_invalid == "raise":
-                raise
-            _exclude(excluded, cid, str(err))
-            continue
-        clients.append(ClientUpdate(client=cid, weight=float(weight), factors=factors, scalings=scaled))
-    if check_values:
-        bad = {c.client: [m for m, f in c.factors.items() if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all())][:1]
-               for c in clients}  # fmt: skip
-        clients = apply_value_checks(clients, excluded, bad, on_invalid, max_norm)
-    return clients, excluded
-
-
-def apply_value_checks(
-    clients: list[ClientUpdate], excluded: dict[Hashable, str], nonfinite: Mapping[Hashable, Sequence[str]],
-    on_invalid: str, max_norm: float | None, norms: Mapping[Hashable, Mapping[str, float]] | None = None,
-) -> list[ClientUpdate]:  # fmt: skip
-    """Apply the value policy, wherever the values were inspected.
-
-    Clients with NaN/Inf are excluded, then those too large to aggregate (or above ``max_norm``);
-    the weights of the rest are divided by the largest one (``p_k`` unchanged, no overflow of ``Σ w``).
-
-    ``nonfinite``: client -> modules with NaN/Inf (first one named). ``norms``: client -> module ->
-    ``s·‖B‖_F·‖A‖_F`` (default: computed here from the host factors).
-    """
-    kept = []
-    for c in clients:
-        bad = [m for m in c.factors if m in set(nonfinite.get(c.client, ()))]
-        if bad:
-            _exclude(excluded, c.client, f"non-finite values (NaN/Inf) in module {bad[0]}")
-        else:
-            kept.append(c)
-    kept = _within_magnitude(kept, excluded, on_invalid, max_norm, norms)
-    top = max((c.weight for c in kept), default=1.0)  # p_k = w_k / Σ w: divide by the largest first, no overflow
-    return [dataclasses.replace(c, weight=c.weight / top) for c in kept]
-
-
-def update_norm_bound(f: LoRAFactors, scaling: float) -> float:
-    """``s · ‖B‖_F · ‖A‖_F`` in float64: an upper bound of ``‖s·B·A‖_F``, computed without forming it.
-
-    Each norm is taken in the factor's dtype (no float64 copy of every client's factors) and only
-    recomputed in float64 when it overflowed; the product is a Python float (float64).
-    """
-    return abs(scaling) * _norm64(f.B) * _norm64(f.A)
-
-
-def _norm64(t: Tensor) -> float:
-    n = float(torch.linalg.vector_norm(t))
-    return n if math.isfinite(n) else float(torch.linalg.vector_norm(t.double()))
-
-
-def _within_magnitude(
-    clients: list[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str, max_norm: float | None,
-    norms_of: Mapping[Hashable, Mapping[str, float]] | None = None,
-) -> list[ClientUpdate]:  # fmt: skip
-    """Leave out a client whose update would overflow the aggregation, or exceeds ``max_norm``, before anything global changes.
-
-    The overflow limit: ``‖ΔW‖_F² `` must stay below the float32 maximum, so every client's
-    ``s·‖B‖·‖A‖`` (float64) must be at most ``√max(float32) / N`` for N clients (≈ 1.8e19 / N).
-    """
-    limit = math.sqrt(torch.finfo(torch.float32).max) / max(1, len(clients))
-    kept = []
-    for c in clients:
-        if norms_of is not None:
-            norms = norms_of[c.client]
-        else:
-            norms = {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()}
-        module, worst = max(norms.items(), key=lambda kv: kv[1])
-        why = None
-        if worst > limit:
-            why = f"update too large to aggregate: module {module} has ‖s·B·A‖ up to {worst:.3g} (limit {limit:.3g})"
-        elif max_norm is not None and worst > max_norm:
-            why = f"update norm {worst:.3g} in module {module} is above the bound {max_norm:.3g}"
-        if why is None:
-            kept.append(c)
-        elif on_invalid == "raise":
-            raise MagnitudeError(f"client {c.client}: {why}")
-        else:
-            _exclude(excluded, c.client, why)
-    return kept
-
-
-def _by_client(values: object, ids: list[Hashable], name: str) -> dict[Hashable, object]:
-    if isinstance(values, Mapping):
-        missing = [cid for cid in ids if cid not in values]
-        if missing:
-            raise ValueError(f"{name} has no entry for clients {missing}")
-        return {cid: values[cid] for cid in ids}
-    seq = list(values)  # type: ignore[call-overload]
-    if len(seq) != len(ids):
-        raise ValueError(f"{name} has {len(seq)} entries for {len(ids)} clients")
-    return dict(zip(ids, seq, strict=True))
-
-
-def _check_expected(cid: Hashable, factors: Mapping[str, LoRAFactors], expected: object) -> None:
-    if expected is None:
-        return
-    for module, f in factors.items():
-        want = expected if isinstance(expected, int) else resolve_pattern(module, expected)  # type: ignore[arg-type]
-        want = min(int(want), min(f.shape)) if want is not None else None
-        if want is not None and f.r != want:
-            raise RankError(f"client {cid}, module {module}: lora_A is {tuple(f.A.shape)}, assigned rank {want}")
-
-
-def _client_scaling(
-    cid: Hashable, module: str, r: int, lora_alpha: float | None, scaling: object, use_rslora: bool
-) -> float:
-    if scaling is None:
-        if lora_alpha is None:
-            raise ValueError(f"client {cid}: no scaling given and no lora_alpha to derive it")
-        return lora_scaling(lora_alpha, r, use_rslora)
-    s = scaling if isinstance(scaling, (int, float)) else resolve_pattern(module, scaling)  # type: ignore[arg-type]
-    if s is None:
-        raise MissingModuleError(f"client {cid}, module {module}: no entry in its scaling map")
-    if not math.isfinite(s) or s <= 0:
-        raise ValueError(f"client {cid}, module {module}: scaling must be positive and finite, got {s!r}")
-    return float(s)
-
-
-def _module_infos(
-    clients: Sequence[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str,
-    expected: Mapping[str, tuple[int, int]] | None = None,
-) -> dict[str, ModuleInfo]:  # fmt: skip
-    """Module shapes, dtypes and keys; a client disagreeing with the expected (or first-seen) shape is invalid."""
-    shapes: dict[str, tuple[int, int]] = {m: (int(a), int(b)) for m, (a, b) in (expected or {}).items()}
-    source = "the server's model" if expected else "other clients"
-    for c in clients:
-        for module, f in c.factors.items():
-            if expected is not None and module not in shapes:
-                msg = f"client {c.client}: module {module} is not adapted in this federation"
-            else:
-                seen = shapes.setdefault(module, f.shape)
-                msg = "" if seen == f.shape else (
-                    f"client {c.client}, module {module}: weight shape {f.shape} (lora_A {tuple(f.A.shape)}, "
-                    f"lora_B {tuple(f.B.shape)}) differs from {seen} of {source}"
-                )  # fmt: skip
-            if msg:
-                if on_invalid == "raise":
-                    raise ShapeMismatchError(msg)
-                _exclude(excluded, c.client, msg)
-                break
-    kept = [c for c in clients if c.client not in excluded]
-    info: dict[str, ModuleInfo] = {}
-    for c in kept:
-        for module, f in c.factors.items():
-            info.setdefault(module, ModuleInfo(module, f.shape, f.A.dtype, f.a_key, f.b_key))
-    partial = [m for m in info if any(m not in c.factors for c in kept)]
-    if partial:
-        logger.info("%d module(s) are held by only some clients; weights renormalised per module: %s", len(partial), partial[:5])
-    return info
-
-
-def _exclude(excluded: dict[Hashable, str], cid: Hashable, reason: str) -> None:
-    excluded[cid] = reason
-    warnings.warn(f"client {cid} excluded from this round: {reason}", FlexLoRAWarning, stacklevel=3)

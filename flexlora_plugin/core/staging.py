@@ -10,7 +10,7 @@ clients of a 1B model against ~0.04 s of GEMMs), so :func:`stage` pipelines it:
 
 :func:`device_verdicts` gives, per client, the first module with a NaN/Inf and the largest
 ``s·‖B‖_F·‖A‖_F``, computed on the device: the same exclusion policy as the CPU path
-(:func:`flexlora_plugin.core.aggregation.collect_clients`) without another pass over host memory.
+(:mod:`flexlora_plugin.core.validation`) without another pass over host memory.
 
 On a CPU device (tests, or ``stack_on_device=True``) the same code runs synchronously, without
 pinned memory or streams.
