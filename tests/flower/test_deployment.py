@@ -36,57 +36,77 @@ POOL_NODES = {"fixed": ["partition-id=0 num-partitions=3 rank=4", "partition-id=
               "pool": ["partition-id=0 num-partitions=4 rank=4", "partition-id='any' num-partitions=4"]}  # fmt: skip
 
 
+class Loopback:
+    """One SuperLink and its SuperNodes on 127.0.0.1, their logs in ``tmp_path``; ended by PID on exit."""
+
+    def __init__(self, tmp_path: Path, connection: str, *, secure: dict[str, Path] | None = None) -> None:
+        self.tmp_path, self.secure = tmp_path, secure
+        self.port = free_port()
+        self.env = flwr_env(tmp_path / "flwr_home", free_port())
+        entry = (f'root-certificates = "{secure["ca.crt"]}"' if secure else "insecure = true")
+        with (tmp_path / "flwr_home" / "config.toml").open("a") as f:
+            f.write(f'\n[superlink.{connection}]\naddress = "127.0.0.1:{self.port}"\n{entry}\n')
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list = []
+
+    def _start(self, cmd: list[str], log_name: str) -> subprocess.Popen:
+        log = (self.tmp_path / log_name).open("w")
+        self.logs.append(log)
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def superlink(self) -> None:
+        tls = (["--ssl-ca-certfile", str(self.secure["ca.crt"]), "--ssl-certfile", str(self.secure["server.pem"]),
+                "--ssl-keyfile", str(self.secure["server.key"]), "--enable-supernode-auth"] if self.secure else ["--insecure"])  # fmt: skip
+        self._start(["flower-superlink", *tls, "--host", "127.0.0.1", "--port", str(self.port),
+                     "--disable-runtime-dependency-installation", "--database", str(self.tmp_path / "state.db")],
+                    "superlink.log")  # fmt: skip
+        wait_port(self.port, 60)
+
+    def supernode(self, k: int, node_config: str, key: Path | None = None) -> subprocess.Popen:
+        tls = (["--root-certificates", str(self.secure["ca.crt"]), "--auth-supernode-private-key", str(key)]
+               if self.secure else ["--insecure"])  # fmt: skip
+        return self._start(["flower-supernode", *tls, "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                            "--node-config", node_config], f"supernode{k}.log")  # fmt: skip
+
+    def __enter__(self) -> Loopback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_pids([p.pid for p in reversed(self.procs) if p.poll() is None])
+        for p in self.procs:
+            p.wait(timeout=15)
+        for log in self.logs:
+            log.close()
+
+
 @pytest.mark.parametrize("layout", sorted(POOL_NODES))
 def test_loopback_deployment(tmp_path, tiny_model, data_path, layout):
-    link_port = free_port()
-    env = flwr_env(tmp_path / "flwr_home", free_port())
-    with (tmp_path / "flwr_home" / "config.toml").open("a") as f:
-        f.write(f'\n[superlink.deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    procs: list[subprocess.Popen] = []
-    logs = []
-    try:
-        log = (tmp_path / "superlink.log").open("w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
-             "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        ))  # fmt: skip
-        wait_port(link_port, 60)
+    with Loopback(tmp_path, "deploy") as net:
+        net.superlink()
         nodes = POOL_NODES[layout]
         for k, node_config in enumerate(nodes):  # per-node rank via --node-config
-            log = (tmp_path / f"supernode{k}.log").open("w")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                 "--node-config", node_config],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            ))  # fmt: skip
+            net.supernode(k, node_config)
         config = {"num-server-rounds": 1, "clients-per-round": 0, "min-nodes": len(nodes), "local-steps": 1, "batch-size": 2,
                   "max-train-examples": 8, "model-path": str(tiny_model), "data-path": str(data_path),
                   "output-dir": str(tmp_path / "out"), "query-timeout": 120.0, "round-timeout": 240.0}  # fmt: skip
         run = subprocess.run(
             ["flwr", "run", str(APP_DIR), "deploy", "--stream", "--run-config", toml_overrides(config)],
-            env=env, capture_output=True, text=True, timeout=360, cwd=APP_DIR,
+            env=net.env, capture_output=True, text=True, timeout=360, cwd=APP_DIR,
         )  # fmt: skip
         (tmp_path / "flwr_run.log").write_text(run.stdout + run.stderr)
         run_id = run.stdout.split("Successfully started run ")[1].split()[0]
-        status = run_status("deploy", run_id, env)
+        status = run_status("deploy", run_id, net.env)
         assert status == "finished:completed", (status, run.stdout[-4000:])
-        metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-        if layout == "fixed":
-            assert metrics["rank-maps"] == {"0": "r4", "1": "r8", "2": "r16"}
-            assert metrics["history"][0]["clients-ok"] == 3
-        else:  # the pool node trained partitions 1..3 at the profile's ranks (drawn by the server, checked by the node)
-            assert sorted(metrics["rank-maps"]) == ["0", "1", "2", "3"] and metrics["rank-maps"]["0"] == "r4"
-            assert metrics["history"][0]["clients-ok"] == 4 and metrics["history"][0]["excluded-partitions"] == []
-        assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
-    finally:
-        stop_pids([p.pid for p in reversed(procs)])
-        for p in procs:
-            p.wait(timeout=15)
-        for log in logs:
-            log.close()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    if layout == "fixed":
+        assert metrics["rank-maps"] == {"0": "r4", "1": "r8", "2": "r16"}
+        assert metrics["history"][0]["clients-ok"] == 3
+    else:  # the pool node trained partitions 1..3 at the profile's ranks (drawn by the server, checked by the node)
+        assert sorted(metrics["rank-maps"]) == ["0", "1", "2", "3"] and metrics["rank-maps"]["0"] == "r4"
+        assert metrics["history"][0]["clients-ok"] == 4 and metrics["history"][0]["excluded-partitions"] == []
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
 
 
 def test_run_deployment_pool_nodes_share_the_partitions(tmp_path, tiny_model, data_path):
@@ -115,39 +135,17 @@ def _cmdline(proc: Path) -> str:
 def test_a_supernode_killed_mid_run_is_reported_as_excluded(tmp_path, tiny_model, data_path):
     """Three SuperNodes on loopback, two rounds; the node of partition 2 is SIGKILLed once round 1
     is logged. The run completes and round 2 lists partition 2 as excluded, with the reason."""
-    link_port = free_port()
-    env = flwr_env(tmp_path / "flwr_home", free_port())
-    with (tmp_path / "flwr_home" / "config.toml").open("a") as f:
-        f.write(f'\n[superlink.deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    procs: list[subprocess.Popen] = []
-    logs = []
-    try:
-        log = (tmp_path / "superlink.log").open("w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
-             "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        ))  # fmt: skip
-        wait_port(link_port, 60)
-        nodes = []
-        for k, node_config in enumerate(POOL_NODES["fixed"]):
-            log = (tmp_path / f"supernode{k}.log").open("w")
-            logs.append(log)
-            nodes.append(subprocess.Popen(
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                 "--node-config", node_config],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            ))  # fmt: skip
-        procs += nodes
+    with Loopback(tmp_path, "deploy") as net:
+        net.superlink()
+        nodes = [net.supernode(k, node_config) for k, node_config in enumerate(POOL_NODES["fixed"])]
         config = {"num-server-rounds": 2, "clients-per-round": 0, "min-nodes": 3, "local-steps": 1, "batch-size": 2,
                   "max-train-examples": 8, "model-path": str(tiny_model), "data-path": str(data_path),
                   "output-dir": str(tmp_path / "out"), "query-timeout": 120.0, "round-timeout": 45.0}  # fmt: skip
         run = subprocess.Popen(
             ["flwr", "run", str(APP_DIR), "deploy", "--stream", "--run-config", toml_overrides(config)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=APP_DIR,
+            env=net.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=APP_DIR,
         )  # fmt: skip
-        procs.append(run)
+        net.procs.append(run)
         watchdog = threading.Timer(360, run.kill)
         watchdog.start()
         lines = []
@@ -162,20 +160,14 @@ def test_a_supernode_killed_mid_run_is_reported_as_excluded(tmp_path, tiny_model
         (tmp_path / "flwr_run.log").write_text(text)
         assert nodes[2].returncode is not None, text[-3000:]  # it was killed
         run_id = text.split("Successfully started run ")[1].split()[0]
-        status = run_status("deploy", run_id, env)
+        status = run_status("deploy", run_id, net.env)
         assert status == "finished:completed", (status, text[-4000:])
-        first, second = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
-        assert first["clients-ok"] == 3 and first["excluded-partitions"] == []
-        assert second["clients-ok"] == 2 and second["excluded-partitions"] == [2]
-        assert "round 2: partition 2 (node" in text
-        # the SuperLink's own error once the node missed two heartbeats, or our report when the round timed out first
-        assert "Node Unavailable" in text or "no reply this round" in text
-    finally:
-        stop_pids([p.pid for p in reversed(procs) if p.poll() is None])
-        for p in procs:
-            p.wait(timeout=15)
-        for log in logs:
-            log.close()
+    first, second = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert first["clients-ok"] == 3 and first["excluded-partitions"] == []
+    assert second["clients-ok"] == 2 and second["excluded-partitions"] == [2]
+    assert "round 2: partition 2 (node" in text
+    # the SuperLink's own error once the node missed two heartbeats, or our report when the round timed out first
+    assert "Node Unavailable" in text or "no reply this round" in text
 
 
 def _tls_and_keys(folder: Path) -> dict[str, Path]:
@@ -204,59 +196,30 @@ def test_tls_and_supernode_auth_on_loopback(tmp_path, tiny_model, data_path):
     if not (shutil.which("openssl") and shutil.which("ssh-keygen")):
         pytest.skip("needs openssl and ssh-keygen to make the test certificates and keys")
     files = _tls_and_keys(tmp_path / "certs")
-    link_port = free_port()
-    env = flwr_env(tmp_path / "flwr_home", free_port())
-    with (tmp_path / "flwr_home" / "config.toml").open("a") as f:
-        f.write(f'\n[superlink.secure]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{files["ca.crt"]}"\n')
-    procs: list[subprocess.Popen] = []
-    logs = []
-    try:
-        log = (tmp_path / "superlink.log").open("w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            ["flower-superlink", "--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile", str(files["server.pem"]),
-             "--ssl-keyfile", str(files["server.key"]), "--enable-supernode-auth", "--host", "127.0.0.1",
-             "--port", str(link_port), "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        ))  # fmt: skip
-        wait_port(link_port, 60)
-        reg = subprocess.run(["flwr", "supernode", "register", str(files["node0.pub"]), "secure"], env=env,
+    with Loopback(tmp_path, "secure", secure=files) as net:
+        net.superlink()
+        reg = subprocess.run(["flwr", "supernode", "register", str(files["node0.pub"]), "secure"], env=net.env,
                              capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
         assert reg.returncode == 0, reg.stdout + reg.stderr
         for k in (0, 1):
-            log = (tmp_path / f"supernode{k}.log").open("w")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                ["flower-supernode", "--root-certificates", str(files["ca.crt"]), "--superlink", f"127.0.0.1:{link_port}",
-                 "--port", str(free_port()), "--node-config", f"partition-id={k} num-partitions=2 rank={4 * (k + 1)}",
-                 "--auth-supernode-private-key", str(files[f"node{k}"])],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            ))  # fmt: skip
+            net.supernode(k, f"partition-id={k} num-partitions=2 rank={4 * (k + 1)}", key=files[f"node{k}"])
         config = {"num-server-rounds": 1, "clients-per-round": 0, "min-nodes": 1, "local-steps": 1, "batch-size": 2,
                   "max-train-examples": 8, "model-path": str(tiny_model), "data-path": str(data_path),
                   "output-dir": str(tmp_path / "out"), "query-timeout": 60.0, "round-timeout": 120.0}  # fmt: skip
         time.sleep(5)  # both nodes have tried to connect; only node 0 may
         run = subprocess.run(
             ["flwr", "run", str(APP_DIR), "secure", "--stream", "--run-config", toml_overrides(config)],
-            env=env, capture_output=True, text=True, timeout=360, cwd=APP_DIR,
+            env=net.env, capture_output=True, text=True, timeout=360, cwd=APP_DIR,
         )  # fmt: skip
         text = run.stdout + run.stderr
         (tmp_path / "flwr_run.log").write_text(text)
         assert "Successfully started run " in text, text[-3000:]
         run_id = text.split("Successfully started run ")[1].split()[0]
-        assert run_status("secure", run_id, env) == "finished:completed", text[-4000:]
-        metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-        assert metrics["rank-maps"] == {"0": "r4"} and metrics["history"][0]["clients-ok"] == 1
-        listed = subprocess.run(["flwr", "supernode", "list", "secure"], env=env, capture_output=True, text=True,
+        assert run_status("secure", run_id, net.env) == "finished:completed", text[-4000:]
+        listed = subprocess.run(["flwr", "supernode", "list", "secure"], env=net.env, capture_output=True, text=True,
                                 timeout=120, cwd=tmp_path)  # fmt: skip
         assert listed.returncode == 0, listed.stdout + listed.stderr
-        for log in logs:
-            log.flush()
-        assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text()
-        assert "Failed to activate SuperNode" in (tmp_path / "supernode1.log").read_text()
-    finally:
-        stop_pids([p.pid for p in reversed(procs) if p.poll() is None])
-        for p in procs:
-            p.wait(timeout=15)
-        for log in logs:
-            log.close()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["rank-maps"] == {"0": "r4"} and metrics["history"][0]["clients-ok"] == 1
+    assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text()
+    assert "Failed to activate SuperNode" in (tmp_path / "supernode1.log").read_text()
