@@ -357,9 +357,13 @@ class FlexLoRAUpdate(GlobalUpdate):
         )  # fmt: skip
 
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The singular triplets (``US``, ``S``, ``Vh``): all of them, or the top ``max_rank``."""
+        """Return the singular triplets (``US``, ``S``, ``Vh``) a server state stores.
+
+        All of them on the factored path (a restored update can rebuild ΔW and export it
+        exactly), the top ``max_rank`` on the dense path.
+        """
         spec = self.spectrum(module, max_rank or min(self.info[module].shape))
-        if max_rank is not None and spec.k > max_rank:  # the cache may hold more than the state asks for
+        if max_rank is not None and spec.k > max_rank and not self.uses_factored_path(module):  # dense: top max_rank only
             spec = Spectrum(US=spec.US[:, :max_rank], S=spec.S[:max_rank], Vh=spec.Vh[:max_rank],
                             total_energy=spec.total_energy, complete=False)  # fmt: skip
         return {"US": spec.US, "S": spec.S, "Vh": spec.Vh}, {"total_energy": spec.total_energy, "complete": spec.complete}
@@ -408,11 +412,7 @@ class FlexLoRAUpdate(GlobalUpdate):
             raise RankError(f"module {module}: restored update holds {held} triplets, rank {k} was requested")
         terms = self._terms[module]
         if self.uses_factored_path(module):
-            spec = terms.factored_spectrum(self.compute_dtype, self.device)
-            if self._max_rank is not None and max(k, self._max_rank) < spec.k:  # keep what was promised, not all R
-                top = max(k, self._max_rank)
-                spec = Spectrum(US=spec.US[:, :top].clone(), S=spec.S[:top].clone(), Vh=spec.Vh[:top].clone(),
-                                total_energy=spec.total_energy, complete=False)  # fmt: skip
+            spec = terms.factored_spectrum(self.compute_dtype, self.device)  # complete: a saved state can rebuild ΔW
         elif module in self._bases:  # a rank above the first decomposition's: one Ritz step on the factors
             spec = ritz_spectrum(self._bases[module], k, terms.matmul, terms.rmatmul)
         else:

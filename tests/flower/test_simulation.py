@@ -131,6 +131,19 @@ def test_round2_factors_are_the_svd_projection_of_round1_delta(mixed_run):
                 assert float((got - proj).norm()) / norm <= 1e-5, (pid, module)
 
 
+def test_the_saved_global_update_is_the_weighted_sum_of_the_last_replies(mixed_run):
+    """Parity with the FederatedScope host's test: the server's global ΔW after round 2 (its saved
+    state) equals a float64 reference from the replies it received, to 1e-6."""
+    from flexlora_plugin.core import load_server_state
+
+    state = load_server_state(mixed_run.output_dir / "server_state.safetensors")
+    assert state.round == 2 and state.update is not None
+    ref = _delta_from_replies(mixed_run.output_dir / "dump", 2)
+    for module, delta in ref.items():
+        got = state.update.delta(module).double()  # complete triplets: stacked rank 28 < min(d_out, d_in)
+        assert float((got - delta).norm() / delta.norm()) <= 1e-6, module
+
+
 def test_metrics_and_final_adapter_load(mixed_run, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
