@@ -363,7 +363,8 @@ class FlexLoRAUpdate(GlobalUpdate):
         exactly), the top ``max_rank`` on the dense path.
         """
         spec = self.spectrum(module, max_rank or min(self.info[module].shape))
-        if max_rank is not None and spec.k > max_rank and not self.uses_factored_path(module):  # dense: top max_rank only
+        dense = module in self._terms and not self.uses_factored_path(module)  # a restored update keeps what it has
+        if max_rank is not None and spec.k > max_rank and dense:
             spec = Spectrum(US=spec.US[:, :max_rank], S=spec.S[:max_rank], Vh=spec.Vh[:max_rank],
                             total_energy=spec.total_energy, complete=False)  # fmt: skip
         return {"US": spec.US, "S": spec.S, "Vh": spec.Vh}, {"total_energy": spec.total_energy, "complete": spec.complete}
