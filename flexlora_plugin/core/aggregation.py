@@ -559,6 +559,8 @@ def aggregate(
     stacks = None
     if stacked and clients:
         clients, stacks = _staged(clients, info, excluded, on_invalid, max_norm, torch.device(device))  # type: ignore[arg-type]
+        info = {m: i for m, i in info.items() if any(m in c.factors for c in clients)}  # as the host path: held modules only
+        stacks = {m: st for m, st in stacks.items() if m in info}
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
     options = AggregateOptions(max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,

@@ -152,6 +152,18 @@ def test_stacked_value_checks_exclude_as_the_host_path_does(gen):
         assert torch.allclose(stacked.delta(m).double(), ref, atol=1e-5 * float(ref.abs().max()))
 
 
+def test_a_module_held_only_by_an_excluded_client_is_dropped_as_on_the_host(gen):
+    states, weights = _states(gen), [1.0, 1.0, 1.0, 1.0]
+    extra = {"l1.k_proj.lora_A.weight": torch.full((2, 8), math.nan), "l1.k_proj.lora_B.weight": torch.ones(8, 2)}
+    states[1] = {**states[1], **extra}  # the only client with l1.k_proj, and it is non-finite
+    with pytest.warns(FlexLoRAWarning):
+        plain = aggregate(states, weights, lora_alpha=16, on_invalid="exclude")
+    with pytest.warns(FlexLoRAWarning):
+        stacked = aggregate(states, weights, lora_alpha=16, on_invalid="exclude", device="cpu", stack_on_device=True)
+    assert plain.modules == stacked.modules == tuple(SHAPES) and plain.excluded == stacked.excluded
+    assert stacked.project(24, lora_alpha=16).keys() == plain.project(24, lora_alpha=16).keys()
+
+
 def test_stacked_value_checks_raise_on_request(gen):
     states, weights = _hostile(gen)
     states[1] = _states(gen)[1]  # only the too-large client is left
