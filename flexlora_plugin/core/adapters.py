@@ -208,8 +208,3 @@ def resolve_pattern(module: str, mapping: Mapping[str, V]) -> V | None:
 def state_nbytes(state: Mapping[str, Tensor]) -> int:
     """Return the payload size of a state dict in bytes (sum of ``numel * element_size``)."""
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def to_compute(t: Tensor, dtype: torch.dtype, device: torch.device | None) -> Tensor:
-    """Return ``t`` in the compute dtype/device without copying when it already is."""
-    return t.to(device=device if device is not None else t.device, dtype=dtype)

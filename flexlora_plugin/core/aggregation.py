@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor
 
-from .adapters import lora_scaling, resolve_pattern, to_compute
+from .adapters import lora_scaling, resolve_pattern
 from .errors import (
     MissingModuleError,
     NonFiniteUpdateError,
@@ -260,9 +260,6 @@ class GlobalUpdate(ABC):
         ``1 - ‖ΔW - s·B·A‖_F² / ‖ΔW‖_F²`` (1.0 where ΔW = 0).
         """
         return {m: self._energy_kept(m, min(self.rank_for(m, ranks), min(self.info[m].shape))) for m in self.modules}
-
-    def _compute(self, t: Tensor) -> Tensor:
-        return to_compute(t, self.compute_dtype, self.device)
 
 
 @register_method("flexlora")
@@ -586,13 +583,11 @@ def _staged(
     clients = apply_value_checks(clients, excluded, nonfinite, on_invalid, max_norm, norms)
     keep = {c.client for c in clients}
     stacks = {m: st.select(keep) for m, st in stacks.items()}
+    views = {m: st.views() for m, st in stacks.items()}  # one pass per module, not one per client and module
     moved = []
     for c in clients:
-        views = {}
-        for m, f in c.factors.items():
-            A, B = stacks[m].factors_of(c.client)
-            views[m] = dataclasses.replace(f, A=A, B=B)
-        moved.append(dataclasses.replace(c, factors=views))
+        factors = {m: dataclasses.replace(f, A=views[m][c.client][0], B=views[m][c.client][1]) for m, f in c.factors.items()}
+        moved.append(dataclasses.replace(c, factors=factors))
     return moved, stacks
 
 

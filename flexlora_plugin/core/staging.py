@@ -55,11 +55,10 @@ class Stack:
             off += r
         return out
 
-    def factors_of(self, client: Hashable) -> tuple[Tensor, Tensor]:
-        """Client ``client``'s ``(A : (r, d_in), B : (d_out, r))``: views, no copy."""
-        j = self.clients.index(client)
-        off, r = self.offsets()[j], self.ranks[j]
-        return self.A_cat[off : off + r], self.B_cat[:, off : off + r]
+    def views(self) -> dict[Hashable, tuple[Tensor, Tensor]]:
+        """Every client's ``(A : (r, d_in), B : (d_out, r))``: views into the stack, no copy."""
+        spans = zip(self.clients, self.offsets(), self.ranks, strict=True)
+        return {c: (self.A_cat[off : off + r], self.B_cat[:, off : off + r]) for c, off, r in spans}
 
     def select(self, keep: set[Hashable]) -> Stack:
         """The stack without the clients not in ``keep`` (a copy only when one is dropped)."""

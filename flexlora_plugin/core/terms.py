@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .projection import Spectrum, stacked_spectrum
+from .projection import Spectrum, factored_spectrum, stacked_spectrum
 
 __all__ = ["ModuleTerms", "StackedTerms", "TermList"]
 
@@ -90,9 +90,9 @@ class TermList(ModuleTerms):
         return out
 
     def factored_spectrum(self, dtype: torch.dtype, device: torch.device | None) -> Spectrum:
-        B_cat = torch.cat([c * B.to(device=device, dtype=dtype) for c, B, _ in self.items], dim=1)
-        A_cat = torch.cat([A.to(device=device, dtype=dtype) for _, _, A in self.items], dim=0)
-        return stacked_spectrum(B_cat, A_cat)
+        Bs = [B.to(device=device, dtype=dtype) for _, B, _ in self.items]
+        As = [A.to(device=device, dtype=dtype) for _, _, A in self.items]
+        return factored_spectrum(Bs, As, [c for c, _, _ in self.items])
 
 
 @dataclass

@@ -122,7 +122,7 @@ def test_stage_keeps_client_order_and_mixed_dtypes(gen):
     st = stacks["m"]
     assert st.clients == ("x", "y") and st.ranks == (2, 3)
     assert st.A_cat.dtype == torch.float32 and st.A_cat.shape == (5, 5) and st.B_cat.shape == (7, 5)
-    assert torch.equal(st.factors_of("y")[0], A2.float()) and torch.equal(st.factors_of("y")[1], B2.float())
+    assert torch.equal(st.views()["y"][0], A2.float()) and torch.equal(st.views()["y"][1], B2.float())
     assert torch.equal(st.select({"y"}).B_cat, B2.float())
 
 
