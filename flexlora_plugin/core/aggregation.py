@@ -33,7 +33,7 @@ from .errors import (
     NonFiniteUpdateError,
     RankError,
 )
-from .projection import GramBasis, Spectrum, dense_spectrum, redistribute, ritz_spectrum
+from .projection import GramBasis, Spectrum, dense_spectrum, gram_basis, gram_path, redistribute, ritz_spectrum
 from .staging import Stack, device_verdicts, stage
 from .terms import ModuleTerms, StackedTerms, TermList
 from .validation import ClientUpdate, ModuleInfo, Ranks, Scaling, apply_value_checks, client_module_infos, collect_clients
@@ -413,17 +413,31 @@ class FlexLoRAUpdate(GlobalUpdate):
             spec = terms.factored_spectrum(self.compute_dtype, self.device)  # complete: a saved state can rebuild ΔW
         elif module in self._bases:  # a rank above the first decomposition's: one Ritz step on the factors
             spec = ritz_spectrum(self._bases[module], k, terms.matmul, terms.rmatmul)
-        else:
-            target = max(k, self._max_rank if self._max_rank is not None else max(terms.ranks))
-            spec, basis = dense_spectrum(self.delta(module), min(target, min(info.shape)), keep_basis=True)  # type: ignore[misc]
-            if basis is not None and self._max_rank is None and not spec.complete:
+        elif self._max_rank is None:  # keep the whole Gram eigenbasis for later, larger ranks
+            target = min(max(k, max(terms.ranks)), min(info.shape))
+            spec, basis = dense_spectrum(self.delta(module), target, keep_basis=True)  # type: ignore[misc]
+            if basis is not None and not spec.complete:
                 self._bases[module] = basis
+        elif self._low_memory(module, max(k, self._max_rank)):  # no ΔW: Gram from slabs, top-k eigenvectors
+            target = max(k, self._max_rank)
+            basis = gram_basis(terms.gram(self.compute_dtype, self.device), target)
+            spec = ritz_spectrum(basis, target, terms.matmul, terms.rmatmul)
+        else:
+            spec = dense_spectrum(self.delta(module), min(max(k, self._max_rank), min(info.shape)))  # type: ignore[assignment]
         if cached is not None:
             logger.debug("module %s: spectrum extended from %d to %d triplets", module, cached.k, spec.k)
         self._spectra[module] = spec
         if self._progress is not None:
             self._progress(len(self._spectra), len(self.modules), module)
         return spec
+
+    def _low_memory(self, module: str, k: int) -> bool:
+        """Whether ``module``'s top ``k`` triplets come from slabs and the factors, with no dense ΔW.
+
+        On the CPU (the clients' own factors, :class:`TermList`) when ``k`` is small enough for the
+        Gram path. A CUDA device stacks the factors and forms ΔW in one GEMM instead.
+        """
+        return isinstance(self._terms[module], TermList) and gram_path(k, self.info[module].shape)
 
     def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         A, B = redistribute(self.spectrum(module, r), r, scaling, module=module, seed=self.seed, dtype=dtype)

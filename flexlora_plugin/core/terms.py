@@ -10,9 +10,10 @@ Two layouts, one interface (:class:`ModuleTerms`):
   on the device with the coefficients ``c : (R,)`` (``c_j`` repeated ``r_j`` times), so ΔW is one
   GEMM ``B_cat @ (c ⊙ A_cat)``.
 
-``matmul(X) = ΔW X`` and ``rmatmul(Y) = ΔWᵀ Y`` never form ΔW: ``Σ_j c_j B_j (A_j X)``. They serve
-:func:`~flexlora_plugin.core.projection.ritz_spectrum` when a rank above the first decomposition
-is requested later.
+``matmul(X) = ΔW X`` and ``rmatmul(Y) = ΔWᵀ Y`` never form ΔW: ``Σ_j c_j B_j (A_j X)``. With
+``gram()`` (on a :class:`TermList`, built block by block from the factors) they let
+:func:`~flexlora_plugin.core.projection.ritz_spectrum` extract the top triplets of a dense-path
+module without any ``d_out × d_in`` matrix, and serve a rank above the first decomposition later.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .projection import Spectrum, factored_spectrum, stacked_spectrum
+from .projection import Gram, Spectrum, factored_spectrum, gram_of, stacked_spectrum
 
 __all__ = ["ModuleTerms", "StackedTerms", "TermList"]
 
@@ -46,6 +47,10 @@ class ModuleTerms(ABC):
     @abstractmethod
     def delta(self, dtype: torch.dtype, device: torch.device | None) -> Tensor:
         """Dense ``ΔW : (d_out, d_in)``."""
+
+    @abstractmethod
+    def gram(self, dtype: torch.dtype, device: torch.device | None) -> Gram:
+        """The Gram matrix of the smaller side of ΔW, and ``‖ΔW‖_F²``."""
 
     @abstractmethod
     def matmul(self, X: Tensor) -> Tensor:
@@ -76,6 +81,33 @@ class TermList(ModuleTerms):
         for c, B, A in self.items:
             out.addmm_(B.to(device=out.device, dtype=dtype), A.to(device=out.device, dtype=dtype), alpha=c)
         return out
+
+    def gram(self, dtype: torch.dtype, device: torch.device | None, block_bytes: int = 4 << 20) -> Gram:
+        """``ΔW ΔWᵀ`` or ``ΔWᵀ ΔW`` from slabs of ΔW, never ΔW itself.
+
+        The slabs run along the larger side: ``ΔW[:, J] = Σ_j c_j B_j A_j[:, J]`` (wide) or
+        ``ΔW[I, :] = Σ_j c_j B_j[I, :] A_j`` (tall), each ``n × b`` with ``n = min(d_out, d_in)``
+        and at most ``block_bytes``; the FLOPs are those of ΔW and its Gram, the memory is the
+        ``n × n`` Gram plus one slab. ``‖ΔW‖_F²`` is the trace of the Gram, summed in float64
+        (a float64 norm per slab would allocate a float64 copy of it each time).
+        """
+        d_out, d_in = self.shape
+        wide = d_out <= d_in
+        n, m = (d_out, d_in) if wide else (d_in, d_out)
+        b = max(1, min(m, block_bytes // (n * torch.empty((), dtype=dtype).element_size())))
+        G = torch.zeros(n, n, dtype=dtype, device=device)
+        slab = torch.empty(n, b, dtype=dtype, device=device)  # wide: ΔW[:, J]; tall: ΔW[I, :]ᵀ
+        for lo in range(0, m, b):
+            cur = slab[:, : min(b, m - lo)]
+            cur.zero_()
+            for c, B, A in self.items:
+                if wide:
+                    cur.addmm_(B.to(device=G.device, dtype=dtype), A[:, lo : lo + b].to(device=G.device, dtype=dtype), alpha=c)
+                else:
+                    cur.addmm_(A.T.to(device=G.device, dtype=dtype), B[lo : lo + b].T.to(device=G.device, dtype=dtype), alpha=c)
+            G.addmm_(cur, cur.T)
+        total = float(G.diagonal().sum(dtype=torch.float64))
+        return Gram(matrix=G, wide=wide, shape=self.shape, total_energy=total)
 
     def matmul(self, X: Tensor) -> Tensor:
         out = X.new_zeros(self.shape[0], X.shape[1])
@@ -124,6 +156,10 @@ class StackedTerms(ModuleTerms):
 
     def delta(self, dtype: torch.dtype, device: torch.device | None) -> Tensor:
         return (self.B_cat.to(dtype) @ self._scaled_A(dtype)).to(device or self.B_cat.device)
+
+    def gram(self, dtype: torch.dtype, device: torch.device | None) -> Gram:
+        """From the dense ΔW: on the device one GEMM is faster than slabs, and memory is not the limit."""
+        return gram_of(self.delta(dtype, device))
 
     def matmul(self, X: Tensor) -> Tensor:
         dev = X.to(device=self.A_cat.device)

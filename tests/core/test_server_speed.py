@@ -13,6 +13,7 @@ import torch
 from flexlora_plugin.core import aggregate
 from flexlora_plugin.core import aggregation as agg_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning, MagnitudeError
+from flexlora_plugin.core.projection import Gram, gram_basis
 from flexlora_plugin.core.staging import stage
 from flexlora_plugin.core.terms import TermList
 from tests.conftest import best_rank_error, make_client, ref_delta
@@ -34,23 +35,35 @@ def _gap(proj, states, weights, module, r):
 
 
 class _Counter:
-    """Counts ΔW accumulations (TermList.delta) and decompositions (dense_spectrum) per module."""
+    """Counts, per module shape, ΔW formations (TermList.delta, or its Gram from slabs: TermList.gram)
+    and decompositions (dense_spectrum, or gram_basis called by the update)."""
 
     def __init__(self, monkeypatch):
         self.deltas: dict[tuple[int, ...], int] = {}
+        self.slab_grams: dict[tuple[int, ...], int] = {}
         self.decompositions = 0
-        real_delta, real_dense = TermList.delta, agg_mod.dense_spectrum
+        real_delta, real_gram = TermList.delta, TermList.gram
+        real_dense, real_basis = agg_mod.dense_spectrum, agg_mod.gram_basis
 
         def delta(terms, dtype, device):
             self.deltas[terms.shape] = self.deltas.get(terms.shape, 0) + 1
             return real_delta(terms, dtype, device)
 
-        def dense(*args, **kwargs):
-            self.decompositions += 1
-            return real_dense(*args, **kwargs)
+        def gram(terms, dtype, device):
+            self.slab_grams[terms.shape] = self.slab_grams.get(terms.shape, 0) + 1
+            return real_gram(terms, dtype, device)
+
+        def decomposition(real):
+            def counted(*args, **kwargs):
+                self.decompositions += 1
+                return real(*args, **kwargs)
+
+            return counted
 
         monkeypatch.setattr(TermList, "delta", delta)
-        monkeypatch.setattr(agg_mod, "dense_spectrum", dense)
+        monkeypatch.setattr(TermList, "gram", gram)
+        monkeypatch.setattr(agg_mod, "dense_spectrum", decomposition(real_dense))
+        monkeypatch.setattr(agg_mod, "gram_basis", decomposition(real_basis))
 
 
 @pytest.mark.parametrize("order", [(8, 12, 24), (24, 12, 8), (12, 24, 8)])
@@ -87,6 +100,49 @@ def test_max_rank_keeps_no_basis_and_recomputes_beyond_it(gen, monkeypatch):
     assert count.decompositions == 2 * len(SHAPES)
     for m in SHAPES:
         assert _gap(proj, states, weights, m, 20) <= 1e-5, m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_rank_on_the_cpu_never_forms_a_dense_delta(gen, monkeypatch, dtype):
+    states, weights = _states(gen, dtype), [3.0, 1.0, 2.0, 5.0]
+    count = _Counter(monkeypatch)
+    update = aggregate(states, weights, lora_alpha=16, max_rank=24)  # 24 < 0.4 · 64: the Gram path
+    for r in (8, 12, 24):
+        proj = update.project(r, lora_alpha=16)
+        for m in SHAPES:
+            assert _gap(proj, states, weights, m, r) <= (1e-5 if dtype == torch.float32 else 1e-2), (m, r)
+    assert count.deltas == {} and set(count.slab_grams.values()) == {1}
+    assert count.decompositions == len(SHAPES)
+    for m in SHAPES:
+        ref = torch.linalg.svdvals(ref_delta(states, weights, m, [16.0] * 4))[:24]
+        assert torch.allclose(update.spectrum(m, 24).S.double(), ref, rtol=1e-4 if dtype == torch.float32 else 1e-2), m
+        total = float(ref_delta(states, weights, m, [16.0] * 4).square().sum())
+        assert update.spectrum(m, 24).total_energy == pytest.approx(total, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 64), (64, 96)])
+@pytest.mark.parametrize("block_bytes", [4 << 20, 4 * 64 * 7])  # one slab; slabs of 7 (the last one shorter)
+def test_gram_from_slabs_matches_the_dense_gram(gen, shape, block_bytes):
+    d_out, d_in = shape
+    items = [(c, torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen)) for c, r in ((0.5, 20), (-1.5, 30), (2.0, 25))]
+    gram = TermList(items, shape).gram(torch.float32, None, block_bytes=block_bytes)
+    dense = sum(c * B.double() @ A.double() for c, B, A in items)
+    ref = dense @ dense.T if d_out <= d_in else dense.T @ dense
+    assert gram.wide == (d_out <= d_in) and gram.matrix.shape == ref.shape
+    assert torch.allclose(gram.matrix.double(), ref, atol=1e-5 * float(ref.abs().max()))
+    assert gram.total_energy == pytest.approx(float(dense.square().sum()), rel=1e-6)
+
+
+def test_top_k_eigenvectors_match_the_full_decomposition(gen):
+    X = torch.randn(80, 300, generator=gen, dtype=torch.float64)
+    G = X @ X.T
+    vals, vecs = torch.linalg.eigh(G)
+    gram = Gram(matrix=G.clone(), wide=True, shape=(80, 300), total_energy=float(X.square().sum()))
+    basis = gram_basis(gram, 7)
+    assert basis.vecs.shape == (80, 7)
+    # the same leading-first directions, up to sign
+    assert torch.allclose((basis.vecs.T @ vecs.flip(1)[:, :7]).abs().diagonal(), torch.ones(7, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(basis.vecs.T @ basis.vecs, torch.eye(7, dtype=torch.float64), atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
