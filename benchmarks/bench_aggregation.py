@@ -291,10 +291,15 @@ def reset_peak() -> None:
         fh.write("5")  # resets VmHWM to the current VmRSS
 
 
-def warm_up_libraries(device: str = "cpu") -> None:
+def warm_up_libraries(device: str = "cpu", core: bool = False) -> None:
     """Touch every BLAS/LAPACK routine once on tiny inputs, so their code pages (and on CUDA the
-    context, cuBLAS and cuSOLVER handles) are in the baseline."""
+    context, cuBLAS and cuSOLVER handles) are in the baseline. With ``core``, also the core's own
+    top-k eigensolver (scipy's LAPACK ``syevr``: its import and its BLAS's thread buffers)."""
     x = torch.randn(64, 48, device=device)
+    if core:
+        from flexlora_plugin.core.projection import gram_basis, gram_of
+
+        gram_basis(gram_of(x.cpu()), 4)
     torch.zeros(64, 48, device=device).addmm_(x[:, :8], x[:8], alpha=0.5)
     torch.linalg.svd(x, full_matrices=False)
     torch.linalg.svd(x.T, full_matrices=False)
@@ -349,7 +354,7 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
     t_gen = time.perf_counter()
     states, weights, rank_maps = make_federation(setting)
     t_gen = time.perf_counter() - t_gen
-    warm_up_libraries(device)
+    warm_up_libraries(device, core=variant.startswith("ours"))
     pinned = [t.pin_memory() for s in states for t in s.values()] if variant == "transfer" else None
     gc.collect()
     if device != "cpu":

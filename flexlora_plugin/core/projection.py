@@ -25,6 +25,7 @@ Dtype policy: compute in float32 (float64 on request), return in the adapter's d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 from collections.abc import Callable
@@ -53,7 +54,7 @@ class Spectrum:
     Attributes
     ----------
     US : Tensor, shape (d_out, k)
-        ``U_k · diag(S_k)``.
+        ``U_k · diag(S_k) / us_scale``. Read it through :meth:`us` and :meth:`b_factor`.
     S : Tensor, shape (k,)
         Singular values, descending.
     Vh : Tensor, shape (k, d_in)
@@ -62,6 +63,9 @@ class Spectrum:
         ``‖ΔW‖_F² = Σ_i σ_i²`` over the *whole* spectrum, for the energy-kept ratio.
     complete : bool
         True when ``k`` covers every non-zero singular value, so any rank can be served.
+    us_scale : float
+        1, or the scaling ``s`` of a receiver whose ``B = U_k S_k / s`` this spectrum shares
+        (:meth:`sharing`), so that a server keeps one ``d_out × k`` matrix per module, not two.
     """
 
     US: Tensor
@@ -69,6 +73,26 @@ class Spectrum:
     Vh: Tensor
     total_energy: float
     complete: bool
+    us_scale: float = 1.0
+
+    def us(self, r: int | None = None) -> Tensor:
+        """``U_r · diag(S_r)`` (all ``k`` columns with ``r`` None); a new tensor when ``us_scale ≠ 1``."""
+        cols = self.US if r is None else self.US[:, :r]
+        return cols if self.us_scale == 1.0 else cols * self.us_scale
+
+    def b_factor(self, r: int, scaling: float) -> Tensor:
+        """``B = U_r S_r / scaling : (d_out, r)``; the stored tensor itself when it is that already."""
+        if r == self.k and scaling == self.us_scale:
+            return self.US
+        if self.us_scale == 1.0:
+            return self.US[:, :r] / scaling
+        return self.US[:, :r] * (self.us_scale / scaling)
+
+    def sharing(self, B: Tensor, scaling: float) -> Spectrum:
+        """A copy holding ``B = b_factor(k, scaling)`` in place of its own ``US``, which is then freed."""
+        if tuple(B.shape) != tuple(self.US.shape) or B.dtype != self.US.dtype or B.device != self.US.device:
+            raise ValueError(f"B {tuple(B.shape)} {B.dtype} cannot stand for US {tuple(self.US.shape)} {self.US.dtype}")
+        return dataclasses.replace(self, US=B, us_scale=float(scaling))
 
     @property
     def k(self) -> int:
@@ -297,7 +321,8 @@ def redistribute(
     A : Tensor, shape (r, d_in)
         A view of the spectrum's ``Vh`` when no completion row is needed: read-only by contract.
     B : Tensor, shape (d_out, r)
-        With ``s · B @ A`` equal to the best rank-``r`` approximation of ΔW.
+        With ``s · B @ A`` equal to the best rank-``r`` approximation of ΔW; the spectrum's own
+        storage when it shares this ``B`` (:meth:`Spectrum.sharing`): read-only by contract.
 
     Notes
     -----
@@ -312,11 +337,12 @@ def redistribute(
     if kept < r and not spectrum.complete and kept == spectrum.k:
         raise RankError(f"module {module}: spectrum holds {spectrum.k} triplets, rank {r} was requested")
     out_dtype = dtype or spectrum.US.dtype
-    B = torch.zeros(d_out, r, dtype=spectrum.US.dtype, device=spectrum.US.device)
-    B[:, :kept] = spectrum.US[:, :kept] / scaling
     if kept == r:
         A = spectrum.Vh[:r]  # a row slice: contiguous, shares the spectrum's storage (no copy)
+        B = spectrum.b_factor(r, scaling)
     else:
+        B = torch.zeros(d_out, r, dtype=spectrum.US.dtype, device=spectrum.US.device)
+        B[:, :kept] = spectrum.b_factor(kept, scaling)
         A = torch.empty(r, d_in, dtype=spectrum.Vh.dtype, device=spectrum.Vh.device)
         A[:kept] = spectrum.Vh[:kept]
         A[kept:] = _completion_rows(spectrum.Vh[:kept], r - kept, d_in, seed=_seed(seed, module, r))

@@ -82,7 +82,7 @@ class TermList(ModuleTerms):
             out.addmm_(B.to(device=out.device, dtype=dtype), A.to(device=out.device, dtype=dtype), alpha=c)
         return out
 
-    def gram(self, dtype: torch.dtype, device: torch.device | None, block_bytes: int = 4 << 20) -> Gram:
+    def gram(self, dtype: torch.dtype, device: torch.device | None, block_bytes: int = 1 << 20) -> Gram:
         """``ΔW ΔWᵀ`` or ``ΔWᵀ ΔW`` from slabs of ΔW, never ΔW itself.
 
         The slabs run along the larger side: ``ΔW[:, J] = Σ_j c_j B_j A_j[:, J]`` (wide) or

@@ -243,3 +243,27 @@ def test_cuda_pipeline_matches_the_cpu(gen):
         for m in SHAPES:
             assert _gap(proj, kept, [1.0, 1.0], m, r) <= 1e-5, (m, r)
 
+
+def test_the_top_rank_factor_b_is_the_cached_spectrum_and_survives_a_restore(gen, tmp_path):
+    """Projecting at the spectrum's full width hands out B = U S / s and the cache keeps that B instead
+    of a second d_out x k matrix; other ranks, a saved state and its restore still give the same factors."""
+    from flexlora_plugin.core import load_server_state, save_server_state
+
+    states, weights = _states(gen), [3.0, 1.0, 2.0, 5.0]
+    update = aggregate(states, weights, lora_alpha=16, max_rank=24)
+    small_before = update.project(8, lora_alpha=16)
+    top = update.project(24, lora_alpha=16)
+    for m in SHAPES:
+        spec = update._spectra[m]
+        assert spec.us_scale == 16 / 24 and spec.US is top[f"{m}.lora_B.weight"]  # one tensor, not two
+        assert _gap(top, states, weights, m, 24) <= 1e-5, m
+    update._projections.clear()  # served again from the shared spectrum: a rescaled copy of B
+    for key, value in update.project(8, lora_alpha=16).items():
+        assert torch.allclose(value, small_before[key], rtol=1e-6, atol=0), key
+    restored = load_server_state(save_server_state(tmp_path / "s.safetensors", update, round=1, max_rank=24)).update
+    for r in (8, 24):
+        again, live = restored.project(r, lora_alpha=16), update.project(r, lora_alpha=16)
+        for key in live:
+            assert torch.allclose(again[key], live[key], rtol=1e-6, atol=1e-7), (r, key)
+        for m in SHAPES:
+            assert _gap(again, states, weights, m, r) <= 1e-5, (m, r)
