@@ -248,9 +248,11 @@ def gram_basis(gram: Gram, k: int | None = None) -> GramBasis:
     if k is not None and k < n and G.device.type == "cpu":
         from scipy.linalg import eigh  # a dependency; imported here so a GPU-only server never loads it
 
-        # G is symmetric, so its transpose is a Fortran-ordered view of the same memory: no copy.
-        _, vecs = eigh(G.numpy().T, subset_by_index=[n - k, n - 1], driver="evr", overwrite_a=True, check_finite=False)
-        lead = torch.from_numpy(vecs[:, ::-1].copy())  # ascending -> leading first
+        # G is symmetric, so its transpose is a Fortran-ordered view of the same memory: no copy. The
+        # k smallest eigenpairs of -G, ascending, are G's k leading ones, leading first: no reversed copy.
+        G.neg_()
+        _, vecs = eigh(G.numpy().T, subset_by_index=[0, k - 1], driver="evr", overwrite_a=True, check_finite=False)
+        lead = torch.from_numpy(vecs)  # (n, k), column-major
     else:
         _, all_vecs = torch.linalg.eigh(G)
         lead = all_vecs.flip(1) if k is None or k >= n else all_vecs[:, n - k :].flip(1)
