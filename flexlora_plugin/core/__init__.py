@@ -5,7 +5,7 @@ Public API: :func:`aggregate` -> :class:`GlobalUpdate` (``modules``, ``delta``, 
 server-state checkpoints; :class:`FlexLoRAConfig`. Definitions and math: ``docs/api.md``.
 """
 
-from .adapters import LORA_A, LORA_B, LoRAFactors, lora_scaling, resolve_pattern, split_state, state_nbytes
+from .adapters import LORA_A, LORA_B, WIRE_DTYPES, LoRAFactors, lora_scaling, resolve_pattern, split_state, state_nbytes, to_wire
 from .aggregation import (
     ClientUpdate,
     FlexLoRAUpdate,
@@ -58,6 +58,7 @@ from .start import InitialUpdate, common_lora_A, initial_update, module_infos, m
 __all__ = [
     "LORA_A",
     "LORA_B",
+    "WIRE_DTYPES",
     "METHODS",
     "ClientUpdate",
     "Distribution",
@@ -116,6 +117,7 @@ __all__ = [
     "save_server_state",
     "split_state",
     "state_nbytes",
+    "to_wire",
 ]
 
 METHODS = tuple(list_methods())  # the built-in methods, registered above (list_methods() also has user ones)

@@ -33,6 +33,8 @@ __all__ = [
     "resolve_pattern",
     "split_state",
     "state_nbytes",
+    "to_wire",
+    "WIRE_DTYPES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -208,3 +210,25 @@ def resolve_pattern(module: str, mapping: Mapping[str, V]) -> V | None:
 def state_nbytes(state: Mapping[str, Tensor]) -> int:
     """Return the payload size of a state dict in bytes (sum of ``numel * element_size``)."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+#: ``wire_dtype`` setting -> the dtype factors travel in, both ways (None: each tensor's own dtype).
+WIRE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def to_wire(state: Mapping[str, Tensor], wire_dtype: str) -> dict[str, Tensor]:
+    """``state`` as it is sent: every tensor cast to the wire dtype (``"auto"``: unchanged, not copied).
+
+    ``"bfloat16"`` halves the bytes of float32 factors at a relative rounding error of at most
+    ``2⁻⁸`` per entry; the receiver computes in its own dtype (the server aggregates in its
+    ``compute_dtype``, a client loads into its adapter's dtype).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``wire_dtype``, naming the accepted ones.
+    """
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+    dtype = WIRE_DTYPES[wire_dtype]
+    return dict(state) if dtype is None else {k: v.to(dtype) for k, v in state.items()}

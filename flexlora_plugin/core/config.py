@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from .adapters import WIRE_DTYPES
 from .aggregation import list_methods
 from .errors import ProfileError
 from .profiles import (
@@ -116,6 +117,11 @@ class FlexLoRAConfig:
     compute_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"help": "Aggregation precision; adapters are returned in their own dtype."}
     )
+    wire_dtype: str = field(
+        default="auto",
+        metadata={"help": "Dtype of the factors on the wire, both ways: 'auto' (each adapter's own), 'float32' or "
+                          "'bfloat16' (half the bytes of float32; the server still computes in compute_dtype)."},
+    )  # fmt: skip
     drop_after_failures: int = field(
         default=0,
         metadata={"help": "Stop sampling a client once it was excluded this many rounds in a row (0: never). "
@@ -129,6 +135,8 @@ class FlexLoRAConfig:
             raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {self.hetlora_weighting!r}")
         if self.compute_dtype not in ("float32", "float64"):
             raise ValueError(f"compute_dtype must be 'float32' or 'float64', got {self.compute_dtype!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.max_update_norm is not None and not (
             isinstance(self.max_update_norm, (int, float)) and not isinstance(self.max_update_norm, bool)
             and math.isfinite(self.max_update_norm) and self.max_update_norm > 0

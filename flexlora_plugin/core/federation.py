@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .adapters import state_nbytes
+from .adapters import WIRE_DTYPES, state_nbytes
 from .aggregation import GlobalUpdate, ModuleInfo, aggregate
 from .checkpoint import load_server_state, save_server_state
 from .config import FlexLoRAConfig
@@ -229,10 +229,12 @@ class Federation:
     def factors_for(self, client: Hashable) -> dict[str, Tensor]:
         """``client``'s factors: :attr:`current` projected at its ranks, ``s·B·A`` the best rank-r approximation.
 
-        Returns a private copy (``A: (r, d_in)``, ``B: (d_out, r)`` per module), safe to hand to a transport.
+        Returns a private copy (``A: (r, d_in)``, ``B: (d_out, r)`` per module) in the config's
+        ``wire_dtype`` (``auto``: the adapters' own), safe to hand to a transport.
         """
         cfg = self.config
-        projected = self.current.project(self.rank_maps[client], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+        wire = WIRE_DTYPES[cfg.wire_dtype]
+        projected = self.current.project(self.rank_maps[client], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=wire)
         return {k: v.clone() for k, v in projected.items()}
 
     def energy_kept(self, client: Hashable) -> dict[str, float]:

@@ -71,6 +71,10 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "hetlora_max_rank": (0, "hetlora: padded global rank; 0 = the largest rank any client is assigned."),
     "hetlora_weighting": ("data", "hetlora: client weights, 'data' (sample counts) or 'norm' (||s_k B_k A_k||_F)."),
     "compute_dtype": ("float32", "Aggregation precision, 'float32' or 'float64'; adapters keep their own dtype."),
+    "wire_dtype": (
+        "auto",
+        "Dtype of the factors server <-> clients: 'auto' (the adapters' own), 'float32' or 'bfloat16' (half the bytes).",
+    ),
     "restore_from": ("", "Server state (written through federate.save_to) to resume from; the run continues at its round."),
     "save_adapter": ("", "Folder to write the final global update to as a peft adapter ('' = none)."),
     "max_examples": (-1, "Natural Instructions loader: keep at most this many examples per client and split (-1 = all)."),
@@ -201,6 +205,7 @@ def to_core_config(
         hetlora_max_rank=max_rank if max_rank > 0 else None,
         hetlora_weighting=flex["hetlora_weighting"],
         compute_dtype=flex["compute_dtype"],
+        wire_dtype=str(flex["wire_dtype"]),
     )
 
 

@@ -21,10 +21,11 @@ from typing import Any
 from federatedscope.llm.trainer.trainer import LLMTrainer
 from torch import Tensor, nn
 
-from ..core import RankError, split_state
+from ..core import RankError, split_state, to_wire
 from ..core.client import proximal_term
 from ..core.export import PEFT_PREFIX
 from ..core.peft_io import check_received, lora_config_for
+from .config import cfg_value
 from .wire import decode_state, encode_state
 
 __all__ = ["FlexLoRATrainer", "TrainableProximal", "hook_del_trainable_init", "hook_record_trainable_init"]
@@ -118,8 +119,8 @@ class FlexLoRATrainer(LLMTrainer):
         super().update(received, strict=strict)
 
     def get_model_para(self) -> Any:
-        """The adapter's factors; in distributed mode as one safetensors string (FS would pickle tensors)."""
-        para = super().get_model_para()
+        """The adapter's factors in ``flexlora.wire_dtype``; distributed: one safetensors string (FS would pickle tensors)."""
+        para = to_wire(super().get_model_para(), str(cfg_value(self.cfg.flexlora.wire_dtype)))
         return encode_state(para) if self.cfg.federate.mode == "distributed" else para
 
     def use_trainable_prox(self) -> None:

@@ -94,6 +94,7 @@ class Settings:
     proximal_mu: float = 0.0
     export_rank: int = 0
     drop_after_failures: int = 0
+    wire_dtype: str = "auto"
 
     @classmethod
     def from_context(cls, run_config: Mapping[str, Any], run_id: int) -> Settings:
@@ -133,7 +134,7 @@ class Settings:
             eval_batch_size=int(rc.get("eval-batch-size", 8)), device=str(rc.get("device", "cpu")),
             dtype=str(rc.get("dtype", "float32")), gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
             proximal_mu=float(rc.get("proximal-mu", 0.0)), export_rank=int(rc.get("export-rank", 0)),
-            drop_after_failures=int(rc.get("drop-after-failures", 0)),
+            drop_after_failures=int(rc.get("drop-after-failures", 0)), wire_dtype=str(rc.get("wire-dtype", "auto")),
         )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -196,7 +197,7 @@ class Settings:
                 method=self.strategy,  # type: ignore[arg-type]
                 profile="homo" if table is not None else self.profile,
                 rank_table=table, seed=self.seed, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
-                drop_after_failures=self.drop_after_failures,
+                drop_after_failures=self.drop_after_failures, wire_dtype=self.wire_dtype,
             )  # fmt: skip
         except ValueError as err:
             raise SettingsError(str(err).removeprefix("FlexLoRAConfig.profile: ")) from err

@@ -12,7 +12,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexlora_app.task import Settings, client_model, node_rank_map, route_logs, train_partition
-from flexlora_plugin.core import RankError, check_rank_map
+from flexlora_plugin.core import RankError, check_rank_map, to_wire
 from flexlora_plugin.flower.records import (
     ARRAYS,
     CONFIG,
@@ -106,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
         ranks = node_rank_map(settings, context.node_config if node_pid is not None else {}, pid)
     received = record_to_state(msg.content.array_records[ARRAYS], config)
     state, num_examples, loss = train_partition(settings, pid, ranks, received, server_round)
-    arrays, dtype_note = state_to_record(state)
+    arrays, dtype_note = state_to_record(to_wire(state, settings.wire_dtype))
     dtype_note[PARTITION_ID] = pid
     logger.info("partition %d round %d: %d examples, train loss %.4f", pid, server_round, num_examples, loss)
     metrics = MetricRecord({NUM_EXAMPLES: num_examples, TRAIN_LOSS: loss})

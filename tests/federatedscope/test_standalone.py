@@ -99,6 +99,28 @@ def test_mixed_ranks_projection_and_training(run_fs: Any, tiny_opts: list[str]) 
         runner.client[1].trainer.update(wrong)
 
 
+def test_bfloat16_wire_both_ways(run_fs: Any, tiny_opts: list[str]) -> None:
+    """flexlora.wire_dtype bfloat16: replies and the server's factors are bf16; what a client loads
+    is the SVD projection of the bf16 replies' float64 ΔW up to bf16 rounding."""
+    rec = Recorder()
+    run_fs([*tiny_opts, "flexlora.wire_dtype", "bfloat16", "federate.total_round_num", "2"], patch=rec)
+    want = {1: 4, 2: 8, 3: 16}
+    for cid in want:
+        for rnd in (0, 1):
+            assert {v.dtype for v in rec.uploaded[cid][rnd].values()} == {torch.bfloat16}, (cid, rnd)
+    states, weights = rec.received[0]
+    assert {v.dtype for s in states.values() for v in s.values()} == {torch.bfloat16}
+    total = sum(weights.values())
+    for module in split_state(states[1]):
+        delta = sum((weights[c] / total) * _delta64(states[c], module) for c in states)
+        S = torch.linalg.svdvals(delta)
+        for cid, r in want.items():
+            loaded = rec.loaded[cid][1]
+            assert all(torch.equal(v, v.bfloat16().float()) for v in loaded.values()), cid  # bf16 values
+            gap = (torch.linalg.norm(delta - _delta64(loaded, module)) - S[r:].square().sum().sqrt()) / torch.linalg.norm(delta)
+            assert gap <= 2**-8 * (1 + r**0.5), (cid, module)
+
+
 def test_bad_clients_do_not_lose_the_round(run_fs: Any, tiny_opts: list[str]) -> None:
     def corrupt(runner: Any) -> None:
         for cid, how in ((2, "nan"), (3, "shape")):

@@ -131,6 +131,32 @@ def test_round2_factors_are_the_svd_projection_of_round1_delta(mixed_run):
                 assert float((got - proj).norm()) / norm <= 1e-5, (pid, module)
 
 
+def test_bfloat16_wire_both_ways(tmp_path, tiny_model, data_path, mixed_run):
+    """wire-dtype=bfloat16: the factors travel in bf16 both ways, half of mixed_run's float32 bytes
+    every round, and round 2 sends the SVD projection of round 1's bf16 replies up to bf16 rounding."""
+    config = {**SMALL, "profile": json.dumps(TABLE), "clients-per-round": 0, "dump-dir": str(tmp_path / "dump"),
+              "wire-dtype": "bfloat16", "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    dump = tmp_path / "dump"
+    for rnd in (1, 2):
+        for pid in TABLE:
+            for kind in ("sent", "reply"):
+                state, _ = _load(dump / f"round-{rnd:03d}" / f"{kind}-p{pid}.safetensors")
+                assert {v.dtype for v in state.values()} == {torch.bfloat16}, (rnd, pid, kind)
+    rounds = [[row for row in run.metrics["history"] if "bytes-sent" in row] for run in (result, mixed_run)]
+    assert len(rounds[0]) == len(rounds[1]) == 2
+    for half, full in zip(*rounds, strict=True):
+        assert 2 * half["bytes-sent"] == full["bytes-sent"] and 2 * half["bytes-received"] == full["bytes-received"]
+    delta = _delta_from_replies(dump, 1)
+    for pid, r in TABLE.items():
+        sent, _ = _load(dump / "round-002" / f"sent-p{pid}.safetensors")
+        for module, (A, B) in _factors(sent).items():
+            ref = delta[module]
+            gap = (float((ref - (ALPHA / r) * B @ A).norm()) - best_rank_error(ref, r)) / float(ref.norm())
+            assert gap <= 2**-8 * (1 + r**0.5), (pid, module)  # bf16 rounding of B and of A's r orthonormal rows
+
+
 def test_the_saved_global_update_is_the_weighted_sum_of_the_last_replies(mixed_run):
     """Parity with the FederatedScope host's test: the server's global ΔW after round 2 (its saved
     state) equals a float64 reference from the replies it received, to 1e-6."""
