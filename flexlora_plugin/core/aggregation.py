@@ -424,7 +424,7 @@ class FlexLoRAUpdate(GlobalUpdate):
             basis = gram_basis(terms.gram(self.compute_dtype, self.device), target)
             spec = ritz_spectrum(basis, target, terms.matmul, terms.rmatmul)
             del basis
-            trim_heap()
+            _trim_heap()
         else:
             spec = dense_spectrum(self.delta(module), min(max(k, self._max_rank), min(info.shape)))  # type: ignore[assignment]
         if cached is not None:
@@ -456,7 +456,7 @@ class FlexLoRAUpdate(GlobalUpdate):
 _MALLOC_TRIM: Callable[[int], int] | None | bool = False  # False: not looked up yet; None: not glibc
 
 
-def trim_heap() -> None:
+def _trim_heap() -> None:
     """Give freed heap pages back to the OS (glibc ``malloc_trim(0)``); a no-op without glibc.
 
     Between dense-path modules the small, long-lived factors a module keeps sit among the freed
@@ -549,7 +549,9 @@ def aggregate(
         aggregation (above ``√max(float32) / N``) is always invalid.
     max_rank : int, optional
         ``flexlora``: the largest rank that will be requested. Each module is decomposed once,
-        for ``max(max_rank, requested)`` triplets, and only those are kept. Without it the first
+        for ``max(max_rank, requested)`` triplets, and only those are kept; on the CPU a dense-path
+        module then never forms its ``d_out × d_in`` ΔW (Gram matrix from slabs, top-k ``syevr``,
+        Rayleigh–Ritz on the factors: the least memory, about the speed of the default). Without it the first
         request decomposes for the largest client rank of the module and keeps the Gram
         eigenbasis (``min(d_out, d_in)²`` floats per dense-path module, 16 MiB at 2048), so a
         later, larger rank costs one Rayleigh–Ritz step on the factors and never another ΔW or
@@ -603,7 +605,7 @@ def aggregate(
         stacks = {m: st for m, st in stacks.items() if m in info}
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
-    trim_heap()  # the checks' temporaries (isfinite masks, norms) would otherwise stay resident between client factors
+    _trim_heap()  # the checks' temporaries (isfinite masks, norms) would otherwise stay resident between client factors
     options = AggregateOptions(max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,
                                device=device, seed=seed, progress=progress, stacks=stacks)  # fmt: skip
     return cls.from_clients(clients, info, excluded, options)
