@@ -113,9 +113,12 @@ def collect_clients(
             continue
         clients.append(ClientUpdate(client=cid, weight=float(weight), factors=factors, scalings=scaled))
     if check_values:
-        bad = {c.client: [m for m, f in c.factors.items() if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all())][:1]
+        # One pass over the factors: a NaN/Inf makes its factor's norm non-finite, and only then is
+        # that factor scanned for one (a finite norm rules it out; an overflowed one is only large).
+        norms = {c.client: {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()} for c in clients}
+        bad = {c.client: [m for m, f in c.factors.items() if not math.isfinite(norms[c.client][m]) and not _all_finite(f)][:1]
                for c in clients}  # fmt: skip
-        clients = apply_value_checks(clients, excluded, bad, on_invalid, max_norm)
+        clients = apply_value_checks(clients, excluded, bad, on_invalid, max_norm, norms)
     return clients, excluded
 
 
@@ -152,6 +155,10 @@ def update_norm_bound(f: LoRAFactors, scaling: float) -> float:
     return abs(scaling) * _norm64(f.B) * _norm64(f.A)
 
 
+def _all_finite(f: LoRAFactors) -> bool:
+    return bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())
+
+
 def _norm64(t: Tensor) -> float:
     n = float(torch.linalg.vector_norm(t))
     return n if math.isfinite(n) else float(torch.linalg.vector_norm(t.double()))
@@ -173,9 +180,9 @@ def _within_magnitude(
             norms = norms_of[c.client]
         else:
             norms = {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()}
-        module, worst = max(norms.items(), key=lambda kv: kv[1])
+        module, worst = max(norms.items(), key=lambda kv: kv[1] if not math.isnan(kv[1]) else math.inf)
         why = None
-        if worst > limit:
+        if not worst <= limit:  # NaN (0·inf of an overflowed norm) counts as too large
             why = f"update too large to aggregate: module {module} has ‖s·B·A‖ up to {worst:.3g} (limit {limit:.3g})"
         elif max_norm is not None and worst > max_norm:
             why = f"update norm {worst:.3g} in module {module} is above the bound {max_norm:.3g}"
