@@ -75,10 +75,9 @@ class Spectrum:
     complete: bool
     us_scale: float = 1.0
 
-    def us(self, r: int | None = None) -> Tensor:
-        """``U_r · diag(S_r)`` (all ``k`` columns with ``r`` None); a new tensor when ``us_scale ≠ 1``."""
-        cols = self.US if r is None else self.US[:, :r]
-        return cols if self.us_scale == 1.0 else cols * self.us_scale
+    def us(self) -> Tensor:
+        """``U_k · diag(S_k)``; a new tensor when ``us_scale ≠ 1``."""
+        return self.US if self.us_scale == 1.0 else self.US * self.us_scale
 
     def b_factor(self, r: int, scaling: float) -> Tensor:
         """``B = U_r S_r / scaling : (d_out, r)``; the stored tensor itself when it is that already."""

@@ -124,7 +124,7 @@ def collect_clients(
 
 def apply_value_checks(
     clients: list[ClientUpdate], excluded: dict[Hashable, str], nonfinite: Mapping[Hashable, Sequence[str]],
-    on_invalid: str, max_norm: float | None, norms: Mapping[Hashable, Mapping[str, float]] | None = None,
+    on_invalid: str, max_norm: float | None, norms: Mapping[Hashable, Mapping[str, float]],
 ) -> list[ClientUpdate]:  # fmt: skip
     """Apply the value policy, wherever the values were inspected.
 
@@ -132,7 +132,7 @@ def apply_value_checks(
     the weights of the rest are divided by the largest one (``p_k`` unchanged, no overflow of ``Σ w``).
 
     ``nonfinite``: client -> modules with NaN/Inf (first one named). ``norms``: client -> module ->
-    ``s·‖B‖_F·‖A‖_F`` (default: computed here from the host factors).
+    ``s·‖B‖_F·‖A‖_F`` (:func:`update_norm_bound` on the host, ``device_verdicts`` on a device).
     """
     kept = []
     for c in clients:
@@ -166,7 +166,7 @@ def _norm64(t: Tensor) -> float:
 
 def _within_magnitude(
     clients: list[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str, max_norm: float | None,
-    norms_of: Mapping[Hashable, Mapping[str, float]] | None = None,
+    norms_of: Mapping[Hashable, Mapping[str, float]],
 ) -> list[ClientUpdate]:  # fmt: skip
     """Leave out a client whose update would overflow the aggregation, or exceeds ``max_norm``, before anything global changes.
 
@@ -176,11 +176,7 @@ def _within_magnitude(
     limit = math.sqrt(torch.finfo(torch.float32).max) / max(1, len(clients))
     kept = []
     for c in clients:
-        if norms_of is not None:
-            norms = norms_of[c.client]
-        else:
-            norms = {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()}
-        module, worst = max(norms.items(), key=lambda kv: kv[1] if not math.isnan(kv[1]) else math.inf)
+        module, worst = max(norms_of[c.client].items(), key=lambda kv: kv[1] if not math.isnan(kv[1]) else math.inf)
         why = None
         if not worst <= limit:  # NaN (0·inf of an overflowed norm) counts as too large
             why = f"update too large to aggregate: module {module} has ‖s·B·A‖ up to {worst:.3g} (limit {limit:.3g})"
