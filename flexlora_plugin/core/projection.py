@@ -38,7 +38,7 @@ from .errors import RankError
 
 __all__ = [
     "Gram", "GramBasis", "Spectrum", "dense_spectrum", "factored_spectrum", "frobenius2", "gram_basis", "gram_of", "gram_path",
-    "redistribute", "ritz_spectrum", "stacked_spectrum",
+    "module_seed", "redistribute", "ritz_spectrum", "stacked_spectrum",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -99,11 +99,12 @@ class Spectrum:
 
     def numerical_rank(self) -> int:
         """Number of singular values above ``max(d_out, d_in) · eps · σ_1`` (as ``matrix_rank``)."""
-        if self.k == 0 or float(self.S[0]) == 0.0:
+        S = self.S.cpu()  # one device sync, not two
+        if self.k == 0 or float(S[0]) == 0.0:
             return 0
-        eps = torch.finfo(self.S.dtype).eps
-        tol = max(self.US.shape[0], self.Vh.shape[1]) * eps * float(self.S[0])
-        return int((self.S > tol).sum())
+        eps = torch.finfo(S.dtype).eps
+        tol = max(self.US.shape[0], self.Vh.shape[1]) * eps * float(S[0])
+        return int((S > tol).sum())
 
     def rank_at(self, tol: float) -> int:
         """Smallest ``r ≥ 1`` with ``Σ_{i≥r} σ_i² ≤ tol² · ‖ΔW‖_F²`` (``‖ΔW − [ΔW]_r‖_F ≤ tol · ‖ΔW‖_F``)."""
@@ -346,11 +347,12 @@ def redistribute(
         B[:, :kept] = spectrum.b_factor(kept, scaling)
         A = torch.empty(r, d_in, dtype=spectrum.Vh.dtype, device=spectrum.Vh.device)
         A[:kept] = spectrum.Vh[:kept]
-        A[kept:] = _completion_rows(spectrum.Vh[:kept], r - kept, d_in, seed=_seed(seed, module, r))
+        A[kept:] = _completion_rows(spectrum.Vh[:kept], r - kept, d_in, seed=module_seed(seed, module, r))
     return A.to(out_dtype), B.to(out_dtype)
 
 
-def _seed(seed: int, module: str, r: int) -> int:
+def module_seed(seed: int, module: str, r: int) -> int:
+    """A 63-bit seed for ``(run seed, module, rank)``: completion rows, the filtered solver's start."""
     return (seed * 1_000_003 + zlib.crc32(f"{module}:{r}".encode())) % (2**63)
 
 
