@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import queue
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -33,9 +35,21 @@ from .errors import (
     NonFiniteUpdateError,
     RankError,
 )
-from .projection import GramBasis, Spectrum, dense_spectrum, gram_basis, gram_path, redistribute, ritz_spectrum
-from .staging import Stack, device_verdicts, stage
+from .projection import (
+    Gram,
+    GramBasis,
+    Spectrum,
+    dense_spectrum,
+    gram_basis,
+    gram_of,
+    gram_path,
+    module_seed,
+    redistribute,
+    ritz_spectrum,
+)
+from .staging import Stack, Verdict, device_verdicts, module_verdict, stage, streams
 from .terms import ModuleTerms, StackedTerms, TermList
+from .topk import filtered_spectrum
 from .validation import ClientUpdate, ModuleInfo, Ranks, Scaling, apply_value_checks, client_module_infos, collect_clients
 
 __all__ = [
@@ -62,6 +76,7 @@ class AggregateOptions:
     seed: int = 0
     progress: ProgressFn | None = None
     stacks: Mapping[str, Stack] | None = None  # the factors stacked on the device (staging.stage), if they were
+    prepared: Mapping[str, Any] | None = None  # per module, what the method's speculator computed while staging
 
 
 _METHODS: dict[str, type[GlobalUpdate]] = {}
@@ -149,6 +164,18 @@ class GlobalUpdate(ABC):
     ) -> GlobalUpdate:
         """Build this method's update from validated clients (:func:`aggregate` calls it); it reads the options it needs."""
 
+    @classmethod
+    def speculator(
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], options: AggregateOptions
+    ) -> Callable[[str, Stack], Any] | None:
+        """Work to start on each module as its stack reaches the device, before the value checks end.
+
+        Called by :func:`aggregate` on the stacked (device) path. The result per module reaches
+        :meth:`from_clients` as ``options.prepared`` only when the checks excluded no client, so
+        the work may assume every client counts. (default: None, nothing to start)
+        """
+        return None
+
     @abstractmethod
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """What a server state stores for ``module``: named tensors and JSON extras."""
@@ -229,18 +256,30 @@ class GlobalUpdate(ABC):
             info = self.info[module]
             r = self.rank_for(module, ranks)
             s = self._receiver_scaling(module, r, lora_alpha, scaling, use_rslora)
-            out[info.a_key], out[info.b_key] = self.project_module(module, r, scaling=s, dtype=dtype)
+            out[info.a_key], out[info.b_key] = self._cached_projection(module, r, s, dtype)
+        self._landed()  # one wait for every device-to-host copy started above
         return out
 
     def project_module(self, module: str, r: int, *, scaling: float, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """``(A : (r, d_in), B : (d_out, r))`` of one module for a receiver of scaling ``s``; cached."""
+        out = self._cached_projection(module, r, scaling, dtype)
+        self._landed()
+        return out
+
+    def _cached_projection(self, module: str, r: int, scaling: float, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
         info = self._check_module(module)
         if r > min(info.shape):
             raise RankError(f"module {module}: rank {r} exceeds min(d_out, d_in)={min(info.shape)} of {info.shape}")
         key = (module, r, scaling, dtype or info.dtype)
         if key not in self._projections:
-            self._projections[key] = self._project_module(module, r, scaling, dtype or info.dtype)
+            A, B = self._project_module(module, r, scaling, dtype or info.dtype)
+            self._projections[key] = (_to_host(A), _to_host(B)) if self.device is not None else (A, B)
         return self._projections[key]
+
+    def _landed(self) -> None:
+        """Wait for the asynchronous device-to-host copies of :func:`_to_host` (CUDA only)."""
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     @staticmethod
     def _receiver_scaling(
@@ -292,6 +331,7 @@ class FlexLoRAUpdate(GlobalUpdate):
         self._terms = dict(terms or {})
         self._spectra: dict[str, Spectrum] = dict(spectra or {})
         self._bases: dict[str, GramBasis] = {}  # kept without max_rank, for later larger ranks
+        self._grams: dict[str, Gram] = {}  # stacked path without max_rank: the Gram, for later larger ranks
         self._max_rank = max_rank
         self._progress = progress
 
@@ -336,22 +376,53 @@ class FlexLoRAUpdate(GlobalUpdate):
         options: AggregateOptions,
     ) -> FlexLoRAUpdate:
         """``ΔW = Σ_k p_k s_k B_k A_k`` per module, ``p_k`` renormalised over the clients holding it (kept factored)."""
-        coefs = {m: {c.client: c.weight / _total(clients, m) * c.scalings[m] for c in clients if m in c.factors} for m in info}
+        coefs = _coefficients(clients, info)
         terms: dict[str, ModuleTerms] = {}
         for m, shape in ((m, mi.shape) for m, mi in info.items()):
-            if options.stacks is not None:  # one stack per module, on the device; c_j repeated over client j's rows
-                st = options.stacks[m]
-                per_row = [coefs[m][c] for c, r in zip(st.clients, st.ranks, strict=True) for _ in range(r)]
-                coef = torch.tensor(per_row, dtype=torch.float64, device=st.A_cat.device)
-                terms[m] = StackedTerms(st.B_cat, st.A_cat, coef, st.ranks, shape)
+            if options.stacks is not None:  # one stack per module, on the device
+                terms[m] = _stacked_terms(options.stacks[m], coefs[m], shape)
             else:
                 held = [(coefs[m][c.client], c.factors[m].B, c.factors[m].A) for c in clients if m in c.factors]
                 terms[m] = TermList(held, shape)
         o = options
-        return cls(
+        update = cls(
             info, [c.client for c in clients], excluded, terms=terms, max_rank=o.max_rank, progress=o.progress,
             compute_dtype=o.compute_dtype, device=o.device, seed=o.seed,
         )  # fmt: skip
+        for m, (spec, gram) in ((m, p) for m, p in (o.prepared or {}).items() if p is not None):
+            if spec is not None and m in update.info:
+                update._spectra[m] = spec
+                if gram is not None:
+                    update._grams[m] = gram
+                if o.progress is not None:
+                    o.progress(len(update._spectra), len(update.modules), m)
+        return update
+
+    @classmethod
+    def speculator(
+        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], options: AggregateOptions
+    ) -> Callable[[str, Stack], Any] | None:
+        """Each module's spectrum, as :meth:`spectrum` would compute it first, while later modules still copy.
+
+        For ``max_rank`` triplets, or without it the module's largest client rank (the default
+        call's first decomposition). Returns ``(Spectrum, Gram or None)``.
+        """
+        coefs = _coefficients(clients, info)
+
+        def spectrum_of(module: str, st: Stack) -> tuple[Spectrum | None, Gram | None]:
+            shape = info[module].shape
+            terms = _stacked_terms(st, coefs[module], shape)
+            k = min(options.max_rank or max(terms.ranks), min(shape))
+            probe = cls(info, [], {}, terms={module: terms}, max_rank=options.max_rank, compute_dtype=options.compute_dtype,
+                        device=options.device, seed=options.seed)  # fmt: skip
+            try:
+                spec = probe._spectrum(module, k)  # under aggregate()'s ieee_float32()
+            except RuntimeError as err:  # e.g. non-finite factors the checks will exclude: computed again, lazily
+                logger.debug("module %s: no spectrum while staging (%s)", module, err)
+                return None, None
+            return spec, probe._grams.get(module)
+
+        return spectrum_of
 
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Return the singular triplets (``US``, ``S``, ``Vh``) a server state stores.
@@ -414,6 +485,8 @@ class FlexLoRAUpdate(GlobalUpdate):
             spec = terms.factored_spectrum(self.compute_dtype, self.device)  # complete: a saved state can rebuild ΔW
         elif module in self._bases:  # a rank above the first decomposition's: one Ritz step on the factors
             spec = ritz_spectrum(self._bases[module], k, terms.matmul, terms.rmatmul)
+        elif isinstance(terms, StackedTerms):  # on the device: one GEMM for ΔW, an iterative top-k solve
+            spec = self._stacked_spectrum(module, terms, min(max(k, self._max_rank or max(terms.ranks)), min(info.shape)))
         elif self._max_rank is None:  # keep the whole Gram eigenbasis for later, larger ranks
             target = min(max(k, max(terms.ranks)), min(info.shape))
             spec, basis = dense_spectrum(self.delta(module), target, keep_basis=True)  # type: ignore[misc]
@@ -434,6 +507,34 @@ class FlexLoRAUpdate(GlobalUpdate):
             self._progress(len(self._spectra), len(self.modules), module)
         return spec
 
+    def _stacked_spectrum(self, module: str, terms: StackedTerms, k: int) -> Spectrum:
+        """Top-``k`` triplets of a stacked module: ΔW in one GEMM, its Gram, the certified filtered solver.
+
+        Without ``max_rank`` the Gram matrix is kept (``n²`` floats on the device), so a later,
+        larger rank costs one more solve on it and products with the factors, never another ΔW.
+        Falls back to the dense decomposition when the solver is not worthwhile or not certified.
+        """
+        shape = self.info[module].shape
+        gram = self._grams.pop(module, None)
+        delta = None
+        if gram is None:
+            if not gram_path(k, shape):
+                return dense_spectrum(terms.delta(self.compute_dtype, self.device), k)  # type: ignore[return-value]
+            delta = terms.delta(self.compute_dtype, self.device)
+            gram = gram_of(delta)
+        if delta is not None:
+            matmul, rmatmul = (lambda X: delta @ X), (lambda Y: delta.T @ Y)
+        else:
+            matmul, rmatmul = terms.matmul, terms.rmatmul
+        spec = None
+        if gram_path(k, shape):
+            spec = filtered_spectrum(gram, k, matmul, rmatmul, seed=module_seed(self.seed, module, k))
+        if spec is None:  # not worthwhile, or not certified: every eigenvector of the Gram matrix
+            spec = ritz_spectrum(gram_basis(dataclasses.replace(gram, matrix=gram.matrix.clone()), k), k, matmul, rmatmul)
+        if self._max_rank is None:
+            self._grams[module] = gram
+        return spec
+
     def _low_memory(self, module: str, k: int) -> bool:
         """Whether ``module``'s top ``k`` triplets come from slabs and the factors, with no dense ΔW.
 
@@ -447,7 +548,7 @@ class FlexLoRAUpdate(GlobalUpdate):
         A, B = redistribute(spec, r, scaling, module=module, seed=self.seed, dtype=dtype)
         if r == spec.k and B is not spec.US and B.dtype == spec.US.dtype and r <= spec.numerical_rank():
             self._spectra[module] = spec.sharing(B, scaling)  # B is U S / s: the cached US is freed, not kept twice
-        return A.cpu() if self.device is not None else A, B.cpu() if self.device is not None else B
+        return A, B
 
     def _energy_kept(self, module: str, r: int) -> float:
         return self.spectrum(module, r).energy_kept(r)
@@ -563,9 +664,13 @@ def aggregate(
         torch.float32 (default) or torch.float64.
     device : torch.device or str, optional
         Where the math runs (e.g. "cuda"); results come back on the CPU. On CUDA the factors are
-        stacked on the device through pinned, overlapped copies, checked there, and ΔW is one
-        GEMM per module (:mod:`~flexlora_plugin.core.staging`); the round's factors then live on
-        the device until the update is freed.
+        stacked on the device through pinned, overlapped copies (directly, when the states'
+        tensors are already page-locked: ``t.pin_memory()``), checked there, and ΔW is one GEMM
+        per module (:mod:`~flexlora_plugin.core.staging`). ``flexlora`` computes each module's
+        spectrum while later modules still copy, in worker threads on their own streams, with a
+        certified iterative top-k solver (:mod:`~flexlora_plugin.core.topk`; discarded and
+        recomputed if the checks exclude a client). The round's factors then live on the device
+        until the update is freed.
     seed : int
         Seeds the random completion rows of ``flexlora`` projections. (default: 0)
     progress : callable, optional
@@ -598,16 +703,17 @@ def aggregate(
     )  # fmt: skip
     info = client_module_infos(clients, excluded, on_invalid, expected_shapes)
     clients = [c for c in clients if c.client not in excluded]
-    stacks = None
+    options = AggregateOptions(max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,
+                               device=device, seed=seed, progress=progress)  # fmt: skip
     if stacked and clients:
-        clients, stacks = _staged(clients, info, excluded, on_invalid, max_norm, torch.device(device))  # type: ignore[arg-type]
+        speculate = cls.speculator(clients, info, options)
+        with ieee_float32():  # set once here: the setting is process-wide and the workers share it
+            clients, stacks, prepared = _staged(clients, info, excluded, on_invalid, max_norm, torch.device(device), speculate)  # type: ignore[arg-type]
         info = {m: i for m, i in info.items() if any(m in c.factors for c in clients)}  # as the host path: held modules only
-        stacks = {m: st for m, st in stacks.items() if m in info}
+        options = dataclasses.replace(options, stacks={m: st for m, st in stacks.items() if m in info}, prepared=prepared)
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
     _trim_heap()  # the checks' temporaries (isfinite masks, norms) would otherwise stay resident between client factors
-    options = AggregateOptions(max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,
-                               device=device, seed=seed, progress=progress, stacks=stacks)  # fmt: skip
     return cls.from_clients(clients, info, excluded, options)
 
 
@@ -617,16 +723,23 @@ def _stack_on(device: torch.device | str | None) -> bool:
 
 def _staged(
     clients: list[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: dict[Hashable, str], on_invalid: str,
-    max_norm: float | None, device: torch.device,
-) -> tuple[list[ClientUpdate], dict[str, Stack]]:  # fmt: skip
+    max_norm: float | None, device: torch.device, speculate: Callable[[str, Stack], Any] | None = None,
+) -> tuple[list[ClientUpdate], dict[str, Stack], dict[str, Any]]:  # fmt: skip
     """Stage the clients' factors on ``device`` and apply the value checks there.
 
-    Returns the kept clients, with device views as factors (every method can use them), and the stacks.
+    Returns the kept clients, with device views as factors (every method can use them), the
+    stacks, and per module what ``speculate`` computed while staging (empty when a client was
+    excluded: it assumed them all).
     """
     host = {c.client: {m: (f.A, f.B) for m, f in c.factors.items()} for c in clients}
-    stacks = stage(host, list(info), device)
-    nonfinite, norms = device_verdicts(stacks, {c.client: c.scalings for c in clients})
+    with _ModuleRunner(device, speculate) as runner:
+        stacks = stage(host, list(info), device, on_module=runner.submit)
+        results = runner.results()
+    verdicts = {m: v for m, (v, _) in results.items()}
+    nonfinite, norms = device_verdicts(verdicts, {c.client: c.scalings for c in clients})
+    before = len(clients)
     clients = apply_value_checks(clients, excluded, nonfinite, on_invalid, max_norm, norms)
+    prepared = {m: p for m, (_, p) in results.items()} if len(clients) == before else {}  # computed for every client
     keep = {c.client for c in clients}
     stacks = {m: st.select(keep) for m, st in stacks.items()}
     views = {m: st.views() for m, st in stacks.items()}  # one pass per module, not one per client and module
@@ -634,7 +747,105 @@ def _staged(
     for c in clients:
         factors = {m: dataclasses.replace(f, A=views[m][c.client][0], B=views[m][c.client][1]) for m, f in c.factors.items()}
         moved.append(dataclasses.replace(c, factors=factors))
-    return moved, stacks
+    return moved, stacks, prepared
+
+
+class _ModuleRunner:
+    """Per module, as its stack arrives: the value checks and the method's speculative work.
+
+    On CUDA in a few worker threads, each job on its own stream behind the module's copy, so the
+    GPU computes module ``m`` while ``m+1`` is copied and the small, latency-bound decompositions
+    of different modules overlap. Elsewhere inline, in order.
+    """
+
+    def __init__(self, device: torch.device, speculate: Callable[[str, Stack], Any] | None, workers: int = 6) -> None:
+        self.device, self.speculate = device, speculate
+        self.pool = None
+        if device.type == "cuda":
+            _load_cuda_linalg(device)
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexlora-module")
+            self.free: queue.SimpleQueue = queue.SimpleQueue()  # at most `workers` jobs run: one stream each
+            for stream in streams(device, "modules", workers):
+                self.free.put(stream)
+        self.futures: dict[str, Future] = {}
+
+    def __enter__(self) -> _ModuleRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, module: str, stack: Stack) -> None:
+        if self.pool is None:
+            done: Future = Future()
+            done.set_result(self._job(module, stack))
+            self.futures[module] = done
+            return
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))  # behind the copy and B_cat's concatenation
+        self.futures[module] = self.pool.submit(self._on_stream, module, stack, ready)
+
+    def _on_stream(self, module: str, stack: Stack, ready: torch.cuda.Event) -> tuple[Verdict, Any]:
+        stream = self.free.get()
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                stack.A_cat.record_stream(stream)
+                stack.B_cat.record_stream(stream)
+                out = self._job(module, stack)
+                stream.synchronize()  # the caller's stream may use the results without waiting on this one
+        finally:
+            self.free.put(stream)
+        return out
+
+    def _job(self, module: str, stack: Stack) -> tuple[Verdict, Any]:
+        verdict = module_verdict(stack)
+        if self.speculate is None or any(verdict.nonfinite):
+            return verdict, None
+        return verdict, self.speculate(module, stack)
+
+    def results(self) -> dict[str, tuple[Verdict, Any]]:
+        return {m: f.result() for m, f in self.futures.items()}
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """``t`` on the CPU; from CUDA an asynchronous copy into page-locked memory (the caller waits once, :meth:`_landed`)."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+_CUDA_LINALG_LOADED: set[torch.device] = set()
+
+
+def _load_cuda_linalg(device: torch.device) -> None:
+    """Call torch's CUDA linear algebra once, on this thread, before the workers do.
+
+    Its library loads lazily, and a first call from several threads at once fails ("lazy wrapper
+    should be called at most once", torch 2.11 on an H100).
+    """
+    if device in _CUDA_LINALG_LOADED:
+        return
+    eye = torch.eye(2, dtype=torch.float64, device=device)
+    torch.linalg.eigh(eye)
+    torch.linalg.solve_triangular(torch.linalg.cholesky_ex(eye)[0], eye, upper=False)
+    _CUDA_LINALG_LOADED.add(device)
+
+
+def _coefficients(clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo]) -> dict[str, dict[Hashable, float]]:
+    """``c_k = p_k s_k`` per module and client, ``p_k`` renormalised over the clients holding the module."""
+    return {m: {c.client: c.weight / _total(clients, m) * c.scalings[m] for c in clients if m in c.factors} for m in info}
+
+
+def _stacked_terms(st: Stack, coefs: Mapping[Hashable, float], shape: tuple[int, int]) -> StackedTerms:
+    """The stack with ``c_j`` repeated over client ``j``'s rows (on the device: no Python list of ``R`` floats)."""
+    device = st.A_cat.device
+    per_client = torch.tensor([coefs[c] for c in st.clients], dtype=torch.float64).to(device, non_blocking=True)
+    ranks = torch.tensor(st.ranks).to(device, non_blocking=True)
+    coef = torch.repeat_interleave(per_client, ranks, output_size=st.A_cat.shape[0])
+    return StackedTerms(st.B_cat, st.A_cat, coef, st.ranks, shape)
 
 
 def _total(clients: Sequence[ClientUpdate], module: str) -> float:

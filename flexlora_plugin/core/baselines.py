@@ -129,7 +129,7 @@ class FedAvgUpdate(FactorsUpdate):
         A, B = self.factors[module]
         if r != A.shape[0]:
             raise RankError(f"fedavg: module {module} has rank {A.shape[0]}, a client of rank {r} cannot load it")
-        return A.to(dtype).cpu(), B.to(dtype).cpu()
+        return A.to(dtype), B.to(dtype)  # to the host, if on a device: GlobalUpdate._cached_projection
 
 
 @register_method("hetlora")
@@ -169,7 +169,7 @@ class HetLoRAUpdate(FactorsUpdate):
         if r > A.shape[0]:
             raise RankError(f"hetlora: module {module} is padded to rank {A.shape[0]}, rank {r} was requested")
         root = math.sqrt(scaling)
-        return (A[:r] / root).to(dtype).cpu(), (B[:, :r] / root).to(dtype).cpu()
+        return (A[:r] / root).to(dtype), (B[:, :r] / root).to(dtype)
 
 
 def _hetlora_weights(

@@ -1,4 +1,4 @@
-"""The certified filtered top-k solver (core/topk.py).
+"""The certified filtered top-k solver (core/topk.py) and the stacked (device) path that uses it.
 
 These run on the CPU (the same code runs on CUDA); references are independent: float64 SVDs of ΔW
 built from the factors in the test (tests/conftest.py), never the core function under test.
@@ -9,9 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexlora_plugin.core import aggregate
+from flexlora_plugin.core import aggregation as agg_mod
+from flexlora_plugin.core.errors import FlexLoRAWarning
 from flexlora_plugin.core.projection import gram_of
+from flexlora_plugin.core.terms import StackedTerms
 from flexlora_plugin.core.topk import filter_plan, filtered_spectrum
-from tests.conftest import best_rank_error
+from tests.conftest import best_rank_error, make_client, ref_delta
 
 
 def _delta(gen, shape, terms=40, rank=16):
@@ -68,3 +72,109 @@ def test_the_seed_fixes_the_factors(gen):
     assert torch.equal(a.Vh, b.Vh) and torch.equal(a.US, b.US)
     assert not torch.equal(a.Vh, c.Vh)  # another start, the same subspace to the tolerance
     assert torch.allclose((a.US @ a.Vh), (c.US @ c.Vh), atol=1e-4 * float(a.S[0]))
+
+
+# --------------------------------------------------------------------------- through aggregate()
+
+# stacked rank 8 x 40 = 320 > min(d): the dense path; b = 64 for k = 24, n >= 192: the filtered solver
+BIG = {"l0.q_proj": (192, 192), "l0.gate_proj": (320, 192), "l0.down_proj": (192, 320)}
+
+
+def _big_states(gen, n=8, rank=40):
+    """Clients whose updates shrink like (j+1)^-0.75: a spectrum with a head, as trained adapters give."""
+    return [{k: v * (j + 1) ** -0.75 for k, v in make_client(dict.fromkeys(BIG, rank), BIG, gen=gen).items()} for j in range(n)]
+
+
+def _proj_gap(proj, states, weights, module, r):
+    ref = ref_delta(states, weights, module, [16.0] * len(states))
+    A, B = proj[f"{module}.lora_A.weight"].double(), proj[f"{module}.lora_B.weight"].double()
+    err = float((ref - (16.0 / r) * B @ A).norm())
+    return (err - best_rank_error(ref, r)) / float(ref.norm())
+
+
+class _Count:
+    def __init__(self, monkeypatch):
+        self.solved, self.deltas = [], 0
+        real_solve, real_delta = agg_mod.filtered_spectrum, StackedTerms.delta
+
+        def solve(gram, k, *args, **kwargs):
+            out = real_solve(gram, k, *args, **kwargs)
+            self.solved.append((k, out is not None))
+            return out
+
+        def delta(terms, dtype, device):
+            self.deltas += 1
+            return real_delta(terms, dtype, device)
+
+        monkeypatch.setattr(agg_mod, "filtered_spectrum", solve)
+        monkeypatch.setattr(StackedTerms, "delta", delta)
+
+
+@pytest.mark.parametrize("max_rank", [None, 24])
+def test_stacked_spectra_are_computed_while_staging_and_exact(gen, monkeypatch, max_rank):
+    states = _big_states(gen)
+    weights = [float(j + 1) for j in range(len(states))]
+    count = _Count(monkeypatch)
+    update = aggregate(states, weights, lora_alpha=16, max_rank=max_rank, device="cpu", stack_on_device=True)
+    assert count.solved == [(max_rank or 40, True)] * len(BIG)  # one certified solve per module, before any project()
+    assert count.deltas == len(BIG) and set(update._spectra) == set(BIG)
+    for r in (4, 24) if max_rank else (4, 24, 40):
+        proj = update.project(r, lora_alpha=16)
+        for m in BIG:
+            assert _proj_gap(proj, states, weights, m, r) <= 1e-6, (m, r)
+    assert len(count.solved) == len(BIG) and count.deltas == len(BIG)  # project() added none
+
+
+def test_a_rank_above_the_first_solve_reuses_the_kept_gram(gen, monkeypatch):
+    states = _big_states(gen)
+    weights = [1.0] * len(states)
+    count = _Count(monkeypatch)
+    update = aggregate(states, weights, lora_alpha=16, device="cpu", stack_on_device=True)  # default call: k = 40
+    proj = update.project(56, lora_alpha=16)  # above every client rank
+    assert count.deltas == len(BIG)  # no second ΔW: a solve on the kept Gram, products with the factors
+    assert [k for k, _ in count.solved] == [40] * len(BIG) + [56] * len(BIG)
+    for m in BIG:
+        assert _proj_gap(proj, states, weights, m, 56) <= 1e-6, m
+
+
+def test_an_exclusion_discards_what_was_computed_while_staging(gen, monkeypatch):
+    states = _big_states(gen)
+    weights = [1.0] * len(states)
+    states[3] = {k: v * 1e4 for k, v in states[3].items()}  # above max_norm: excluded after staging
+    count = _Count(monkeypatch)
+    with pytest.warns(FlexLoRAWarning):
+        update = aggregate(states, weights, lora_alpha=16, max_rank=24, max_norm=1e6, on_invalid="exclude", device="cpu",
+                           stack_on_device=True)  # fmt: skip
+    assert set(update.excluded) == {3} and update._spectra == {}  # the speculative spectra counted client 3
+    kept = [s for j, s in enumerate(states) if j != 3]
+    proj = update.project(24, lora_alpha=16)
+    for m in BIG:
+        assert _proj_gap(proj, kept, [1.0] * len(kept), m, 24) <= 1e-6, m
+    assert len(count.solved) == 2 * len(BIG)
+
+
+def test_a_rank_deficient_delta_falls_back_and_stays_exact(gen):
+    one = _big_states(gen, n=1)[0]
+    states = [one] * 8  # stacked rank 320, rank(ΔW) = 40 < b: no certificate, the dense eigensolver
+    update = aggregate(states, [1.0] * 8, lora_alpha=16, max_rank=24, device="cpu", stack_on_device=True)
+    proj = update.project(24, lora_alpha=16)
+    for m in BIG:
+        assert _proj_gap(proj, states, [1.0] * 8, m, 24) <= 1e-6, m
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pinned", [False, True])
+def test_cuda_stacked_path_is_exact_from_pageable_and_pinned_factors(gen, monkeypatch, pinned):
+    states = _big_states(gen)
+    weights = [float(j + 1) for j in range(len(states))]
+    if pinned:
+        states = [{k: v.pin_memory() for k, v in s.items()} for s in states]
+    count = _Count(monkeypatch)
+    update = aggregate(states, weights, lora_alpha=16, max_rank=24, device="cuda")
+    assert sorted(count.solved) == [(24, True)] * len(BIG)  # in the worker threads, while staging
+    for r in (4, 24):
+        proj = update.project(r, lora_alpha=16)
+        assert all(t.device.type == "cpu" for t in proj.values())
+        for m in BIG:
+            assert _proj_gap(proj, states, weights, m, r) <= 1e-6, (m, r)
