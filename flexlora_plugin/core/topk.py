@@ -9,7 +9,8 @@ decompositions:
 1. two power steps ``X ← orth(G X)`` from a seeded Gaussian block;
 2. a Rayleigh quotient ``θ = eig(Xᵀ G X)`` whose smallest value ``a`` (a lower bound of ``λ_b``)
    sets the filter: a Chebyshev polynomial of ``G`` bounded by 1 on ``[0, a]`` and growing fast
-   above it, applied in chunks of :data:`_CHUNK` degrees with a Cholesky–QR between them;
+   above it, applied in chunks of up to :data:`_CHUNK` degrees (fewer when the spectrum spans
+   many orders of magnitude, :func:`chunk_length`) with a Cholesky–QR between them;
 3. a final Rayleigh–Ritz step through ΔW itself: ``M = ΔW X`` (or ``ΔWᵀ X``), the float64
    eigendecomposition of ``Mᵀ M`` gives the Ritz values ``θ_i = σ_i²`` and the rotation ``Z``;
    ``B·A`` served from it is the exact projection of ΔW onto the found subspace;
@@ -17,7 +18,8 @@ decompositions:
    energy missed against the best rank-``k`` approximation is estimated as
    ``δ ≈ Σ_i ‖r_i‖² / (θ_i − θ_b)`` (the quadratic residual bound with the block's last Ritz
    value standing in for the rest of the spectrum), turned into the relative Frobenius gap
-   ``(‖ΔW − s·B·A‖_F − ‖ΔW − [ΔW]_k‖_F) / ‖ΔW‖_F``. Twice that estimate must be below ``tol``;
+   ``(‖ΔW − s·B·A‖_F − ‖ΔW − [ΔW]_k‖_F) / ‖ΔW‖_F``. Twice that estimate must be below ``tol``
+   (1e-7 in float32, 1e-12 in float64);
    otherwise another filter round runs from the current block with ``a = θ_b``, and after
    ``rounds`` the caller falls back to a dense eigensolver.
 
@@ -36,10 +38,12 @@ from torch import Tensor
 
 from .projection import Gram, MatMul, Spectrum
 
-__all__ = ["SOLVER_TOL", "FilterPlan", "filtered_spectrum", "filter_plan"]
+__all__ = ["SOLVER_TOL", "FilterPlan", "chunk_length", "filtered_spectrum", "filter_plan"]
 
-SOLVER_TOL = 1e-7  # certified relative Frobenius gap; the documented exactness tolerance is 1e-5
-_CHUNK = 4  # Chebyshev degrees between two orthonormalizations (float32 keeps the block's rank)
+SOLVER_TOL = {torch.float32: 1e-7, torch.float64: 1e-12}  # certified relative Frobenius gap, per Gram dtype
+# (the documented exactness tolerance is 1e-5; float64 is asked for by users who want more)
+_CHUNK = 4  # at most this many Chebyshev degrees between two orthonormalizations
+_RANGE = 1e10  # and at most this growth of the block's top direction over its bottom one in a chunk
 _DEGREE = 20  # per round
 _POWER = 2
 
@@ -73,11 +77,23 @@ def _orth(X: Tensor, passes: int = 1) -> Tensor:
     return X
 
 
-def _chebyshev(G4: Tensor, X: Tensor, degree: int) -> Tensor:
-    """``T_degree(G/c − 1) X`` with ``c = a/2``, given ``G4 = (4/a) G``; orthonormalized every :data:`_CHUNK`."""
+def chunk_length(spread: float) -> int:
+    """Degrees per chunk for ``spread = θ_1 / a``: the most, up to :data:`_CHUNK`, with ``T_c(2 spread − 1) ≤`` :data:`_RANGE`.
+
+    ``T_c`` grows like ``(4 spread)^c``; past ~1e10 the float64 Gram matrix of the Cholesky–QR
+    loses definiteness and the block its rank. A fast-decaying spectrum (``θ_1 / a`` of 1e5 in a
+    test) gets one degree per chunk; the benchmark's (≈ 50) four.
+    """
+    x = max(2.0 * spread - 1.0, 1.0)
+    fits = [c for c in range(1, _CHUNK + 1) if math.cosh(c * math.acosh(x)) <= _RANGE]
+    return max(fits, default=1)
+
+
+def _chebyshev(G4: Tensor, X: Tensor, degree: int, chunk: int) -> Tensor:
+    """``T_degree(G/c − 1) X`` with ``c = a/2``, given ``G4 = (4/a) G``; orthonormalized every ``chunk`` degrees."""
     done = 0
     while done < degree:
-        step = min(_CHUNK, degree - done)
+        step = min(chunk, degree - done)
         y0, y1 = X, torch.addmm(X, G4, X, beta=-1.0, alpha=0.5)  # T_1 = (2/a) G X − X
         for _ in range(step - 1):  # T_{j+1} = 2 (2G/a − 1) T_j − T_{j−1}
             y2 = torch.addmm(y0, G4, y1, beta=-1.0)
@@ -88,7 +104,7 @@ def _chebyshev(G4: Tensor, X: Tensor, degree: int) -> Tensor:
 
 
 def filtered_spectrum(
-    gram: Gram, k: int, matmul: MatMul, rmatmul: MatMul, *, tol: float = SOLVER_TOL, seed: int = 0, rounds: int = 3
+    gram: Gram, k: int, matmul: MatMul, rmatmul: MatMul, *, tol: float | None = None, seed: int = 0, rounds: int = 3
 ) -> Spectrum | None:
     """Top-``k`` triplets of ΔW from its Gram matrix, certified to ``tol`` (module notes); None if not.
 
@@ -101,7 +117,7 @@ def filtered_spectrum(
     matmul, rmatmul : callable
         ``ΔW @ X`` for ``X : (d_in, b)`` and ``ΔWᵀ @ Y`` for ``Y : (d_out, b)``.
     tol : float
-        Bound on twice the estimated relative Frobenius gap. (default: :data:`SOLVER_TOL`)
+        Bound on twice the estimated relative Frobenius gap. (default: :data:`SOLVER_TOL` of the Gram's dtype)
     seed : int
         Seeds the starting block (same inputs, same factors).
     rounds : int
@@ -114,6 +130,7 @@ def filtered_spectrum(
         certificate failed: the caller then uses a dense eigensolver.
     """
     G = gram.matrix
+    tol = SOLVER_TOL.get(G.dtype, SOLVER_TOL[torch.float32]) if tol is None else tol
     plan = filter_plan(int(G.shape[0]), k)
     if not plan.worthwhile or gram.total_energy == 0.0:
         return None
@@ -122,19 +139,19 @@ def filtered_spectrum(
     for _ in range(_POWER):
         X = _orth(G @ X)
     theta = torch.linalg.eigvalsh((X.T @ (G @ X)).double())  # ascending; theta[0] ≤ λ_b
-    a = theta[0]
+    a, top = float(theta[0]), float(theta[-1])
     for _ in range(rounds):
-        if not bool(a > 0):
-            return None  # G is (numerically) of rank < b: the dense solver handles it
-        X = _orth(_chebyshev(G * (4.0 / a).to(G.dtype), X, _DEGREE), passes=2)
-        spec, gap, a = _rayleigh_ritz(gram, X, plan.k, matmul, rmatmul)
+        if not a > 0:
+            return None  # G is (numerically) of rank < b, or the block broke down: the dense solver handles it
+        X = _orth(_chebyshev(G * (4.0 / a), X, _DEGREE, chunk_length(top / a)), passes=2)
+        spec, gap, a, top = _rayleigh_ritz(gram, X, plan.k, matmul, rmatmul)
         if math.isfinite(gap) and 2.0 * gap <= tol:
             return spec
     return None
 
 
-def _rayleigh_ritz(gram: Gram, X: Tensor, k: int, matmul: MatMul, rmatmul: MatMul) -> tuple[Spectrum, float, Tensor]:
-    """The top-``k`` Ritz triplets of ΔW on ``span(X)``, the estimated gap, and the block's last Ritz value.
+def _rayleigh_ritz(gram: Gram, X: Tensor, k: int, matmul: MatMul, rmatmul: MatMul) -> tuple[Spectrum, float, float, float]:
+    """The top-``k`` Ritz triplets of ΔW on ``span(X)``, the estimated gap, the block's last and first Ritz values.
 
     ``X : (n, b)`` orthonormal columns: left singular directions when ``gram.wide``, else right ones.
     """
@@ -159,4 +176,4 @@ def _rayleigh_ritz(gram: Gram, X: Tensor, k: int, matmul: MatMul, rmatmul: MatMu
                         total_energy=total, complete=False)  # fmt: skip
     else:  # X holds V: US = ΔW V, Vh = Vᵀ
         spec = Spectrum(US=outer.to(dtype), S=S.to(dtype), Vh=inner.T.to(dtype).contiguous(), total_energy=total, complete=False)
-    return spec, gap, theta[-1]
+    return spec, gap, float(theta[-1]), float(theta[0])

@@ -14,7 +14,7 @@ from flexlora_plugin.core import aggregation as agg_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning
 from flexlora_plugin.core.projection import gram_of
 from flexlora_plugin.core.terms import StackedTerms
-from flexlora_plugin.core.topk import filter_plan, filtered_spectrum
+from flexlora_plugin.core.topk import chunk_length, filter_plan, filtered_spectrum
 from tests.conftest import best_rank_error, make_client, ref_delta
 
 
@@ -64,6 +64,52 @@ def test_without_a_certificate_the_solver_gives_up(gen):
 
     assert filtered_spectrum(gram_of(delta), 40, matmul, lambda Y: delta.T @ Y, tol=0.0, rounds=2) is None
     assert len(calls) == 2  # one Rayleigh-Ritz step per round, then the caller's dense fallback
+
+
+def test_a_fast_decaying_spectrum_is_certified_in_one_round(gen):
+    """σ_1²/λ_b near 1e5: four Chebyshev degrees per chunk would grow the block's top direction ~1e23-fold
+    over its bottom (the Cholesky–QR then breaks down and the solver fell back); one per chunk does not."""
+    delta64 = _delta(gen, (384, 256), terms=200, rank=4)
+    delta = delta64.float()
+    calls = []
+
+    def matmul(X):
+        calls.append(1)
+        return delta @ X
+
+    spec = filtered_spectrum(gram_of(delta), 64, matmul, lambda Y: delta.T @ Y)
+    assert spec is not None and len(calls) == 1
+    for r in (8, 64):
+        assert _gap(delta64, spec.US, spec.Vh, r) <= 1e-6, r
+
+
+def test_chunk_length_follows_the_spread_of_the_spectrum():
+    assert chunk_length(1.0) == 4 and chunk_length(50.0) == 4  # the 80-client benchmark's spread
+    assert chunk_length(2000.0) == 2 and chunk_length(1e5) == 1 and chunk_length(1e12) == 1
+
+
+def _flat(gen, c):
+    """A 384 x 256 ΔW with σ_i² = 1/(1 + c i): a slowly decaying spectrum, slow for any subspace iteration."""
+    U = torch.linalg.qr(torch.randn(384, 256, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(256, 256, generator=gen, dtype=torch.float64))[0]
+    return (U * (1.0 / (1.0 + c * torch.arange(256, dtype=torch.float64))).sqrt()) @ V.T
+
+
+def test_the_certified_tolerance_follows_the_dtype():
+    delta64 = _flat(torch.Generator().manual_seed(7), 0.005)
+    rounds = {}
+    for dtype in (torch.float32, torch.float64):
+        delta, calls = delta64.to(dtype), []
+
+        def matmul(X, delta=delta, calls=calls):
+            calls.append(1)
+            return delta @ X
+
+        spec = filtered_spectrum(gram_of(delta), 40, matmul, lambda Y, delta=delta: delta.T @ Y)
+        assert spec is not None
+        rounds[dtype] = len(calls)
+        assert _gap(delta64, spec.US, spec.Vh, 40) <= (1e-7 if dtype == torch.float32 else 1e-13), dtype
+    assert rounds == {torch.float32: 1, torch.float64: 2}  # float64 is certified to 1e-12, float32 to 1e-7
 
 
 def test_the_seed_fixes_the_factors(gen):
@@ -178,3 +224,15 @@ def test_cuda_stacked_path_is_exact_from_pageable_and_pinned_factors(gen, monkey
         assert all(t.device.type == "cpu" for t in proj.values())
         for m in BIG:
             assert _proj_gap(proj, states, weights, m, r) <= 1e-6, (m, r)
+
+
+def test_float64_compute_stays_float64_exact_through_aggregate(gen, monkeypatch):
+    states = _big_states(gen)
+    weights = [float(j + 1) for j in range(len(states))]
+    count = _Count(monkeypatch)
+    update = aggregate(states, weights, lora_alpha=16, max_rank=24, compute_dtype=torch.float64, device="cpu",
+                       stack_on_device=True)  # fmt: skip
+    assert count.solved == [(24, True)] * len(BIG)
+    proj = update.project(24, lora_alpha=16, dtype=torch.float64)
+    for m in BIG:
+        assert _proj_gap(proj, states, weights, m, 24) <= 1e-11, m
