@@ -45,6 +45,15 @@ def best_rank_error(delta: torch.Tensor, r: int) -> float:
     return float(S[r:].pow(2).sum().sqrt())
 
 
+def projection_gap(proj, states, weights, module: str, r: int, alpha: float = 16.0) -> float:
+    """``(‖ΔW − s·B·A‖_F − ‖ΔW − [ΔW]_r‖_F) / ‖ΔW‖_F`` of one module of a projected state dict (peft keys),
+    ΔW from :func:`ref_delta` with every client at ``alpha``, ``s = alpha / r``."""
+    ref = ref_delta(states, weights, module, [alpha] * len(states))
+    A, B = proj[f"{module}.lora_A.weight"].double(), proj[f"{module}.lora_B.weight"].double()
+    err = float((ref - (alpha / r) * B @ A).norm())
+    return (err - best_rank_error(ref, r)) / float(ref.norm())
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

@@ -16,7 +16,7 @@ from flexlora_plugin.core.errors import FlexLoRAWarning, MagnitudeError
 from flexlora_plugin.core.projection import Gram, gram_basis
 from flexlora_plugin.core.staging import stage
 from flexlora_plugin.core.terms import TermList
-from tests.conftest import best_rank_error, make_client, ref_delta
+from tests.conftest import make_client, projection_gap, ref_delta
 
 # square, tall and wide; stacked rank 24 + 24 + 12 + 8 = 68 > min(d) = 64: the dense (Gram) path
 SHAPES = {"l0.q_proj": (64, 64), "l0.gate_proj": (96, 64), "l0.down_proj": (64, 96)}
@@ -25,13 +25,6 @@ RANKS = [24, 24, 12, 8]
 
 def _states(gen, dtype=torch.float32):
     return [make_client(dict.fromkeys(SHAPES, r), SHAPES, gen=gen, dtype=dtype) for r in RANKS]
-
-
-def _gap(proj, states, weights, module, r):
-    ref = ref_delta(states, weights, module, [16.0] * len(states))
-    A, B = proj[f"{module}.lora_A.weight"].double(), proj[f"{module}.lora_B.weight"].double()
-    err = float((ref - (16.0 / r) * B @ A).norm())
-    return (err - best_rank_error(ref, r)) / float(ref.norm())
 
 
 class _Counter:
@@ -74,7 +67,7 @@ def test_default_call_decomposes_each_module_once_in_any_order(gen, monkeypatch,
     for r in order:
         proj = update.project(r, lora_alpha=16)
         for m in SHAPES:
-            assert _gap(proj, states, weights, m, r) <= 1e-5, (m, r)
+            assert projection_gap(proj, states, weights, m, r) <= 1e-5, (m, r)
     assert count.decompositions == len(SHAPES)
     assert set(count.deltas.values()) == {1}
 
@@ -86,7 +79,7 @@ def test_rank_above_every_client_rank_is_served_from_the_kept_basis(gen, monkeyp
     update.project(8, lora_alpha=16)  # decomposes for the largest client rank, 24
     proj = update.project(30, lora_alpha=16)  # above it: a Ritz step on the factors, no new ΔW
     for m in SHAPES:
-        assert _gap(proj, states, weights, m, 30) <= 1e-5, m
+        assert projection_gap(proj, states, weights, m, 30) <= 1e-5, m
     assert count.decompositions == len(SHAPES) and set(count.deltas.values()) == {1}
 
 
@@ -99,7 +92,7 @@ def test_max_rank_keeps_no_basis_and_recomputes_beyond_it(gen, monkeypatch):
     proj = update.project(20, lora_alpha=16)
     assert count.decompositions == 2 * len(SHAPES)
     for m in SHAPES:
-        assert _gap(proj, states, weights, m, 20) <= 1e-5, m
+        assert projection_gap(proj, states, weights, m, 20) <= 1e-5, m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -110,7 +103,7 @@ def test_max_rank_on_the_cpu_never_forms_a_dense_delta(gen, monkeypatch, dtype):
     for r in (8, 12, 24):
         proj = update.project(r, lora_alpha=16)
         for m in SHAPES:
-            assert _gap(proj, states, weights, m, r) <= (1e-5 if dtype == torch.float32 else 1e-2), (m, r)
+            assert projection_gap(proj, states, weights, m, r) <= (1e-5 if dtype == torch.float32 else 1e-2), (m, r)
     assert count.deltas == {} and set(count.slab_grams.values()) == {1}
     assert count.decompositions == len(SHAPES)
     for m in SHAPES:
@@ -159,7 +152,7 @@ def test_stacked_layout_matches_the_client_list(gen, dtype):
         for key in a:
             assert a[key].dtype == b[key].dtype == dtype
         for m in SHAPES:
-            assert _gap(b, states, weights, m, r) <= (1e-5 if dtype == torch.float32 else 1e-2), (m, r)
+            assert projection_gap(b, states, weights, m, r) <= (1e-5 if dtype == torch.float32 else 1e-2), (m, r)
 
 
 def test_stacked_factored_path_is_exact(gen):
@@ -168,7 +161,7 @@ def test_stacked_factored_path_is_exact(gen):
     assert update.uses_factored_path("l0.q_proj")
     proj = update.project(4, lora_alpha=16)
     for m in SHAPES:
-        assert _gap(proj, states, [1.0, 2.0, 3.0], m, 4) <= 1e-5
+        assert projection_gap(proj, states, [1.0, 2.0, 3.0], m, 4) <= 1e-5
 
 
 def test_stage_keeps_client_order_and_mixed_dtypes(gen):
@@ -241,7 +234,7 @@ def test_cuda_pipeline_matches_the_cpu(gen):
         proj = cuda.project(r, lora_alpha=16)
         assert all(t.device.type == "cpu" for t in proj.values())
         for m in SHAPES:
-            assert _gap(proj, kept, [1.0, 1.0], m, r) <= 1e-5, (m, r)
+            assert projection_gap(proj, kept, [1.0, 1.0], m, r) <= 1e-5, (m, r)
 
 
 def test_the_top_rank_factor_b_is_the_cached_spectrum_and_survives_a_restore(gen, tmp_path):
@@ -256,7 +249,7 @@ def test_the_top_rank_factor_b_is_the_cached_spectrum_and_survives_a_restore(gen
     for m in SHAPES:
         spec = update._spectra[m]
         assert spec.us_scale == 16 / 24 and spec.US is top[f"{m}.lora_B.weight"]  # one tensor, not two
-        assert _gap(top, states, weights, m, 24) <= 1e-5, m
+        assert projection_gap(top, states, weights, m, 24) <= 1e-5, m
     update._projections.clear()  # served again from the shared spectrum: a rescaled copy of B
     for key, value in update.project(8, lora_alpha=16).items():
         assert torch.allclose(value, small_before[key], rtol=1e-6, atol=0), key
@@ -266,4 +259,4 @@ def test_the_top_rank_factor_b_is_the_cached_spectrum_and_survives_a_restore(gen
         for key in live:
             assert torch.allclose(again[key], live[key], rtol=1e-6, atol=1e-7), (r, key)
         for m in SHAPES:
-            assert _gap(again, states, weights, m, r) <= 1e-5, (m, r)
+            assert projection_gap(again, states, weights, m, r) <= 1e-5, (m, r)

@@ -15,7 +15,7 @@ from flexlora_plugin.core.errors import FlexLoRAWarning
 from flexlora_plugin.core.projection import gram_of
 from flexlora_plugin.core.terms import StackedTerms
 from flexlora_plugin.core.topk import chunk_length, filter_plan, filtered_spectrum
-from tests.conftest import best_rank_error, make_client, ref_delta
+from tests.conftest import best_rank_error, make_client, projection_gap
 
 
 def _delta(gen, shape, terms=40, rank=16):
@@ -131,13 +131,6 @@ def _big_states(gen, n=8, rank=40):
     return [{k: v * (j + 1) ** -0.75 for k, v in make_client(dict.fromkeys(BIG, rank), BIG, gen=gen).items()} for j in range(n)]
 
 
-def _proj_gap(proj, states, weights, module, r):
-    ref = ref_delta(states, weights, module, [16.0] * len(states))
-    A, B = proj[f"{module}.lora_A.weight"].double(), proj[f"{module}.lora_B.weight"].double()
-    err = float((ref - (16.0 / r) * B @ A).norm())
-    return (err - best_rank_error(ref, r)) / float(ref.norm())
-
-
 class _Count:
     def __init__(self, monkeypatch):
         self.solved, self.deltas = [], 0
@@ -167,7 +160,7 @@ def test_stacked_spectra_are_computed_while_staging_and_exact(gen, monkeypatch, 
     for r in (4, 24) if max_rank else (4, 24, 40):
         proj = update.project(r, lora_alpha=16)
         for m in BIG:
-            assert _proj_gap(proj, states, weights, m, r) <= 1e-6, (m, r)
+            assert projection_gap(proj, states, weights, m, r) <= 1e-6, (m, r)
     assert len(count.solved) == len(BIG) and count.deltas == len(BIG)  # project() added none
 
 
@@ -180,7 +173,7 @@ def test_a_rank_above_the_first_solve_reuses_the_kept_gram(gen, monkeypatch):
     assert count.deltas == len(BIG)  # no second ΔW: a solve on the kept Gram, products with the factors
     assert [k for k, _ in count.solved] == [40] * len(BIG) + [56] * len(BIG)
     for m in BIG:
-        assert _proj_gap(proj, states, weights, m, 56) <= 1e-6, m
+        assert projection_gap(proj, states, weights, m, 56) <= 1e-6, m
 
 
 def test_an_exclusion_discards_what_was_computed_while_staging(gen, monkeypatch):
@@ -195,7 +188,7 @@ def test_an_exclusion_discards_what_was_computed_while_staging(gen, monkeypatch)
     kept = [s for j, s in enumerate(states) if j != 3]
     proj = update.project(24, lora_alpha=16)
     for m in BIG:
-        assert _proj_gap(proj, kept, [1.0] * len(kept), m, 24) <= 1e-6, m
+        assert projection_gap(proj, kept, [1.0] * len(kept), m, 24) <= 1e-6, m
     assert len(count.solved) == 2 * len(BIG)
 
 
@@ -205,7 +198,7 @@ def test_a_rank_deficient_delta_falls_back_and_stays_exact(gen):
     update = aggregate(states, [1.0] * 8, lora_alpha=16, max_rank=24, device="cpu", stack_on_device=True)
     proj = update.project(24, lora_alpha=16)
     for m in BIG:
-        assert _proj_gap(proj, states, [1.0] * 8, m, 24) <= 1e-6, m
+        assert projection_gap(proj, states, [1.0] * 8, m, 24) <= 1e-6, m
 
 
 @pytest.mark.gpu
@@ -223,7 +216,7 @@ def test_cuda_stacked_path_is_exact_from_pageable_and_pinned_factors(gen, monkey
         proj = update.project(r, lora_alpha=16)
         assert all(t.device.type == "cpu" for t in proj.values())
         for m in BIG:
-            assert _proj_gap(proj, states, weights, m, r) <= 1e-6, (m, r)
+            assert projection_gap(proj, states, weights, m, r) <= 1e-6, (m, r)
 
 
 def test_float64_compute_stays_float64_exact_through_aggregate(gen, monkeypatch):
@@ -235,4 +228,4 @@ def test_float64_compute_stays_float64_exact_through_aggregate(gen, monkeypatch)
     assert count.solved == [(24, True)] * len(BIG)
     proj = update.project(24, lora_alpha=16, dtype=torch.float64)
     for m in BIG:
-        assert _proj_gap(proj, states, weights, m, 24) <= 1e-11, m
+        assert projection_gap(proj, states, weights, m, 24) <= 1e-11, m
