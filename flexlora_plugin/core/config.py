@@ -15,6 +15,7 @@ import torch
 
 from .adapters import WIRE_DTYPES
 from .aggregation import list_methods
+from .client import parse_device
 from .errors import ProfileError
 from .profiles import (
     ATTENTION,
@@ -122,6 +123,11 @@ class FlexLoRAConfig:
         metadata={"help": "Dtype of the factors on the wire, both ways: 'auto' (each adapter's own), 'float32' or "
                           "'bfloat16' (half the bytes of float32; the server still computes in compute_dtype)."},
     )  # fmt: skip
+    server_device: str = field(
+        default="cpu",
+        metadata={"help": "Where the server aggregates: 'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when there is one). "
+                          "On CUDA the factors are staged and decomposed on the GPU (docs/api.md#computation)."},
+    )  # fmt: skip
     drop_after_failures: int = field(
         default=0,
         metadata={"help": "Stop sampling a client once it was excluded this many rounds in a row (0: never). "
@@ -137,6 +143,10 @@ class FlexLoRAConfig:
             raise ValueError(f"compute_dtype must be 'float32' or 'float64', got {self.compute_dtype!r}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        try:
+            parse_device(self.server_device)
+        except ValueError as err:
+            raise ValueError(f"server_device: {err}") from None
         if self.max_update_norm is not None and not (
             isinstance(self.max_update_norm, (int, float)) and not isinstance(self.max_update_norm, bool)
             and math.isfinite(self.max_update_norm) and self.max_update_norm > 0

@@ -37,6 +37,7 @@ from torch import Tensor
 from .adapters import WIRE_DTYPES, state_nbytes
 from .aggregation import GlobalUpdate, ModuleInfo, aggregate
 from .checkpoint import load_server_state, save_server_state
+from .client import resolve_device
 from .config import FlexLoRAConfig
 from .errors import FlexLoRAError, FlexLoRAWarning, RankError
 from .profiles import check_rank_map, rank_label, sample_ranks
@@ -172,6 +173,8 @@ class Federation:
         self._initial: GlobalUpdate | None = None
         self._adapter: tuple[GlobalUpdate, str, tuple[dict[str, Tensor], dict[str, int]]] | None = None
         self._sampler = config.sampler()
+        device = resolve_device(config.server_device)  # a GPU asked for and missing fails here, not in round 1
+        self.server_device = None if device.type == "cpu" else device
 
     # ------------------------------------------------------------------ rank maps
     def draw_ranks(self, client: Hashable) -> dict[str, int]:
@@ -298,7 +301,7 @@ class Federation:
                     update = aggregate(
                         {c: r.state for c, r in usable.items()}, {c: float(r.num_examples) for c, r in usable.items()},
                         expected_ranks={c: self.rank_maps[c] for c in usable}, on_invalid="exclude",
-                        expected_shapes={m: i.shape for m, i in self.info.items()}, **kwargs,
+                        expected_shapes={m: i.shape for m, i in self.info.items()}, device=self.server_device, **kwargs,
                     )  # fmt: skip
             except FlexLoRAError as err:  # every reply excluded, or none usable together
                 excluded.update({c: f"no usable reply this round: {err}" for c in usable if c not in excluded})

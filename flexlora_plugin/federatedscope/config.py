@@ -75,6 +75,10 @@ FIELDS: dict[str, tuple[Any, str]] = {
         "auto",
         "Dtype of the factors server <-> clients: 'auto' (the adapters' own), 'float32' or 'bfloat16' (half the bytes).",
     ),
+    "server_device": (
+        "cpu",
+        "Where the server aggregates: 'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when there is one); docs/performance.md.",
+    ),
     "restore_from": ("", "Server state (written through federate.save_to) to resume from; the run continues at its round."),
     "save_adapter": ("", "Folder to write the final global update to as a peft adapter ('' = none)."),
     "max_examples": (-1, "Natural Instructions loader: keep at most this many examples per client and split (-1 = all)."),
@@ -206,6 +210,7 @@ def to_core_config(
         hetlora_weighting=flex["hetlora_weighting"],
         compute_dtype=flex["compute_dtype"],
         wire_dtype=str(flex["wire_dtype"]),
+        server_device=str(flex["server_device"]),
     )
 
 

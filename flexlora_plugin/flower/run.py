@@ -550,6 +550,10 @@ def _check_hardware(args: argparse.Namespace, settings: Settings) -> None:
         resolve_device(settings.device)
     except ValueError as err:
         raise SettingsError(f"{err}; use device='auto' or 'cpu' here") from err
+    try:
+        resolve_device(settings.server_device)
+    except ValueError as err:
+        raise SettingsError(f"server-device: {err}; use server-device='auto' or 'cpu' here") from err
 
 
 def describe_run(args: argparse.Namespace, settings: Settings, out: Path, resuming: bool) -> list[str]:

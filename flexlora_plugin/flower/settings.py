@@ -95,6 +95,7 @@ class Settings:
     export_rank: int = 0
     drop_after_failures: int = 0
     wire_dtype: str = "auto"
+    server_device: str = "cpu"
 
     @classmethod
     def from_context(cls, run_config: Mapping[str, Any], run_id: int) -> Settings:
@@ -135,6 +136,7 @@ class Settings:
             dtype=str(rc.get("dtype", "float32")), gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
             proximal_mu=float(rc.get("proximal-mu", 0.0)), export_rank=int(rc.get("export-rank", 0)),
             drop_after_failures=int(rc.get("drop-after-failures", 0)), wire_dtype=str(rc.get("wire-dtype", "auto")),
+            server_device=str(rc.get("server-device", "cpu")),
         )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -198,6 +200,7 @@ class Settings:
                 profile="homo" if table is not None else self.profile,
                 rank_table=table, seed=self.seed, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
                 drop_after_failures=self.drop_after_failures, wire_dtype=self.wire_dtype,
+                server_device=self.server_device,
             )  # fmt: skip
         except ValueError as err:
             raise SettingsError(str(err).removeprefix("FlexLoRAConfig.profile: ")) from err

@@ -202,3 +202,31 @@ def test_drop_after_failures_is_opt_in_counts_rounds_in_a_row_and_survives_a_res
     assert resumed.dropped == {3: 2} and resumed.failures == on.failures and resumed.eligible([1, 2, 3]) == [1, 2]
     with pytest.raises(ValueError, match="drop_after_failures must be an int >= 0"):
         FlexLoRAConfig(drop_after_failures=-1)
+
+
+def test_server_device_is_checked_when_configured_and_when_the_federation_starts():
+    with pytest.raises(ValueError, match="server_device: device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        FlexLoRAConfig(server_device="gpu")
+    assert _fed().server_device is None  # the default: aggregation on the CPU, as before
+    assert _fed(server_device="auto").server_device == (torch.device("cuda") if torch.cuda.is_available() else None)
+    if not torch.cuda.is_available():  # a GPU asked for and missing fails before round 1, not in it
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            _fed(server_device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_round_aggregated_on_the_gpu_serves_what_the_cpu_serves():
+    feds = {dev: _fed(server_device=dev) for dev in ("cpu", "cuda")}
+    gen = torch.Generator().manual_seed(3)
+    ranks = {"a": 4, "b": 12, "c": 16}
+    replies = {c: _reply(dict.fromkeys(SHAPES, r), gen, n=float(i + 1)) for i, (c, r) in enumerate(ranks.items())}
+    for fed in feds.values():
+        for c, r in ranks.items():
+            fed.assign_ranks(c, dict.fromkeys(SHAPES, r))
+        assert fed.aggregate(replies).updated
+    for c in ranks:
+        cpu, gpu = feds["cpu"].factors_for(c), feds["cuda"].factors_for(c)
+        for module in SHAPES:
+            (A0, B0), (A1, B1) = _factors(cpu, module), _factors(gpu, module)
+            assert A1.device.type == "cpu" and torch.allclose(B1 @ A1, B0 @ A0, atol=1e-5 * float((B0 @ A0).abs().max()))

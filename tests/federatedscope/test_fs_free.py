@@ -79,6 +79,9 @@ def test_to_core_config() -> None:
         config.to_core_config(FLEX, method="fedavg", lora_alpha=16)
     with pytest.raises(ValueError, match="compute_dtype"):
         config.to_core_config({**FLEX, "compute_dtype": "float16"}, method="flexlora", lora_alpha=16)
+    assert config.to_core_config({**FLEX, "server_device": "cuda:1"}, method="flexlora", lora_alpha=16).server_device == "cuda:1"
+    with pytest.raises(ValueError, match="server_device: device must be"):
+        config.to_core_config({**FLEX, "server_device": "gpu"}, method="flexlora", lora_alpha=16)
 
 
 def test_every_field_has_a_description() -> None:

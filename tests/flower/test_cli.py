@@ -44,6 +44,9 @@ SMALL = "local-steps=1 batch-size=2 max-train-examples=4"
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
         pytest.param(["--run-config", "device='cuda'"], "use device='auto' or 'cpu' here",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+        (["--run-config", "server-device='gpu'"], "server_device: device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        pytest.param(["--run-config", "server-device='cuda'"], "use server-device='auto' or 'cpu' here",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
 )
 def test_bad_options_fail_before_anything_starts(argv, message, tmp_path, capsys):
