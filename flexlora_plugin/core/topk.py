@@ -111,7 +111,7 @@ def filtered_spectrum(
     Parameters
     ----------
     gram : Gram
-        ``G : (n, n)`` of the smaller side, float32, not modified.
+        ``G : (n, n)`` of the smaller side, float32 or float64, not modified.
     k : int
         Triplets wanted, ``k < n``.
     matmul, rmatmul : callable
