@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (torch there, no venv, no network): the CUDA tests, then the GPU
+# server-step benchmark. Run from the repository root; results under $OUT (default /tmp/gpu_session).
+#   bash benchmarks/gpu_session.sh            # ~3 min on an H100 (tests ~20 s, benchmark ~125 s)
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+# every test marked gpu, and the core tests whose stacked path runs on CUDA when it is there
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/core/test_topk.py tests/core/test_server_speed.py \
+  tests/core/test_aggregation.py tests/core/test_trust_boundary.py tests/core/test_baselines.py \
+  tests/core/test_federation.py tests/test_evaluate.py 2>&1 | tail -5 | tee "$OUT/tests.log"
+timeout 300 python3 benchmarks/bench_aggregation.py --device cuda --threads 16 --json "$OUT/gpu.json" \
+  > "$OUT/bench.md" 2> "$OUT/bench.err"
+tail -14 "$OUT/bench.md"
