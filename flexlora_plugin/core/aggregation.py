@@ -389,13 +389,15 @@ class FlexLoRAUpdate(GlobalUpdate):
             info, [c.client for c in clients], excluded, terms=terms, max_rank=o.max_rank, progress=o.progress,
             compute_dtype=o.compute_dtype, device=o.device, seed=o.seed,
         )  # fmt: skip
-        for m, (spec, gram) in ((m, p) for m, p in (o.prepared or {}).items() if p is not None):
-            if spec is not None and m in update.info:
-                update._spectra[m] = spec
-                if gram is not None:
-                    update._grams[m] = gram
-                if o.progress is not None:
-                    o.progress(len(update._spectra), len(update.modules), m)
+        for m, prepared in (o.prepared or {}).items():
+            spec, gram = prepared or (None, None)
+            if spec is None or m not in update.info:
+                continue
+            update._spectra[m] = spec
+            if gram is not None:
+                update._grams[m] = gram
+            if o.progress is not None:
+                o.progress(len(update._spectra), len(update.modules), m)
         return update
 
     @classmethod
@@ -410,13 +412,11 @@ class FlexLoRAUpdate(GlobalUpdate):
         coefs = _coefficients(clients, info)
 
         def spectrum_of(module: str, st: Stack) -> tuple[Spectrum | None, Gram | None]:
-            shape = info[module].shape
-            terms = _stacked_terms(st, coefs[module], shape)
-            k = min(options.max_rank or max(terms.ranks), min(shape))
+            terms = _stacked_terms(st, coefs[module], info[module].shape)
             probe = cls(info, [], {}, terms={module: terms}, max_rank=options.max_rank, compute_dtype=options.compute_dtype,
                         device=options.device, seed=options.seed)  # fmt: skip
-            try:
-                spec = probe._spectrum(module, k)  # under aggregate()'s ieee_float32()
+            try:  # k = 1: _spectrum widens it to the first decomposition's width (max_rank, or the largest client rank)
+                spec = probe._spectrum(module, 1)  # under aggregate()'s ieee_float32()
             except RuntimeError as err:  # e.g. non-finite factors the checks will exclude: computed again, lazily
                 logger.debug("module %s: no spectrum while staging (%s)", module, err)
                 return None, None
