@@ -35,6 +35,7 @@ from .errors import (
     NonFiniteUpdateError,
     RankError,
 )
+from .packed import PackedEigenError
 from .projection import (
     Gram,
     GramBasis,
@@ -494,7 +495,11 @@ class FlexLoRAUpdate(GlobalUpdate):
                 self._bases[module] = basis
         elif self._low_memory(module, max(k, self._max_rank)):  # no ΔW: Gram from slabs, top-k eigenvectors
             target = max(k, self._max_rank)
-            basis = gram_basis(terms.gram(self.compute_dtype, self.device), target)
+            try:  # the packed Gram matrix on the CPU: half the memory
+                basis = gram_basis(terms.gram(self.compute_dtype, self.device), target)
+            except PackedEigenError as err:  # it is overwritten: build it again, whole, for syevr
+                logger.warning("module %s: %s; retrying with the whole Gram matrix", module, err)
+                basis = gram_basis(terms.gram(self.compute_dtype, self.device, packed=False), target)
             spec = ritz_spectrum(basis, target, terms.matmul, terms.rmatmul)
             del basis
             _trim_heap()

@@ -42,9 +42,9 @@ class _Counter:
             self.deltas[terms.shape] = self.deltas.get(terms.shape, 0) + 1
             return real_delta(terms, dtype, device)
 
-        def gram(terms, dtype, device):
+        def gram(terms, dtype, device, **kwargs):
             self.slab_grams[terms.shape] = self.slab_grams.get(terms.shape, 0) + 1
-            return real_gram(terms, dtype, device)
+            return real_gram(terms, dtype, device, **kwargs)
 
         def decomposition(real):
             def counted(*args, **kwargs):
@@ -118,7 +118,7 @@ def test_max_rank_on_the_cpu_never_forms_a_dense_delta(gen, monkeypatch, dtype):
 def test_gram_from_slabs_matches_the_dense_gram(gen, shape, block_bytes):
     d_out, d_in = shape
     items = [(c, torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen)) for c, r in ((0.5, 20), (-1.5, 30), (2.0, 25))]
-    gram = TermList(items, shape).gram(torch.float32, None, block_bytes=block_bytes)
+    gram = TermList(items, shape).gram(torch.float32, None, block_bytes=block_bytes, packed=False)  # packed: test_packed.py
     dense = sum(c * B.double() @ A.double() for c, B, A in items)
     ref = dense @ dense.T if d_out <= d_in else dense.T @ dense
     assert gram.wide == (d_out <= d_in) and gram.matrix.shape == ref.shape
