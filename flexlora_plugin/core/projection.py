@@ -26,6 +26,7 @@ Dtype policy: compute in float32 (float64 on request), return in the adapter's d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import zlib
 from collections.abc import Callable
@@ -99,7 +100,14 @@ class Spectrum:
         return int(self.S.shape[0])
 
     def numerical_rank(self) -> int:
-        """Number of singular values above ``max(d_out, d_in) · eps · σ_1`` (as ``matrix_rank``)."""
+        """Number of singular values above ``max(d_out, d_in) · eps · σ_1`` (as ``matrix_rank``).
+
+        Computed once per spectrum: one device sync, however many ranks are served from it.
+        """
+        return self._numerical_rank
+
+    @functools.cached_property
+    def _numerical_rank(self) -> int:
         S = self.S.cpu()  # one device sync, not two
         if self.k == 0 or float(S[0]) == 0.0:
             return 0
