@@ -297,12 +297,15 @@ def reset_peak() -> None:
 def warm_up_libraries(device: str = "cpu", core: bool = False) -> None:
     """Touch every BLAS/LAPACK routine once on tiny inputs, so their code pages (and on CUDA the
     context, cuBLAS and cuSOLVER handles) are in the baseline. With ``core``, also the core's own
-    top-k eigensolver (scipy's LAPACK ``syevr``: its import and its BLAS's thread buffers)."""
+    top-k eigensolvers (scipy's LAPACK ``syevr``, and ``sspevx`` on a packed Gram matrix from
+    slabs: their imports and their BLAS's thread buffers)."""
     x = torch.randn(64, 48, device=device)
     if core:
         from flexlora_plugin.core.projection import gram_basis, gram_of
+        from flexlora_plugin.core.terms import TermList
 
         gram_basis(gram_of(x.cpu()), 4)
+        gram_basis(TermList([(0.5, x[:, :8].cpu(), x[:8].cpu())], (64, 48)).gram(torch.float32, None), 4)
     torch.zeros(64, 48, device=device).addmm_(x[:, :8], x[:8], alpha=0.5)
     torch.linalg.svd(x, full_matrices=False)
     torch.linalg.svd(x.T, full_matrices=False)
