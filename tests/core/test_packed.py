@@ -146,3 +146,21 @@ def test_the_eigensolver_leaves_the_blas_thread_count_as_it_found_it(gen):
     X = torch.randn(30, 40, generator=gen, dtype=torch.float64)
     packed_top_eigvecs(_packed_reference(X @ X.T), 30, 4)  # runs on one thread
     assert setter(before) == before
+
+
+def test_float64_compute_uses_the_float64_packed_solver(gen, monkeypatch):
+    states = [make_client(dict.fromkeys(SHAPES, r), SHAPES, gen=gen, dtype=torch.float64) for r in (24, 24, 12, 8)]
+    weights = [3.0, 1.0, 2.0, 5.0]
+    solved = []
+    real = projection_mod.packed_top_eigvecs
+
+    def spy(ap, n, k):
+        solved.append(ap.dtype)
+        return real(ap, n, k)
+
+    monkeypatch.setattr(projection_mod, "packed_top_eigvecs", spy)
+    update = aggregate(states, weights, lora_alpha=16, max_rank=24, compute_dtype=torch.float64)
+    proj = update.project(24, lora_alpha=16, dtype=torch.float64)
+    assert solved == [torch.float64] * len(SHAPES)
+    for m in SHAPES:
+        assert projection_gap(proj, states, weights, m, 24) <= 1e-11, m
