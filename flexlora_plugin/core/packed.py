@@ -89,7 +89,7 @@ class PanelGram:
         self.n = n
         self.bounds = panel_bounds(n, width)
         j0, j1, offset = self.bounds[-1]
-        self.buffer = torch.zeros(offset + (j1 - j0) * j1, dtype=dtype)
+        self.buffer = torch.zeros(offset + (j1 - j0) * j1, dtype=dtype, device="cpu")  # LAPACK reads it in place
         self.panels = [self.buffer[o : o + (b - a) * b].view(b - a, b) for a, b, o in self.bounds]
         self._packed = False
 
