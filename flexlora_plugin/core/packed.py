@@ -19,8 +19,8 @@ dense-path module never forms ΔW: its ``n × n`` Gram matrix is built from slab
 * **The eigensolver** (:func:`packed_top_eigvecs`): LAPACK ``?spevx`` for an index range, on
   ``-G`` so that its ``k`` smallest eigenpairs are ``G``'s ``k`` leading ones, leading first.
   Its workspace is ``8 n`` numbers and ``6 n`` integers beside the ``n × k`` result. It is about
-  twice the time of ``?syevr`` on the full matrix (0.52 s against 0.25 s at ``n = 2048``,
-  ``k = 200``, 2 threads): the reduction to tridiagonal form cannot be blocked in packed storage.
+  twice the time of ``?syevr`` on the full matrix (0.52 s on one thread against 0.25 s on two at
+  ``n = 2048``, ``k = 200``): the reduction to tridiagonal form cannot be blocked in packed storage.
   It runs on one BLAS thread (OpenBLAS's thread-local setting, when scipy's LAPACK is OpenBLAS):
   as fast as two for these level-2 kernels, without OpenBLAS's waiting threads slowing torch's.
 
