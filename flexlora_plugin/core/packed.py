@@ -208,7 +208,7 @@ def _blas_threads_setter(name: str) -> Callable[[int], int] | None:
         if not ctypes.CDLL(None).dladdr(ctypes.cast(_lapack(name), ctypes.c_void_p), ctypes.byref(info)) or not info.fname:
             return None
         setter = getattr(ctypes.CDLL(info.fname.decode()), "openblas_set_num_threads_local", None)
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # TypeError: CDLL(None) on Windows
         return None
     if setter is not None:
         setter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
