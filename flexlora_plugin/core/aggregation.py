@@ -841,7 +841,12 @@ def _load_cuda_linalg(device: torch.device) -> None:
 
 def _coefficients(clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo]) -> dict[str, dict[Hashable, float]]:
     """``c_k = p_k s_k`` per module and client, ``p_k`` renormalised over the clients holding the module."""
-    return {m: {c.client: c.weight / _total(clients, m) * c.scalings[m] for c in clients if m in c.factors} for m in info}
+    out: dict[str, dict[Hashable, float]] = {}
+    for m in info:
+        holders = [c for c in clients if m in c.factors]
+        total = sum(c.weight for c in holders)  # once per module (it was summed again for every client)
+        out[m] = {c.client: c.weight / total * c.scalings[m] for c in holders}
+    return out
 
 
 def _stacked_terms(st: Stack, coefs: Mapping[Hashable, float], shape: tuple[int, int]) -> StackedTerms:
@@ -851,7 +856,3 @@ def _stacked_terms(st: Stack, coefs: Mapping[Hashable, float], shape: tuple[int,
     ranks = torch.tensor(st.ranks).to(device, non_blocking=True)
     coef = torch.repeat_interleave(per_client, ranks, output_size=st.A_cat.shape[0])
     return StackedTerms(st.B_cat, st.A_cat, coef, st.ranks, shape)
-
-
-def _total(clients: Sequence[ClientUpdate], module: str) -> float:
-    return sum(c.weight for c in clients if module in c.factors)

@@ -152,7 +152,6 @@ def stage(
     return out
 
 
-
 @dataclass(frozen=True)
 class _Plan:
     module: str
