@@ -184,23 +184,25 @@ def _plan(module: str, factors: Factors, dtype: torch.dtype | None) -> _Plan:
     return _Plan(module, tuple(c for c, _ in held), tuple(p for _, p in held), chosen, pinned)
 
 
-def _pack(tensors: Sequence[Tensor], dtype: torch.dtype, buf: Tensor | None) -> Tensor:
-    """``tensors`` flattened one after another (each keeps its row-major layout) into ``buf``, or a new tensor.
+def _flat_b(plan: _Plan) -> list[Tensor]:
+    """Every ``B_j`` flattened (views of contiguous factors): the second half of what :func:`_fill` writes."""
+    return [B.reshape(-1) for _, B in plan.pairs]
 
-    ``A_j : (r_j, d_in)`` so packed are ``A_cat``; ``B_j : (d_out, r_j)`` stay separate blocks, joined on the device.
+
+def _fill(plan: _Plan, buf: Tensor | None, flat_b: Sequence[Tensor] | None = None) -> Tensor:
+    """Every ``A_j``, then every ``B_j``, flattened one after another into ``buf`` (or a new tensor).
+
+    Two concatenations, whatever the number of clients: ``A_j : (r_j, d_in)`` stack into
+    ``A_cat``; ``B_j : (d_out, r_j)`` stay separate blocks, joined on the device. A Python copy
+    per tensor (the first version) made ~500 calls per module, each waiting for the GIL behind
+    busy worker threads. ``flat_b``: :func:`_flat_b`, computed before the workers start.
     """
-    numel = sum(t.numel() for t in tensors)
-    out = buf[:numel] if buf is not None else torch.empty(numel, dtype=dtype)
-    off = 0
-    for t in tensors:
-        out[off : off + t.numel()].view_as(t).copy_(t)
-        off += t.numel()
+    n = plan.a_numel + plan.b_numel
+    out = buf[:n] if buf is not None else torch.empty(n, dtype=plan.dtype)
+    d_in = plan.pairs[0][0].shape[1]
+    torch.cat([A for A, _ in plan.pairs], dim=0, out=out[: plan.a_numel].view(-1, d_in))
+    torch.cat(list(flat_b) if flat_b is not None else _flat_b(plan), out=out[plan.a_numel :])
     return out
-
-
-def _fill(plan: _Plan, buf: Tensor | None) -> Tensor:
-    """Every ``A_j``, then every ``B_j``, flattened one after another into ``buf`` (or a new tensor)."""
-    return _pack([A for A, _ in plan.pairs] + [B for _, B in plan.pairs], plan.dtype, buf)
 
 
 def _views(plan: _Plan, flat: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -263,6 +265,7 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
             direct[i] = _copy_direct(plans[i], device, side)
 
     staged = [p for p in plans if not p.pinned]
+    flat_bs = [_flat_b(p) for p in staged]  # here, before any worker competes for the GIL
     size = -(-max(((p.a_numel + p.b_numel) * p.dtype.itemsize for p in staged), default=0) // 8) * 8  # any dtype
     pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if staged else []
     copied: list[torch.cuda.Event | None] = [None, None]
@@ -277,7 +280,7 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
                 slot = i % 2
                 if copied[slot] is not None:
                     copied[slot].synchronize()  # the DMA out of this buffer has finished
-                raw = _fill(plan, pinned[slot].view(plan.dtype))
+                raw = _fill(plan, pinned[slot].view(plan.dtype), flat_bs[i])
                 with torch.cuda.stream(side):
                     flat = raw.to(device, non_blocking=True)
                     event = torch.cuda.Event()

@@ -175,6 +175,14 @@ def test_stage_keeps_client_order_and_mixed_dtypes(gen):
     assert torch.equal(st.select({"y"}).B_cat, B2.float())
 
 
+def test_stage_takes_strided_factors_and_an_explicit_dtype(gen):
+    A1, B1 = torch.randn(5, 2, generator=gen).T, torch.randn(2, 7, generator=gen).T  # transposed views
+    A2, B2 = torch.randn(3, 5, generator=gen), torch.randn(7, 3, generator=gen)
+    st = stage({"x": {"m": (A1, B1)}, "y": {"m": (A2, B2)}}, ["m"], "cpu", dtype=torch.float64)["m"]
+    assert st.A_cat.dtype == st.B_cat.dtype == torch.float64
+    assert torch.equal(st.A_cat, torch.cat([A1, A2]).double()) and torch.equal(st.B_cat, torch.cat([B1, B2], dim=1).double())
+
+
 def _hostile(gen):
     states, weights = _states(gen), [1.0, 1.0, 1.0, 1.0]
     states[1] = dict(states[1])
