@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -44,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,20 +262,53 @@ def run_ours(
     maps = distinct_rank_maps(rank_maps)
     r_max = max(max(rm.values()) for rm in maps)
     on = None if device == "cpu" else device
-    if default_call:
-        maps = sorted(maps, key=lambda rm: (max(rm.values()), sum(rm.values())))
-        update = aggregate(states, weights, lora_alpha=ALPHA, device=on)
-    else:
-        update = aggregate(states, weights, lora_alpha=ALPHA, max_rank=r_max, device=on)
+    spans: list[tuple[float, float]] = []
+    with worker_spans(spans):
+        if default_call:
+            maps = sorted(maps, key=lambda rm: (max(rm.values()), sum(rm.values())))
+            update = aggregate(states, weights, lora_alpha=ALPHA, device=on)
+        else:
+            update = aggregate(states, weights, lora_alpha=ALPHA, max_rank=r_max, device=on)
     sync(device)
     t1 = time.perf_counter()
     outs = [update.project(rm, lora_alpha=ALPHA) for rm in maps]
     phases["aggregate (validate" + (", stage" if on else "") + ")"] = t1 - t0
     phases["project (ΔW + spectrum + factors)"] = time.perf_counter() - t1
+    if spans:  # CUDA: when the modules were handed to the worker threads, and when the last one finished
+        phases["workers: first start"] = min(a for a, _ in spans) - t0
+        phases["workers: last start"] = max(a for a, _ in spans) - t0
+        phases["workers: last end"] = max(e for _, e in spans) - t0
     table = {
         (m, rm[m]): (out[f"{m}.lora_A.weight"], out[f"{m}.lora_B.weight"]) for rm, out in zip(maps, outs, strict=True) for m in rm
     }
     return (update, outs), table
+
+
+@contextlib.contextmanager
+def worker_spans(into: list[tuple[float, float]]) -> Iterator[None]:
+    """Append ``(start, end)`` of every module's worker job inside ``aggregate`` (the CUDA path's
+    ``_ModuleRunner``) to ``into``: the timeline behind the GPU ratios. Records nothing on the CPU,
+    where modules run inline, or if the core no longer has that hook."""
+    from flexlora_plugin.core import aggregation
+
+    runner = getattr(aggregation, "_ModuleRunner", None)
+    real = getattr(runner, "_on_stream", None)
+    if real is None:
+        yield
+        return
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            into.append((start, time.perf_counter()))
+
+    runner._on_stream = timed  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        runner._on_stream = real  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- the variant subprocess
