@@ -249,7 +249,7 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
     """Page-locked modules: copies queued :data:`_AHEAD` modules ahead, from this thread. Others: a producer thread.
 
     A page-locked module's copies are one ``_foreach_copy_`` (~2 ms of CUDA API calls for 80
-    clients); queued a few modules ahead of the one handed out, the DMA engine never waits, and the
+    clients); queued a few modules ahead of the one handed out, the DMA engine keeps busy, and the
     first worker starts after one module's calls instead of all of them (19 ms). Pageable modules
     go through pinned buffer ``i % 2``, filled by the producer thread while the previous buffer's
     copy runs. Each stack is assembled on the current stream, behind its copy. Python work per
