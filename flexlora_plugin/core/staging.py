@@ -221,7 +221,6 @@ def _assemble(plan: _Plan, a_cat: Tensor, b_blocks: Sequence[Tensor]) -> Stack:
 class _Copy:
     """One module's factors queued to the device: the buffer, its views and the copy's event."""
 
-    plan: _Plan
     flat: Tensor
     a_cat: Tensor
     b_blocks: list[Tensor]
@@ -242,7 +241,7 @@ def _copy_direct(plan: _Plan, device: torch.device, side: torch.cuda.Stream) -> 
         )  # fmt: skip
         event = torch.cuda.Event()
         event.record(side)
-    return _Copy(plan, flat, a_cat, b_blocks, event)
+    return _Copy(flat, a_cat, b_blocks, event)
 
 
 def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[str, Stack]]:
@@ -286,7 +285,7 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
                     event = torch.cuda.Event()
                     event.record(side)
                 copied[slot] = event
-                handoff.put(_Copy(plan, flat, *_views(plan, flat), event))
+                handoff.put(_Copy(flat, *_views(plan, flat), event))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
             handoff.put(err)
 
