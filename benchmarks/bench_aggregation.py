@@ -56,10 +56,10 @@ from torch import Tensor
 ALPHA = 16.0
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-VARIANTS = ("reference", "dense", "ours-default", "ours", "transfer", "ours-default-pinned", "ours-pinned")
+VARIANTS = ("reference", "dense", "ours-default", "ours", "transfer", "ours-default-pinned", "ours-pinned", "ours-one-stream-pinned")
 DEFAULT_VARIANTS = ("reference", "dense", "ours-default", "ours")
-CUDA_VARIANTS = ("transfer", "dense", "ours-default", "ours", "ours-default-pinned", "ours-pinned")
-OURS = ("ours-default", "ours", "ours-default-pinned", "ours-pinned")
+CUDA_VARIANTS = ("transfer", "dense", "ours-default", "ours", "ours-default-pinned", "ours-pinned", "ours-one-stream-pinned")
+OURS = ("ours-default", "ours", "ours-default-pinned", "ours-pinned", "ours-one-stream-pinned")
 LABELS = {
     "reference": "(a) reference (FederatedScope FlexLoRA)",
     "dense": "(b) dense baseline (addmm + thin SVD)",
@@ -68,6 +68,7 @@ LABELS = {
     "transfer": "(t) transfer alone: every factor host -> device (pinned)",
     "ours-default-pinned": "(c0p) (c0), factors received into pinned memory",
     "ours-pinned": "(cp) (c), factors received into pinned memory",
+    "ours-one-stream-pinned": "(cp1) (cp) with each worker's GEMMs on its own stream (no stream priorities, as before 2026-11-26)",
 }
 TARGETS = {"speed_vs_dense_80": 1.5, "mem_vs_reference_80": 10.0, "speed_vs_dense_small": 20.0, "exact": 1e-5}
 Pair = tuple[Tensor, Tensor]  # (A : (r, d_in), B : (d_out, r))
@@ -396,6 +397,10 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
     device = setting.device
     if variant.startswith("ours"):
         import flexlora_plugin.core  # noqa: F401  (imported before the baseline, as (a)/(b) import nothing)
+    if variant == "ours-one-stream-pinned":  # the same code, scheduled as before: A/B of the stream priorities
+        from flexlora_plugin.core import aggregation
+
+        aggregation._PRIORITIES = False
     t_gen = time.perf_counter()
     states, weights, rank_maps = make_federation(setting)
     t_gen = time.perf_counter() - t_gen

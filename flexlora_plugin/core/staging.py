@@ -34,12 +34,13 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Stack", "Verdict", "device_verdicts", "module_verdict", "stage", "streams"]
+__all__ = ["Stack", "Verdict", "bulk_stream", "device_verdicts", "module_verdict", "on_streams", "stage", "streams"]
 
 
 @dataclass(frozen=True)
@@ -94,22 +95,65 @@ class Stack:
 
 Factors = Mapping[Hashable, Mapping[str, tuple[Tensor, Tensor]]]  # client -> module -> (A, B)
 
-_STREAMS: dict[tuple[torch.device, str], list[torch.cuda.Stream]] = {}
+_STREAMS: dict[tuple[torch.device, str, int], list[torch.cuda.Stream]] = {}
 _STREAMS_LOCK = threading.Lock()
 
 
-def streams(device: torch.device, role: str, n: int) -> list[torch.cuda.Stream]:
+def streams(device: torch.device, role: str, n: int, priority: int = 0) -> list[torch.cuda.Stream]:
     """``n`` CUDA streams for ``role``, the same ones on every call.
 
     torch's caching allocator reuses a freed block only on the stream it was allocated on; a new
     ``torch.cuda.Stream()`` per round (drawn round-robin from a pool of 32) would ``cudaMalloc``
     the round's 2.9 GB of stacks and every module's work buffers afresh, and keep the old ones.
+    ``priority``: CUDA's, lower is more urgent (0, the default, is the lowest); a pool per priority.
     """
     with _STREAMS_LOCK:
-        pool = _STREAMS.setdefault((device, role), [])
+        pool = _STREAMS.setdefault((device, role, priority), [])
         while len(pool) < n:
-            pool.append(torch.cuda.Stream(device=device))
+            pool.append(torch.cuda.Stream(device=device, priority=priority))
         return pool[:n]
+
+
+_WORKER = threading.local()  # .bulk: the low-priority stream paired with this thread's current one, or None
+
+
+@contextmanager
+def on_streams(main: torch.cuda.Stream, bulk: torch.cuda.Stream | None) -> Iterator[None]:
+    """Run this thread's work on ``main``, and what :func:`bulk_stream` wraps on ``bulk``."""
+    _WORKER.bulk = bulk
+    try:
+        with torch.cuda.stream(main):
+            yield
+    finally:
+        _WORKER.bulk = None
+
+
+@contextmanager
+def bulk_stream() -> Iterator[Callable[..., None]]:
+    """Queue the block's kernels on this worker's low-priority stream (inside :func:`on_streams`); elsewhere a no-op.
+
+    For large GEMMs (ΔW, its Gram matrix) beside latency-bound chains of small kernels (the
+    solver's float64 decompositions, other modules' checks): CUDA schedules a waiting kernel of a
+    higher-priority stream before the remaining blocks of a lower-priority one, so a small kernel
+    does not queue behind a GEMM that fills the GPU, and the GEMM fills what the chains leave idle.
+    The block starts after the work queued so far on the current stream; the current stream
+    continues after the block. Yields ``hand_over(*tensors)``: the block's results used after it,
+    which the allocator must not reuse before the current stream is done with them.
+    """
+    bulk = getattr(_WORKER, "bulk", None)
+    if bulk is None:
+        yield lambda *tensors: None
+        return
+    here = torch.cuda.current_stream(bulk.device)
+    bulk.wait_stream(here)
+    made: list[Tensor] = []
+    try:
+        with torch.cuda.stream(bulk):
+            yield lambda *tensors: made.extend(tensors)
+    finally:
+        here.wait_stream(bulk)
+        for t in made:
+            t.record_stream(here)
 
 
 def stage(
