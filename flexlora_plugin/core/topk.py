@@ -7,10 +7,11 @@ module finds them with GEMMs on an ``n × b`` block (``b ≈ 1.5 k``) and two sm
 decompositions:
 
 1. two power steps ``X ← orth(G X)`` from a seeded Gaussian block;
-2. a Rayleigh quotient ``θ = eig(Xᵀ G X)`` whose smallest value ``a`` (a lower bound of ``λ_b``)
-   sets the filter: a Chebyshev polynomial of ``G`` bounded by 1 on ``[0, a]`` and growing fast
-   above it, applied in chunks of up to :data:`_CHUNK` degrees (fewer when the spectrum spans
-   many orders of magnitude, :func:`chunk_length`) with a Cholesky–QR between them;
+2. the extreme eigenvalues of the block's Rayleigh quotient ``H = Xᵀ G X``, estimated without
+   decomposing it (:func:`cutoff_estimate`): the smallest, ``a ≈ λ_b``, sets the filter, a
+   Chebyshev polynomial of ``G`` bounded by 1 on ``[0, a]`` and growing fast above it, applied in
+   chunks of up to :data:`_CHUNK` degrees (fewer when the spectrum spans many orders of
+   magnitude, :func:`chunk_length`) with a Cholesky–QR between them;
 3. a final Rayleigh–Ritz step through ΔW itself: ``M = ΔW X`` (or ``ΔWᵀ X``), the float64
    eigendecomposition of ``Mᵀ M`` gives the Ritz values ``θ_i = σ_i²`` and the rotation ``Z``;
    ``B·A`` served from it is the exact projection of ΔW onto the found subspace;
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from .projection import Gram, MatMul, Spectrum
 
-__all__ = ["SOLVER_TOL", "FilterPlan", "chunk_length", "filtered_spectrum", "filter_plan"]
+__all__ = ["SOLVER_TOL", "FilterPlan", "chunk_length", "cutoff_estimate", "filtered_spectrum", "filter_plan"]
 
 SOLVER_TOL = {torch.float32: 1e-7, torch.float64: 1e-12}  # certified relative Frobenius gap, per Gram dtype
 # (the documented exactness tolerance is 1e-5; float64 is asked for by users who want more)
@@ -46,6 +47,8 @@ _CHUNK = 4  # at most this many Chebyshev degrees between two orthonormalization
 _RANGE = 1e10  # and at most this growth of the block's top direction over its bottom one in a chunk
 _DEGREE = 20  # per round
 _POWER = 2
+_ESTIMATE_STEPS = 3  # inverse and power iterations of cutoff_estimate, on _ESTIMATE_VECTORS columns each
+_ESTIMATE_VECTORS = 4
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,32 @@ def _orth(X: Tensor, passes: int = 1) -> Tensor:
         L, _ = torch.linalg.cholesky_ex(Xd.T @ Xd)
         X = torch.linalg.solve_triangular(L, Xd.T, upper=False).T.to(X.dtype)
     return X
+
+
+def cutoff_estimate(H: Tensor, gen: torch.Generator, steps: int = _ESTIMATE_STEPS) -> tuple[float, float]:
+    """Estimates of the smallest and largest eigenvalues of a symmetric ``H : (b, b)``; one host sync.
+
+    ``steps`` inverse iterations (through the Cholesky factor of ``H`` in float64) and power
+    iterations, each on :data:`_ESTIMATE_VECTORS` seeded columns; their best Rayleigh quotients
+    approach ``θ_min`` from above and ``θ_max`` from below. For the filter's cut-off this is
+    better than the exact ``θ_min`` it replaced (a float64 ``eigvalsh``: ~50 small kernels, 2.7 ms
+    per module on an H100), which lies below ``λ_b``: a cut-off nearer ``λ_b`` damps more of the
+    unwanted spectrum. On the benchmark's spectra (q_proj, gate_proj at k = 30 and 200), one round
+    certified as before, with relative gaps of 5e-15 to 1.8e-12 against 3e-14 to 4.2e-10.
+    ``H`` not positive definite (a block of lower rank, or non-finite values) gives ``θ_min = 0``.
+    """
+    Hd = H.double()
+    L, info = torch.linalg.cholesky_ex(Hd)
+    p = _ESTIMATE_VECTORS
+    Z = torch.randn(Hd.shape[0], 2 * p, generator=gen, device=Hd.device, dtype=Hd.dtype)
+    low_next, high_next = Z[:, :p], Z[:, p:]
+    for _ in range(steps):
+        low, high = low_next / low_next.norm(dim=0), high_next / high_next.norm(dim=0)
+        low_next, high_next = torch.cholesky_solve(low, L), Hd @ high  # H⁻¹ low, H high
+    quotients = [(low * low_next).sum(0).max(), (high * high_next).sum(0).max(), info.to(Hd.dtype)]
+    inverse, top, failed = torch.stack(quotients).tolist()
+    definite = failed == 0 and math.isfinite(inverse) and inverse > 0
+    return (1.0 / inverse if definite else 0.0), (top if math.isfinite(top) else 0.0)
 
 
 def chunk_length(spread: float) -> int:
@@ -138,8 +167,7 @@ def filtered_spectrum(
     X = torch.randn(plan.n, plan.b, generator=gen, device=G.device, dtype=G.dtype)
     for _ in range(_POWER):
         X = _orth(G @ X)
-    theta = torch.linalg.eigvalsh((X.T @ (G @ X)).double())  # ascending; theta[0] ≤ λ_b
-    a, top = float(theta[0]), float(theta[-1])
+    a, top = cutoff_estimate(X.T @ (G @ X), gen)  # a ≈ λ_b
     for _ in range(rounds):
         if not a > 0:
             return None  # G is (numerically) of rank < b, or the block broke down: the dense solver handles it

@@ -14,7 +14,7 @@ from flexlora_plugin.core import aggregation as agg_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning
 from flexlora_plugin.core.projection import gram_of
 from flexlora_plugin.core.terms import StackedTerms
-from flexlora_plugin.core.topk import chunk_length, filter_plan, filtered_spectrum
+from flexlora_plugin.core.topk import chunk_length, cutoff_estimate, filter_plan, filtered_spectrum
 from tests.conftest import best_rank_error, make_client, projection_gap
 
 
@@ -88,6 +88,37 @@ def test_chunk_length_follows_the_spread_of_the_spectrum():
     assert chunk_length(2000.0) == 2 and chunk_length(1e5) == 1 and chunk_length(1e12) == 1
 
 
+def _spd(gen, eigenvalues):
+    """A float64 symmetric matrix with these eigenvalues, in a random basis."""
+    Q = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen, dtype=torch.float64))[0]
+    return (Q * torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
+@pytest.mark.parametrize("name", ["geometric", "flat", "isolated ends"])
+def test_the_cutoff_estimate_brackets_the_extreme_eigenvalues(gen, name):
+    """The filter's cut-off and top come from a few inverse and power iterations, not an eigendecomposition:
+    Rayleigh quotients, so never outside [θ_min, θ_max], and close to the ends a float64 eigvalsh gives."""
+    b = 96
+    theta = {
+        "geometric": [10.0 ** (-4 * i / (b - 1)) for i in range(b)],  # neighbours 1.1 apart: slow convergence
+        "flat": [1.0 / (1.0 + 0.01 * i) for i in range(b)],  # clustered ends: slow vectors, close values
+        "isolated ends": [50.0] + [1.0 + i / b for i in range(b - 2)] + [0.02],
+    }[name]
+    H = _spd(gen, theta).float()  # as the solver passes it: X^T G X in the Gram's dtype
+    exact = torch.linalg.eigvalsh(H.double())
+    low, top = cutoff_estimate(H, torch.Generator().manual_seed(0))
+    assert float(exact[0]) * (1 - 1e-9) <= low <= 1.5 * float(exact[0]), (low, float(exact[0]))
+    assert float(exact[-1]) / 1.5 <= top <= float(exact[-1]) * (1 + 1e-9), (top, float(exact[-1]))
+
+
+def test_the_cutoff_estimate_of_a_singular_block_is_zero(gen):
+    """A block of lower rank than b (the solver then falls back to the dense eigensolver)."""
+    theta = [3.0, 2.0, 1.0] + [0.0] * 29
+    for H in (_spd(gen, theta), torch.zeros(32, 32, dtype=torch.float64), torch.full((32, 32), float("nan"))):
+        low, _ = cutoff_estimate(H, torch.Generator().manual_seed(0))
+        assert low == 0.0
+
+
 def _flat(gen, c):
     """A 384 x 256 ΔW with σ_i² = 1/(1 + c i): a slowly decaying spectrum, slow for any subspace iteration."""
     U = torch.linalg.qr(torch.randn(384, 256, generator=gen, dtype=torch.float64))[0]
@@ -96,7 +127,7 @@ def _flat(gen, c):
 
 
 def test_the_certified_tolerance_follows_the_dtype():
-    delta64 = _flat(torch.Generator().manual_seed(7), 0.005)
+    delta64 = _flat(torch.Generator().manual_seed(7), 0.002)
     rounds = {}
     for dtype in (torch.float32, torch.float64):
         delta, calls = delta64.to(dtype), []
