@@ -17,7 +17,7 @@ import logging
 import math
 import re
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -89,15 +89,12 @@ class LoRAFactors:
     B: Tensor
     a_key: str
     b_key: str
+    r: int = field(init=False, repr=False, compare=False)  # the rank, A's rows
+    shape: tuple[int, int] = field(init=False, repr=False, compare=False)  # ``(d_out, d_in)`` of the module's weight
 
-    @property
-    def r(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(d_out, d_in)`` of the module's weight."""
-        return int(self.B.shape[0]), int(self.A.shape[1])
+    def __post_init__(self) -> None:  # set once: validating 80 clients read them ~4000 times (~1 ms as properties)
+        object.__setattr__(self, "r", int(self.A.shape[0]))
+        object.__setattr__(self, "shape", (int(self.B.shape[0]), int(self.A.shape[1])))
 
 
 def _reject(key: str, client: Hashable) -> UnsupportedKeyError:
