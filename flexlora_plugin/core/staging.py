@@ -175,7 +175,9 @@ def stage(
     ----------
     factors : Mapping
         Client id -> module -> ``(A : (r, d_in), B : (d_out, r))``, on the host; clients may
-        lack modules. The order of the clients is the order of the stacked rows.
+        lack modules. A stack holds its clients grouped by rank, ascending, and in this order
+        within a rank (``Stack.clients``): each rank's ``B`` blocks are then one view of the
+        buffer, not one per client.
     modules : sequence of str
         Modules to stage, in the order they are needed.
     device : torch.device or str
@@ -224,9 +226,20 @@ class _Plan:
     def b_numel(self) -> int:
         return sum(B.numel() for _, B in self.pairs)
 
+    @cached_property
+    def groups(self) -> tuple[tuple[int, int], ...]:
+        """``(clients, rank)`` of each run of equal ranks, in stacking order (one per rank: :func:`_plan` sorts)."""
+        runs: list[list[int]] = []
+        for r in self.ranks:
+            if runs and runs[-1][1] == r:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, r])
+        return tuple((n, r) for n, r in runs)
+
 
 def _plan(module: str, factors: Factors, dtype: torch.dtype | None) -> _Plan:
-    held = [(c, f[module]) for c, f in factors.items() if module in f]
+    held = sorted(((c, f[module]) for c, f in factors.items() if module in f), key=lambda item: int(item[1][0].shape[0]))
     dtypes = {t.dtype for _, (A, B) in held for t in (A, B)}
     chosen = dtype or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
     ends = [held[0][1][0], held[-1][1][1]] if held else []
@@ -256,15 +269,32 @@ def _fill(plan: _Plan, buf: Tensor | None, flat_b: Sequence[Tensor] | None = Non
 
 
 def _views(plan: _Plan, flat: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """``A_cat : (R, d_in)`` and every client's ``B_j : (d_out, r_j)``: views into ``flat``, laid out as :func:`_fill` packs."""
+    """``A_cat : (R, d_in)`` and, per rank group ``(n, r)``, its clients' ``B_j`` as one ``(n, d_out, r)`` view.
+
+    Views into ``flat``, laid out as :func:`_fill` packs: a few calls per module whatever the
+    number of clients (a view per client's ``B`` was ~80 calls, each a wait for the GIL
+    behind busy worker threads).
+    """
     d_in, d_out = plan.pairs[0][0].shape[1], plan.pairs[0][1].shape[0]
-    blocks = flat[plan.a_numel : plan.a_numel + plan.b_numel].split([d_out * r for r in plan.ranks])
-    return flat[: plan.a_numel].view(-1, d_in), [b.view(d_out, -1) for b in blocks]
+    segments = flat[plan.a_numel : plan.a_numel + plan.b_numel].split([n * d_out * r for n, r in plan.groups])
+    return flat[: plan.a_numel].view(-1, d_in), [b.view(n, d_out, r) for b, (n, r) in zip(segments, plan.groups, strict=True)]
 
 
-def _assemble(plan: _Plan, a_cat: Tensor, b_blocks: Sequence[Tensor]) -> Stack:
-    """The stack, ``B_cat`` by one concatenation on ``b_blocks``' device."""
-    return Stack(plan.clients, plan.ranks, a_cat, torch.cat(list(b_blocks), dim=1))
+def _destinations(plan: _Plan, a_cat: Tensor, b_groups: Sequence[Tensor]) -> list[Tensor]:
+    """Where each factor of ``plan`` goes, in the order ``[A_1 … A_K, B_1 … B_K]``: views of :func:`_views`' result."""
+    return list(a_cat.split(plan.ranks)) + [b for group in b_groups for b in group.unbind(0)]
+
+
+def _assemble(plan: _Plan, a_cat: Tensor, b_groups: Sequence[Tensor]) -> Stack:
+    """The stack; ``B_cat : (d_out, R)`` by one strided copy per rank group, on ``b_groups``' device."""
+    d_out = b_groups[0].shape[1]
+    b_cat = torch.empty(d_out, a_cat.shape[0], dtype=a_cat.dtype, device=a_cat.device)
+    start = 0
+    for group in b_groups:
+        n, _, r = group.shape
+        b_cat[:, start : start + n * r].unflatten(1, (n, r)).copy_(group.transpose(0, 1))
+        start += n * r
+    return Stack(plan.clients, plan.ranks, a_cat, b_cat)
 
 
 @dataclass
@@ -273,7 +303,7 @@ class _Copy:
 
     flat: Tensor
     a_cat: Tensor
-    b_blocks: list[Tensor]
+    b_groups: list[Tensor]
     event: torch.cuda.Event
 
 
@@ -284,14 +314,12 @@ def _copy_direct(plan: _Plan, device: torch.device, side: torch.cuda.Stream) -> 
     """Asynchronous copies of every page-locked factor into its place in one device buffer, on ``side``."""
     with torch.cuda.stream(side):
         flat = torch.empty(plan.a_numel + plan.b_numel, dtype=plan.dtype, device=device)
-        a_cat, b_blocks = _views(plan, flat)
-        torch._foreach_copy_(
-            list(a_cat.split(list(plan.ranks))) + b_blocks, [A for A, _ in plan.pairs] + [B for _, B in plan.pairs],
-            non_blocking=True,
-        )  # fmt: skip
+        a_cat, b_groups = _views(plan, flat)
+        sources = [A for A, _ in plan.pairs] + [B for _, B in plan.pairs]
+        torch._foreach_copy_(_destinations(plan, a_cat, b_groups), sources, non_blocking=True)
         event = torch.cuda.Event()
         event.record(side)
-    return _Copy(flat, a_cat, b_blocks, event)
+    return _Copy(flat, a_cat, b_groups, event)
 
 
 def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[str, Stack]]:
@@ -351,7 +379,7 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
                 raise item
             current.wait_event(item.event)
             item.flat.record_stream(current)  # the allocator must not reuse it before this stream is done
-            yield plan.module, _assemble(plan, item.a_cat, item.b_blocks)
+            yield plan.module, _assemble(plan, item.a_cat, item.b_groups)
     finally:
         stop.set()
         while worker is not None and worker.is_alive():  # unblock a producer waiting on a full queue

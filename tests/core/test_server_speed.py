@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from flexlora_plugin.core import aggregate
+from flexlora_plugin.core import aggregate, staging
 from flexlora_plugin.core import aggregation as agg_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning, MagnitudeError
 from flexlora_plugin.core.projection import Gram, gram_basis
@@ -192,6 +192,27 @@ def test_stage_keeps_client_order_and_mixed_dtypes(gen):
     assert st.A_cat.dtype == torch.float32 and st.A_cat.shape == (5, 5) and st.B_cat.shape == (7, 5)
     assert torch.equal(st.views()["y"][0], A2.float()) and torch.equal(st.views()["y"][1], B2.float())
     assert torch.equal(st.select({"y"}).B_cat, B2.float())
+
+
+def test_stage_groups_clients_by_rank_and_lays_out_every_factor(gen):
+    """Clients stack by rank, ascending, in their given order within a rank; A_cat and B_cat match a
+    concatenation in that order, and the per-factor destinations the page-locked CUDA copy writes
+    (staging._destinations, exercised here with a CPU _foreach_copy_) land where _fill packs them."""
+    ranks = {"a": 8, "b": 3, "c": 8, "d": 5, "e": 3, "f": 8}
+    host = {c: {"m": (torch.randn(r, 6, generator=gen), torch.randn(7, r, generator=gen))} for c, r in ranks.items()}
+    st = stage(host, ["m"], "cpu")["m"]
+    assert st.clients == ("b", "e", "d", "a", "c", "f") and st.ranks == (3, 3, 5, 8, 8, 8)
+    assert torch.equal(st.A_cat, torch.cat([host[c]["m"][0] for c in st.clients]))
+    assert torch.equal(st.B_cat, torch.cat([host[c]["m"][1] for c in st.clients], dim=1))
+    assert all(torch.equal(st.views()[c][1], host[c]["m"][1]) for c in ranks)
+    plan = staging._plan("m", host, None)
+    assert plan.groups == ((2, 3), (1, 5), (3, 8))
+    packed = staging._fill(plan, None)
+    flat = torch.full_like(packed, math.nan)
+    a_cat, b_groups = staging._views(plan, flat)
+    assert len(b_groups) == 3 and b_groups[2].shape == (3, 7, 8)
+    torch._foreach_copy_(staging._destinations(plan, a_cat, b_groups), [A for A, _ in plan.pairs] + [B for _, B in plan.pairs])
+    assert torch.equal(flat, packed)
 
 
 def test_stage_takes_strided_factors_and_an_explicit_dtype(gen):
