@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (torch there, no venv, no network): the CUDA tests, then the GPU
 # server-step benchmark. Run from the repository root; results under $OUT (default /tmp/gpu_session).
-#   bash benchmarks/gpu_session.sh            # ~3.5 min on an H100 (tests ~25 s, benchmark ~125-150 s)
+#   bash benchmarks/gpu_session.sh            # ~4 min on an H100 (tests ~25 s, benchmark ~150-175 s with (cp1))
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
