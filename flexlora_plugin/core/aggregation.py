@@ -850,7 +850,9 @@ def _load_cuda_linalg(device: torch.device) -> None:
         return
     eye = torch.eye(2, dtype=torch.float64, device=device)
     torch.linalg.eigh(eye)
-    torch.linalg.solve_triangular(torch.linalg.cholesky_ex(eye)[0], eye, upper=False)
+    factor = torch.linalg.cholesky_ex(eye)[0]
+    torch.linalg.solve_triangular(factor, eye, upper=False)
+    torch.cholesky_solve(eye, factor)  # topk.cutoff_estimate
     _CUDA_LINALG_LOADED.add(device)
 
 

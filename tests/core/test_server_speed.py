@@ -294,18 +294,19 @@ def test_bulk_stream_runs_after_and_before_the_workers_stream():
     bulk = streams(torch.device("cuda"), "test-bulk", 1)[0]
     host = torch.arange(1 << 20, dtype=torch.float32)
     with on_streams(main, bulk):
-        x = torch.zeros(host.shape, device="cuda")
-        y = torch.zeros(host.shape, device="cuda")
-        torch.cuda._sleep(50_000_000)  # main is busy for ~30 ms before x is written
-        x.copy_(host.to("cuda"))
+        src = host.to("cuda")  # a copy from pageable memory synchronizes: made before the sleeps
+        x, y = torch.zeros_like(src), torch.zeros_like(src)
+        torch.cuda._sleep(50_000_000)  # main stays busy for tens of ms before x is written
+        x.copy_(src)
         with bulk_stream() as hand_over:
             assert torch.cuda.current_stream() == bulk
-            torch.cuda._sleep(50_000_000)  # bulk is busy before y is written
-            y.copy_(x * 2)
+            twice = x * 2  # reads x: only after main's copy
+            torch.cuda._sleep(50_000_000)  # bulk stays busy before y is written
+            y.copy_(twice)
             w = x + 1  # allocated on bulk, used on main after the block
             hand_over(w)
         assert torch.cuda.current_stream() == main
-        z = y + w
+        z = y + w  # reads y: only after bulk's copy
         main.synchronize()
     assert torch.equal(z.cpu(), 3 * host + 1)
     with bulk_stream() as hand_over:  # outside a worker: the current stream, nothing to hand over
