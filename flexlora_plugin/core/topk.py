@@ -118,15 +118,21 @@ def chunk_length(spread: float) -> int:
     return max(fits, default=1)
 
 
-def _chebyshev(G4: Tensor, X: Tensor, degree: int, chunk: int) -> Tensor:
-    """``T_degree(G/c − 1) X`` with ``c = a/2``, given ``G4 = (4/a) G``; orthonormalized every ``chunk`` degrees."""
+def _chebyshev(G: Tensor, a: float, X: Tensor, degree: int, chunk: int) -> Tensor:
+    """``T_degree(2G/a − 1) X``, orthonormalized every ``chunk`` degrees.
+
+    With ``S = 2 (2G/a − 1) = (4/a) G − 2I`` formed once, each degree is one ``addmm``
+    (``T_{j+1} = S T_j − T_{j−1}``), not an ``addmm`` and an update of the block: 20 fewer
+    kernels and Python calls per module at degree 20.
+    """
+    S = G * (4.0 / a)
+    S.diagonal().sub_(2.0)
     done = 0
     while done < degree:
         step = min(chunk, degree - done)
-        y0, y1 = X, torch.addmm(X, G4, X, beta=-1.0, alpha=0.5)  # T_1 = (2/a) G X − X
-        for _ in range(step - 1):  # T_{j+1} = 2 (2G/a − 1) T_j − T_{j−1}
-            y2 = torch.addmm(y0, G4, y1, beta=-1.0)
-            y0, y1 = y1, y2.add_(y1, alpha=-2.0)
+        y0, y1 = X, torch.addmm(X, S, X, beta=0.0, alpha=0.5)  # T_1 = (2G/a − 1) X = S X / 2
+        for _ in range(step - 1):
+            y0, y1 = y1, torch.addmm(y0, S, y1, beta=-1.0)
         X = _orth(y1)
         done += step
     return X
@@ -171,7 +177,7 @@ def filtered_spectrum(
     for _ in range(rounds):
         if not a > 0:
             return None  # G is (numerically) of rank < b, or the block broke down: the dense solver handles it
-        X = _orth(_chebyshev(G * (4.0 / a), X, _DEGREE, chunk_length(top / a)), passes=2)
+        X = _orth(_chebyshev(G, a, X, _DEGREE, chunk_length(top / a)), passes=2)
         spec, gap, a, top = _rayleigh_ritz(gram, X, plan.k, matmul, rmatmul)
         if math.isfinite(gap) and 2.0 * gap <= tol:
             return spec
