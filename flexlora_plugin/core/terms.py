@@ -66,6 +66,23 @@ class ModuleTerms(ABC):
         """All ``R`` singular triplets, exact, without forming ΔW (for ``R < min(d_out, d_in)``)."""
 
 
+_DELTA_K = 512  # TermList.delta: the inner size of one batched addmm
+
+
+def _batches(items: list[tuple[float, Tensor, Tensor]], k: int) -> list[list[tuple[float, Tensor, Tensor]]]:
+    """Consecutive ``items`` grouped so each group's ranks sum to at most ``k`` (a larger rank stays alone)."""
+    out: list[list[tuple[float, Tensor, Tensor]]] = []
+    size = 0
+    for item in items:
+        r = int(item[2].shape[0])
+        if not out or size + r > k:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += r
+    return out
+
+
 @dataclass
 class TermList(ModuleTerms):
     """The clients' factors as received: ``items[j] = (c_j, B_j, A_j)``."""
@@ -78,9 +95,22 @@ class TermList(ModuleTerms):
         return tuple(int(A.shape[0]) for _, _, A in self.items)
 
     def delta(self, dtype: torch.dtype, device: torch.device | None) -> Tensor:
+        """``Σ_j c_j B_j A_j``, clients batched into GEMMs of inner size up to :data:`_DELTA_K`.
+
+        One ``addmm_`` per client reads and writes the whole ``d_out × d_in`` output for every
+        rank-8 client; stacking consecutive clients' ``B_j`` and ``c_j A_j`` first (at most
+        ``(d_out + d_in) · 512`` floats at a time) took a 5504×2048 module of the 80-client
+        benchmark from 1.91 to 1.76 s on 2 threads.
+        """
         out = torch.zeros(self.shape, dtype=dtype, device=device)
-        for c, B, A in self.items:
-            out.addmm_(B.to(device=out.device, dtype=dtype), A.to(device=out.device, dtype=dtype), alpha=c)
+        for batch in _batches(self.items, _DELTA_K):
+            if len(batch) == 1:
+                c, B, A = batch[0]
+                out.addmm_(B.to(device=out.device, dtype=dtype), A.to(device=out.device, dtype=dtype), alpha=c)
+                continue
+            B_cat = torch.cat([B.to(device=out.device, dtype=dtype) for _, B, _ in batch], dim=1)
+            A_cat = torch.cat([A.to(device=out.device, dtype=dtype) * c for c, _, A in batch], dim=0)
+            out.addmm_(B_cat, A_cat)
         return out
 
     def gram(

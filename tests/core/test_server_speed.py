@@ -12,6 +12,7 @@ import torch
 
 from flexlora_plugin.core import aggregate, staging
 from flexlora_plugin.core import aggregation as agg_mod
+from flexlora_plugin.core import terms as terms_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning, MagnitudeError
 from flexlora_plugin.core.projection import Gram, gram_basis
 from flexlora_plugin.core.staging import Stack, bulk_stream, on_streams, stage, streams
@@ -111,6 +112,20 @@ def test_max_rank_on_the_cpu_never_forms_a_dense_delta(gen, monkeypatch, dtype):
         assert torch.allclose(update.spectrum(m, 24).S.double(), ref, rtol=1e-4 if dtype == torch.float32 else 1e-2), m
         total = float(ref_delta(states, weights, m, [16.0] * 4).square().sum())
         assert update.spectrum(m, 24).total_energy == pytest.approx(total, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_delta_batches_clients_into_larger_gemms_and_matches_the_sum(gen, monkeypatch, dtype):
+    """TermList.delta stacks consecutive clients up to an inner size of 24 here (512 by default); a
+    rank above it stays alone. Checked against the float64 einsum of the same terms."""
+    monkeypatch.setattr(terms_mod, "_DELTA_K", 24)
+    ranks = [8, 8, 8, 30, 4, 12, 8, 2]
+    items = [(0.5 + j, torch.randn(40, r, generator=gen), torch.randn(r, 56, generator=gen)) for j, r in enumerate(ranks)]
+    assert [[int(A.shape[0]) for _, _, A in b] for b in terms_mod._batches(items, 24)] == [[8, 8, 8], [30], [4, 12, 8], [2]]
+    ref = sum(c * torch.einsum("ir,rj->ij", B.double(), A.double()) for c, B, A in items)
+    out = TermList(items, (40, 56)).delta(dtype, None)
+    assert out.dtype == dtype
+    assert torch.allclose(out.double(), ref, rtol=0, atol=(1e-5 if dtype == torch.float32 else 1e-12) * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (96, 64), (64, 96)])
