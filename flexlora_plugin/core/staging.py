@@ -37,6 +37,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import groupby
 
 import torch
 from torch import Tensor
@@ -229,13 +230,7 @@ class _Plan:
     @cached_property
     def groups(self) -> tuple[tuple[int, int], ...]:
         """``(clients, rank)`` of each run of equal ranks, in stacking order (one per rank: :func:`_plan` sorts)."""
-        runs: list[list[int]] = []
-        for r in self.ranks:
-            if runs and runs[-1][1] == r:
-                runs[-1][0] += 1
-            else:
-                runs.append([1, r])
-        return tuple((n, r) for n, r in runs)
+        return tuple((sum(1 for _ in run), r) for r, run in groupby(self.ranks))
 
 
 def _plan(module: str, factors: Factors, dtype: torch.dtype | None) -> _Plan:
