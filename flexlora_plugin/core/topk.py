@@ -118,8 +118,8 @@ def chunk_length(spread: float) -> int:
     return max(fits, default=1)
 
 
-def _chebyshev(G: Tensor, a: float, X: Tensor, degree: int, chunk: int) -> Tensor:
-    """``T_degree(2G/a − 1) X``, orthonormalized every ``chunk`` degrees.
+def _chebyshev(G: Tensor, a: float, X: Tensor, degree: int, chunk: int, final_passes: int = 1) -> Tensor:
+    """``T_degree(2G/a − 1) X``, orthonormalized every ``chunk`` degrees, the last time in ``final_passes`` passes.
 
     With ``S = 2 (2G/a − 1) = (4/a) G − 2I`` formed once, each degree is one ``addmm``
     (``T_{j+1} = S T_j − T_{j−1}``), not an ``addmm`` and an update of the block: 20 fewer
@@ -133,8 +133,8 @@ def _chebyshev(G: Tensor, a: float, X: Tensor, degree: int, chunk: int) -> Tenso
         y0, y1 = X, torch.addmm(X, S, X, beta=0.0, alpha=0.5)  # T_1 = (2G/a − 1) X = S X / 2
         for _ in range(step - 1):
             y0, y1 = y1, torch.addmm(y0, S, y1, beta=-1.0)
-        X = _orth(y1)
         done += step
+        X = _orth(y1, passes=final_passes if done >= degree else 1)
     return X
 
 
@@ -177,7 +177,7 @@ def filtered_spectrum(
     for _ in range(rounds):
         if not a > 0:
             return None  # G is (numerically) of rank < b, or the block broke down: the dense solver handles it
-        X = _orth(_chebyshev(G, a, X, _DEGREE, chunk_length(top / a)), passes=2)
+        X = _chebyshev(G, a, X, _DEGREE, chunk_length(top / a), final_passes=2)  # CholQR2 on the filtered block
         spec, gap, a, top = _rayleigh_ritz(gram, X, plan.k, matmul, rmatmul)
         if math.isfinite(gap) and 2.0 * gap <= tol:
             return spec
@@ -199,9 +199,10 @@ def _rayleigh_ritz(gram: Gram, X: Tensor, k: int, matmul: MatMul, rmatmul: MatMu
     outer = Md @ Zk  # (m, k): ΔW's other side, scaled by S
     residual = (gram.matrix.double() @ inner) - inner * theta[:k]
     denom = (theta[:k] - theta[-1]).clamp_min(theta[0] * 1e-12)
-    missed = float(((residual.norm(dim=0) ** 2) / denom).sum())  # one host sync
+    missed_t = ((residual.norm(dim=0) ** 2) / denom).sum()
+    missed, kept, last, first = torch.stack([missed_t, theta[:k].sum(), theta[-1], theta[0]]).tolist()  # one host sync
     total = gram.total_energy
-    err2 = max(total - float(theta[:k].sum()), 0.0)
+    err2 = max(total - kept, 0.0)
     gap = (math.sqrt(err2) - math.sqrt(max(err2 - missed, 0.0))) / math.sqrt(total)
     dtype = gram.matrix.dtype
     safe = torch.where(S > 0, S, torch.ones_like(S))
@@ -210,4 +211,4 @@ def _rayleigh_ritz(gram: Gram, X: Tensor, k: int, matmul: MatMul, rmatmul: MatMu
                         total_energy=total, complete=False)  # fmt: skip
     else:  # X holds V: US = ΔW V, Vh = Vᵀ
         spec = Spectrum(US=outer.to(dtype), S=S.to(dtype), Vh=inner.T.to(dtype).contiguous(), total_energy=total, complete=False)
-    return spec, gap, float(theta[-1]), float(theta[0])
+    return spec, gap, last, first
