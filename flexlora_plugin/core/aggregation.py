@@ -48,7 +48,7 @@ from .projection import (
     redistribute,
     ritz_spectrum,
 )
-from .staging import Stack, Verdict, bulk_stream, device_verdicts, module_verdict, on_streams, stage, streams
+from .staging import Stack, Verdict, device_verdicts, module_verdict, stage, streams
 from .terms import ModuleTerms, StackedTerms, TermList
 from .topk import filtered_spectrum
 from .validation import ClientUpdate, ModuleInfo, Ranks, Scaling, apply_value_checks, client_module_infos, collect_clients
@@ -527,10 +527,8 @@ class FlexLoRAUpdate(GlobalUpdate):
         if gram is None:
             if not gram_path(k, shape):
                 return dense_spectrum(terms.delta(self.compute_dtype, self.device), k)  # type: ignore[return-value]
-            with bulk_stream() as hand_over:  # the two large GEMMs: below the solver's small kernels in priority
-                delta = terms.delta(self.compute_dtype, self.device)
-                gram = gram_of(delta)
-                hand_over(delta, gram.matrix)
+            delta = terms.delta(self.compute_dtype, self.device)
+            gram = gram_of(delta)
         if delta is not None:
             matmul, rmatmul = (lambda X: delta @ X), (lambda Y: delta.T @ Y)
         else:
@@ -763,7 +761,7 @@ def _staged(
     return moved, stacks, prepared
 
 
-_PRIORITIES = True  # worker streams above their GEMM streams (:func:`~.staging.bulk_stream`); False: one stream each
+_WORKERS = 6  # CUDA worker threads, one stream (pair) each: at most this many modules computed at once
 
 
 class _ModuleRunner:
@@ -771,21 +769,19 @@ class _ModuleRunner:
 
     On CUDA in a few worker threads, each job on its own stream behind the module's copy, so the
     GPU computes module ``m`` while ``m+1`` is copied and the small, latency-bound decompositions
-    of different modules overlap. A job's stream has high priority; its large GEMMs go to a
-    low-priority partner stream (:func:`~.staging.bulk_stream`). Elsewhere inline, in order.
+    of different modules overlap. Elsewhere inline, in order.
     """
 
-    def __init__(self, device: torch.device, speculate: Callable[[str, Stack], Any] | None, workers: int = 6) -> None:
+    def __init__(self, device: torch.device, speculate: Callable[[str, Stack], Any] | None, workers: int | None = None) -> None:
         self.device, self.speculate = device, speculate
+        workers = _WORKERS if workers is None else workers
         self.pool = None
         if device.type == "cuda":
             _load_cuda_linalg(device)
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexlora-module")
-            self.free: queue.SimpleQueue = queue.SimpleQueue()  # at most `workers` jobs run: one stream pair each
-            mains = streams(device, "modules", workers, priority=-1 if _PRIORITIES else 0)
-            bulks = streams(device, "modules-bulk", workers) if _PRIORITIES else [None] * workers
-            for pair in zip(mains, bulks, strict=True):
-                self.free.put(pair)
+            self.free: queue.SimpleQueue = queue.SimpleQueue()  # at most `workers` jobs run: one stream each
+            for stream in streams(device, "modules", workers):
+                self.free.put(stream)
         self.futures: dict[str, Future] = {}
 
     def __enter__(self) -> _ModuleRunner:
@@ -806,17 +802,16 @@ class _ModuleRunner:
         self.futures[module] = self.pool.submit(self._on_stream, module, stack, ready)
 
     def _on_stream(self, module: str, stack: Stack, ready: torch.cuda.Event) -> tuple[Verdict, Any]:
-        stream, bulk = pair = self.free.get()
+        stream = self.free.get()
         try:
-            with torch.cuda.device(self.device), on_streams(stream, bulk):
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):
                 stream.wait_event(ready)
-                for s in (stream, bulk) if bulk is not None else (stream,):
-                    stack.A_cat.record_stream(s)
-                    stack.B_cat.record_stream(s)
+                stack.A_cat.record_stream(stream)
+                stack.B_cat.record_stream(stream)
                 out = self._job(module, stack)
                 stream.synchronize()  # the caller's stream may use the results without waiting on this one
         finally:
-            self.free.put(pair)
+            self.free.put(stream)
         return out
 
     def _job(self, module: str, stack: Stack) -> tuple[Verdict, Any]:

@@ -34,7 +34,6 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import groupby
@@ -42,7 +41,7 @@ from itertools import groupby
 import torch
 from torch import Tensor
 
-__all__ = ["Stack", "Verdict", "bulk_stream", "device_verdicts", "module_verdict", "on_streams", "stage", "streams"]
+__all__ = ["Stack", "Verdict", "device_verdicts", "module_verdict", "stage", "streams"]
 
 
 @dataclass(frozen=True)
@@ -102,65 +101,22 @@ class Stack:
 
 Factors = Mapping[Hashable, Mapping[str, tuple[Tensor, Tensor]]]  # client -> module -> (A, B)
 
-_STREAMS: dict[tuple[torch.device, str, int], list[torch.cuda.Stream]] = {}
+_STREAMS: dict[tuple[torch.device, str], list[torch.cuda.Stream]] = {}
 _STREAMS_LOCK = threading.Lock()
 
 
-def streams(device: torch.device, role: str, n: int, priority: int = 0) -> list[torch.cuda.Stream]:
+def streams(device: torch.device, role: str, n: int) -> list[torch.cuda.Stream]:
     """``n`` CUDA streams for ``role``, the same ones on every call.
 
     torch's caching allocator reuses a freed block only on the stream it was allocated on; a new
     ``torch.cuda.Stream()`` per round (drawn round-robin from a pool of 32) would ``cudaMalloc``
     the round's 2.9 GB of stacks and every module's work buffers afresh, and keep the old ones.
-    ``priority``: CUDA's, lower is more urgent (0, the default, is the lowest); a pool per priority.
     """
     with _STREAMS_LOCK:
-        pool = _STREAMS.setdefault((device, role, priority), [])
+        pool = _STREAMS.setdefault((device, role), [])
         while len(pool) < n:
-            pool.append(torch.cuda.Stream(device=device, priority=priority))
+            pool.append(torch.cuda.Stream(device=device))
         return pool[:n]
-
-
-_WORKER = threading.local()  # .bulk: the low-priority stream paired with this thread's current one, or None
-
-
-@contextmanager
-def on_streams(main: torch.cuda.Stream, bulk: torch.cuda.Stream | None) -> Iterator[None]:
-    """Run this thread's work on ``main``, and what :func:`bulk_stream` wraps on ``bulk``."""
-    _WORKER.bulk = bulk
-    try:
-        with torch.cuda.stream(main):
-            yield
-    finally:
-        _WORKER.bulk = None
-
-
-@contextmanager
-def bulk_stream() -> Iterator[Callable[..., None]]:
-    """Queue the block's kernels on this worker's low-priority stream (inside :func:`on_streams`); elsewhere a no-op.
-
-    For large GEMMs (ΔW, its Gram matrix) beside latency-bound chains of small kernels (the
-    solver's float64 decompositions, other modules' checks): CUDA schedules a waiting kernel of a
-    higher-priority stream before the remaining blocks of a lower-priority one, so a small kernel
-    does not queue behind a GEMM that fills the GPU, and the GEMM fills what the chains leave idle.
-    The block starts after the work queued so far on the current stream; the current stream
-    continues after the block. Yields ``hand_over(*tensors)``: the block's results used after it,
-    which the allocator must not reuse before the current stream is done with them.
-    """
-    bulk = getattr(_WORKER, "bulk", None)
-    if bulk is None:
-        yield lambda *tensors: None
-        return
-    here = torch.cuda.current_stream(bulk.device)
-    bulk.wait_stream(here)
-    made: list[Tensor] = []
-    try:
-        with torch.cuda.stream(bulk):
-            yield lambda *tensors: made.extend(tensors)
-    finally:
-        here.wait_stream(bulk)
-        for t in made:
-            t.record_stream(here)
 
 
 def stage(
@@ -302,9 +258,6 @@ class _Copy:
     event: torch.cuda.Event
 
 
-_AHEAD = 2  # page-locked modules whose copies are queued beyond the one handed out
-
-
 def _copy_direct(plan: _Plan, device: torch.device, side: torch.cuda.Stream) -> _Copy:
     """Asynchronous copies of every page-locked factor into its place in one device buffer, on ``side``."""
     with torch.cuda.stream(side):
@@ -318,41 +271,37 @@ def _copy_direct(plan: _Plan, device: torch.device, side: torch.cuda.Stream) -> 
 
 
 def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[str, Stack]]:
-    """Page-locked modules: copies queued :data:`_AHEAD` modules ahead, from this thread. Others: a producer thread.
+    """Every module's copy queued by a producer thread, in order; each stack assembled here, behind its copy.
 
     A page-locked module's copies are one ``_foreach_copy_`` (~2 ms of CUDA API calls for 80
-    clients); queued a few modules ahead of the one handed out, the DMA engine keeps busy, and the
-    first worker starts after one module's calls instead of all of them (19 ms). Pageable modules
-    go through pinned buffer ``i % 2``, filled by the producer thread while the previous buffer's
-    copy runs. Each stack is assembled on the current stream, behind its copy. Python work per
+    clients), queued without waiting: the DMA engine stays busy however late this thread, which
+    competes with the workers for the GIL, hands the modules out (measured on an H100: a tie
+    with queueing two modules ahead from this thread, and one path instead of two). The ``j``-th
+    pageable module goes through pinned buffer ``j % 2``, filled while the other's copy runs. Python work per
     module is kept to a few calls here: once the workers run, every call waits for the GIL.
     """
     side = streams(device, "staging", 1)[0]
-    direct: dict[int, _Copy] = {}
-    direct_order = [i for i, p in enumerate(plans) if p.pinned]
-
-    def queue_direct(upto: int) -> None:  # queue the page-locked copies of plans before index `upto`
-        while direct_order and direct_order[0] < upto:
-            i = direct_order.pop(0)
-            direct[i] = _copy_direct(plans[i], device, side)
-
     staged = [p for p in plans if not p.pinned]
-    flat_bs = [_flat_b(p) for p in staged]  # here, before any worker competes for the GIL
+    flat_bs = {id(p): _flat_b(p) for p in staged}  # here, before any worker competes for the GIL
     size = -(-max(((p.a_numel + p.b_numel) * p.dtype.itemsize for p in staged), default=0) // 8) * 8  # any dtype
     pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if staged else []
     copied: list[torch.cuda.Event | None] = [None, None]
-    handoff: queue.Queue = queue.Queue(maxsize=2)
+    handoff: queue.Queue = queue.Queue()
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for i, plan in enumerate(staged):
+            filled = 0
+            for plan in plans:
                 if stop.is_set():
                     return
-                slot = i % 2
+                if plan.pinned:
+                    handoff.put(_copy_direct(plan, device, side))
+                    continue
+                slot, filled = filled % 2, filled + 1
                 if copied[slot] is not None:
                     copied[slot].synchronize()  # the DMA out of this buffer has finished
-                raw = _fill(plan, pinned[slot].view(plan.dtype), flat_bs[i])
+                raw = _fill(plan, pinned[slot].view(plan.dtype), flat_bs[id(plan)])
                 with torch.cuda.stream(side):
                     flat = raw.to(device, non_blocking=True)
                     event = torch.cuda.Event()
@@ -362,14 +311,12 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
             handoff.put(err)
 
-    worker = threading.Thread(target=produce, name="flexlora-staging", daemon=True) if staged else None
-    if worker is not None:
-        worker.start()
+    worker = threading.Thread(target=produce, name="flexlora-staging", daemon=True)
+    worker.start()
     current = torch.cuda.current_stream(device)
     try:
-        for i, plan in enumerate(plans):
-            queue_direct(i + 1 + _AHEAD)
-            item = direct.pop(i) if plan.pinned else handoff.get()
+        for plan in plans:
+            item = handoff.get()
             if isinstance(item, BaseException):
                 raise item
             current.wait_event(item.event)
@@ -377,13 +324,7 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
             yield plan.module, _assemble(plan, item.a_cat, item.b_groups)
     finally:
         stop.set()
-        while worker is not None and worker.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                handoff.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        if worker is not None:
-            worker.join()
+        worker.join()
 
 
 @dataclass(frozen=True)

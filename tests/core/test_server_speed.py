@@ -15,7 +15,7 @@ from flexlora_plugin.core import aggregation as agg_mod
 from flexlora_plugin.core import terms as terms_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning, MagnitudeError
 from flexlora_plugin.core.projection import Gram, gram_basis
-from flexlora_plugin.core.staging import Stack, bulk_stream, on_streams, stage, streams
+from flexlora_plugin.core.staging import Stack, stage
 from flexlora_plugin.core.terms import TermList
 from tests.conftest import make_client, projection_gap, ref_delta
 
@@ -298,35 +298,6 @@ def test_cuda_pipeline_matches_the_cpu(gen):
         assert all(t.device.type == "cpu" for t in proj.values())
         for m in SHAPES:
             assert projection_gap(proj, kept, [1.0, 1.0], m, r) <= 1e-5, (m, r)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bulk_stream_runs_after_and_before_the_workers_stream():
-    """Work in ``bulk_stream()`` waits for what the worker's stream queued before it, and the worker's
-    stream waits for it; ``_sleep`` makes either missing wait read stale values."""
-    main = streams(torch.device("cuda"), "test-main", 1, priority=-1)[0]
-    bulk = streams(torch.device("cuda"), "test-bulk", 1)[0]
-    host = torch.arange(1 << 20, dtype=torch.float32)
-    with on_streams(main, bulk):
-        src = host.to("cuda")  # a copy from pageable memory synchronizes: made before the sleeps
-        x, y = torch.zeros_like(src), torch.zeros_like(src)
-        torch.cuda._sleep(50_000_000)  # main stays busy for tens of ms before x is written
-        x.copy_(src)
-        with bulk_stream() as hand_over:
-            assert torch.cuda.current_stream() == bulk
-            twice = x * 2  # reads x: only after main's copy
-            torch.cuda._sleep(50_000_000)  # bulk stays busy before y is written
-            y.copy_(twice)
-            w = x + 1  # allocated on bulk, used on main after the block
-            hand_over(w)
-        assert torch.cuda.current_stream() == main
-        z = y + w  # reads y: only after bulk's copy
-        main.synchronize()
-    assert torch.equal(z.cpu(), 3 * host + 1)
-    with bulk_stream() as hand_over:  # outside a worker: the current stream, nothing to hand over
-        assert torch.cuda.current_stream() == torch.cuda.default_stream()
-        hand_over(x)
 
 
 def test_the_top_rank_factor_b_is_the_cached_spectrum_and_survives_a_restore(gen, tmp_path):

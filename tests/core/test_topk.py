@@ -235,12 +235,9 @@ def test_a_rank_deficient_delta_falls_back_and_stays_exact(gen):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("pinned", ["none", "all", "middle"])
-@pytest.mark.parametrize("priorities", [True, False])
-def test_cuda_stacked_path_is_exact_from_pageable_and_pinned_factors(gen, monkeypatch, pinned, priorities):
-    """``middle``: only gate_proj, between two pageable modules, is page-locked: its copy is queued
-    by the calling thread while the producer thread fills the others (staging._pipelined).
-    ``priorities``: ΔW and its Gram on each worker's low-priority stream, or all on one stream."""
-    monkeypatch.setattr(agg_mod, "_PRIORITIES", priorities)
+def test_cuda_stacked_path_is_exact_from_pageable_and_pinned_factors(gen, monkeypatch, pinned):
+    """``middle``: only gate_proj, between two pageable modules, is page-locked: the producer thread
+    queues its copy between filling the others' buffers (staging._pipelined)."""
     states = _big_states(gen)
     weights = [float(j + 1) for j in range(len(states))]
     if pinned != "none":
