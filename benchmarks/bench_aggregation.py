@@ -56,10 +56,10 @@ from torch import Tensor
 ALPHA = 16.0
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-VARIANTS = ("reference", "dense", "ours-default", "ours", "transfer", "ours-default-pinned", "ours-pinned", "ours-one-stream-pinned")
+VARIANTS = ("reference", "dense", "ours-default", "ours", "transfer", "ours-default-pinned", "ours-pinned")
 DEFAULT_VARIANTS = ("reference", "dense", "ours-default", "ours")
-CUDA_VARIANTS = ("transfer", "dense", "ours-default", "ours", "ours-default-pinned", "ours-pinned", "ours-one-stream-pinned")
-OURS = ("ours-default", "ours", "ours-default-pinned", "ours-pinned", "ours-one-stream-pinned")
+CUDA_VARIANTS = ("transfer", "dense", "ours-default", "ours", "ours-default-pinned", "ours-pinned")
+OURS = ("ours-default", "ours", "ours-default-pinned", "ours-pinned")
 LABELS = {
     "reference": "(a) reference (FederatedScope FlexLoRA)",
     "dense": "(b) dense baseline (addmm + thin SVD)",
@@ -68,7 +68,6 @@ LABELS = {
     "transfer": "(t) transfer alone: every factor host -> device (pinned)",
     "ours-default-pinned": "(c0p) (c0), factors received into pinned memory",
     "ours-pinned": "(cp) (c), factors received into pinned memory",
-    "ours-one-stream-pinned": "(cp1) (cp) with each worker's GEMMs on its own stream (no stream priorities, as before 2026-11-26)",
 }
 TARGETS = {"speed_vs_dense_80": 1.5, "mem_vs_reference_80": 10.0, "speed_vs_dense_small": 20.0, "exact": 1e-5}
 Pair = tuple[Tensor, Tensor]  # (A : (r, d_in), B : (d_out, r))
@@ -397,10 +396,6 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
     device = setting.device
     if variant.startswith("ours"):
         import flexlora_plugin.core  # noqa: F401  (imported before the baseline, as (a)/(b) import nothing)
-    if variant == "ours-one-stream-pinned":  # the same code, scheduled as before: A/B of the stream priorities
-        from flexlora_plugin.core import aggregation
-
-        aggregation._PRIORITIES = False
     t_gen = time.perf_counter()
     states, weights, rank_maps = make_federation(setting)
     t_gen = time.perf_counter() - t_gen
@@ -420,13 +415,7 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
     first = time.perf_counter() - t0
     hwm = proc_status("VmHWM")
     device_peak = torch.cuda.max_memory_allocated() - device_base if device != "cpu" else 0
-    sample = {
-        f"{m}|{r}|{n}": t.clone(memory_format=torch.contiguous_format)
-        for (m, r), pair in table.items()
-        if m in setting.check
-        for n, t in zip("AB", pair, strict=True)
-    }
-    save_file(sample, out_path + ".safetensors")  # clones: factors may be views of one another
+    save_file(sample_factors(setting, table), out_path + ".safetensors")
     del kept, table
     gc.collect()
     times, rep_phases = [], []
@@ -538,13 +527,28 @@ def spawn(variant: str, setting: Setting, tmp: Path, timeout: float) -> dict[str
     return result
 
 
+def sample_factors(setting: Setting, table: dict[tuple[str, int], Pair]) -> dict[str, Tensor]:
+    """The check modules' factors of ``table`` as ``{"module|r|A": A, …}``, on the CPU, contiguous clones
+    (factors may be views of one another)."""
+    return {
+        f"{m}|{r}|{n}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for (m, r), pair in table.items()
+        if m in setting.check
+        for n, t in zip("AB", pair, strict=True)
+    }
+
+
 def exactness(setting: Setting, results: dict[str, dict[str, Any]]) -> dict[str, dict[int, float]]:
     """Per variant and rank, the max over the sample modules of the float64 exactness gap."""
     from safetensors.torch import load_file
 
+    return exactness_of(setting, {v: load_file(res["factors"]) for v, res in results.items()})
+
+
+def exactness_of(setting: Setting, loaded: dict[str, dict[str, Tensor]]) -> dict[str, dict[int, float]]:
+    """:func:`exactness` of factors in memory: per variant ``{"module|r|A": A, "module|r|B": B}``."""
     modules = dict(setting.modules())
-    gaps: dict[str, dict[int, float]] = {v: {} for v in results}
-    loaded = {v: load_file(res["factors"]) for v, res in results.items()}
+    gaps: dict[str, dict[int, float]] = {v: {} for v in loaded}
     weights = [client_weight(setting, k) for k in range(setting.n_clients)]
     for module in setting.check:
         delta = torch.zeros(modules[module], dtype=torch.float64)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (torch there, no venv, no network): the CUDA tests, then the GPU
 # server-step benchmark, then profile_gpu.py. Run from the repository root; results under $OUT (default /tmp/gpu_session).
-#   bash benchmarks/gpu_session.sh            # ~4.5 min on an H100 (tests ~25 s, benchmark ~150-175 s, profile ~45 s)
+#   bash benchmarks/gpu_session.sh            # ~4 min on an H100 (tests ~25 s, benchmark ~140-160 s, profile ~35 s)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
@@ -14,6 +14,6 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/core/test_topk.py tes
 timeout 300 python3 benchmarks/bench_aggregation.py --device cuda --threads 16 --json "$OUT/gpu.json" \
   > "$OUT/bench.md" 2> "$OUT/bench.err"
 tail -14 "$OUT/bench.md"
-# the hosts' call from pinned factors in one process: priorities on/off alternating, then a kernel profile of each
+# the hosts' call from pinned factors in one process: its timeline and a kernel profile (--sweep: scheduling choices)
 timeout 240 python3 benchmarks/profile_gpu.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
 grep -v '^| `' "$OUT/profile.log" | tail -40

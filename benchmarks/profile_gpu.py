@@ -4,27 +4,29 @@ The 80-client setting of ``bench_aggregation.py`` (same federation, same seed), 
 
 1. the transfer bound (every factor host -> device, pinned, one sync);
 2. ``reps`` runs of the hosts' call (``aggregate(max_rank)`` + ``project`` per distinct rank map),
-   alternating the worker scheduling: stream priorities on (the default) and off
-   (``aggregation._PRIORITIES = False``, one stream per worker), each run's time and worker timeline;
-3. one run of each under ``torch.profiler``: kernel time summed per kind (GEMMs, the solver's
-   float64 eigendecompositions and Cholesky-QR, copies, the rest) and the top kernels.
+   each run's time and worker timeline;
+3. one run under ``torch.profiler``: kernel time summed per kind (GEMMs, the solver's float64
+   eigendecompositions and Cholesky-QR, copies, the rest) and the top kernels.
 
-``bench_aggregation.py`` times each variant in its own process; this script compares the two
-schedulings in one process, on the same pinned inputs, and shows the kernels behind the numbers.
+With ``--sweep``, step 3 is replaced by the configurations of :data:`SWEEP` (the core's worker
+count and filter degree), alternating, each with its float64 exactness gap: scheduling choices
+compared in one process, on the same pinned inputs.
 
-    PYTHONPATH=. python3 benchmarks/profile_gpu.py --out /tmp/profile     # ~1 min on an H100
-    python benchmarks/profile_gpu.py --device cpu --quick --out /tmp/p     # smoke run on the CPU (no priorities there)
+    PYTHONPATH=. python3 benchmarks/profile_gpu.py --out /tmp/profile            # ~1 min on an H100
+    PYTHONPATH=. python3 benchmarks/profile_gpu.py --sweep --out /tmp/sweep      # ~1 min on an H100
+    python benchmarks/profile_gpu.py --device cpu --quick --out /tmp/p            # smoke run on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,75 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="(default: cuda)")
     p.add_argument("--quick", action="store_true", help="small shapes and 12 clients (a smoke run)")
-    p.add_argument("--reps", type=int, default=6, help="timed runs per scheduling, alternating (default: 6)")
+    p.add_argument("--reps", type=int, default=6, help="timed runs per configuration, alternating (default: 6)")
     p.add_argument("--threads", type=int, default=16, help="torch CPU threads (default: 16)")
     p.add_argument("--out", required=True, help="folder for profile.json and the kernel tables")
+    p.add_argument("--sweep", action="store_true", help="instead of the profile: the configurations of SWEEP (worker count, "
+                   "filter degree), alternating, each with its exactness gap; writes sweep.json and sweep.md")  # fmt: skip
     return p.parse_args(argv)
+
+
+SWEEP = (  # name -> the core's scheduling knobs (:func:`scheduling`); the first is the default
+    ("default", {}),
+    ("4 workers", {"workers": 4}),
+    ("8 workers", {"workers": 8}),
+    ("10 workers", {"workers": 10}),
+    ("filter degree 16", {"degree": 16}),
+)
+
+
+@contextlib.contextmanager
+def scheduling(**knobs: Any) -> Iterator[None]:
+    """The core's scheduling knobs set for one run, restored after: ``workers`` (CUDA worker threads)
+    and ``degree`` (Chebyshev degrees per filter round)."""
+    from flexlora_plugin.core import aggregation, topk
+
+    where = {"workers": (aggregation, "_WORKERS"), "degree": (topk, "_DEGREE")}
+    before = {name: getattr(*where[name]) for name in knobs}
+    try:
+        for name, value in knobs.items():
+            setattr(*where[name], value)
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(*where[name], value)
+
+
+def timed(setting: Any, states: Any, weights: Any, rank_maps: Any, device: str, reps: int,
+          configs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each configuration ``reps`` times, alternating, after one warm-up run each: times, median
+    timeline, the check modules' factors of the last run."""
+    for _, knobs in configs:  # warm-up: stream pools, allocator caches
+        with scheduling(**knobs):
+            bench.run_ours(states, weights, rank_maps, {}, device)
+    runs: dict[str, dict[str, Any]] = {name: {"knobs": knobs, "times [s]": [], "phases": []} for name, knobs in configs}
+    for _ in range(reps):
+        for name, knobs in configs:
+            phases: dict[str, float] = {}
+            with scheduling(**knobs):
+                t0 = time.perf_counter()
+                _, table = bench.run_ours(states, weights, rank_maps, phases, device)
+                runs[name]["times [s]"].append(time.perf_counter() - t0)
+            runs[name]["phases"].append(phases)
+            runs[name]["factors"] = bench.sample_factors(setting, table)
+    for run in runs.values():
+        phases_list = run.pop("phases")
+        run["median [s]"] = statistics.median(run["times [s]"])
+        run["phases median [s]"] = {k: statistics.median(p[k] for p in phases_list) for k in phases_list[0]}
+    return runs
+
+
+def sweep_lines(runs: dict[str, dict[str, Any]], bound_s: float | None) -> list[str]:
+    """The sweep's table: time, ratio to the transfer bound, worker timeline, exactness gap."""
+    keys = ["workers: first start", "workers: last start", "workers: last end"]
+    lines = ["| configuration | median [ms] | × transfer bound | runs [ms] | first / last start, last end [ms] | max gap |",
+             "|---|---:|---:|---|---|---:|"]  # fmt: skip
+    for name, run in runs.items():
+        spans = " / ".join(f"{run['phases median [s]'][k] * 1e3:.1f}" for k in keys if k in run["phases median [s]"]) or "-"
+        ratio = f"{run['median [s]'] / bound_s:.2f}×" if bound_s else "-"
+        times = ", ".join(f"{t * 1e3:.1f}" for t in run["times [s]"])
+        lines.append(f"| {name} | {run['median [s]'] * 1e3:.1f} | {ratio} | {times} | {spans} | {max(run['gaps'].values()):.1e} |")
+    return lines
 
 
 def kind_of(name: str) -> str:
@@ -79,8 +146,6 @@ def kernel_times(prof: Any, on_gpu: bool) -> tuple[dict[str, float], list[tuple[
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    from flexlora_plugin.core import aggregation
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     on_gpu = args.device == "cuda"
@@ -95,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         states = [{k: t.pin_memory() for k, t in s.items()} for s in states]
     bench.warm_up_libraries(args.device, core=True)
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
-                              "core": bench.core_version(), "clients": clients, "runs": {}}  # fmt: skip
+                              "core": bench.core_version(), "clients": clients}  # fmt: skip
     if on_gpu:
         flat = [t for s in states for t in s.values()]
         bound = []
@@ -104,46 +169,38 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench.run_transfer(states, flat, phases, args.device)
             bound.append(phases["pinned -> device"])
         report["transfer bound [s]"] = statistics.median(bound)
-    schedulings = {"priorities": True, "one stream": False}
-    for flag in schedulings.values():  # one warm-up run each: stream pools, allocator caches
-        aggregation._PRIORITIES = flag
-        bench.run_ours(states, weights, rank_maps, {}, args.device)
-    times: dict[str, list[float]] = {name: [] for name in schedulings}
-    phases_of: dict[str, list[dict[str, float]]] = {name: [] for name in schedulings}
-    for _ in range(args.reps):
-        for name, flag in schedulings.items():
-            aggregation._PRIORITIES = flag
-            phases = {}
-            t0 = time.perf_counter()
-            bench.run_ours(states, weights, rank_maps, phases, args.device)
-            times[name].append(time.perf_counter() - t0)
-            phases_of[name].append(phases)
+    bound_s = report.get("transfer bound [s]")
+    runs = timed(setting, states, weights, rank_maps, args.device, args.reps, SWEEP if args.sweep else SWEEP[:1])
+    gaps = bench.exactness_of(setting, {name: run.pop("factors") for name, run in runs.items()})
+    for name, run in runs.items():
+        run["gaps"] = gaps[name]
+    report["runs"] = runs
+    if args.sweep:
+        lines = [f"# Scheduling sweep ({report['device']}, torch {report['torch']}, core {report['core']}; "
+                 f"transfer bound {(bound_s or 0.0) * 1e3:.1f} ms)", "", *sweep_lines(runs, bound_s)]  # fmt: skip
+        (out / "sweep.json").write_text(json.dumps(report, indent=1))
+        (out / "sweep.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    lines = [f"# GPU server-step profile ({report['device']}, torch {report['torch']}, core {report['core']})", ""]
-    bound_s = report.get("transfer bound [s]")
-    for name, flag in schedulings.items():
-        aggregation._PRIORITIES = flag
-        with profile(activities=activities) as prof:
-            bench.run_ours(states, weights, rank_maps, {}, args.device)
-        per_kind, top = kernel_times(prof, on_gpu)
-        median = statistics.median(times[name])
-        timeline = {k: statistics.median(p[k] for p in phases_of[name]) for k in phases_of[name][0]}
-        report["runs"][name] = {"times [s]": times[name], "median [s]": median, "phases median [s]": timeline,
-                                "kernel ms by kind": per_kind, "top kernels": top}  # fmt: skip
-        ratio = f", {median / bound_s:.2f}× the transfer bound ({bound_s * 1e3:.1f} ms)" if bound_s else ""
-        lines += [f"## {name}: median {median * 1e3:.1f} ms{ratio}", "",
-                  "runs [ms]: " + ", ".join(f"{t * 1e3:.1f}" for t in times[name]),
-                  "phases (median, ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in timeline.items()), "",
-                  "| kernels (one profiled run, summed over streams) | ms |", "|---|---:|"]  # fmt: skip
-        lines += [f"| {kind} | {ms:.1f} |" for kind, ms in per_kind.items()]
-        lines += ["", "| top kernels | calls | ms |", "|---|---:|---:|"]
-        lines += [f"| `{key[:90]}` | {count} | {ms:.2f} |" for key, count, ms in top]
-        lines.append("")
-    aggregation._PRIORITIES = True
+    with profile(activities=activities) as prof:
+        bench.run_ours(states, weights, rank_maps, {}, args.device)
+    per_kind, top = kernel_times(prof, on_gpu)
+    run = runs["default"]
+    run.update({"kernel ms by kind": per_kind, "top kernels": top})
+    ratio = f", {run['median [s]'] / bound_s:.2f}× the transfer bound ({bound_s * 1e3:.1f} ms)" if bound_s else ""
+    lines = [f"# GPU server-step profile ({report['device']}, torch {report['torch']}, core {report['core']})", "",
+             f"median {run['median [s]'] * 1e3:.1f} ms{ratio}, max exactness gap {max(run['gaps'].values()):.1e}", "",
+             "runs [ms]: " + ", ".join(f"{t * 1e3:.1f}" for t in run["times [s]"]),
+             "phases (median, ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in run["phases median [s]"].items()), "",
+             "| kernels (one profiled run, summed over streams) | ms |", "|---|---:|"]  # fmt: skip
+    lines += [f"| {kind} | {ms:.1f} |" for kind, ms in per_kind.items()]
+    lines += ["", "| top kernels | calls | ms |", "|---|---:|---:|"]
+    lines += [f"| `{key[:90]}` | {count} | {ms:.2f} |" for key, count, ms in top]
     (out / "profile.json").write_text(json.dumps(report, indent=1))
-    (out / "profile.md").write_text("\n".join(lines))
+    (out / "profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(line for line in lines if not line.startswith("| `")))
 
 

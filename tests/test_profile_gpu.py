@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/profile_gpu.py on the CPU (``--quick``): both schedulings timed, kernels grouped."""
+"""Smoke tests of benchmarks/profile_gpu.py on the CPU (``--quick``): the profile's kernel groups, the sweep's table."""
 
 from __future__ import annotations
 
@@ -10,17 +10,40 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_cpu_run_times_both_schedulings_and_groups_the_ops(tmp_path):
+def _run(tmp_path: Path, *extra: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "profile_gpu.py"), "--device", "cpu", "--quick", "--threads", "1",
-         "--reps", "1", "--out", str(tmp_path)],
+         "--reps", "1", "--out", str(tmp_path), *extra],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_quick_cpu_profile_times_the_default_and_groups_the_ops(tmp_path):
+    _run(tmp_path)
     report = json.loads((tmp_path / "profile.json").read_text())
-    assert set(report["runs"]) == {"priorities", "one stream"} and report["clients"] == 12
-    for run in report["runs"].values():
-        assert len(run["times [s]"]) == 1 and run["median [s]"] > 0
-        assert run["kernel ms by kind"]["GEMM"] > 0 and run["kernel ms by kind"]["eigendecompositions, SVDs"] > 0
-        assert run["phases median [s]"]["aggregate (validate)"] > 0
-    assert "## priorities: median" in (tmp_path / "profile.md").read_text()
+    assert set(report["runs"]) == {"default"} and report["clients"] == 12
+    run = report["runs"]["default"]
+    assert len(run["times [s]"]) == 1 and run["median [s]"] > 0
+    assert run["kernel ms by kind"]["GEMM"] > 0 and run["kernel ms by kind"]["eigendecompositions, SVDs"] > 0
+    assert run["phases median [s]"]["aggregate (validate)"] > 0
+    assert 0 <= max(run["gaps"].values()) <= 1e-5  # float64 exactness against svdvals, both sample modules' ranks
+    assert "median " in (tmp_path / "profile.md").read_text()
+
+
+def test_quick_cpu_sweep_runs_every_configuration_and_restores_the_knobs(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import profile_gpu
+
+    from flexlora_plugin.core import aggregation, topk
+
+    before = (aggregation._WORKERS, topk._DEGREE)
+    with profile_gpu.scheduling(workers=3, degree=8):
+        assert (aggregation._WORKERS, topk._DEGREE) == (3, 8)
+    assert (aggregation._WORKERS, topk._DEGREE) == before
+    _run(tmp_path, "--sweep")
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert list(report["runs"]) == [name for name, _ in profile_gpu.SWEEP]
+    assert all(max(run["gaps"].values()) <= 1e-5 for run in report["runs"].values())
+    table = (tmp_path / "sweep.md").read_text()
+    assert all(f"| {name} |" in table for name, _ in profile_gpu.SWEEP)
