@@ -88,9 +88,11 @@ class Stack:
         rows = [i for c, off, r in spans if c in keep for i in range(off, off + r)]
         index = torch.tensor(rows, dtype=torch.long, device=self.A_cat.device)
         kept = [(c, r) for c, r in zip(self.clients, self.ranks, strict=True) if c in keep]
+        B_sel = self.B_cat.index_select(1, index)
+        B_cat = _aligned_columns(B_sel.shape[0], B_sel.shape[1], B_sel.dtype, B_sel.device).copy_(B_sel)
         return Stack(
             clients=tuple(c for c, _ in kept), ranks=tuple(r for _, r in kept),
-            A_cat=self.A_cat.index_select(0, index), B_cat=self.B_cat.index_select(1, index),
+            A_cat=self.A_cat.index_select(0, index), B_cat=B_cat,
         )  # fmt: skip
 
     def segment_ids(self) -> Tensor:
@@ -236,10 +238,21 @@ def _destinations(plan: _Plan, a_cat: Tensor, b_groups: Sequence[Tensor]) -> lis
     return list(a_cat.split(plan.ranks)) + [b for group in b_groups for b in group.unbind(0)]
 
 
+def _aligned_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised ``(rows, cols)`` view whose row stride is ``cols`` rounded up to 16 bytes.
+
+    ``B_cat``'s row stride is the leading dimension of the ΔW GEMM. With an ``R`` that is not a
+    multiple of 4 floats, cuBLAS can only pick unaligned kernels: in the 80-client benchmark on an
+    H100 the three MLP modules' ΔW (``R = 14574``) ran in ``cutlass_80_simt_sgemm_256x128_8x4_nn_align1``
+    at ~49 TFLOP/s, the attention modules' (``R = 13724``) in an ``aligna4`` kernel at ~62 TFLOP/s.
+    """
+    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return torch.empty(rows, -(-cols // step) * step, dtype=dtype, device=device)[:, :cols]
+
+
 def _assemble(plan: _Plan, a_cat: Tensor, b_groups: Sequence[Tensor]) -> Stack:
     """The stack; ``B_cat : (d_out, R)`` by one strided copy per rank group, on ``b_groups``' device."""
-    d_out = b_groups[0].shape[1]
-    b_cat = torch.empty(d_out, a_cat.shape[0], dtype=a_cat.dtype, device=a_cat.device)
+    b_cat = _aligned_columns(b_groups[0].shape[1], a_cat.shape[0], a_cat.dtype, a_cat.device)
     start = 0
     for group in b_groups:
         n, _, r = group.shape

@@ -206,7 +206,8 @@ def test_stage_keeps_client_order_and_mixed_dtypes(gen):
     assert st.clients == ("x", "y") and st.ranks == (2, 3)
     assert st.A_cat.dtype == torch.float32 and st.A_cat.shape == (5, 5) and st.B_cat.shape == (7, 5)
     assert torch.equal(st.views()["y"][0], A2.float()) and torch.equal(st.views()["y"][1], B2.float())
-    assert torch.equal(st.select({"y"}).B_cat, B2.float())
+    assert torch.equal(st.select({"y"}).B_cat, B2.float()) and st.select({"y"}).B_cat.stride() == (4, 1)
+    assert st.B_cat.stride() == (8, 1)
 
 
 def test_stage_groups_clients_by_rank_and_lays_out_every_factor(gen):
@@ -217,6 +218,7 @@ def test_stage_groups_clients_by_rank_and_lays_out_every_factor(gen):
     host = {c: {"m": (torch.randn(r, 6, generator=gen), torch.randn(7, r, generator=gen))} for c, r in ranks.items()}
     st = stage(host, ["m"], "cpu")["m"]
     assert st.clients == ("b", "e", "d", "a", "c", "f") and st.ranks == (3, 3, 5, 8, 8, 8)
+    assert st.B_cat.stride() == (36, 1)  # R = 35: the ΔW GEMM's leading dimension rounded up to 16 bytes
     assert torch.equal(st.A_cat, torch.cat([host[c]["m"][0] for c in st.clients]))
     assert torch.equal(st.B_cat, torch.cat([host[c]["m"][1] for c in st.clients], dim=1))
     assert all(torch.equal(st.views()[c][1], host[c]["m"][1]) for c in ranks)
@@ -234,7 +236,7 @@ def test_stage_takes_strided_factors_and_an_explicit_dtype(gen):
     A1, B1 = torch.randn(5, 2, generator=gen).T, torch.randn(2, 7, generator=gen).T  # transposed views
     A2, B2 = torch.randn(3, 5, generator=gen), torch.randn(7, 3, generator=gen)
     st = stage({"x": {"m": (A1, B1)}, "y": {"m": (A2, B2)}}, ["m"], "cpu", dtype=torch.float64)["m"]
-    assert st.A_cat.dtype == st.B_cat.dtype == torch.float64
+    assert st.A_cat.dtype == st.B_cat.dtype == torch.float64 and st.B_cat.stride() == (6, 1)  # 16 bytes: 2 doubles
     assert torch.equal(st.A_cat, torch.cat([A1, A2]).double()) and torch.equal(st.B_cat, torch.cat([B1, B2], dim=1).double())
 
 
