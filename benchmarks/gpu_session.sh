@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (torch there, no venv, no network): the CUDA tests, then the GPU
-# server-step benchmark, then profile_gpu.py. Run from the repository root; results under $OUT (default /tmp/gpu_session).
-#   bash benchmarks/gpu_session.sh            # ~4 min on an H100 (tests ~25 s, benchmark ~140-160 s, profile ~35 s)
+# server-step benchmark, then profile_gpu.py and its sweep. Run from the repository root; results under $OUT
+# (default /tmp/gpu_session; 8 files, the most a device call brings back).
+#   bash benchmarks/gpu_session.sh            # ~5 min on an H100 (tests ~25 s, benchmark ~150 s, profile ~35 s, sweep ~60 s)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
@@ -14,6 +15,10 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/core/test_topk.py tes
 timeout 300 python3 benchmarks/bench_aggregation.py --device cuda --threads 16 --json "$OUT/gpu.json" \
   > "$OUT/bench.md" 2> "$OUT/bench.err"
 tail -14 "$OUT/bench.md"
-# the hosts' call from pinned factors in one process: its timeline and a kernel profile (--sweep: scheduling choices)
+# the hosts' call from pinned factors in one process: its timeline and a kernel profile
 timeout 240 python3 benchmarks/profile_gpu.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
 grep -v '^| `' "$OUT/profile.log" | tail -40
+# scheduling choices on the same pinned inputs: worker count, filter degree, MAGMA (sweep.md alone comes back)
+timeout 240 python3 benchmarks/profile_gpu.py --sweep --out /tmp/sweep > /tmp/sweep.log 2>&1
+cp /tmp/sweep/sweep.md "$OUT/sweep.md" 2>/dev/null || tail -20 /tmp/sweep.log > "$OUT/sweep.md"
+cat "$OUT/sweep.md"
