@@ -761,7 +761,7 @@ def _staged(
     return moved, stacks, prepared
 
 
-_WORKERS = 6  # CUDA worker threads, one stream (pair) each: at most this many modules computed at once
+_WORKERS = 6  # CUDA worker threads, one stream each: at most this many modules computed at once (8, 10: no faster)
 
 
 class _ModuleRunner:

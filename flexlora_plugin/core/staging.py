@@ -246,7 +246,7 @@ def _aligned_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.dev
     H100 the three MLP modules' ΔW (``R = 14574``) ran in ``cutlass_80_simt_sgemm_256x128_8x4_nn_align1``
     at ~49 TFLOP/s, the attention modules' (``R = 13724``) in an ``aligna4`` kernel at ~62 TFLOP/s.
     """
-    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    step = max(1, 16 // dtype.itemsize)
     return torch.empty(rows, -(-cols // step) * step, dtype=dtype, device=device)[:, :cols]
 
 
@@ -288,14 +288,14 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
 
     A page-locked module's copies are one ``_foreach_copy_`` (~2 ms of CUDA API calls for 80
     clients), queued without waiting: the DMA engine stays busy however late this thread, which
-    competes with the workers for the GIL, hands the modules out (measured on an H100: a tie
-    with queueing two modules ahead from this thread, and one path instead of two). The ``j``-th
-    pageable module goes through pinned buffer ``j % 2``, filled while the other's copy runs. Python work per
-    module is kept to a few calls here: once the workers run, every call waits for the GIL.
+    competes with the workers for the GIL, hands the modules out (on an H100 a tie with queueing
+    two modules ahead from this thread, and one path instead of two). The ``j``-th pageable
+    module goes through pinned buffer ``j % 2``, filled while the other's copy runs. Python work
+    per module is kept to a few calls here: once the workers run, every call waits for the GIL.
     """
     side = streams(device, "staging", 1)[0]
     staged = [p for p in plans if not p.pinned]
-    flat_bs = {id(p): _flat_b(p) for p in staged}  # here, before any worker competes for the GIL
+    flat_bs = {p.module: _flat_b(p) for p in staged}  # here, before any worker competes for the GIL
     size = -(-max(((p.a_numel + p.b_numel) * p.dtype.itemsize for p in staged), default=0) // 8) * 8  # any dtype
     pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if staged else []
     copied: list[torch.cuda.Event | None] = [None, None]
@@ -314,7 +314,7 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
                 slot, filled = filled % 2, filled + 1
                 if copied[slot] is not None:
                     copied[slot].synchronize()  # the DMA out of this buffer has finished
-                raw = _fill(plan, pinned[slot].view(plan.dtype), flat_bs[id(plan)])
+                raw = _fill(plan, pinned[slot].view(plan.dtype), flat_bs[plan.module])
                 with torch.cuda.stream(side):
                     flat = raw.to(device, non_blocking=True)
                     event = torch.cuda.Event()
