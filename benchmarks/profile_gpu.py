@@ -63,17 +63,20 @@ SWEEP = (  # name -> the core's scheduling knobs (:func:`scheduling`); the first
     ("10 workers", {"workers": 10}),
     ("filter degree 16", {"degree": 16}),
     ("MAGMA for eigh and Cholesky", {"linalg": "magma"}),
+    ("filter in float64", {"filter_dtype": "float64"}),
 )
 
 
 @contextlib.contextmanager
 def scheduling(**knobs: Any) -> Iterator[None]:
     """The core's scheduling knobs set for one run, restored after: ``workers`` (CUDA worker threads),
-    ``degree`` (Chebyshev degrees per filter round) and ``linalg`` (torch's preferred CUDA linear
-    algebra library, ``"cusolver"`` or ``"magma"``: the solver's float64 ``eigh`` and Cholesky)."""
+    ``degree`` (Chebyshev degrees per filter round), ``filter_dtype`` (the filter's dtype by name,
+    e.g. ``"float64"``: H100 float64 tensor-core GEMMs against float32 SIMT ones) and ``linalg``
+    (torch's preferred CUDA linear algebra library, ``"cusolver"`` or ``"magma"``: the solver's
+    float64 ``eigh`` and Cholesky)."""
     from flexlora_plugin.core import aggregation, topk
 
-    where = {"workers": (aggregation, "_WORKERS"), "degree": (topk, "_DEGREE")}
+    where = {"workers": (aggregation, "_WORKERS"), "degree": (topk, "_DEGREE"), "filter_dtype": (topk, "_FILTER_DTYPE")}
     before = {name: getattr(*where[name]) for name in knobs if name in where}
     on_gpu = torch.cuda.is_available()  # the library choice means nothing to CPU runs (and needs a CUDA build)
     library = torch.backends.cuda.preferred_linalg_library() if "linalg" in knobs and on_gpu else None
@@ -83,7 +86,7 @@ def scheduling(**knobs: Any) -> Iterator[None]:
                 if on_gpu:  # RuntimeError where torch was built without MAGMA
                     torch.backends.cuda.preferred_linalg_library(value)
             else:
-                setattr(*where[name], value)
+                setattr(*where[name], getattr(torch, value) if name == "filter_dtype" else value)
         yield
     finally:
         for name, value in before.items():

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,10 +39,10 @@ def test_quick_cpu_sweep_runs_every_configuration_and_restores_the_knobs(tmp_pat
 
     from flexlora_plugin.core import aggregation, topk
 
-    before = (aggregation._WORKERS, topk._DEGREE)
-    with profile_gpu.scheduling(workers=3, degree=8):
-        assert (aggregation._WORKERS, topk._DEGREE) == (3, 8)
-    assert (aggregation._WORKERS, topk._DEGREE) == before
+    before = (aggregation._WORKERS, topk._DEGREE, topk._FILTER_DTYPE)
+    with profile_gpu.scheduling(workers=3, degree=8, filter_dtype="float64"):
+        assert (aggregation._WORKERS, topk._DEGREE, topk._FILTER_DTYPE) == (3, 8, torch.float64)
+    assert (aggregation._WORKERS, topk._DEGREE, topk._FILTER_DTYPE) == before
     _run(tmp_path, "--sweep")
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert list(report["runs"]) == [name for name, _ in profile_gpu.SWEEP]

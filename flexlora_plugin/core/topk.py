@@ -47,6 +47,7 @@ _CHUNK = 4  # at most this many Chebyshev degrees between two orthonormalization
 _RANGE = 1e10  # and at most this growth of the block's top direction over its bottom one in a chunk
 _DEGREE = 20  # per round
 _POWER = 2
+_FILTER_DTYPE: torch.dtype | None = None  # power steps, cut-off and Chebyshev filter in this dtype (None: the Gram's)
 _ESTIMATE_STEPS = 3  # inverse and power iterations of cutoff_estimate, on _ESTIMATE_VECTORS columns each
 _ESTIMATE_VECTORS = 4
 
@@ -170,6 +171,8 @@ def filtered_spectrum(
     if not plan.worthwhile or gram.total_energy == 0.0:
         return None
     gen = torch.Generator(device=G.device).manual_seed(seed)
+    if _FILTER_DTYPE is not None:  # e.g. float64 on a GPU whose float64 tensor cores beat its float32 SIMT GEMMs
+        G = G.to(_FILTER_DTYPE)
     X = torch.randn(plan.n, plan.b, generator=gen, device=G.device, dtype=G.dtype)
     for _ in range(_POWER):
         X = _orth(G @ X)
@@ -189,6 +192,7 @@ def _rayleigh_ritz(gram: Gram, X: Tensor, k: int, matmul: MatMul, rmatmul: MatMu
 
     ``X : (n, b)`` orthonormal columns: left singular directions when ``gram.wide``, else right ones.
     """
+    X = X.to(gram.matrix.dtype)  # from the filter's dtype (:data:`_FILTER_DTYPE`): M and the Ritz vectors from one X
     M = rmatmul(X) if gram.wide else matmul(X)  # ΔWᵀ U-block : (d_in, b), or ΔW V-block : (d_out, b)
     Md = M.double()
     theta, Z = torch.linalg.eigh(Md.T @ Md)  # ascending; θ_i = σ_i² of ΔW on span(X)

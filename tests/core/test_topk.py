@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexlora_plugin.core import aggregate
+from flexlora_plugin.core import aggregate, topk
 from flexlora_plugin.core import aggregation as agg_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning
 from flexlora_plugin.core.projection import gram_of
@@ -35,11 +35,16 @@ def _gap(delta64, US, Vh, r):
 
 @pytest.mark.parametrize("shape", [(384, 256), (256, 384)])  # right (tall) and left (wide) directions
 @pytest.mark.parametrize("k", [8, 40, 64])
-def test_filtered_spectrum_is_certified_and_near_optimal(gen, shape, k):
+@pytest.mark.parametrize("filter_dtype", [None, torch.float64])
+def test_filtered_spectrum_is_certified_and_near_optimal(gen, monkeypatch, shape, k, filter_dtype):
+    """``filter_dtype``: the filter in float64 over a float32 Gram (``topk._FILTER_DTYPE``, a GPU option);
+    the factors stay in the Gram's dtype and as exact."""
+    monkeypatch.setattr(topk, "_FILTER_DTYPE", filter_dtype)
     delta64 = _delta(gen, shape)
     delta = delta64.float()
     spec = filtered_spectrum(gram_of(delta), k, lambda X: delta @ X, lambda Y: delta.T @ Y)
     assert spec is not None and spec.k == k and not spec.complete
+    assert spec.US.dtype == spec.Vh.dtype == torch.float32
     sv = torch.linalg.svdvals(delta64)
     assert torch.allclose(spec.S.double(), sv[:k], rtol=0, atol=1e-5 * float(sv[0]))
     for r in sorted({1, k // 2, k}):  # every prefix is served to some client
