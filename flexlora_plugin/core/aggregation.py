@@ -772,9 +772,9 @@ class _ModuleRunner:
     of different modules overlap. Elsewhere inline, in order.
     """
 
-    def __init__(self, device: torch.device, speculate: Callable[[str, Stack], Any] | None, workers: int | None = None) -> None:
+    def __init__(self, device: torch.device, speculate: Callable[[str, Stack], Any] | None) -> None:
         self.device, self.speculate = device, speculate
-        workers = _WORKERS if workers is None else workers
+        workers = _WORKERS
         self.pool = None
         if device.type == "cuda":
             _load_cuda_linalg(device)

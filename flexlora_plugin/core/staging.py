@@ -3,10 +3,10 @@
 On a GPU the server step is bound by the host-to-device transfer of the factors (2.8 GB for 80
 clients of a 1B model against ~0.04 s of GEMMs), so :func:`stage` pipelines it:
 
-* factors already in page-locked (pinned) memory are copied straight into one device buffer per
-  module, queued a few modules ahead on a side CUDA stream (asynchronous DMA);
-* others: a background thread copies module ``m+1``'s factors into one of two pinned host
-  buffers while module ``m``'s copy runs on the side stream;
+* a background thread queues every module's copy on a side CUDA stream, in order (asynchronous
+  DMA): factors already in page-locked (pinned) memory straight into one device buffer per
+  module, without waiting; others through one of two pinned host buffers, module ``m+1``'s
+  filled while module ``m``'s copy runs;
 * each module arrives as one ``A_cat : (R, d_in)`` and one ``B_cat : (d_out, R)``, so ΔW is one
   GEMM and the value checks are a few reductions instead of thousands of small kernels.
 
