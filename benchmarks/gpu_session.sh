@@ -3,7 +3,10 @@
 # server-step benchmark, then profile_gpu.py and its sweep. Run from the repository root; results under $OUT
 # (default /tmp/gpu_session; 8 files, the most a device call brings back).
 #   bash benchmarks/gpu_session.sh            # ~5 min on an H100 (tests ~25 s, benchmark ~150 s, profile ~35 s, sweep ~60 s)
+#   bash benchmarks/gpu_session.sh confirm    # the tests and the benchmark only (~3 min): after a default changed on the sweep's word
 set -uo pipefail
+PART=${1:-all}
+case "$PART" in all|confirm) ;; *) echo "usage: $0 [all|confirm]" >&2; exit 2 ;; esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -15,6 +18,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/core/test_topk.py tes
 timeout 300 python3 benchmarks/bench_aggregation.py --device cuda --threads 16 --json "$OUT/gpu.json" \
   > "$OUT/bench.md" 2> "$OUT/bench.err"
 tail -14 "$OUT/bench.md"
+[ "$PART" = confirm ] && exit 0
 # the hosts' call from pinned factors in one process: its timeline and a kernel profile
 timeout 240 python3 benchmarks/profile_gpu.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
 grep -v '^| `' "$OUT/profile.log" | tail -40

@@ -49,3 +49,18 @@ def test_quick_cpu_sweep_runs_every_configuration_and_restores_the_knobs(tmp_pat
     assert all(max(run["gaps"].values()) <= 1e-5 for run in report["runs"].values())
     table = (tmp_path / "sweep.md").read_text()
     assert all(f"| {name} |" in table for name, _ in profile_gpu.SWEEP)
+    assert "Fastest within the exactness tolerance 1e-05: **" in table
+
+
+def test_sweep_names_the_fastest_configuration_that_stays_exact():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import profile_gpu
+
+    def run(ms: float, gap: float) -> dict:
+        return {"median [s]": ms / 1e3, "gaps": {"q_proj": gap / 10, "gate_proj": gap}}
+
+    runs = {"default": run(130, 4e-12), "degree 8": run(100, 3e-5), "float64": run(118, 1e-12), "8 workers": run(125, 4e-12)}
+    assert profile_gpu.best_line(runs).startswith("Fastest within the exactness tolerance 1e-05: **float64**, +9.2%")
+    runs["default"] = run(110, 4e-12)
+    assert "**default**, +0.0%" in profile_gpu.best_line(runs)
+    assert profile_gpu.best_line({"default": run(100, 1e-3)}).startswith("No configuration stayed within")
