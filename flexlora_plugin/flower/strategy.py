@@ -411,6 +411,8 @@ class FlexLoRA(FedAvg):
         """Decode train replies into core :class:`Reply` objects; error or undecodable replies into reasons."""
         decoded: dict[int, Reply] = {}
         failed: dict[int, str] = {}
+        device = self.federation.server_device if self.federation is not None else None
+        pin = device is not None and device.type == "cuda"  # page-locked: staged to the GPU by DMA, no host pass
         for reply in replies:
             nid = reply.metadata.src_node_id
             pid = self._pid_of(reply)
@@ -423,7 +425,7 @@ class FlexLoRA(FedAvg):
                 continue
             try:
                 content = reply.content
-                state = record_to_state(content.array_records[ARRAYS], content.config_records.get(CONFIG))
+                state = record_to_state(content.array_records[ARRAYS], content.config_records.get(CONFIG), pin=pin)
                 metrics = content.metric_records[METRICS]
                 weight, loss = float(metrics[NUM_EXAMPLES]), float(metrics.get(TRAIN_LOSS, math.nan))
             except (KeyError, TypeError, ValueError) as err:

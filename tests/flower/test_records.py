@@ -207,3 +207,56 @@ def test_a_second_reply_for_one_partition_drops_both(monkeypatch):
     decoded, failed = strategy._read_train_replies(2, [reply(sent[0][0]), reply(sent[0][0]), reply(sent[1][0])])
     assert list(decoded) == [1]
     assert failed == {0: "two replies for partition 0 in one round (node 7 and another); both dropped"}
+
+
+def test_record_to_state_matches_flowers_own_conversion_and_refuses_other_stypes():
+    """The one-copy decoder (flexlora_plugin/flower/npy.py) against ArrayRecord.to_torch_state_dict."""
+    from flwr.app import Array
+
+    arrays, note = state_to_record({**_state(torch.float32), "x.lora_A.weight": torch.arange(6.0).reshape(2, 3).T})
+    ours, flowers = record_to_state(arrays, note), arrays.to_torch_state_dict()
+    assert list(ours) == list(flowers)
+    assert all(torch.equal(ours[k], flowers[k]) and ours[k].dtype == flowers[k].dtype for k in ours)
+    odd = ArrayRecord({"k": Array(dtype="float32", shape=(1,), stype="raw", data=b"\0\0\0\0")})
+    with pytest.raises(TypeError, match="stype 'raw'"):
+        record_to_state(odd)
+
+
+def test_replies_with_truncated_or_oversized_arrays_are_excluded_as_malformed(monkeypatch):
+    """A truncated payload, and a header claiming 10^12 floats: with Flower's own conversion the
+    second raised MemoryError out of aggregate_train (np.load allocates before it reads), which
+    ended the run; now both are malformed replies, excluded, and the honest one is kept."""
+    from flwr.app import Array, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flexlora_plugin.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
+    from flexlora_plugin.flower.strategy import FlexLoRA
+
+    for name in ("run_id", "node_id", "task_id"):
+        monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
+    sent = []
+    for pid, node in ((0, 7), (1, 8), (2, 9)):
+        msg = Message(RecordDict({CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
+        msg.metadata._message_id = f"m{pid}"
+        sent.append((msg, pid))
+
+    def reply(msg, damage):
+        arrays, note = state_to_record({"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)})
+        arrays["m.lora_B.weight"] = Array(dtype="float32", shape=(4, 2), stype="numpy.ndarray",
+                                          data=damage(arrays["m.lora_B.weight"].data))  # fmt: skip
+        return Message(RecordDict({ARRAYS: arrays, CONFIG: note, METRICS: MetricRecord({NUM_EXAMPLES: 5})}), reply_to=msg)
+
+    def oversized(data: bytes) -> bytes:  # the header's text grows by 10 bytes into its padding: its length field holds
+        head = data[: data.index(b"\n") + 1]
+        grown = head.replace(b"'shape': (4, 2), ", b"'shape': (1000000000000,), ").replace(b" " * 10 + b"\n", b"\n")
+        assert len(grown) == len(head)
+        return grown + data[len(head) :]
+
+    replies = [reply(sent[0][0], lambda d: d[:-8]), reply(sent[1][0], oversized), reply(sent[2][0], lambda d: d)]
+    strategy = FlexLoRA(lora_alpha=16.0)
+    strategy.node_of = {0: 7, 1: 8, 2: 9}
+    strategy._in_flight = sent
+    decoded, failed = strategy._read_train_replies(2, replies)
+    assert list(decoded) == [2] and torch.equal(decoded[2].state["m.lora_B.weight"], torch.ones(4, 2))
+    assert sorted(failed) == [0, 1] and all(reason.startswith("malformed reply: ValueError") for reason in failed.values())
+    assert "needs 32" in failed[0] and "needs 4000000000000" in failed[1]
