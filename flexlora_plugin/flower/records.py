@@ -106,9 +106,10 @@ def state_to_record(state: Mapping[str, Tensor]) -> tuple[ArrayRecord, ConfigRec
 def record_to_state(arrays: ArrayRecord, config: ConfigRecord | None = None, *, pin: bool = False) -> dict[str, Tensor]:
     """Unpack :func:`state_to_record`'s output into a state dict (keys, order and dtypes restored).
 
-    Each array is copied once, into one buffer per record (:func:`~.npy.decode_arrays`; Flower's
-    ``to_torch_state_dict`` copies twice); with ``pin`` that buffer is page-locked, for a server
-    that stages the factors on a GPU.
+    Every array's header is checked against its bytes before anything is allocated, then each is
+    copied once into a new tensor (:func:`~.npy.decode_arrays`; Flower's ``to_torch_state_dict``
+    allocates what the header claims first, and copies twice); with ``pin`` the tensors are
+    page-locked, for a server that stages the factors on a GPU.
 
     Raises
     ------
