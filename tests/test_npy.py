@@ -135,3 +135,12 @@ def test_fuzz_mutated_npy_bytes_decode_exactly_or_raise_value_error():
         assert t.numel() * t.element_size() <= len(data) - 10
 
     check()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="page-locked allocations succeed where CUDA is")
+def test_pinned_decoding_without_page_locked_memory_falls_back_to_pageable_with_a_warning(caplog):
+    arrays = _arrays()[:3]
+    with caplog.at_level("WARNING", logger="flexlora_plugin.flower.npy"):
+        out = decode_arrays([_npy(a) for a in arrays], pin=True)
+    assert all(torch.equal(t, torch.from_numpy(a)) for t, a in zip(out, arrays, strict=True))
+    assert len(caplog.records) == 1 and "decoding into pageable memory" in caplog.records[0].getMessage()

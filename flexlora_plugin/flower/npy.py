@@ -18,6 +18,7 @@ the strategy did not expect, and one such reply ended the run.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["decode_arrays", "read_header"]
+
+logger = logging.getLogger(__name__)
 
 # npy 3.0 differs from 2.0 only in its header's text encoding (utf-8 for field names, which only
 # structured dtypes have, and those are refused here): the 2.0 reader parses its layout.
@@ -83,7 +86,8 @@ def decode_arrays(datas: Sequence[bytes | memoryview], *, pin: bool = False) -> 
         ``np.save`` outputs (a Flower ``Array.data`` each), e.g. one reply's arrays.
     pin : bool
         Allocate the tensors in page-locked memory (needs CUDA). torch's pinned-memory cache
-        keeps each block, rounded up to a power of two, for later arrays once it is freed.
+        keeps each block, rounded up to a power of two, for later arrays once it is freed. Where
+        an allocation fails, this and the remaining arrays go to pageable memory, with a warning.
 
     Returns
     -------
@@ -105,9 +109,17 @@ def decode_arrays(datas: Sequence[bytes | memoryview], *, pin: bool = False) -> 
         src = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
         sources.append((src.reshape(shape, order="F" if fortran else "C"), tdtype))
     out = []
-    for src, tdtype in sources:  # unpinned, numpy allocates as np.load does (the heap's reuse from round to round)
-        native = src.dtype.newbyteorder("=")
-        t = torch.empty(src.shape, dtype=tdtype, pin_memory=True) if pin else torch.from_numpy(np.empty(src.shape, native))
+    for src, tdtype in sources:
+        t = None
+        if pin:
+            try:
+                t = torch.empty(src.shape, dtype=tdtype, pin_memory=True)
+            except RuntimeError as err:  # page-locked memory exhausted: pageable tensors are slower to stage, not wrong
+                logger.warning("page-locked allocation of %s %s failed (%s); decoding into pageable memory", tdtype,
+                               tuple(src.shape), str(err).splitlines()[0])  # fmt: skip
+                pin = False
+        if t is None:  # numpy allocates, as np.load does (the heap's blocks reused from round to round)
+            t = torch.from_numpy(np.empty(src.shape, src.dtype.newbyteorder("=")))
         np.copyto(t.numpy(), src, casting="equiv")  # the one copy; swaps the bytes of a non-native order
         out.append(t)
     return out
