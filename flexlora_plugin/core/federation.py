@@ -214,6 +214,16 @@ class Federation:
         """``client``'s rank per module (the names of :attr:`shapes`), resolved once when its map was set."""
         return dict(self._resolved[client])
 
+    # ------------------------------------------------------------------ incoming
+    @property
+    def pin_replies(self) -> bool:
+        """Whether a host should receive replies into page-locked memory: the server aggregates on CUDA.
+
+        Its staging then copies them to the device by DMA, without a pass through its own pinned
+        buffers (docs/performance.md, "GPU server step" and "Decoding replies").
+        """
+        return self.server_device is not None and self.server_device.type == "cuda"
+
     # ------------------------------------------------------------------ outgoing
     @property
     def initial(self) -> GlobalUpdate:

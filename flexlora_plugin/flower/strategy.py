@@ -411,8 +411,7 @@ class FlexLoRA(FedAvg):
         """Decode train replies into core :class:`Reply` objects; error or undecodable replies into reasons."""
         decoded: dict[int, Reply] = {}
         failed: dict[int, str] = {}
-        device = self.federation.server_device if self.federation is not None else None
-        pin = device is not None and device.type == "cuda"  # page-locked: staged to the GPU by DMA, no host pass
+        pin = self.federation is not None and self.federation.pin_replies
         for reply in replies:
             nid = reply.metadata.src_node_id
             pid = self._pid_of(reply)

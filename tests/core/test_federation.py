@@ -209,6 +209,8 @@ def test_server_device_is_checked_when_configured_and_when_the_federation_starts
         FlexLoRAConfig(server_device="gpu")
     assert _fed().server_device is None  # the default: aggregation on the CPU, as before
     assert _fed(server_device="auto").server_device == (torch.device("cuda") if torch.cuda.is_available() else None)
+    assert not _fed().pin_replies  # page-locked replies only for a CUDA server
+    assert _fed(server_device="auto").pin_replies == torch.cuda.is_available()
     if not torch.cuda.is_available():  # a GPU asked for and missing fails before round 1, not in it
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             _fed(server_device="cuda")
