@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,7 +42,9 @@ from itertools import groupby
 import torch
 from torch import Tensor
 
-__all__ = ["Stack", "Verdict", "device_verdicts", "module_verdict", "stage", "streams"]
+from .errors import FlexLoRAWarning
+
+__all__ = ["Stack", "Verdict", "device_verdicts", "module_verdict", "pinned_empty", "stage", "streams"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,24 @@ class Stack:
 
 
 Factors = Mapping[Hashable, Mapping[str, tuple[Tensor, Tensor]]]  # client -> module -> (A, B)
+
+
+def pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor | None:
+    """An uninitialised page-locked host tensor for a reply the server will stage, or None.
+
+    None where page-locked memory cannot be had (no CUDA, or exhausted), with a
+    :class:`FlexLoRAWarning` (shown once per caller under Python's default filter): the caller
+    keeps the reply in pageable memory, which :func:`stage` copies correctly, through its own
+    pinned buffers, more slowly. torch caches page-locked blocks (rounded up to powers of two)
+    between rounds once they are freed.
+    """
+    try:
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
+    except RuntimeError:
+        warnings.warn("page-locked host memory is not available (no CUDA device, or exhausted): replies stay in pageable "
+                      "memory, which the GPU staging copies through its own pinned buffers, more slowly",
+                      FlexLoRAWarning, stacklevel=2)  # fmt: skip
+        return None
 
 _STREAMS: dict[tuple[torch.device, str], list[torch.cuda.Stream]] = {}
 _STREAMS_LOCK = threading.Lock()

@@ -24,6 +24,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from flexlora_plugin.core.errors import FlexLoRAError
+from flexlora_plugin.core.staging import pinned_empty
 
 __all__ = ["MARKER", "PAYLOAD_KEY", "PayloadError", "decode_state", "encode_state", "encoded_nbytes"]
 
@@ -48,12 +49,15 @@ def encoded_nbytes(content: Any) -> int:
     return 0
 
 
-def decode_state(content: Any, *, sender: Hashable) -> dict[str, Tensor]:
+def decode_state(content: Any, *, sender: Hashable, pin: bool = False) -> dict[str, Tensor]:
     """The state dict in ``content``: flexlora's encoding, or tensors from this same process (copied).
 
     In FS's standalone mode a client's reply holds views of its model's parameters, which it
     overwrites in place when it loads the next projection; a server keeping those views would see
-    its round's ΔW change under it. The copy makes every received state the receiver's own.
+    its round's ΔW change under it. The copy makes every received state the receiver's own; with
+    ``pin`` (a server aggregating on CUDA: ``Federation.pin_replies``) it goes to page-locked
+    memory, which the GPU staging copies by DMA, at no extra pass. A safetensors payload is decoded
+    into pageable memory whatever ``pin`` says: page-locking it would take one more pass.
 
     Raises
     ------
@@ -81,4 +85,10 @@ def decode_state(content: Any, *, sender: Hashable) -> dict[str, Tensor]:
         raise PayloadError(f"{sender}: {len(odd)} value(s) are not tensors, e.g. {key!r}: {kind}{how}; "
                            "flexlora peers send safetensors payloads")  # fmt: skip
     # in-process (standalone) tensors are the sender's live parameters: the receiver owns a copy
-    return {k: v.detach().clone() for k, v in content.items()}
+    return {k: _own_copy(v.detach(), pin) for k, v in content.items()}
+
+
+def _own_copy(t: Tensor, pin: bool) -> Tensor:
+    """A copy of ``t``: page-locked and contiguous where ``pin`` (a host tensor) and page-locked memory can be had."""
+    out = pinned_empty(t.shape, t.dtype) if pin and t.device.type == "cpu" else None
+    return out.copy_(t) if out is not None else t.clone()

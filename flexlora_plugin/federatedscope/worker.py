@@ -161,19 +161,20 @@ class FlexLoRAServer(Server):
 
     # -- incoming ------------------------------------------------------------------------------
     @staticmethod
-    def collect_feedback(buffer: Mapping[int, Any]) -> tuple[dict[int, Reply], dict[int, str]]:
+    def collect_feedback(buffer: Mapping[int, Any], *, pin: bool = False) -> tuple[dict[int, Reply], dict[int, str]]:
         """Decode ``{client: (sample_size, content)}``; return the replies and the refused clients with the reason.
 
         Distributed: tuples arrive as lists and the factors as one safetensors string
         (:mod:`~flexlora_plugin.federatedscope.wire`); anything else, FS's base64-pickled tensors
         included, is refused without being unpickled. A ``sample_size`` that is not a positive
-        number is left to the core, which excludes it with the reason.
+        number is left to the core, which excludes it with the reason. ``pin``: in-process
+        replies are copied into page-locked memory (:func:`~.wire.decode_state`).
         """
         replies, failed = {}, {}
         for cid, item in buffer.items():
             try:
                 sample_size, content = item
-                replies[cid] = Reply(decode_state(content, sender=f"client {cid}"), sample_size)
+                replies[cid] = Reply(decode_state(content, sender=f"client {cid}", pin=pin), sample_size)
             except (PayloadError, TypeError, ValueError) as err:
                 failed[cid] = f"reply refused: {err}"
         return replies, failed
@@ -183,7 +184,7 @@ class FlexLoRAServer(Server):
         buffer = self.msg_buffer["train"][self.state]
         if self.staled_msg_buffer:
             raise RuntimeError("FlexLoRA rounds are synchronous, yet stale messages are buffered (asyn.use is not supported)")
-        replies, failed = self.collect_feedback(buffer)
+        replies, failed = self.collect_feedback(buffer, pin=self.federation.pin_replies)
         received = ", ".join(
             f"client {cid}: {rank_summary(current_ranks_of(r.state)) or 'malformed'} "
             f"{_kib(state_nbytes(r.state))}{_wire(buffer[cid])}"

@@ -7,8 +7,8 @@ parsing, 10 kB header limit, no pickles), checks every array's size against its 
 allocating anything, and copies the payload once, straight into a new tensor. With ``pin=True``
 that tensor is page-locked (pinned): a server that stages the factors on a GPU then copies them
 by DMA without another pass over host memory (the ``(cp)`` variant of
-``benchmarks/bench_aggregation.py``). This module imports neither flwr nor the core, so the GPU
-machine's tests run it without Flower installed.
+``benchmarks/bench_aggregation.py``). This module does not import flwr, so the GPU machine's tests
+run it without Flower installed.
 
 Everything is checked before anything is allocated: with Flower's conversion a header that
 claims 10¹² floats made ``np.load`` raise ``MemoryError`` (it allocates before it reads), which
@@ -18,7 +18,6 @@ the strategy did not expect, and one such reply ended the run.
 from __future__ import annotations
 
 import io
-import logging
 import math
 from collections.abc import Sequence
 
@@ -26,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["decode_arrays", "read_header"]
+from flexlora_plugin.core.staging import pinned_empty
 
-logger = logging.getLogger(__name__)
+__all__ = ["decode_arrays", "read_header"]
 
 # npy 3.0 differs from 2.0 only in its header's text encoding (utf-8 for field names, which only
 # structured dtypes have, and those are refused here): the 2.0 reader parses its layout.
@@ -87,7 +86,8 @@ def decode_arrays(datas: Sequence[bytes | memoryview], *, pin: bool = False) -> 
     pin : bool
         Allocate the tensors in page-locked memory (needs CUDA). torch's pinned-memory cache
         keeps each block, rounded up to a power of two, for later arrays once it is freed. Where
-        an allocation fails, this and the remaining arrays go to pageable memory, with a warning.
+        an allocation fails (:func:`~flexlora_plugin.core.staging.pinned_empty` warns), this
+        and the remaining arrays go to pageable memory.
 
     Returns
     -------
@@ -110,14 +110,8 @@ def decode_arrays(datas: Sequence[bytes | memoryview], *, pin: bool = False) -> 
         sources.append((src.reshape(shape, order="F" if fortran else "C"), tdtype))
     out = []
     for src, tdtype in sources:
-        t = None
-        if pin:
-            try:
-                t = torch.empty(src.shape, dtype=tdtype, pin_memory=True)
-            except RuntimeError as err:  # page-locked memory exhausted: pageable tensors are slower to stage, not wrong
-                logger.warning("page-locked allocation of %s %s failed (%s); decoding into pageable memory", tdtype,
-                               tuple(src.shape), str(err).splitlines()[0])  # fmt: skip
-                pin = False
+        t = pinned_empty(src.shape, tdtype) if pin else None
+        pin = pin and t is not None  # once page-locked memory failed, the rest of the reply goes to pageable memory
         if t is None:  # numpy allocates, as np.load does (the heap's blocks reused from round to round)
             t = torch.from_numpy(np.empty(src.shape, src.dtype.newbyteorder("=")))
         np.copyto(t.numpy(), src, casting="equiv")  # the one copy; swaps the bytes of a non-native order

@@ -38,8 +38,8 @@ class Recorder:
         server = runner.server
         original = server.collect_feedback
 
-        def collect(buffer: Any) -> Any:
-            replies, failed = original(buffer)
+        def collect(buffer: Any, **kwargs: Any) -> Any:
+            replies, failed = original(buffer, **kwargs)
             states = {c: {k: v.clone() for k, v in r.state.items()} for c, r in replies.items()}
             self.received[server.state] = (states, {c: float(r.num_examples) for c, r in replies.items()})
             return replies, failed

@@ -51,6 +51,21 @@ def test_in_process_tensors_are_copied(gen):
     assert got.abs().sum() > 0
 
 
+def test_in_process_tensors_pinned_where_page_locked_memory_is_else_copied_with_a_warning(gen):
+    """A CUDA server (``Federation.pin_replies``) copies standalone replies into page-locked memory;
+    without it (no CUDA here) the copy is pageable, and one FlexLoRAWarning says so."""
+    from flexlora_plugin.core import FlexLoRAWarning
+
+    state = {"m.lora_A.weight": torch.randn(3, 4, generator=gen), "m.lora_B.weight": torch.randn(4, 3, generator=gen).T}
+    if torch.cuda.is_available():
+        got = wire.decode_state(state, sender="client 1", pin=True)
+        assert all(t.is_pinned() for t in got.values())
+    else:
+        with pytest.warns(FlexLoRAWarning, match="page-locked host memory is not available"):
+            got = wire.decode_state(state, sender="client 1", pin=True)
+    assert all(torch.equal(got[k], v) and got[k].data_ptr() != v.data_ptr() for k, v in state.items())
+
+
 def test_fs_pickled_tensors_are_refused_and_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     content = {"m.lora_A.weight": _fs_pickled(Evil(marker)), "m.lora_B.weight": _fs_pickled(torch.zeros(2, 2))}
