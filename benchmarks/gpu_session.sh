@@ -14,7 +14,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
 # every test marked gpu, and the core tests whose stacked path runs on CUDA when it is there
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/core/test_topk.py tests/core/test_server_speed.py \
   tests/core/test_aggregation.py tests/core/test_trust_boundary.py tests/core/test_baselines.py \
-  tests/core/test_federation.py tests/test_evaluate.py tests/test_npy.py 2>&1 | tail -5 | tee "$OUT/tests.log"
+  tests/core/test_federation.py tests/test_evaluate.py tests/test_npy.py tests/federatedscope/test_wire.py 2>&1 | tail -5 | tee "$OUT/tests.log"
 timeout 300 python3 benchmarks/bench_aggregation.py --device cuda --threads 16 --json "$OUT/gpu.json" \
   > "$OUT/bench.md" 2> "$OUT/bench.err"
 tail -14 "$OUT/bench.md"
