@@ -124,6 +124,7 @@ def pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor | None:
                       FlexLoRAWarning, stacklevel=2)  # fmt: skip
         return None
 
+
 _STREAMS: dict[tuple[torch.device, str], list[torch.cuda.Stream]] = {}
 _STREAMS_LOCK = threading.Lock()
 
