@@ -180,31 +180,45 @@ def test_fuzz_the_reply_parser_then_the_core():
     check()
 
 
-def test_a_second_reply_for_one_partition_drops_both(monkeypatch):
-    """Two replies for partition 0 in one round (a replayed or duplicated message): neither can be
-    trusted, both are dropped with a reason naming the node; partition 1's single reply is kept."""
-    from flwr.app import Message, MessageType, MetricRecord, RecordDict
+def _train_round(monkeypatch, nodes: dict[int, int]):
+    """A strategy that sent one train message per ``{partition: node}``, and those messages."""
+    from flwr.app import Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from flexlora_plugin.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
+    from flexlora_plugin.flower.records import CONFIG
     from flexlora_plugin.flower.strategy import FlexLoRA
 
     for name in ("run_id", "node_id", "task_id"):  # what a running ServerApp has; messages need it
         monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
     sent = []
-    for pid, node in ((0, 7), (1, 8)):
+    for pid, node in nodes.items():
         msg = Message(RecordDict({CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
         msg.metadata._message_id = f"m{pid}"  # the grid sets it when sending
         sent.append((msg, pid))
-
-    def reply(msg):
-        arrays, note = state_to_record({"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)})
-        return Message(RecordDict({ARRAYS: arrays, CONFIG: note, METRICS: MetricRecord({NUM_EXAMPLES: 5})}), reply_to=msg)
-
     strategy = FlexLoRA(lora_alpha=16.0)
-    strategy.node_of = {0: 7, 1: 8}
+    strategy.node_of = dict(nodes)
     strategy._in_flight = sent
-    decoded, failed = strategy._read_train_replies(2, [reply(sent[0][0]), reply(sent[0][0]), reply(sent[1][0])])
+    return strategy, [msg for msg, _ in sent]
+
+
+def _train_reply(msg, damage=None):
+    """A rank-2 reply to ``msg``; ``damage(bytes) -> bytes`` rewrites its lora_B array's npy bytes."""
+    from flwr.app import Array, Message, MetricRecord, RecordDict
+
+    from flexlora_plugin.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
+
+    arrays, note = state_to_record({"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)})
+    if damage is not None:
+        arrays["m.lora_B.weight"] = Array(dtype="float32", shape=(4, 2), stype="numpy.ndarray",
+                                          data=damage(arrays["m.lora_B.weight"].data))  # fmt: skip
+    return Message(RecordDict({ARRAYS: arrays, CONFIG: note, METRICS: MetricRecord({NUM_EXAMPLES: 5})}), reply_to=msg)
+
+
+def test_a_second_reply_for_one_partition_drops_both(monkeypatch):
+    """Two replies for partition 0 in one round (a replayed or duplicated message): neither can be
+    trusted, both are dropped with a reason naming the node; partition 1's single reply is kept."""
+    strategy, (to0, to1) = _train_round(monkeypatch, {0: 7, 1: 8})
+    decoded, failed = strategy._read_train_replies(2, [_train_reply(to0), _train_reply(to0), _train_reply(to1)])
     assert list(decoded) == [1]
     assert failed == {0: "two replies for partition 0 in one round (node 7 and another); both dropped"}
 
@@ -226,25 +240,6 @@ def test_replies_with_truncated_or_oversized_arrays_are_excluded_as_malformed(mo
     """A truncated payload, and a header claiming 10^12 floats: with Flower's own conversion the
     second raised MemoryError out of aggregate_train (np.load allocates before it reads), which
     ended the run; now both are malformed replies, excluded, and the honest one is kept."""
-    from flwr.app import Array, Message, MessageType, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from flexlora_plugin.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
-    from flexlora_plugin.flower.strategy import FlexLoRA
-
-    for name in ("run_id", "node_id", "task_id"):
-        monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
-    sent = []
-    for pid, node in ((0, 7), (1, 8), (2, 9)):
-        msg = Message(RecordDict({CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
-        msg.metadata._message_id = f"m{pid}"
-        sent.append((msg, pid))
-
-    def reply(msg, damage):
-        arrays, note = state_to_record({"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)})
-        arrays["m.lora_B.weight"] = Array(dtype="float32", shape=(4, 2), stype="numpy.ndarray",
-                                          data=damage(arrays["m.lora_B.weight"].data))  # fmt: skip
-        return Message(RecordDict({ARRAYS: arrays, CONFIG: note, METRICS: MetricRecord({NUM_EXAMPLES: 5})}), reply_to=msg)
 
     def oversized(data: bytes) -> bytes:  # the header's text grows by 10 bytes into its padding: its length field holds
         head = data[: data.index(b"\n") + 1]
@@ -252,10 +247,8 @@ def test_replies_with_truncated_or_oversized_arrays_are_excluded_as_malformed(mo
         assert len(grown) == len(head)
         return grown + data[len(head) :]
 
-    replies = [reply(sent[0][0], lambda d: d[:-8]), reply(sent[1][0], oversized), reply(sent[2][0], lambda d: d)]
-    strategy = FlexLoRA(lora_alpha=16.0)
-    strategy.node_of = {0: 7, 1: 8, 2: 9}
-    strategy._in_flight = sent
+    strategy, (to0, to1, to2) = _train_round(monkeypatch, {0: 7, 1: 8, 2: 9})
+    replies = [_train_reply(to0, lambda d: d[:-8]), _train_reply(to1, oversized), _train_reply(to2, lambda d: d)]
     decoded, failed = strategy._read_train_replies(2, replies)
     assert list(decoded) == [2] and torch.equal(decoded[2].state["m.lora_B.weight"], torch.ones(4, 2))
     assert sorted(failed) == [0, 1] and all(reason.startswith("malformed reply: ValueError") for reason in failed.values())
