@@ -126,11 +126,11 @@ def record_to_state(arrays: ArrayRecord, config: ConfigRecord | None = None, *, 
         raise ValueError(f"{ARRAY_DTYPES} is not valid JSON: {note[:80]!r}") from err
     if not isinstance(dtypes, dict):
         raise ValueError(f"{ARRAY_DTYPES} must be a JSON object {{key: dtype}}, got {note[:80]!r}")
-    keys = list(arrays.keys())
-    for key in keys:
-        if arrays[key].stype != SType.NUMPY:
-            raise TypeError(f"array {key!r} has stype {arrays[key].stype!r}, not {SType.NUMPY!r}")
-    state = dict(zip(keys, decode_arrays([arrays[key].data for key in keys], pin=pin), strict=True))
+    items = list(arrays.items())
+    for key, array in items:
+        if array.stype != SType.NUMPY:
+            raise TypeError(f"array {key!r} has stype {array.stype!r}, not {SType.NUMPY!r}")
+    state = dict(zip([key for key, _ in items], decode_arrays([array.data for _, array in items], pin=pin), strict=True))
     for key, name in dtypes.items():
         if key not in state:
             raise ValueError(f"{ARRAY_DTYPES} names {key!r}, which the ArrayRecord lacks")
