@@ -13,7 +13,12 @@ EXTRAS = {
     "eval": ["rouge-score>=0.1.2", "matplotlib>=3.8", "gguf>=0.10", "sentencepiece>=0.2"],
     "flower": ["flwr[simulation]>=1.42,<1.43"],
     "federatedscope": [
-        "protobuf>=3.20,<3.21", "grpcio>=1.48,<1.60", "pympler>=1.0", "pyyaml>=6", "scipy>=1.10", "scikit-learn>=1.3",
+        "protobuf>=3.20,<3.21",
+        "grpcio>=1.48,<1.60",
+        "pympler>=1.0",
+        "pyyaml>=6",
+        "scipy>=1.10",
+        "scikit-learn>=1.3",
         "pandas>=2.0",
     ],
 }
@@ -32,7 +37,13 @@ setup(
     # scipy: LAPACK syevr and, through scipy.linalg.cython_lapack, the packed ?spevx for the top-k eigenvectors of the
     # server's Gram matrices (core/projection.gram_basis, core/packed.py).
     install_requires=[
-        "torch>=2.1", "transformers>=4.56", "peft>=0.13", "accelerate>=0.34", "pyyaml>=6", "safetensors>=0.4", "scipy>=1.10",
+        "torch>=2.1",
+        "transformers>=4.56",
+        "peft>=0.13",
+        "accelerate>=0.34",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "scipy>=1.10",
     ],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["flexlora-fs=flexlora_plugin.federatedscope.cli:main"]},

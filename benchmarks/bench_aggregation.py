@@ -251,8 +251,12 @@ def run_dense(
 
 
 def run_ours(
-    states: Sequence[dict[str, Tensor]], weights: Sequence[float], rank_maps: Sequence[dict[str, int]], phases: dict[str, float],
-    device: str = "cpu", default_call: bool = False,
+    states: Sequence[dict[str, Tensor]],
+    weights: Sequence[float],
+    rank_maps: Sequence[dict[str, int]],
+    phases: dict[str, float],
+    device: str = "cpu",
+    default_call: bool = False,
 ) -> tuple[Any, Any]:
     """``aggregate(max_rank=r_max)`` then ``project`` once per distinct rank map; with
     ``default_call`` as a user calls it: no ``max_rank``, rank maps smallest first."""
@@ -357,7 +361,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_transfer(states: Sequence[dict[str, Tensor]], pinned: Sequence[Tensor], phases: dict[str, float], device: str) -> tuple[Any, Any]:
+def run_transfer(
+    states: Sequence[dict[str, Tensor]], pinned: Sequence[Tensor], phases: dict[str, float], device: str
+) -> tuple[Any, Any]:
     """The bound: every factor's bytes from pinned host memory to ``device``, asynchronous, one sync.
     Also timed: the same from the pageable tensors (as a server receives them), for reference."""
     t0 = time.perf_counter()
@@ -428,12 +434,22 @@ def child_main(variant: str, spec_path: str, out_path: str) -> None:
         del kept, table
         gc.collect()
     result = {
-        "variant": variant, "times": times, "median": statistics.median(times), "first_run": first, "phases_first": phases,
+        "variant": variant,
+        "times": times,
+        "median": statistics.median(times),
+        "first_run": first,
+        "phases_first": phases,
         "phases_median": {k: statistics.median(p[k] for p in rep_phases) for k in rep_phases[0]} if rep_phases else {},
-        "baseline_rss": baseline, "hwm": hwm, "extra_peak": hwm - baseline, "hwm_end": proc_status("VmHWM"),
-        "input_bytes": sum(t.numel() * t.element_size() for s in states for t in s.values()), "generate_s": t_gen,
-        "threads": torch.get_num_threads(), "device": device, "device_extra_peak": device_peak,
-    }  # fmt: skip
+        "baseline_rss": baseline,
+        "hwm": hwm,
+        "extra_peak": hwm - baseline,
+        "hwm_end": proc_status("VmHWM"),
+        "input_bytes": sum(t.numel() * t.element_size() for s in states for t in s.values()),
+        "generate_s": t_gen,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "device_extra_peak": device_peak,
+    }
     if variant == "ours" and device == "cpu":
         result.update(time_delta_phase(setting, states, weights, rank_maps))
     Path(out_path + ".json").write_text(json.dumps(result))
@@ -456,8 +472,13 @@ def time_delta_phase(setting: Setting, states: Any, weights: Any, rank_maps: Any
         delta = update.delta(m)
         seconds += time.perf_counter() - t0
         del delta
-    return {"dense_modules": len(dense), "factored_modules": len(update.modules) - len(dense), "delta_flops": flops,
-            "delta_s": seconds, "gemm_here": gemm}  # fmt: skip
+    return {
+        "dense_modules": len(dense),
+        "factored_modules": len(update.modules) - len(dense),
+        "delta_flops": flops,
+        "delta_s": seconds,
+        "gemm_here": gemm,
+    }
 
 
 # --------------------------------------------------------------------------- parent: orchestration
@@ -576,8 +597,10 @@ def run_setting(
     for v in variants:
         t0 = time.perf_counter()
         results[v] = spawn(v, setting, tmp, timeout)
-        log(f"[{setting.name}] {v}: median {results[v]['median']:.2f} s, extra peak {results[v]['extra_peak'] / 2**20:.0f} MiB "
-            f"(subprocess {time.perf_counter() - t0:.0f} s)")  # fmt: skip
+        log(
+            f"[{setting.name}] {v}: median {results[v]['median']:.2f} s, extra peak {results[v]['extra_peak'] / 2**20:.0f} MiB "
+            f"(subprocess {time.perf_counter() - t0:.0f} s)"
+        )
     t0 = time.perf_counter()
     gaps = exactness(setting, results)
     log(f"[{setting.name}] exactness check: {time.perf_counter() - t0:.0f} s")
@@ -586,8 +609,15 @@ def run_setting(
     distinct = sorted({r for rm in ranks for r in rm.values()})
     out_floats = sum((d_out + d_in) * sum(sorted({rm[m] for rm in ranks})) for m, (d_out, d_in) in setting.modules())
     rmax_floats = sum((d_out + d_in) * max(rm[m] for rm in ranks) for m, (d_out, d_in) in setting.modules())
-    return {"setting": asdict(setting), "results": results, "gaps": gaps, "stacked_rank": [min(stacked), max(stacked)],
-            "distinct_ranks": distinct, "output_bytes": 4 * out_floats, "rmax_bytes": 4 * rmax_floats}  # fmt: skip
+    return {
+        "setting": asdict(setting),
+        "results": results,
+        "gaps": gaps,
+        "stacked_rank": [min(stacked), max(stacked)],
+        "distinct_ranks": distinct,
+        "output_bytes": 4 * out_floats,
+        "rmax_bytes": 4 * rmax_floats,
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -615,9 +645,11 @@ def setting_table(name: str, run: dict[str, Any]) -> list[str]:
         runs = ", ".join(f"{t:.3f}" if on_gpu else f"{t:.2f}" for t in r["times"])
         gap = f"{max(gaps[v].values()):.1e}" if gaps[v] else "-"
         median = f"{r['median']:.3f}" if on_gpu else f"{r['median']:.2f}"
-        lines.append(f"| {LABELS[v]} | {median} | {runs} | {mib(r['extra_peak'])} | {mib(r['hwm'])} | "
-                     f"{mib(r['baseline_rss'])} | {gap} | {r['other_load']:.2f} |"
-                     + (f" {mib(r.get('device_extra_peak', 0))} |" if on_gpu else ""))  # fmt: skip
+        lines.append(
+            f"| {LABELS[v]} | {median} | {runs} | {mib(r['extra_peak'])} | {mib(r['hwm'])} | "
+            f"{mib(r['baseline_rss'])} | {gap} | {r['other_load']:.2f} |"
+            + (f" {mib(r.get('device_extra_peak', 0))} |" if on_gpu else "")
+        )
     gaps = {v: g for v, g in gaps.items() if g}
     ranks = sorted({r for g in gaps.values() for r in g})
     lines += [
@@ -629,8 +661,11 @@ def setting_table(name: str, run: dict[str, Any]) -> list[str]:
     ]
     lines += ["| variant | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---|" + "---:|" * len(ranks)]
     lines += [f"| {LABELS[v]} | " + " | ".join(f"{g[r]:.1e}" for r in ranks) + " |" for v, g in gaps.items()]
-    lines += ["", "Phases (median of the timed runs, s): " + "; ".join(
-        f"{v}: " + ", ".join(f"{k} {t:.3f}" for k, t in r["phases_median"].items()) for v, r in res.items())]  # fmt: skip
+    lines += [
+        "",
+        "Phases (median of the timed runs, s): "
+        + "; ".join(f"{v}: " + ", ".join(f"{k} {t:.3f}" for k, t in r["phases_median"].items()) for v, r in res.items()),
+    ]
     return lines
 
 
@@ -661,7 +696,9 @@ def target_lines(runs: dict[str, dict[str, Any]], quick: bool) -> list[str]:
         where = " (GPU)" if on_gpu else ""
         if "speed dense/ours-default" in r:
             v = r["speed dense/ours-default"]
-            rows.append((f"80 clients{where}: default call ≥ 1.5× faster than (b)", f"{v:.2f}×", v >= TARGETS["speed_vs_dense_80"]))
+            rows.append(
+                (f"80 clients{where}: default call ≥ 1.5× faster than (b)", f"{v:.2f}×", v >= TARGETS["speed_vs_dense_80"])
+            )
         for ours in OURS:
             if f"time {ours}/transfer bound" in r:
                 v = r[f"time {ours}/transfer bound"]
@@ -699,8 +736,12 @@ def target_lines(runs: dict[str, dict[str, Any]], quick: bool) -> list[str]:
 def report(
     runs: dict[str, dict[str, Any]], peak: dict[str, float], shape: tuple[int, int, int], wall: float, quick: bool, core: str
 ) -> str:
-    lines = [f"## FlexLoRA aggregation benchmark ({'quick' if quick else 'full'} run)", "",
-             f"Core: {core}; torch {torch.__version__}; {os.cpu_count()} CPUs.", ""]  # fmt: skip
+    lines = [
+        f"## FlexLoRA aggregation benchmark ({'quick' if quick else 'full'} run)",
+        "",
+        f"Core: {core}; torch {torch.__version__}; {os.cpu_count()} CPUs.",
+        "",
+    ]
     for name, run in runs.items():
         lines += setting_table(name, run) + [""]
         lines += ["Ratios: " + "; ".join(f"{k} = {v:.2f}×" for k, v in ratios(run).items()), ""]
@@ -714,9 +755,11 @@ def report(
             continue
         if o["dense_modules"]:
             rate, best = o["delta_flops"] / o["delta_s"] / 1e9, max(peak["best"], o["gemm_here"]["best"])
-            lines.append(f"{name}: (c) dense-path ΔW accumulation ({o['dense_modules']} modules, {o['delta_flops'] / 1e9:.0f} GFLOP "
-                         f"in {o['delta_s']:.2f} s): {rate:.0f} GFLOP/s = {rate / best:.0%} of the GEMM peak ({best:.0f} GFLOP/s, the best of "
-                         f"the parent's and the (c) subprocess's own measurement, {o['gemm_here']['best']:.0f}, taken just before).")  # fmt: skip
+            lines.append(
+                f"{name}: (c) dense-path ΔW accumulation ({o['dense_modules']} modules, {o['delta_flops'] / 1e9:.0f} GFLOP "
+                f"in {o['delta_s']:.2f} s): {rate:.0f} GFLOP/s = {rate / best:.0%} of the GEMM peak ({best:.0f} GFLOP/s, the best of "
+                f"the parent's and the (c) subprocess's own measurement, {o['gemm_here']['best']:.0f}, taken just before)."
+            )
         else:
             lines.append(f"{name}: (c) every module took the factored path (no dense ΔW formed).")
     lines += ["", *target_lines(runs, quick), "", f"Total wall time: {wall:.0f} s."]
@@ -738,8 +781,15 @@ def settings_from(args: argparse.Namespace) -> list[Setting]:
             args.modules,
             args.reps,
         )
-    common = {"n_modules": mods, "hidden": hidden, "inter": inter, "seed": args.seed, "reps": reps, "threads": args.threads,
-              "device": args.device}  # fmt: skip
+    common = {
+        "n_modules": mods,
+        "hidden": hidden,
+        "inter": inter,
+        "seed": args.seed,
+        "reps": reps,
+        "threads": args.threads,
+        "device": args.device,
+    }
     out = []
     for name in args.settings.split(","):
         if name == "80-clients":
@@ -759,8 +809,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--variants",
         help=f"comma list of {', '.join(VARIANTS)} (default: {', '.join(DEFAULT_VARIANTS)}; --device cuda: {', '.join(CUDA_VARIANTS)})",
     )
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="where (b), (c0), (c) compute; cuda also times (t), the transfer bound (default: cpu)")  # fmt: skip
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where (b), (c0), (c) compute; cuda also times (t), the transfer bound (default: cpu)",
+    )
     p.add_argument("--clients", type=int, default=80, help="clients of the 80-clients setting (default: 80)")
     p.add_argument("--small-clients", type=int, default=10, help="clients of the small-rank setting (default: 10)")
     p.add_argument(

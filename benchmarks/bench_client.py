@@ -113,11 +113,20 @@ def make_settings(task: ModuleType, args: argparse.Namespace, model: Path, out: 
     """The app's ``Settings``: pyproject's ``[tool.flwr.app.config]`` with the paper profile and the CLI on top."""
     config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     config.update(PAPER)
-    config.update({
-        "model-path": str(model), "data-path": str(args.data), "output-dir": str(out), "local-steps": args.steps,
-        "batch-size": args.batch_size, "max-length": args.max_length, "max-train-examples": args.max_train_examples,
-        "torch-threads": args.threads, "device": args.device, "dtype": args.dtype,
-    })  # fmt: skip
+    config.update(
+        {
+            "model-path": str(model),
+            "data-path": str(args.data),
+            "output-dir": str(out),
+            "local-steps": args.steps,
+            "batch-size": args.batch_size,
+            "max-length": args.max_length,
+            "max-train-examples": args.max_train_examples,
+            "torch-threads": args.threads,
+            "device": args.device,
+            "dtype": args.dtype,
+        }
+    )
     return task.Settings.from_context(config, run_id=0)
 
 
@@ -231,26 +240,37 @@ def bench_rank(task: ModuleType, settings: Any, pid: int, rank: int, args: argpa
     load_s, _, plain = clock(lambda: build_plain(settings, rank_map, received, batches), cm.device)
     zero = replace(settings, local_steps=0)
     runs = {
-        "client": (Variant("client round (record -> train_partition -> record)"),
-                   lambda: client_round(task, settings, pid, rank_map, message)),
+        "client": (
+            Variant("client round (record -> train_partition -> record)"),
+            lambda: client_round(task, settings, pid, rank_map, message),
+        ),
         "plain": (Variant("plain peft loop"), plain.round),
         "zero": (Variant("client round, 0 steps (fixed overhead)"), lambda: client_round(task, zero, pid, rank_map, message)),
-    }  # fmt: skip
+    }
     for i in range(1 + args.repeats):
         names = list(runs) if i % 2 == 0 else ["plain", "client", "zero"]
         for name in names:
             variant, fn = runs[name]
             wall, other, loss = clock(fn, cm.device)
-            print(f"rank {rank}, round {i} ({'warm-up' if i == 0 else 'timed'}): {name} {wall:.2f} s, "
-                  f"other load {other:.2f} cores", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"rank {rank}, round {i} ({'warm-up' if i == 0 else 'timed'}): {name} {wall:.2f} s, other load {other:.2f} cores",
+                file=sys.stderr,
+                flush=True,
+            )
             if i == 0:
                 variant.warmup, variant.loss = wall, loss
             else:
                 variant.runs.append(wall)
                 variant.other.append(other)
-    result = {"rank": rank, "rank_map": rank_map, "tokens": tokens, "plain_build_s": load_s,
-              "variants": {k: v for k, (v, _) in runs.items()}, "phases": phases(task, settings, rank_map, message, args.repeats),
-              "factor_mib": sum(v.numel() * 4 for v in received.values()) / 2**20}  # fmt: skip
+    result = {
+        "rank": rank,
+        "rank_map": rank_map,
+        "tokens": tokens,
+        "plain_build_s": load_s,
+        "variants": {k: v for k, (v, _) in runs.items()},
+        "phases": phases(task, settings, rank_map, message, args.repeats),
+        "factor_mib": sum(v.numel() * 4 for v in received.values()) / 2**20,
+    }
     del plain, runs
     gc.collect()
     return result
@@ -260,8 +280,10 @@ def machine() -> str:
     """CPU model, cores and memory (and the GPU when CUDA is visible)."""
     cpu = "?"
     if Path("/proc/cpuinfo").is_file():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), "?")  # fmt: skip
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+            "?",
+        )
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {mem:.0f} GiB RAM{gpu}; {platform.platform()}"
@@ -295,8 +317,7 @@ def rank_table(res: Mapping[str, Any]) -> list[str]:
         "",
         f"## rank {res['rank']} (module ranks {ranks}; {res['factor_mib']:.1f} MiB of factors; {res['tokens']} tokens per round)",
         "",
-        "| variant | median round [s] | runs [s] | warm-up [s] | tokens/s | mean loss (warm-up) "
-        "| other load [cores] |",
+        "| variant | median round [s] | runs [s] | warm-up [s] | tokens/s | mean loss (warm-up) | other load [cores] |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for var in v.values():
@@ -317,8 +338,9 @@ def rank_table(res: Mapping[str, Any]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None,
-                        help="transformers folder (default: SmolLM2-135M-Instruct, prepared once)")  # fmt: skip
+    parser.add_argument(
+        "--model", type=Path, default=None, help="transformers folder (default: SmolLM2-135M-Instruct, prepared once)"
+    )
     parser.add_argument("--data", type=Path, default=DATA, help="Natural Instructions folder (default: ../shared/data/...)")
     parser.add_argument("--partition", type=int, default=0, help="the partition whose examples train (default: 0)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -375,8 +397,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             results.append(bench_rank(task, settings, args.partition, rank, args))
             print("\n".join(rank_table(results[-1])), flush=True)
     ratios = [(res["rank"], res["variants"]["plain"].median / res["variants"]["client"].median) for res in results]
-    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}; total wall time {time.perf_counter() - start:.0f} s; "
-          "target: ratio >= 0.8 at every rank\n")  # fmt: skip
+    print(
+        f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}; total wall time {time.perf_counter() - start:.0f} s; "
+        "target: ratio >= 0.8 at every rank\n"
+    )
     print("client/plain throughput ratio: " + ", ".join(f"{x:.2f} (rank {r})" for r, x in ratios), flush=True)
 
 

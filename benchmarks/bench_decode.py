@@ -87,8 +87,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def round_replies(args: argparse.Namespace) -> tuple[list[Reply], int]:
     """The round's replies, each array as a Flower ``Array`` holds it, and their bytes."""
     hidden, inter, clients = (256, 688, 12) if args.quick else (2048, 5504, args.clients)
-    setting = bench.with_ranks(bench.Setting(name="80-clients", n_clients=clients, n_modules=10, hidden=hidden, inter=inter,
-                                             ranks="profile:heavy_tail_strong"))  # fmt: skip
+    setting = bench.with_ranks(
+        bench.Setting(
+            name="80-clients", n_clients=clients, n_modules=10, hidden=hidden, inter=inter, ranks="profile:heavy_tail_strong"
+        )
+    )
     wire = getattr(torch, args.wire_dtype)
     replies, nbytes = [], 0
     for k in range(clients):  # packed one client at a time: the round's float32 tensors never all exist at once
@@ -110,7 +113,9 @@ def child(args: argparse.Namespace) -> None:
     fn = VARIANTS[args.variant][1]
     for reply in replies[:2]:  # bit-equal to Flower's conversion
         ref, got = flowers_conversion(reply), fn(reply)
-        assert all(a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(ref, got, strict=True))
+        assert all(
+            a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(ref, got, strict=True)
+        )
     times = []
     for _ in range(args.reps + 1):  # as a server's rounds: the decoded replies are freed before the next
         t0 = time.perf_counter()
@@ -128,8 +133,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     variants = [v for v in VARIANTS if v != "ours-pinned" or torch.cuda.is_available()]
     runs = {}
     for variant in variants:  # each in its own process: allocator state left by one variant must not time the other
-        cmd = [sys.executable, __file__, "--variant", variant, "--clients", str(args.clients), "--reps", str(args.reps),
-               "--threads", str(args.threads), "--wire-dtype", args.wire_dtype] + (["--quick"] if args.quick else [])  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--clients",
+            str(args.clients),
+            "--reps",
+            str(args.reps),
+            "--threads",
+            str(args.threads),
+            "--wire-dtype",
+            args.wire_dtype,
+        ] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"{variant}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -137,16 +154,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     nbytes, clients = runs["flower"]["bytes"], runs["flower"]["clients"]
     medians = {v: statistics.median(r["times [s]"]) for v, r in runs.items()}
     device = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    lines = [f"# Decoding one round's replies: {clients} clients, {nbytes / 1e9:.2f} GB of {args.wire_dtype} factors, "
-             f"{args.threads} threads, torch {torch.__version__}{device}", "",
-             "| variant | median [s] | fastest [s] | runs [s] | warm-up [s] | GB/s (median) |", "|---|---:|---:|---|---:|---:|"]  # fmt: skip
+    lines = [
+        f"# Decoding one round's replies: {clients} clients, {nbytes / 1e9:.2f} GB of {args.wire_dtype} factors, "
+        f"{args.threads} threads, torch {torch.__version__}{device}",
+        "",
+        "| variant | median [s] | fastest [s] | runs [s] | warm-up [s] | GB/s (median) |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
     for v, r in runs.items():
         runs_s = ", ".join(f"{t:.3f}" for t in r["times [s]"])
-        lines.append(f"| {VARIANTS[v][0]} | {medians[v]:.3f} | {min(r['times [s]']):.3f} | {runs_s} | {r['warm-up [s]']:.3f} | "
-                     f"{nbytes / medians[v] / 1e9:.2f} |")
+        lines.append(
+            f"| {VARIANTS[v][0]} | {medians[v]:.3f} | {min(r['times [s]']):.3f} | {runs_s} | {r['warm-up [s]']:.3f} | "
+            f"{nbytes / medians[v] / 1e9:.2f} |"
+        )
     fastest = {v: min(r["times [s]"]) for v, r in runs.items()}
-    ratios = [f"time (f) / ({'op' if v == 'ours-pinned' else 'o'}) = **{medians['flower'] / medians[v]:.2f}×** "
-              f"(fastest runs: {fastest['flower'] / fastest[v]:.2f}×)" for v in runs if v != "flower"]  # fmt: skip
+    ratios = [
+        f"time (f) / ({'op' if v == 'ours-pinned' else 'o'}) = **{medians['flower'] / medians[v]:.2f}×** "
+        f"(fastest runs: {fastest['flower'] / fastest[v]:.2f}×)"
+        for v in runs
+        if v != "flower"
+    ]
     lines += ["", "Ratios: " + ", ".join(ratios)]
     print("\n".join(lines))
     result = {"wire dtype": args.wire_dtype, "threads": args.threads, "runs": runs, "median [s]": medians}

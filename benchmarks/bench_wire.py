@@ -52,14 +52,27 @@ def run(out: Path, model: Path, data: Path, wire: str, rounds: int, seed: int) -
     from flexlora_plugin.flower.run import run_simulation
 
     prof = PROFILES["small"]
-    config = {"strategy": "flexlora", "profile": "heavy_tail_strong", "seed": seed, "model-path": str(model),
-              "data-path": str(data), "clients-per-round": prof["clients-per-round"], "local-steps": prof["local-steps"],
-              "batch-size": prof["batch-size"], "max-length": prof["max-length"],
-              "max-train-examples": prof["max-train-examples"], "lr": prof["lr"], "target-modules": ALL7,
-              "torch-threads": 1, "round-timeout": prof["timeout"], "wire-dtype": wire}  # fmt: skip
+    config = {
+        "strategy": "flexlora",
+        "profile": "heavy_tail_strong",
+        "seed": seed,
+        "model-path": str(model),
+        "data-path": str(data),
+        "clients-per-round": prof["clients-per-round"],
+        "local-steps": prof["local-steps"],
+        "batch-size": prof["batch-size"],
+        "max-length": prof["max-length"],
+        "max-train-examples": prof["max-train-examples"],
+        "lr": prof["lr"],
+        "target-modules": ALL7,
+        "torch-threads": 1,
+        "round-timeout": prof["timeout"],
+        "wire-dtype": wire,
+    }
     t0 = time.time()
-    result = run_simulation(out, num_rounds=rounds, num_supernodes=prof["partitions"], run_config=config,
-                            timeout=prof["timeout"] * rounds, echo=False)  # fmt: skip
+    result = run_simulation(
+        out, num_rounds=rounds, num_supernodes=prof["partitions"], run_config=config, timeout=prof["timeout"] * rounds, echo=False
+    )
     if not result.ok:
         raise SystemExit(f"{out.name}: the run failed ({result.status}); log: {result.log_path}")
     return {**result.metrics, "adapter_dir": str(result.adapter_dir), "seconds": round(time.time() - t0, 1)}
@@ -140,19 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     noise = relative_gaps(deltas["f32-b"], deltas["f32-a"])
     effect = relative_gaps(deltas["bf16"], deltas["f32-a"])
     trip = one_trip_error(deltas["f32-a"])
-    lines = [f"model {model.name}, {args.rounds} rounds of the small profile's federation (heavy_tail_strong), "
-             f"torch {torch.__version__}; {time.time() - t0:.0f} s wall", "",
-             "| round | sent float32 [MB] | sent bfloat16 [MB] | received float32 [MB] | received bfloat16 [MB] "
-             "| train loss float32 (run a / b) | train loss bfloat16 |",
-             "|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+    lines = [
+        f"model {model.name}, {args.rounds} rounds of the small profile's federation (heavy_tail_strong), "
+        f"torch {torch.__version__}; {time.time() - t0:.0f} s wall",
+        "",
+        "| round | sent float32 [MB] | sent bfloat16 [MB] | received float32 [MB] | received bfloat16 [MB] "
+        "| train loss float32 (run a / b) | train loss bfloat16 |",
+        "|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for a, b, c in zip(*(_rounds(results[n]) for _, n in RUNS), strict=True):
-        lines.append(f"| {a['round']} | {a['bytes-sent'] / 1e6:.1f} | {c['bytes-sent'] / 1e6:.1f} | "
-                     f"{a['bytes-received'] / 1e6:.1f} | {c['bytes-received'] / 1e6:.1f} | "
-                     f"{a['train-loss']:.4f} / {b['train-loss']:.4f} | {c['train-loss']:.4f} |")  # fmt: skip
-    lines += ["", "Exported adapters (exact export), per module, ‖ΔW_x − ΔW_f32‖_F / ‖ΔW_f32‖_F:",
-              f"- float32 again (the noise floor): {summary(noise)}",
-              f"- bfloat16 wire: {summary(effect)}",
-              f"One bf16 trip of the float32 run's final projections (the server's rounding alone): {summary(trip)}"]  # fmt: skip
+        lines.append(
+            f"| {a['round']} | {a['bytes-sent'] / 1e6:.1f} | {c['bytes-sent'] / 1e6:.1f} | "
+            f"{a['bytes-received'] / 1e6:.1f} | {c['bytes-received'] / 1e6:.1f} | "
+            f"{a['train-loss']:.4f} / {b['train-loss']:.4f} | {c['train-loss']:.4f} |"
+        )
+    lines += [
+        "",
+        "Exported adapters (exact export), per module, ‖ΔW_x − ΔW_f32‖_F / ‖ΔW_f32‖_F:",
+        f"- float32 again (the noise floor): {summary(noise)}",
+        f"- bfloat16 wire: {summary(effect)}",
+        f"One bf16 trip of the float32 run's final projections (the server's rounding alone): {summary(trip)}",
+    ]
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "noise": noise, "bf16_effect": effect, "one_trip": trip}, indent=1))

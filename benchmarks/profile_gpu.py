@@ -52,8 +52,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=6, help="timed runs per configuration, alternating (default: 6)")
     p.add_argument("--threads", type=int, default=16, help="torch CPU threads (default: 16)")
     p.add_argument("--out", required=True, help="folder for profile.json and the kernel tables")
-    p.add_argument("--sweep", action="store_true", help="instead of the profile: the configurations of SWEEP (worker count, "
-                   "filter degree and dtype, MAGMA), alternating, each with its exactness gap; writes sweep.json and sweep.md")  # fmt: skip
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of the profile: the configurations of SWEEP (worker count, "
+        "filter degree and dtype, MAGMA), alternating, each with its exactness gap; writes sweep.json and sweep.md",
+    )
     return p.parse_args(argv)
 
 
@@ -99,8 +103,9 @@ def scheduling(**knobs: Any) -> Iterator[None]:
             torch.backends.cuda.preferred_linalg_library(library)
 
 
-def timed(setting: Any, states: Any, weights: Any, rank_maps: Any, device: str, reps: int,
-          configs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:  # fmt: skip
+def timed(
+    setting: Any, states: Any, weights: Any, rank_maps: Any, device: str, reps: int, configs: Sequence[tuple[str, dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
     """Each configuration ``reps`` times, alternating, after one warm-up run each: times, median
     timeline, the check modules' factors of the last run. A configuration this torch cannot set
     (MAGMA missing) is left out, with a line on stderr."""
@@ -136,13 +141,17 @@ def timed(setting: Any, states: Any, weights: Any, rank_maps: Any, device: str, 
 def sweep_lines(runs: dict[str, dict[str, Any]], bound_s: float | None) -> list[str]:
     """The sweep's table: time, ratio to the transfer bound, worker timeline, exactness gap."""
     keys = ["workers: first start", "workers: last start", "workers: last end"]
-    lines = ["| configuration | median [ms] | × transfer bound | runs [ms] | first / last start, last end [ms] | max gap |",
-             "|---|---:|---:|---|---|---:|"]  # fmt: skip
+    lines = [
+        "| configuration | median [ms] | × transfer bound | runs [ms] | first / last start, last end [ms] | max gap |",
+        "|---|---:|---:|---|---|---:|",
+    ]
     for name, run in runs.items():
         spans = " / ".join(f"{run['phases median [s]'][k] * 1e3:.1f}" for k in keys if k in run["phases median [s]"]) or "-"
         ratio = f"{run['median [s]'] / bound_s:.2f}×" if bound_s else "-"
         times = ", ".join(f"{t * 1e3:.1f}" for t in run["times [s]"])
-        lines.append(f"| {name} | {run['median [s]'] * 1e3:.1f} | {ratio} | {times} | {spans} | {max(run['gaps'].values()):.1e} |")
+        lines.append(
+            f"| {name} | {run['median [s]'] * 1e3:.1f} | {ratio} | {times} | {spans} | {max(run['gaps'].values()):.1e} |"
+        )
     return lines + ["", best_line(runs)]
 
 
@@ -154,8 +163,10 @@ def best_line(runs: dict[str, dict[str, Any]]) -> str:
         return f"No configuration stayed within the exactness tolerance {TOLERANCE:.0e}."
     best = min(exact, key=lambda name: exact[name]["median [s]"])
     saved = 1.0 - runs[best]["median [s]"] / runs[default]["median [s]"]
-    return (f"Fastest within the exactness tolerance {TOLERANCE:.0e}: **{best}**, {saved:+.1%} of the {default}'s time "
-            "saved (medians; a difference under the runs' spread is a tie).")  # fmt: skip
+    return (
+        f"Fastest within the exactness tolerance {TOLERANCE:.0e}: **{best}**, {saved:+.1%} of the {default}'s time "
+        "saved (medians; a difference under the runs' spread is a tie)."
+    )
 
 
 def kind_of(name: str) -> str:
@@ -192,14 +203,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
     hidden, inter, clients = (256, 688, 12) if args.quick else (2048, 5504, 80)
-    setting = bench.with_ranks(bench.Setting(name="80-clients", n_clients=clients, n_modules=10, hidden=hidden, inter=inter,
-                                             ranks="profile:heavy_tail_strong", device=args.device))  # fmt: skip
+    setting = bench.with_ranks(
+        bench.Setting(
+            name="80-clients",
+            n_clients=clients,
+            n_modules=10,
+            hidden=hidden,
+            inter=inter,
+            ranks="profile:heavy_tail_strong",
+            device=args.device,
+        )
+    )
     states, weights, rank_maps = bench.make_federation(setting)
     if on_gpu:  # as a server that receives each reply into page-locked memory: the (cp) variant
         states = [{k: t.pin_memory() for k, t in s.items()} for s in states]
     bench.warm_up_libraries(args.device, core=True)
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
-                              "core": bench.core_version(), "clients": clients}  # fmt: skip
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "torch": torch.__version__,
+        "core": bench.core_version(),
+        "clients": clients,
+    }
     if on_gpu:
         flat = [t for s in states for t in s.values()]
         bound = []
@@ -215,8 +239,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         run["gaps"] = gaps[name]
     report["runs"] = runs
     if args.sweep:
-        lines = [f"# Scheduling sweep ({report['device']}, torch {report['torch']}, core {report['core']}; "
-                 f"transfer bound {(bound_s or 0.0) * 1e3:.1f} ms)", "", *sweep_lines(runs, bound_s)]  # fmt: skip
+        lines = [
+            f"# Scheduling sweep ({report['device']}, torch {report['torch']}, core {report['core']}; "
+            f"transfer bound {(bound_s or 0.0) * 1e3:.1f} ms)",
+            "",
+            *sweep_lines(runs, bound_s),
+        ]
         (out / "sweep.json").write_text(json.dumps(report, indent=1))
         (out / "sweep.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
@@ -230,11 +258,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = runs["default"]
     run.update({"kernel ms by kind": per_kind, "top kernels": top})
     ratio = f", {run['median [s]'] / bound_s:.2f}× the transfer bound ({bound_s * 1e3:.1f} ms)" if bound_s else ""
-    lines = [f"# GPU server-step profile ({report['device']}, torch {report['torch']}, core {report['core']})", "",
-             f"median {run['median [s]'] * 1e3:.1f} ms{ratio}, max exactness gap {max(run['gaps'].values()):.1e}", "",
-             "runs [ms]: " + ", ".join(f"{t * 1e3:.1f}" for t in run["times [s]"]),
-             "phases (median, ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in run["phases median [s]"].items()), "",
-             "| kernels (one profiled run, summed over streams) | ms |", "|---|---:|"]  # fmt: skip
+    lines = [
+        f"# GPU server-step profile ({report['device']}, torch {report['torch']}, core {report['core']})",
+        "",
+        f"median {run['median [s]'] * 1e3:.1f} ms{ratio}, max exactness gap {max(run['gaps'].values()):.1e}",
+        "",
+        "runs [ms]: " + ", ".join(f"{t * 1e3:.1f}" for t in run["times [s]"]),
+        "phases (median, ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in run["phases median [s]"].items()),
+        "",
+        "| kernels (one profiled run, summed over streams) | ms |",
+        "|---|---:|",
+    ]
     lines += [f"| {kind} | {ms:.1f} |" for kind, ms in per_kind.items()]
     lines += ["", "| top kernels | calls | ms |", "|---|---:|---:|"]
     lines += [f"| `{key[:90]}` | {count} | {ms:.2f} |" for key, count, ms in top]

@@ -15,9 +15,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ORDER = ["zero-shot", "fedavg-r8", "flexlora-homo", "flexlora-heavy_tail_strong", "hetlora-heavy_tail_strong",
-         "flexlora-uniform", "hetlora-uniform", "flexlora-heavy_tail_light", "hetlora-heavy_tail_light",
-         "flexlora-normal", "hetlora-normal"]  # fmt: skip
+ORDER = [
+    "zero-shot",
+    "fedavg-r8",
+    "flexlora-homo",
+    "flexlora-heavy_tail_strong",
+    "hetlora-heavy_tail_strong",
+    "flexlora-uniform",
+    "hetlora-uniform",
+    "flexlora-heavy_tail_light",
+    "hetlora-heavy_tail_light",
+    "flexlora-normal",
+    "hetlora-normal",
+]
 TYPES = {(8, 8): "r8", (30, 30): "r30", (30, 200): "r30_200", (200, 200): "r200"}
 
 
@@ -113,12 +123,16 @@ def score_table(runs: dict[str, dict[str, Any]], finals: dict[str, dict[str, Any
     """Per-run scores on one file; ``finals`` maps run name -> its ``EvalResult.summary()`` on that file."""
     from flexlora_plugin.evaluate import bootstrap_mean
 
-    lines = ["| run | strategy | distribution | Rouge-L (examples) | Rouge-L (task mean) [95% CI] | examples / tasks |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| run | strategy | distribution | Rouge-L (examples) | Rouge-L (task mean) [95% CI] | examples / tasks |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, final in finals.items():
         r, ci = runs[name], bootstrap_mean(final["per_task"])
-        lines.append(f"| {name} | {r['strategy']} | {r['distribution']} | {final['rougeL']:.4f} | "
-                     f"{ci.diff:.4f} [{ci.low:.4f}, {ci.high:.4f}] | {final['n_examples']} / {final['n_tasks']} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['strategy']} | {r['distribution']} | {final['rougeL']:.4f} | "
+            f"{ci.diff:.4f} [{ci.low:.4f}, {ci.high:.4f}] | {final['n_examples']} / {final['n_tasks']} |"
+        )
     return lines
 
 
@@ -126,8 +140,12 @@ def difference_table(runs: dict[str, dict[str, Any]], finals: dict[str, dict[str
     """Task-clustered paired bootstrap of every comparison whose two runs were both scored on the file."""
     from flexlora_plugin.evaluate import paired_bootstrap
 
-    lines = [f"{level} Differences (task-clustered paired bootstrap, 95% CI, 10 000 resamples)", "",
-             "| a | b | a − b (per-task mean) | 95% CI | reading |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"{level} Differences (task-clustered paired bootstrap, 95% CI, 10 000 resamples)",
+        "",
+        "| a | b | a − b (per-task mean) | 95% CI | reading |",
+        "|---|---|---|---|---|",
+    ]
     for a, b in comparisons(runs):
         if a in finals and b in finals:
             d = paired_bootstrap(finals[a]["per_task"], finals[b]["per_task"])
@@ -139,13 +157,17 @@ def difference_table(runs: dict[str, dict[str, Any]], finals: dict[str, dict[str
 def main_table(runs: dict[str, dict[str, Any]]) -> list[str]:
     from flexlora_plugin.evaluate import bootstrap_mean
 
-    lines = ["| run | strategy | distribution | Rouge-L (examples) | Rouge-L (task mean) [95% CI] | train s | eval s | MB down / up per round | export error | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| run | strategy | distribution | Rouge-L (examples) | Rouge-L (task mean) [95% CI] | train s | eval s | MB down / up per round | export error | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in runs.items():
         ci = bootstrap_mean(r["final"]["per_task"])
-        lines.append(f"| {name} | {r['strategy']} | {r['distribution']} | {r['final']['rougeL']:.4f} | "
-                     f"{ci.diff:.4f} [{ci.low:.4f}, {ci.high:.4f}] | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} | "
-                     f"{mean_mb(r, 'sent')} / {mean_mb(r, 'received')} | {export_error(r)} | `{r['command']}` |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['strategy']} | {r['distribution']} | {r['final']['rougeL']:.4f} | "
+            f"{ci.diff:.4f} [{ci.low:.4f}, {ci.high:.4f}] | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} | "
+            f"{mean_mb(r, 'sent')} / {mean_mb(r, 'received')} | {export_error(r)} | `{r['command']}` |"
+        )
     return lines
 
 
@@ -156,8 +178,13 @@ def rounds_table(runs: dict[str, dict[str, Any]], level: str) -> list[str]:
     per_task = {r["profile"].get("eval-max-per-task") for r in runs.values() if "profile" in r}
     k = next(iter(per_task)) if len(per_task) == 1 else None
     subset = f"{k} example{'' if k == 1 else 's'} per unseen task" if k else "fixed subset"
-    lines = ["", f"{level} Held-out subset ({subset}) during training", "",
-             "| run | " + " | ".join(f"round {k}" for k in rounds) + " |", "|---|" + "---|" * len(rounds)]  # fmt: skip
+    lines = [
+        "",
+        f"{level} Held-out subset ({subset}) during training",
+        "",
+        "| run | " + " | ".join(f"round {k}" for k in rounds) + " |",
+        "|---|" + "---|" * len(rounds),
+    ]
     for name, r in runs.items():
         by_round = {row["round"]: row["rougeL"] for row in r.get("heldout_per_round", [])}
         if by_round:
@@ -172,10 +199,15 @@ def extra_file_tables(runs: dict[str, dict[str, Any]], level: str) -> list[str]:
     for file in names:
         scored = {run: r["extra_eval"][file] for run, r in runs.items() if file in r.get("extra_eval", {})}
         shas = {s["sha256"] for s in scored.values()}
-        lines += ["", f"{level} Extra held-out file `{file}`", "",
-                  f"Every run's final adapter scored on `{file}` (sha256 {next(iter(shas))[:12]}…) like the held-out set."
-                  if len(shas) == 1 else f"**The runs scored different contents under this name** ({len(shas)} sha256); "
-                  "no differences are computed.", ""]  # fmt: skip
+        lines += [
+            "",
+            f"{level} Extra held-out file `{file}`",
+            "",
+            f"Every run's final adapter scored on `{file}` (sha256 {next(iter(shas))[:12]}…) like the held-out set."
+            if len(shas) == 1
+            else f"**The runs scored different contents under this name** ({len(shas)} sha256); no differences are computed.",
+            "",
+        ]
         finals = {run: s["final"] for run, s in scored.items()}
         lines += score_table(runs, finals)
         if len(shas) == 1:
@@ -200,12 +232,20 @@ def gpu_section(gpu_results: Path, docs: Path, out: Path) -> list[str]:
         return []
     plot_rounds(runs, docs / "gpu_heldout_per_round.png")
     where = gpu_results.relative_to(docs.parent) if gpu_results.is_relative_to(docs.parent) else gpu_results
-    return ["", "## GPU profile", "",
-            f"`python benchmarks/reproduce.py --profile gpu` on one GPU, several runs sharing it (JSONs in `{where}`): "
-            "the paper's federation (256 clients, 13 per round, 10 local steps of batch 4, max length 512); each run's "
-            "command gives its rounds. Columns as above.", "",
-            *section(runs, "###"), "", kept_reading(out, GPU_READING, GPU_READING_END), "",
-            "![gpu profile: held-out Rouge-L per round](gpu_heldout_per_round.png)"]  # fmt: skip
+    return [
+        "",
+        "## GPU profile",
+        "",
+        f"`python benchmarks/reproduce.py --profile gpu` on one GPU, several runs sharing it (JSONs in `{where}`): "
+        "the paper's federation (256 clients, 13 per round, 10 local steps of batch 4, max length 512); each run's "
+        "command gives its rounds. Columns as above.",
+        "",
+        *section(runs, "###"),
+        "",
+        kept_reading(out, GPU_READING, GPU_READING_END),
+        "",
+        "![gpu profile: held-out Rouge-L per round](gpu_heldout_per_round.png)",
+    ]
 
 
 def write_report(results: Path, docs: Path, gpu_results: Path | None = None) -> Path:
@@ -216,16 +256,28 @@ def write_report(results: Path, docs: Path, gpu_results: Path | None = None) -> 
     if runs:
         plot_rounds(runs, docs / "heldout_per_round.png")
     where = results.relative_to(docs.parent) if results.is_relative_to(docs.parent) else results
-    lines = ["# Results: FlexLoRA vs baselines on unseen Natural Instructions tasks", "",
-             f"Generated by `python benchmarks/reproduce.py --report` from the run JSONs in `{where}`; set-up, "
-             "profiles and the reasons for them are in [reproduction.md](reproduction.md).", "",
-             "Held-out Rouge-L: the mean over the held-out examples, and the mean of per-task means with its task-clustered "
-             "bootstrap 95% CI. Train s: the Flower simulation, wall clock. MB per round: adapter arrays server → clients "
-             "(down) and clients → server (up), mean over rounds. Export error: max over modules of ‖ΔW − s·B A‖_F / ‖ΔW‖_F "
-             "of the exported adapter read back (`adapter_error`).", ""]  # fmt: skip
+    lines = [
+        "# Results: FlexLoRA vs baselines on unseen Natural Instructions tasks",
+        "",
+        f"Generated by `python benchmarks/reproduce.py --report` from the run JSONs in `{where}`; set-up, "
+        "profiles and the reasons for them are in [reproduction.md](reproduction.md).",
+        "",
+        "Held-out Rouge-L: the mean over the held-out examples, and the mean of per-task means with its task-clustered "
+        "bootstrap 95% CI. Train s: the Flower simulation, wall clock. MB per round: adapter arrays server → clients "
+        "(down) and clients → server (up), mean over rounds. Export error: max over modules of ‖ΔW − s·B A‖_F / ‖ΔW‖_F "
+        "of the exported adapter read back (`adapter_error`).",
+        "",
+    ]
     lines += section(runs, "##")
-    lines += ["", reading, "", "![held-out Rouge-L per round](heldout_per_round.png)", "",
-              "![rank histograms](rank_histograms.png)", ""]  # fmt: skip
+    lines += [
+        "",
+        reading,
+        "",
+        "![held-out Rouge-L per round](heldout_per_round.png)",
+        "",
+        "![rank histograms](rank_histograms.png)",
+        "",
+    ]
     if gpu_results is not None:
         gpu = gpu_section(gpu_results, docs, out)
         lines += [*gpu[1:], ""] if gpu else []

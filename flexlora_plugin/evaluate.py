@@ -35,9 +35,15 @@ from ._cli import DefaultsHelp
 from .data import build_prompt, load_examples
 
 __all__ = [
-    "EvalResult", "Difference", "bootstrap_mean", "evaluate_model", "generate_answers", "load_for_eval", "paired_bootstrap",
+    "EvalResult",
+    "Difference",
+    "bootstrap_mean",
+    "evaluate_model",
+    "generate_answers",
+    "load_for_eval",
+    "paired_bootstrap",
     "rouge_l",
-]  # fmt: skip
+]
 
 logger = logging.getLogger(__name__)
 PROG = "python -m flexlora_plugin.evaluate"
@@ -119,12 +125,18 @@ def generate_answers(
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_prompt_tokens).to(device)  # fmt: skip
+            batch = tokenizer(
+                [prompts[i] for i in chunk], return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens
+            ).to(device)
             # only ids and mask: some tokenizers (the tiny one, under transformers 4.x) add token_type_ids
-            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
                 answers[i] = text.strip()
@@ -181,13 +193,27 @@ def select_examples(examples: Sequence[Mapping[str, Any]], max_per_task: int | N
 
 
 def evaluate_model(
-    model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 64, batch_size: int = 8,
-    threads: int | None = 1, sort_by_length: bool = True, progress: Callable[[int, int], None] | None = None,
-) -> EvalResult:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    threads: int | None = 1,
+    sort_by_length: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
     """Generate for every example and score against its ``output`` (see :func:`generate_answers`); file order kept."""
-    preds = generate_answers(model, tokenizer, [build_prompt(ex) for ex in examples], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, threads=threads, sort_by_length=sort_by_length,
-                             progress=progress)  # fmt: skip
+    preds = generate_answers(
+        model,
+        tokenizer,
+        [build_prompt(ex) for ex in examples],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        threads=threads,
+        sort_by_length=sort_by_length,
+        progress=progress,
+    )
     tasks = [str(ex.get("task_id", ex.get("category", ""))) for ex in examples]
     return EvalResult(scores=rouge_l(preds, [ex["output"] for ex in examples]), tasks=tasks, predictions=preds)
 
@@ -294,22 +320,28 @@ def load_for_eval(
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m flexlora_plugin.evaluate``."""
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=DefaultsHelp,
+        prog=PROG,
+        formatter_class=DefaultsHelp,
         description="Generated Rouge-L of a model (+ peft adapter) on a held-out file; prints JSON.",
         epilog="Exit status: 0 scored, 2 bad option (checked before any model loads).",
-    )  # fmt: skip
+    )
     parser.add_argument("--adapter", required=True, help="peft adapter folder, or 'none' for the base model")
     parser.add_argument("--data", required=True, type=Path, help="JSON list of {instruction, input, output[, task_id]}")
     parser.add_argument("--base", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens generated per answer")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
-    parser.add_argument("--max-per-task", type=int, default=None,
-                        help="score only the first N examples of each task (default: all)")
+    parser.add_argument(
+        "--max-per-task", type=int, default=None, help="score only the first N examples of each task (default: all)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads for CPU generation (1 is fastest here)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     parser.add_argument("--dtype", default="float32", help="the base model's dtype: float32 | bfloat16")
-    parser.add_argument("--no-sort", dest="sort_by_length", action="store_false",
-                        help="generate in file order, not batched by prompt length (answers: file order either way)")  # fmt: skip
+    parser.add_argument(
+        "--no-sort",
+        dest="sort_by_length",
+        action="store_false",
+        help="generate in file order, not batched by prompt length (answers: file order either way)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return parser
 
@@ -326,16 +358,22 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, str]:
 
     adapter = None if args.adapter.lower() == "none" else args.adapter
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ValueError(f"--adapter {adapter} is not a peft adapter folder (no adapter_config.json); "
-                         "a run writes one to <output-dir>/adapter, or use --adapter none with --base")  # fmt: skip
+        raise ValueError(
+            f"--adapter {adapter} is not a peft adapter folder (no adapter_config.json); "
+            "a run writes one to <output-dir>/adapter, or use --adapter none with --base"
+        )
     if not args.data.is_file():
         raise ValueError(f"--data {args.data} does not exist (e.g. ../shared/data/natural_instructions/heldout_test.json)")
     base = base_of(adapter, args.base)
     local = Path(base).exists() or Path(base).is_absolute() or base.startswith(".") or base.count("/") != 1
     if local and not (Path(base) / "config.json").is_file():  # "org/name" may be a hub id
         raise ValueError(f"base model {base} is not a transformers folder (no config.json); pass --base")
-    for name, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
-                        ("--threads", args.threads), ("--max-per-task", args.max_per_task or 1)):  # fmt: skip
+    for name, value in (
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--batch-size", args.batch_size),
+        ("--threads", args.threads),
+        ("--max-per-task", args.max_per_task or 1),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     parse_device(args.device)
@@ -356,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     tiny = is_tiny_model(base)
     if tiny:
-        print(f"{PROG}: note: {base} is the tiny random LLaMA of flexlora's tests: the score below is a plumbing check "
-              "and says nothing about quality (SmolLM2: docs/reproduction.md)", file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: note: {base} is the tiny random LLaMA of flexlora's tests: the score below is a plumbing check "
+            "and says nothing about quality (SmolLM2: docs/reproduction.md)",
+            file=sys.stderr,
+        )
     examples = select_examples(load_examples(args.data), args.max_per_task)
     model, tokenizer = load_for_eval(adapter, base, device=args.device, dtype=args.dtype)
     start = time.perf_counter()
@@ -367,15 +408,27 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("evaluated %d/%d examples, ETA %.0f s", done, total, (total - done) / max(rate, 1e-9))
 
     result = evaluate_model(
-        model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        threads=args.threads, sort_by_length=args.sort_by_length, progress=progress,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        examples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        sort_by_length=args.sort_by_length,
+        progress=progress,
+    )
     device = next(model.parameters()).device
-    report = {"adapter": args.adapter, "data": str(args.data), "max_new_tokens": args.max_new_tokens,
-              "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-              "sort_by_length": args.sort_by_length, "seconds": round(time.perf_counter() - start, 1),
-              **({"note": "tiny random model: a plumbing check, not a quality score"} if tiny else {}),
-              **result.summary()}  # fmt: skip
+    report = {
+        "adapter": args.adapter,
+        "data": str(args.data),
+        "max_new_tokens": args.max_new_tokens,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "sort_by_length": args.sort_by_length,
+        "seconds": round(time.perf_counter() - start, 1),
+        **({"note": "tiny random model: a plumbing check, not a quality score"} if tiny else {}),
+        **result.summary(),
+    }
     text = json.dumps(report, indent=2)
     if args.out is not None:
         args.out.write_text(text)

@@ -32,9 +32,18 @@ from typing import Any
 from .core.errors import FlexLoRAError
 
 __all__ = [
-    "DEFAULT_CACHE", "FOLDER_FORMAT", "GGUF_NAME", "KNOWN_SPECIAL_TOKENS", "SpecialTokenError", "SpecialTokens",
-    "check_special_tokens", "load_tokenizer", "prepare_hf_folder", "prepare_smollm2", "smollm2_gguf_path",
-]  # fmt: skip
+    "DEFAULT_CACHE",
+    "FOLDER_FORMAT",
+    "GGUF_NAME",
+    "KNOWN_SPECIAL_TOKENS",
+    "SpecialTokenError",
+    "SpecialTokens",
+    "check_special_tokens",
+    "load_tokenizer",
+    "prepare_hf_folder",
+    "prepare_smollm2",
+    "smollm2_gguf_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -284,9 +293,12 @@ def prepare_hf_folder(gguf_path: str | os.PathLike[str], out_dir: str | os.PathL
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     tokens = KNOWN_SPECIAL_TOKENS.get(_model_name(gguf_path))
     source = {
-        "format": FOLDER_FORMAT, "gguf": gguf_path.name, "fingerprint": _fingerprint(gguf_path), "max_length": max_length,
+        "format": FOLDER_FORMAT,
+        "gguf": gguf_path.name,
+        "fingerprint": _fingerprint(gguf_path),
+        "max_length": max_length,
         "special_tokens": asdict(tokens) if tokens is not None else None,
-    }  # fmt: skip
+    }
     marker = _read_marker(out_dir)
     if marker is not None and all(marker.get(k) == v for k, v in source.items()):
         try:
@@ -320,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m flexlora_plugin.models``."""
     from ._cli import DefaultsHelp
 
-    parser = argparse.ArgumentParser(prog="python -m flexlora_plugin.models", description=__doc__.splitlines()[0],
-                                     formatter_class=DefaultsHelp)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m flexlora_plugin.models", description=__doc__.splitlines()[0], formatter_class=DefaultsHelp
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"destination folder (default: {DEFAULT_CACHE})")
     parser.add_argument("--max-length", type=int, default=1024, help="the tokenizer's model_max_length")
     return parser

@@ -20,8 +20,11 @@ def test_quick_run_prints_the_ratio_line_last():
         pytest.skip(f"Natural Instructions data not found at {DATA}")
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_client.py"), "--quick", "--device", "cpu", "--threads", "1"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"client/plain throughput ratio: \d+\.\d\d \(rank 8\), \d+\.\d\d \(rank 200\)", lines[-1]), lines[-1]

@@ -54,10 +54,12 @@ def test_truncation_and_dropping(tokenizer):
 
 
 def test_collator_pads_right():
-    batch = PaddingCollator(pad_token_id=0)([
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
-        {"input_ids": [5], "attention_mask": [1], "labels": [5]},
-    ])  # fmt: skip
+    batch = PaddingCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+            {"input_ids": [5], "attention_mask": [1], "labels": [5]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]

@@ -33,8 +33,24 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REP
 SHELL_LANGS = {"", "bash", "sh", "shell", "console"}
 ACTIVATE = re.compile(r"^(\.|source)\s+\S*bin/activate\b")
 NEEDS_ENV = ("python", "flwr", "flower-superlink", "flower-supernode", "flexlora-fs", "pytest")
-BUILTINS = {"echo", "export", "mkdir", "cat", "kill", "for", "done", "tac", "cd", "pip", "python3", "ls", "rm", "diff",
-            ".venv/bin/pip", "printf"}  # fmt: skip
+BUILTINS = {
+    "echo",
+    "export",
+    "mkdir",
+    "cat",
+    "kill",
+    "for",
+    "done",
+    "tac",
+    "cd",
+    "pip",
+    "python3",
+    "ls",
+    "rm",
+    "diff",
+    ".venv/bin/pip",
+    "printf",
+}
 SYSTEM_TOOLS = ("openssl", "ssh-keygen")  # the TLS recipe: present on the machine, openssl's subcommand exists
 STOP_TOKENS = {">", ">>", "2>&1", "&", "|", "&&", ";", "2>", "1>"}
 
@@ -159,12 +175,14 @@ def _check_python(cmd: Command, args: tuple[str, ...]) -> None:
         cfg = args[args.index("--cfg") + 1].replace("/path/to/flexlora-plugin/", "")  # the placeholder of the repo's path
         assert (REPO / cfg).is_file(), cmd
         return
-    parsers = {"benchmarks/reproduce.py": lambda m: m.build_parser().parse_args,
-               "benchmarks/bench_client.py": lambda m: m.parse_args,
-               "benchmarks/bench_aggregation.py": lambda m: m.parse_args,
-               "benchmarks/profile_gpu.py": lambda m: m.parse_args,
-               "benchmarks/bench_decode.py": lambda m: m.parse_args,
-               "benchmarks/bench_wire.py": lambda m: m.build_parser().parse_args}  # fmt: skip
+    parsers = {
+        "benchmarks/reproduce.py": lambda m: m.build_parser().parse_args,
+        "benchmarks/bench_client.py": lambda m: m.parse_args,
+        "benchmarks/bench_aggregation.py": lambda m: m.parse_args,
+        "benchmarks/profile_gpu.py": lambda m: m.parse_args,
+        "benchmarks/bench_decode.py": lambda m: m.parse_args,
+        "benchmarks/bench_wire.py": lambda m: m.build_parser().parse_args,
+    }
     if script not in parsers:
         raise AssertionError(f"{cmd}: no check for the script {script}: add one to {Path(__file__).name}")
     if script == "benchmarks/bench_client.py":

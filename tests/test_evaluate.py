@@ -62,13 +62,28 @@ def test_evaluate_command_scores_an_exported_adapter(tmp_path):
     for m, (d_out, d_in) in {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.1.mlp.down_proj": (64, 128)}.items():
         state[f"base_model.model.{m}.lora_A.weight"] = torch.randn(4, d_in, generator=g) * 0.1
         state[f"base_model.model.{m}.lora_B.weight"] = torch.randn(d_out, 4, generator=g) * 0.1
-    save_peft_adapter(aggregate([state], [1.0], lora_alpha=8), tmp_path / "adapter", base_model_name_or_path=str(base), lora_alpha=8)
-    data = [{"instruction": "Say yes.", "input": "", "output": "yes", "task_id": "t1"},
-            {"instruction": "Say no.", "input": "x", "output": "no", "task_id": "t2"},
-            {"instruction": "Repeat.", "input": "abc", "output": "abc", "task_id": "t2"}]  # fmt: skip
+    save_peft_adapter(
+        aggregate([state], [1.0], lora_alpha=8), tmp_path / "adapter", base_model_name_or_path=str(base), lora_alpha=8
+    )
+    data = [
+        {"instruction": "Say yes.", "input": "", "output": "yes", "task_id": "t1"},
+        {"instruction": "Say no.", "input": "x", "output": "no", "task_id": "t2"},
+        {"instruction": "Repeat.", "input": "abc", "output": "abc", "task_id": "t2"},
+    ]
     (tmp_path / "held.json").write_text(json.dumps(data))
-    cmd = [sys.executable, "-m", "flexlora_plugin.evaluate", "--adapter", str(tmp_path / "adapter"), "--data", str(tmp_path / "held.json"),
-           "--max-new-tokens", "4", "--batch-size", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flexlora_plugin.evaluate",
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--data",
+        str(tmp_path / "held.json"),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)

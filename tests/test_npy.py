@@ -89,8 +89,19 @@ def test_empty_input_gives_no_tensors():
         (_raw_npy("{'descr': '<U3', 'fortran_order': False, 'shape': (2,), }", b"\0" * 24), "no torch dtype"),
         (_raw_npy("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,), }", b"\0" * 8), "no torch dtype"),
     ],
-    ids=["not-npy", "empty", "version-4", "truncated", "huge-shape", "negative-dim", "object", "code-in-header", "unbalanced",
-         "unicode", "structured"],
+    ids=[
+        "not-npy",
+        "empty",
+        "version-4",
+        "truncated",
+        "huge-shape",
+        "negative-dim",
+        "object",
+        "code-in-header",
+        "unbalanced",
+        "unicode",
+        "structured",
+    ],
 )
 def test_hostile_bytes_raise_value_error_before_any_large_allocation(data, match):
     with pytest.raises(ValueError, match=match):
@@ -121,8 +132,10 @@ def test_fuzz_mutated_npy_bytes_decode_exactly_or_raise_value_error():
     printable = st.sampled_from(b"0123456789(), '<>|fiubcO:{}[]\n")
 
     @settings(max_examples=300, deadline=None)
-    @given(flips=st.lists(st.tuples(st.integers(0, header_end + 8), st.one_of(printable, st.integers(0, 255))), max_size=4),
-           cut=st.integers(0, len(base)))  # fmt: skip
+    @given(
+        flips=st.lists(st.tuples(st.integers(0, header_end + 8), st.one_of(printable, st.integers(0, 255))), max_size=4),
+        cut=st.integers(0, len(base)),
+    )
     def check(flips, cut):
         data = bytearray(base)
         for i, b in flips:

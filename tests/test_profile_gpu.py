@@ -14,10 +14,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(tmp_path: Path, *extra: str) -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "profile_gpu.py"), "--device", "cpu", "--quick", "--threads", "1",
-         "--reps", "1", "--out", str(tmp_path), *extra],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "profile_gpu.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--threads",
+            "1",
+            "--reps",
+            "1",
+            "--out",
+            str(tmp_path),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -54,10 +54,17 @@ from .topk import filtered_spectrum
 from .validation import ClientUpdate, ModuleInfo, Ranks, Scaling, apply_value_checks, client_module_infos, collect_clients
 
 __all__ = [
-    "AggregateOptions", "ClientUpdate", "FlexLoRAUpdate", "GlobalUpdate", "Method", "ModuleInfo", "aggregate", "list_methods",
+    "AggregateOptions",
+    "ClientUpdate",
+    "FlexLoRAUpdate",
+    "GlobalUpdate",
+    "Method",
+    "ModuleInfo",
+    "aggregate",
+    "list_methods",
     "method_class",
     "register_method",
-]  # fmt: skip
+]
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +168,10 @@ class GlobalUpdate(ABC):
     @classmethod
     @abstractmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        cls,
+        clients: Sequence[ClientUpdate],
+        info: Mapping[str, ModuleInfo],
+        excluded: Mapping[Hashable, str],
         options: AggregateOptions,
     ) -> GlobalUpdate:
         """Build this method's update from validated clients (:func:`aggregate` calls it); it reads the options it needs."""
@@ -185,9 +195,15 @@ class GlobalUpdate(ABC):
     @classmethod
     @abstractmethod
     def from_state(
-        cls, info: Mapping[str, ModuleInfo], clients: Sequence[Hashable], tensors: Mapping[str, Mapping[str, Tensor]],
-        entries: Mapping[str, Mapping[str, Any]], *, compute_dtype: torch.dtype, seed: int,
-    ) -> GlobalUpdate:  # fmt: skip
+        cls,
+        info: Mapping[str, ModuleInfo],
+        clients: Sequence[Hashable],
+        tensors: Mapping[str, Mapping[str, Tensor]],
+        entries: Mapping[str, Mapping[str, Any]],
+        *,
+        compute_dtype: torch.dtype,
+        seed: int,
+    ) -> GlobalUpdate:
         """Rebuild an update from :meth:`state_tensors` output, per module."""
 
     @abstractmethod
@@ -284,9 +300,7 @@ class GlobalUpdate(ABC):
             torch.cuda.current_stream(self.device).synchronize()
 
     @staticmethod
-    def _receiver_scaling(
-        module: str, r: int, lora_alpha: float | None, scaling: Scaling | None, use_rslora: bool
-    ) -> float:
+    def _receiver_scaling(module: str, r: int, lora_alpha: float | None, scaling: Scaling | None, use_rslora: bool) -> float:
         if scaling is None:
             return lora_scaling(float(lora_alpha), r, use_rslora)  # type: ignore[arg-type]
         s = scaling if isinstance(scaling, (int, float)) else resolve_pattern(module, scaling)
@@ -375,7 +389,10 @@ class FlexLoRAUpdate(GlobalUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        cls,
+        clients: Sequence[ClientUpdate],
+        info: Mapping[str, ModuleInfo],
+        excluded: Mapping[Hashable, str],
         options: AggregateOptions,
     ) -> FlexLoRAUpdate:
         """``ΔW = Σ_k p_k s_k B_k A_k`` per module, ``p_k`` renormalised over the clients holding it (kept factored)."""
@@ -389,9 +406,16 @@ class FlexLoRAUpdate(GlobalUpdate):
                 terms[m] = TermList(held, shape)
         o = options
         update = cls(
-            info, [c.client for c in clients], excluded, terms=terms, max_rank=o.max_rank, progress=o.progress,
-            compute_dtype=o.compute_dtype, device=o.device, seed=o.seed,
-        )  # fmt: skip
+            info,
+            [c.client for c in clients],
+            excluded,
+            terms=terms,
+            max_rank=o.max_rank,
+            progress=o.progress,
+            compute_dtype=o.compute_dtype,
+            device=o.device,
+            seed=o.seed,
+        )
         for m, prepared in (o.prepared or {}).items():
             spec, gram = prepared or (None, None)
             if spec is None or m not in update.info:
@@ -416,8 +440,16 @@ class FlexLoRAUpdate(GlobalUpdate):
 
         def spectrum_of(module: str, st: Stack) -> tuple[Spectrum | None, Gram | None]:
             terms = _stacked_terms(st, coefs[module], info[module].shape)
-            probe = cls(info, [], {}, terms={module: terms}, max_rank=options.max_rank, compute_dtype=options.compute_dtype,
-                        device=options.device, seed=options.seed)  # fmt: skip
+            probe = cls(
+                info,
+                [],
+                {},
+                terms={module: terms},
+                max_rank=options.max_rank,
+                compute_dtype=options.compute_dtype,
+                device=options.device,
+                seed=options.seed,
+            )
             try:  # k = 1: _spectrum widens it to the first decomposition's width (max_rank, or the largest client rank)
                 spec = probe._spectrum(module, 1)  # under aggregate()'s ieee_float32()
             except RuntimeError as err:  # e.g. non-finite factors the checks will exclude: computed again, lazily
@@ -436,19 +468,37 @@ class FlexLoRAUpdate(GlobalUpdate):
         spec = self.spectrum(module, max_rank or min(self.info[module].shape))
         dense = module in self._terms and not self.uses_factored_path(module)  # a restored update keeps what it has
         if max_rank is not None and spec.k > max_rank and dense:
-            spec = Spectrum(US=spec.US[:, :max_rank], S=spec.S[:max_rank], Vh=spec.Vh[:max_rank],
-                            total_energy=spec.total_energy, complete=False, us_scale=spec.us_scale)  # fmt: skip
+            spec = Spectrum(
+                US=spec.US[:, :max_rank],
+                S=spec.S[:max_rank],
+                Vh=spec.Vh[:max_rank],
+                total_energy=spec.total_energy,
+                complete=False,
+                us_scale=spec.us_scale,
+            )
         extras = {"total_energy": spec.total_energy, "complete": spec.complete, "us_scale": spec.us_scale}
         return {"US": spec.US, "S": spec.S, "Vh": spec.Vh}, extras  # US as held (U S / us_scale): no copy to save it
 
     @classmethod
     def from_state(
-        cls, info: Mapping[str, ModuleInfo], clients: Sequence[Hashable], tensors: Mapping[str, Mapping[str, Tensor]],
-        entries: Mapping[str, Mapping[str, Any]], *, compute_dtype: torch.dtype, seed: int,
-    ) -> FlexLoRAUpdate:  # fmt: skip
+        cls,
+        info: Mapping[str, ModuleInfo],
+        clients: Sequence[Hashable],
+        tensors: Mapping[str, Mapping[str, Tensor]],
+        entries: Mapping[str, Mapping[str, Any]],
+        *,
+        compute_dtype: torch.dtype,
+        seed: int,
+    ) -> FlexLoRAUpdate:
         spectra = {
-            m: Spectrum(US=t["US"], S=t["S"], Vh=t["Vh"], total_energy=float(entries[m]["total_energy"]),
-                        complete=bool(entries[m]["complete"]), us_scale=float(entries[m].get("us_scale", 1.0)))  # fmt: skip
+            m: Spectrum(
+                US=t["US"],
+                S=t["S"],
+                Vh=t["Vh"],
+                total_energy=float(entries[m]["total_energy"]),
+                complete=bool(entries[m]["complete"]),
+                us_scale=float(entries[m].get("us_scale", 1.0)),
+            )
             for m, t in tensors.items()
         }
         return cls(info, clients, {}, spectra=spectra, compute_dtype=compute_dtype, seed=seed)
@@ -705,18 +755,39 @@ def aggregate(
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     stacked = _stack_on(device) if stack_on_device is None else bool(stack_on_device and device is not None)
     clients, excluded = collect_clients(
-        states, weights, lora_alpha=lora_alpha, scalings=scalings, use_rslora=use_rslora,
-        expected_ranks=expected_ranks, on_invalid=on_invalid, max_norm=max_norm, check_values=not stacked,
-    )  # fmt: skip
+        states,
+        weights,
+        lora_alpha=lora_alpha,
+        scalings=scalings,
+        use_rslora=use_rslora,
+        expected_ranks=expected_ranks,
+        on_invalid=on_invalid,
+        max_norm=max_norm,
+        check_values=not stacked,
+    )
     info = client_module_infos(clients, excluded, on_invalid, expected_shapes)
     clients = [c for c in clients if c.client not in excluded]
-    options = AggregateOptions(max_rank=max_rank, hetlora_weighting=hetlora_weighting, compute_dtype=compute_dtype,
-                               device=device, seed=seed, progress=progress)  # fmt: skip
+    options = AggregateOptions(
+        max_rank=max_rank,
+        hetlora_weighting=hetlora_weighting,
+        compute_dtype=compute_dtype,
+        device=device,
+        seed=seed,
+        progress=progress,
+    )
     if stacked and clients:
         speculate = cls.speculator(clients, info, options)
         with ieee_float32():  # set once here: the setting is process-wide and the workers share it
-            clients, stacks, prepared = _staged(clients, info, excluded, on_invalid, max_norm, torch.device(device), speculate,  # type: ignore[arg-type]
-                                                views=cls.reads_client_factors)  # fmt: skip
+            clients, stacks, prepared = _staged(
+                clients,
+                info,
+                excluded,
+                on_invalid,
+                max_norm,
+                torch.device(device),
+                speculate,  # type: ignore[arg-type]
+                views=cls.reads_client_factors,
+            )
         info = {m: i for m, i in info.items() if any(m in c.factors for c in clients)}  # as the host path: held modules only
         options = dataclasses.replace(options, stacks={m: st for m, st in stacks.items() if m in info}, prepared=prepared)
     if not clients:
@@ -731,9 +802,15 @@ def _stack_on(device: torch.device | str | None) -> bool:
 
 
 def _staged(
-    clients: list[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: dict[Hashable, str], on_invalid: str,
-    max_norm: float | None, device: torch.device, speculate: Callable[[str, Stack], Any] | None = None, views: bool = True,
-) -> tuple[list[ClientUpdate], dict[str, Stack], dict[str, Any]]:  # fmt: skip
+    clients: list[ClientUpdate],
+    info: Mapping[str, ModuleInfo],
+    excluded: dict[Hashable, str],
+    on_invalid: str,
+    max_norm: float | None,
+    device: torch.device,
+    speculate: Callable[[str, Stack], Any] | None = None,
+    views: bool = True,
+) -> tuple[list[ClientUpdate], dict[str, Stack], dict[str, Any]]:
     """Stage the clients' factors on ``device`` and apply the value checks there.
 
     Returns the kept clients, with device views as factors when ``views`` (else their own

@@ -54,7 +54,10 @@ class FactorsUpdate(GlobalUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        cls,
+        clients: Sequence[ClientUpdate],
+        info: Mapping[str, ModuleInfo],
+        excluded: Mapping[Hashable, str],
         options: AggregateOptions,
     ) -> FactorsUpdate:
         raise TypeError(f"{cls.__name__} is not built from client updates")
@@ -66,9 +69,15 @@ class FactorsUpdate(GlobalUpdate):
 
     @classmethod
     def from_state(
-        cls, info: Mapping[str, ModuleInfo], clients: Sequence[Hashable], tensors: Mapping[str, Mapping[str, Tensor]],
-        entries: Mapping[str, Mapping[str, Any]], *, compute_dtype: torch.dtype, seed: int,
-    ) -> FactorsUpdate:  # fmt: skip
+        cls,
+        info: Mapping[str, ModuleInfo],
+        clients: Sequence[Hashable],
+        tensors: Mapping[str, Mapping[str, Tensor]],
+        entries: Mapping[str, Mapping[str, Any]],
+        *,
+        compute_dtype: torch.dtype,
+        seed: int,
+    ) -> FactorsUpdate:
         factors = {m: (t["A"], t["B"]) for m, t in tensors.items()}
         scales = {m: float(entries[m]["scale"]) for m in tensors}
         return cls(info, clients, {}, factors=factors, scales=scales, compute_dtype=compute_dtype, seed=seed)
@@ -100,7 +109,10 @@ class FedAvgUpdate(FactorsUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        cls,
+        clients: Sequence[ClientUpdate],
+        info: Mapping[str, ModuleInfo],
+        excluded: Mapping[Hashable, str],
         options: AggregateOptions,
     ) -> FedAvgUpdate:
         compute_dtype, device, seed = options.compute_dtype, options.device, options.seed
@@ -138,7 +150,10 @@ class HetLoRAUpdate(FactorsUpdate):
 
     @classmethod
     def from_clients(
-        cls, clients: Sequence[ClientUpdate], info: Mapping[str, ModuleInfo], excluded: Mapping[Hashable, str],
+        cls,
+        clients: Sequence[ClientUpdate],
+        info: Mapping[str, ModuleInfo],
+        excluded: Mapping[Hashable, str],
         options: AggregateOptions,
     ) -> HetLoRAUpdate:
         weighting, max_rank = options.hetlora_weighting, options.max_rank

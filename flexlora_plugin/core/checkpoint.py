@@ -74,8 +74,11 @@ def save_server_state(
         for m in update.modules:
             mi = update.info[m]
             entry: dict[str, Any] = {
-                "shape": list(mi.shape), "dtype": _dtype_name(mi.dtype), "a_key": mi.a_key, "b_key": mi.b_key,
-            }  # fmt: skip
+                "shape": list(mi.shape),
+                "dtype": _dtype_name(mi.dtype),
+                "a_key": mi.a_key,
+                "b_key": mi.b_key,
+            }
             named, extras = update.state_tensors(m, max_rank)  # the method's own hook
             tensors.update({f"{m}{_SEP}{name}": t for name, t in named.items()})
             entry.update(extras)
@@ -150,8 +153,9 @@ def _verify(path: str | os.PathLike[str], meta: Mapping[str, Any], tensors: Mapp
     """
     sums = meta.get("sha256")
     if sums is None:
-        warnings.warn(f"{path} was written before per-tensor checksums (format /1); loaded unchecked", FlexLoRAWarning,
-                      stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{path} was written before per-tensor checksums (format /1); loaded unchecked", FlexLoRAWarning, stacklevel=3
+        )
     else:
         if set(sums) != set(tensors):
             raise FlexLoRAError(f"{path}: tensors {sorted(set(tensors) ^ set(sums))[:4]} are missing or not listed")
@@ -162,8 +166,10 @@ def _verify(path: str | os.PathLike[str], meta: Mapping[str, Any], tensors: Mapp
         held = {k.rpartition(_SEP)[0] for k in tensors}
         missing = [m for m in meta["modules"] if m not in held]
         if missing or len(held - set(meta["modules"])):
-            raise FlexLoRAError(f"{path}: modules {missing[:4] or sorted(held - set(meta['modules']))[:4]} "
-                                "have metadata without tensors or tensors without metadata")  # fmt: skip
+            raise FlexLoRAError(
+                f"{path}: modules {missing[:4] or sorted(held - set(meta['modules']))[:4]} "
+                "have metadata without tensors or tensors without metadata"
+            )
 
 
 def _restore_update(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> GlobalUpdate:

@@ -164,9 +164,7 @@ class ClientModel:
         from peft import get_peft_model
 
         name = f"flex{len(self._names)}"
-        config = lora_config_for(
-            rank_map, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora, lora_dropout=self.lora_dropout
-        )
+        config = lora_config_for(rank_map, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora, lora_dropout=self.lora_dropout)
         if self.model is None:
             self.model = get_peft_model(self._base, config, adapter_name=name)  # type: ignore[arg-type]
             self._base = None

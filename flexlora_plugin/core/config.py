@@ -79,7 +79,6 @@ def parse_rank_table(raw: Mapping[Any, Any], targets: Sequence[str]) -> tuple[di
     return table, default
 
 
-
 @dataclass(frozen=True)
 class FlexLoRAConfig:
     """FlexLoRA settings. Every field is validated in ``__post_init__``."""
@@ -120,19 +119,25 @@ class FlexLoRAConfig:
     )
     wire_dtype: str = field(
         default="auto",
-        metadata={"help": "Dtype of the factors on the wire, both ways: 'auto' (each adapter's own), 'float32' or "
-                          "'bfloat16' (half the bytes of float32; the server still computes in compute_dtype)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Dtype of the factors on the wire, both ways: 'auto' (each adapter's own), 'float32' or "
+            "'bfloat16' (half the bytes of float32; the server still computes in compute_dtype)."
+        },
+    )
     server_device: str = field(
         default="cpu",
-        metadata={"help": "Where the server aggregates: 'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when there is one). "
-                          "On CUDA the factors are staged and decomposed on the GPU (docs/api.md#computation)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Where the server aggregates: 'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when there is one). "
+            "On CUDA the factors are staged and decomposed on the GPU (docs/api.md#computation)."
+        },
+    )
     drop_after_failures: int = field(
         default=0,
-        metadata={"help": "Stop sampling a client once it was excluded this many rounds in a row (0: never). "
-                          "Changes which clients later rounds sample; the dropped set is saved with the state."},
-    )  # fmt: skip
+        metadata={
+            "help": "Stop sampling a client once it was excluded this many rounds in a row (0: never). "
+            "Changes which clients later rounds sample; the dropped set is saved with the state."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in list_methods():
@@ -148,9 +153,11 @@ class FlexLoRAConfig:
         except ValueError as err:
             raise ValueError(f"server_device: {err}") from None
         if self.max_update_norm is not None and not (
-            isinstance(self.max_update_norm, (int, float)) and not isinstance(self.max_update_norm, bool)
-            and math.isfinite(self.max_update_norm) and self.max_update_norm > 0
-        ):  # fmt: skip
+            isinstance(self.max_update_norm, (int, float))
+            and not isinstance(self.max_update_norm, bool)
+            and math.isfinite(self.max_update_norm)
+            and self.max_update_norm > 0
+        ):
             raise ValueError(f"max_update_norm must be a positive finite number or None, got {self.max_update_norm!r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")

@@ -93,16 +93,26 @@ def write_peft_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     targets = sorted({_module_path(m).split(".")[-1] for m in chosen})
     config = LoraConfig(
-        r=max(chosen.values()), lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=targets,  # type: ignore[arg-type]
-        rank_pattern={_module_path(m): r for m, r in chosen.items()}, lora_dropout=0.0, bias="none",
-        base_model_name_or_path=base_model_name_or_path, task_type=task_type,
-    )  # fmt: skip
+        r=max(chosen.values()),
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        target_modules=targets,  # type: ignore[arg-type]
+        rank_pattern={_module_path(m): r for m, r in chosen.items()},
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+    )
     config.save_pretrained(str(folder))
     save_file(dict(tensors), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     logger.info(
-        "saved a peft adapter to %s: %d modules, each at its own rank (%d to %d, mean %.1f)", folder, len(chosen),
-        min(chosen.values(), default=0), max(chosen.values(), default=0), sum(chosen.values()) / max(1, len(chosen)),
-    )  # fmt: skip
+        "saved a peft adapter to %s: %d modules, each at its own rank (%d to %d, mean %.1f)",
+        folder,
+        len(chosen),
+        min(chosen.values(), default=0),
+        max(chosen.values(), default=0),
+        sum(chosen.values()) / max(1, len(chosen)),
+    )
     return dict(chosen)
 
 
@@ -123,8 +133,15 @@ def save_peft_adapter(
     (check the result with :func:`adapter_error`).
     """
     tensors, chosen = export_adapter(update, lora_alpha=lora_alpha, use_rslora=use_rslora, ranks=ranks, tol=tol)
-    return write_peft_adapter(folder, tensors, chosen, base_model_name_or_path=base_model_name_or_path,
-                              lora_alpha=lora_alpha, use_rslora=use_rslora, task_type=task_type)  # fmt: skip
+    return write_peft_adapter(
+        folder,
+        tensors,
+        chosen,
+        base_model_name_or_path=base_model_name_or_path,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        task_type=task_type,
+    )
 
 
 def adapter_error(update: GlobalUpdate, folder: str | os.PathLike[str]) -> dict[str, float]:

@@ -151,9 +151,13 @@ class Federation:
     """
 
     def __init__(
-        self, config: FlexLoRAConfig, info: Mapping[str, ModuleInfo], *,
-        shapes: Mapping[str, tuple[int, int]] | None = None, state_path: str | os.PathLike[str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        config: FlexLoRAConfig,
+        info: Mapping[str, ModuleInfo],
+        *,
+        shapes: Mapping[str, tuple[int, int]] | None = None,
+        state_path: str | os.PathLike[str] | None = None,
+    ) -> None:
         if not info:
             raise RankError("a federation needs at least one adapted module")
         self.config = config
@@ -266,9 +270,13 @@ class Federation:
 
     # ------------------------------------------------------------------ incoming
     def aggregate(
-        self, replies: Mapping[Hashable, Reply], *, failed: Mapping[Hashable, str] | None = None, bytes_sent: int = 0,
+        self,
+        replies: Mapping[Hashable, Reply],
+        *,
+        failed: Mapping[Hashable, str] | None = None,
+        bytes_sent: int = 0,
         round: int | None = None,
-    ) -> RoundResult:  # fmt: skip
+    ) -> RoundResult:
         """Aggregate one round's replies into the global update; never raises for a bad client.
 
         Parameters
@@ -309,10 +317,14 @@ class Federation:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FlexLoRAWarning)  # the reasons are returned, hosts log them once
                     update = aggregate(
-                        {c: r.state for c, r in usable.items()}, {c: float(r.num_examples) for c, r in usable.items()},
-                        expected_ranks={c: self.rank_maps[c] for c in usable}, on_invalid="exclude",
-                        expected_shapes={m: i.shape for m, i in self.info.items()}, device=self.server_device, **kwargs,
-                    )  # fmt: skip
+                        {c: r.state for c, r in usable.items()},
+                        {c: float(r.num_examples) for c, r in usable.items()},
+                        expected_ranks={c: self.rank_maps[c] for c in usable},
+                        on_invalid="exclude",
+                        expected_shapes={m: i.shape for m, i in self.info.items()},
+                        device=self.server_device,
+                        **kwargs,
+                    )
             except FlexLoRAError as err:  # every reply excluded, or none usable together
                 excluded.update({c: f"no usable reply this round: {err}" for c in usable if c not in excluded})
         if update is not None:
@@ -324,11 +336,17 @@ class Federation:
         loss = sum(weights[c] * usable[c].train_loss for c in finite) / sum(weights[c] for c in finite) if finite else math.nan
         dropped = self._count_failures(kept, excluded, rnd)
         result = RoundResult(
-            round=rnd, kept=kept, excluded=excluded, updated=update is not None, train_loss=loss,
-            num_examples=sum(weights.values()), bytes_sent=int(bytes_sent),
+            round=rnd,
+            kept=kept,
+            excluded=excluded,
+            updated=update is not None,
+            train_loss=loss,
+            num_examples=sum(weights.values()),
+            bytes_sent=int(bytes_sent),
             bytes_received=sum(_nbytes(r.state) for r in replies.values()),
-            energy=self.energy_by_label() if self.global_update is not None else {}, dropped=dropped,
-        )  # fmt: skip
+            energy=self.energy_by_label() if self.global_update is not None else {},
+            dropped=dropped,
+        )
         self.round = rnd
         self.history.append(result.row())
         if self.state_path is not None and self.global_update is not None:
@@ -346,8 +364,13 @@ class Federation:
             if limit and self.failures[client] >= limit and client not in self.dropped:
                 self.dropped[client] = rnd
                 newly.append(client)
-                logger.warning("client %s dropped from sampling: excluded %d rounds in a row (drop_after_failures=%d); "
-                               "last reason: %s", client, self.failures[client], limit, excluded[client])  # fmt: skip
+                logger.warning(
+                    "client %s dropped from sampling: excluded %d rounds in a row (drop_after_failures=%d); last reason: %s",
+                    client,
+                    self.failures[client],
+                    limit,
+                    excluded[client],
+                )
         return newly
 
     def eligible(self, clients: Iterable[Hashable]) -> list[Hashable]:
@@ -357,12 +380,21 @@ class Federation:
     # ------------------------------------------------------------------ state
     def save(self, path: str | os.PathLike[str], *, round: int | None = None, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the server state (global update, round, seed, history) atomically."""
-        meta = {"history": self.history, "method": self.config.method, "failures": [[c, n] for c, n in self.failures.items()],
-                "dropped": [[c, r] for c, r in self.dropped.items()], **(extra or {})}  # fmt: skip
+        meta = {
+            "history": self.history,
+            "method": self.config.method,
+            "failures": [[c, n] for c, n in self.failures.items()],
+            "dropped": [[c, r] for c, r in self.dropped.items()],
+            **(extra or {}),
+        }
         return save_server_state(
-            path, self.global_update, round=self.round if round is None else int(round), seed=self.config.seed,
-            max_rank=self.max_rank if self.rank_maps else None, extra=meta,
-        )  # fmt: skip
+            path,
+            self.global_update,
+            round=self.round if round is None else int(round),
+            seed=self.config.seed,
+            max_rank=self.max_rank if self.rank_maps else None,
+            extra=meta,
+        )
 
     def restore(self, path: str | os.PathLike[str]) -> int:
         """Continue from a saved server state; return its round.
@@ -403,19 +435,29 @@ class Federation:
         update, key = self.global_update, repr(ranks)
         if self._adapter is None or self._adapter[0] is not update or self._adapter[1] != key:
             cfg = self.config
-            self._adapter = (update, key, export_adapter(update, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
-                                                         ranks=ranks))  # fmt: skip
+            self._adapter = (
+                update,
+                key,
+                export_adapter(update, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, ranks=ranks),
+            )
         return self._adapter[2]
 
     def export(
-        self, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None,
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        base_model_name_or_path: str | None = None,
         ranks: int | Mapping[str, int] | None = None,
-    ) -> dict[str, int]:  # fmt: skip
+    ) -> dict[str, int]:
         """Write the global update as a peft adapter (each module at the rank reproducing its ΔW, or at ``ranks``)."""
         from .export import write_peft_adapter
 
         tensors, chosen = self.adapter(ranks)
         return write_peft_adapter(
-            folder, tensors, chosen, base_model_name_or_path=base_model_name_or_path,  # type: ignore[arg-type]
-            lora_alpha=self.config.lora_alpha, use_rslora=self.config.use_rslora,
-        )  # fmt: skip
+            folder,
+            tensors,
+            chosen,
+            base_model_name_or_path=base_model_name_or_path,  # type: ignore[arg-type]
+            lora_alpha=self.config.lora_alpha,
+            use_rslora=self.config.use_rslora,
+        )

@@ -163,10 +163,25 @@ def packed_top_eigvecs(ap: Tensor, n: int, k: int) -> Tensor:
     previous = set_threads(1) if set_threads is not None else None
     try:
         routine(
-            ref(ctypes.c_char(b"V")), ref(ctypes.c_char(b"I")), ref(ctypes.c_char(b"U")), ref(ints[0]),
-            a.ctypes.data, ref(zero), ref(zero), ref(ints[1]), ref(ints[2]), ref(zero), ref(found),
-            w.ctypes.data, z.ctypes.data, ref(ints[3]), work.ctypes.data, iwork.ctypes.data, ifail.ctypes.data, ref(info),
-        )  # fmt: skip
+            ref(ctypes.c_char(b"V")),
+            ref(ctypes.c_char(b"I")),
+            ref(ctypes.c_char(b"U")),
+            ref(ints[0]),
+            a.ctypes.data,
+            ref(zero),
+            ref(zero),
+            ref(ints[1]),
+            ref(ints[2]),
+            ref(zero),
+            ref(found),
+            w.ctypes.data,
+            z.ctypes.data,
+            ref(ints[3]),
+            work.ctypes.data,
+            iwork.ctypes.data,
+            ifail.ctypes.data,
+            ref(info),
+        )
     finally:
         if set_threads is not None:
             set_threads(previous)

@@ -396,12 +396,9 @@ def _register_builtins() -> None:
     register_lora_type("r200", 200)
     register_distribution("homo", {"r8": 1.0})
     register_distribution("uniform", {"r8": 0.25, "r30": 0.25, "r30_200": 0.25, "r200": 0.25}, aliases=("random",))
-    register_distribution(
-        "heavy_tail_light", {"r8": 0.80, "r30": 0.05, "r30_200": 0.05, "r200": 0.10}, aliases=("heavy_tail",)
-    )
+    register_distribution("heavy_tail_light", {"r8": 0.80, "r30": 0.05, "r30_200": 0.05, "r200": 0.10}, aliases=("heavy_tail",))
     register_distribution("heavy_tail_strong", {"r8": 0.05, "r30": 0.05, "r30_200": 0.10, "r200": 0.80})
     register_distribution("normal", {"r8": 0.0575, "r30": 0.0575, "r30_200": 0.4425, "r200": 0.4425})
 
 
 _register_builtins()
-

@@ -39,9 +39,20 @@ from .errors import RankError
 from .packed import packed_top_eigvecs
 
 __all__ = [
-    "Gram", "GramBasis", "Spectrum", "dense_spectrum", "factored_spectrum", "frobenius2", "gram_basis", "gram_of", "gram_path",
-    "module_seed", "redistribute", "ritz_spectrum", "stacked_spectrum",
-]  # fmt: skip
+    "Gram",
+    "GramBasis",
+    "Spectrum",
+    "dense_spectrum",
+    "factored_spectrum",
+    "frobenius2",
+    "gram_basis",
+    "gram_of",
+    "gram_path",
+    "module_seed",
+    "redistribute",
+    "ritz_spectrum",
+    "stacked_spectrum",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -94,9 +94,11 @@ class Stack:
         B_sel = self.B_cat.index_select(1, index)
         B_cat = _aligned_columns(B_sel.shape[0], B_sel.shape[1], B_sel.dtype, B_sel.device).copy_(B_sel)
         return Stack(
-            clients=tuple(c for c, _ in kept), ranks=tuple(r for _, r in kept),
-            A_cat=self.A_cat.index_select(0, index), B_cat=B_cat,
-        )  # fmt: skip
+            clients=tuple(c for c, _ in kept),
+            ranks=tuple(r for _, r in kept),
+            A_cat=self.A_cat.index_select(0, index),
+            B_cat=B_cat,
+        )
 
     def segment_ids(self) -> Tensor:
         """``(R,)``: the client index of every stacked row."""
@@ -119,9 +121,12 @@ def pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor | None:
     try:
         return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
     except RuntimeError:
-        warnings.warn("page-locked host memory is not available (no CUDA device, or exhausted): replies stay in pageable "
-                      "memory, which the GPU staging copies through its own pinned buffers, more slowly",
-                      FlexLoRAWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            "page-locked host memory is not available (no CUDA device, or exhausted): replies stay in pageable "
+            "memory, which the GPU staging copies through its own pinned buffers, more slowly",
+            FlexLoRAWarning,
+            stacklevel=2,
+        )
         return None
 
 
@@ -177,8 +182,9 @@ def stage(
     plans = [_plan(m, factors, dtype) for m in modules]
     arrivals = (
         ((p.module, _assemble(p, *_views(p, _fill(p, None).to(device)))) for p in plans)
-        if device.type != "cuda" else _pipelined(plans, device)
-    )  # fmt: skip
+        if device.type != "cuda"
+        else _pipelined(plans, device)
+    )
     out: dict[str, Stack] = {}
     for module, stack in arrivals:
         out[module] = stack

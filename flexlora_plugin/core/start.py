@@ -103,9 +103,7 @@ def module_infos_of(state: Mapping[str, Tensor]) -> dict[str, ModuleInfo]:
     return {m: ModuleInfo(m, f.shape, f.A.dtype, f.a_key, f.b_key) for m, f in split_state(state, client="template").items()}
 
 
-def initial_update(
-    info: Mapping[str, ModuleInfo], rank_maps: Iterable[Mapping[str, int]], *, seed: int
-) -> InitialUpdate:
+def initial_update(info: Mapping[str, ModuleInfo], rank_maps: Iterable[Mapping[str, int]], *, seed: int) -> InitialUpdate:
     """The round-1 global adapter for clients with these rank maps (see the module docstring).
 
     Parameters

@@ -211,8 +211,13 @@ def _rayleigh_ritz(gram: Gram, X: Tensor, k: int, matmul: MatMul, rmatmul: MatMu
     dtype = gram.matrix.dtype
     safe = torch.where(S > 0, S, torch.ones_like(S))
     if gram.wide:  # X holds U: US = U·S, Vh = (ΔWᵀ U / S)ᵀ
-        spec = Spectrum(US=(inner * S).to(dtype), S=S.to(dtype), Vh=(outer / safe).T.to(dtype).contiguous(),
-                        total_energy=total, complete=False)  # fmt: skip
+        spec = Spectrum(
+            US=(inner * S).to(dtype),
+            S=S.to(dtype),
+            Vh=(outer / safe).T.to(dtype).contiguous(),
+            total_energy=total,
+            complete=False,
+        )
     else:  # X holds V: US = ΔW V, Vh = Vᵀ
         spec = Spectrum(US=outer.to(dtype), S=S.to(dtype), Vh=inner.T.to(dtype).contiguous(), total_energy=total, complete=False)
     return spec, gap, last, first

@@ -116,16 +116,22 @@ def collect_clients(
         # One pass over the factors: a NaN/Inf makes its factor's norm non-finite, and only then is
         # that factor scanned for one (a finite norm rules it out; an overflowed one is only large).
         norms = {c.client: {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()} for c in clients}
-        bad = {c.client: [m for m, f in c.factors.items() if not math.isfinite(norms[c.client][m]) and not _all_finite(f)][:1]
-               for c in clients}  # fmt: skip
+        bad = {
+            c.client: [m for m, f in c.factors.items() if not math.isfinite(norms[c.client][m]) and not _all_finite(f)][:1]
+            for c in clients
+        }
         clients = apply_value_checks(clients, excluded, bad, on_invalid, max_norm, norms)
     return clients, excluded
 
 
 def apply_value_checks(
-    clients: list[ClientUpdate], excluded: dict[Hashable, str], nonfinite: Mapping[Hashable, Sequence[str]],
-    on_invalid: str, max_norm: float | None, norms: Mapping[Hashable, Mapping[str, float]],
-) -> list[ClientUpdate]:  # fmt: skip
+    clients: list[ClientUpdate],
+    excluded: dict[Hashable, str],
+    nonfinite: Mapping[Hashable, Sequence[str]],
+    on_invalid: str,
+    max_norm: float | None,
+    norms: Mapping[Hashable, Mapping[str, float]],
+) -> list[ClientUpdate]:
     """Apply the value policy, wherever the values were inspected.
 
     Clients with NaN/Inf are excluded, then those too large to aggregate (or above ``max_norm``);
@@ -165,9 +171,12 @@ def _norm64(t: Tensor) -> float:
 
 
 def _within_magnitude(
-    clients: list[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str, max_norm: float | None,
+    clients: list[ClientUpdate],
+    excluded: dict[Hashable, str],
+    on_invalid: str,
+    max_norm: float | None,
     norms_of: Mapping[Hashable, Mapping[str, float]],
-) -> list[ClientUpdate]:  # fmt: skip
+) -> list[ClientUpdate]:
     """Leave out a client whose update would overflow the aggregation, or exceeds ``max_norm``, before anything global changes.
 
     The overflow limit: ``‖ΔW‖_F² `` must stay below the float32 maximum, so every client's
@@ -213,9 +222,7 @@ def _check_expected(cid: Hashable, factors: Mapping[str, LoRAFactors], expected:
             raise RankError(f"client {cid}, module {module}: lora_A is {tuple(f.A.shape)}, assigned rank {want}")
 
 
-def _client_scaling(
-    cid: Hashable, module: str, r: int, lora_alpha: float | None, scaling: object, use_rslora: bool
-) -> float:
+def _client_scaling(cid: Hashable, module: str, r: int, lora_alpha: float | None, scaling: object, use_rslora: bool) -> float:
     if scaling is None:
         if lora_alpha is None:
             raise ValueError(f"client {cid}: no scaling given and no lora_alpha to derive it")
@@ -229,9 +236,11 @@ def _client_scaling(
 
 
 def client_module_infos(
-    clients: Sequence[ClientUpdate], excluded: dict[Hashable, str], on_invalid: str,
+    clients: Sequence[ClientUpdate],
+    excluded: dict[Hashable, str],
+    on_invalid: str,
     expected: Mapping[str, tuple[int, int]] | None = None,
-) -> dict[str, ModuleInfo]:  # fmt: skip
+) -> dict[str, ModuleInfo]:
     """Module shapes, dtypes and keys; a client disagreeing with the expected (or first-seen) shape is invalid."""
     shapes: dict[str, tuple[int, int]] = {m: (int(a), int(b)) for m, (a, b) in (expected or {}).items()}
     source = "the server's model" if expected else "other clients"
@@ -241,10 +250,14 @@ def client_module_infos(
                 msg = f"client {c.client}: module {module} is not adapted in this federation"
             else:
                 seen = shapes.setdefault(module, f.shape)
-                msg = "" if seen == f.shape else (
-                    f"client {c.client}, module {module}: weight shape {f.shape} (lora_A {tuple(f.A.shape)}, "
-                    f"lora_B {tuple(f.B.shape)}) differs from {seen} of {source}"
-                )  # fmt: skip
+                msg = (
+                    ""
+                    if seen == f.shape
+                    else (
+                        f"client {c.client}, module {module}: weight shape {f.shape} (lora_A {tuple(f.A.shape)}, "
+                        f"lora_B {tuple(f.B.shape)}) differs from {seen} of {source}"
+                    )
+                )
             if msg:
                 if on_invalid == "raise":
                     raise ShapeMismatchError(msg)

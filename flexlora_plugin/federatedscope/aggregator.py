@@ -52,9 +52,11 @@ class FlexLoRAAggregator(Aggregator):
         (``RoundResult.excluded``); with no usable client the previous global update is kept.
         """
         return self.federation.aggregate(
-            agg_info["replies"], failed=agg_info.get("failed"), round=agg_info.get("round"),
+            agg_info["replies"],
+            failed=agg_info.get("failed"),
+            round=agg_info.get("round"),
             bytes_sent=int(agg_info.get("bytes_sent", 0)),
-        )  # fmt: skip
+        )
 
     def save_model(self, path: str, cur_round: int = -1) -> None:
         """FS hook for ``federate.save_to``: write the core server state (round = FS ``state``)."""

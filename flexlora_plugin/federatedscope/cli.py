@@ -83,14 +83,18 @@ def check_args(args: list[str]) -> list[str]:
         root, clients = Path(str(cfg_value(cfg.data.root))), int(cfg_value(cfg.federate.client_num))
         missing = missing_clients(root, clients)
         if missing:
-            raise ValueError(f"data.root {root}: no local_training_<i>.json for client(s) {[i + 1 for i in missing[:5]]} "
-                             f"of federate.client_num {clients}")  # fmt: skip
+            raise ValueError(
+                f"data.root {root}: no local_training_<i>.json for client(s) {[i + 1 for i in missing[:5]]} "
+                f"of federate.client_num {clients}"
+            )
     name, _, hub = str(cfg_value(cfg.model.type)).partition("@")
     if hub == "huggingface_llm" and not Path(name).exists():
         if Path(name).is_absolute() or name.startswith(".") or name.count("/") != 1:
             raise ValueError(f"model.type {name}: no such folder")
-        notes.append(f"model.type {name} is not a local folder: FederatedScope will look it up on the Hugging Face hub "
-                     "(for the tiny model, build it first: see docs/tutorials/federatedscope.md)")  # fmt: skip
+        notes.append(
+            f"model.type {name} is not a local folder: FederatedScope will look it up on the Hugging Face hub "
+            "(for the tiny model, build it first: see docs/tutorials/federatedscope.md)"
+        )
     return notes
 
 

@@ -114,8 +114,9 @@ def peft_default_targets(model_name: str) -> tuple[str, ...]:
             f"peft's defaults ({str(err).splitlines()[0]}); set target_modules"
         ) from None
     if model_type not in DEFAULTS:
-        raise ValueError(f"llm.adapter.args[0] has no target_modules and peft has no default for model type {model_type!r}; "
-                         "set target_modules")  # fmt: skip
+        raise ValueError(
+            f"llm.adapter.args[0] has no target_modules and peft has no default for model type {model_type!r}; set target_modules"
+        )
     return tuple(DEFAULTS[model_type])
 
 
@@ -185,9 +186,15 @@ def load_rank_table(
 
 
 def to_core_config(
-    flex: Mapping[str, Any], *, method: str, lora_alpha: float, table: Mapping[Any, Any] | None = None,
-    default: Any = None, rank: int | None = None, targets: Sequence[str] | None = None,
-) -> FlexLoRAConfig:  # fmt: skip
+    flex: Mapping[str, Any],
+    *,
+    method: str,
+    lora_alpha: float,
+    table: Mapping[Any, Any] | None = None,
+    default: Any = None,
+    rank: int | None = None,
+    targets: Sequence[str] | None = None,
+) -> FlexLoRAConfig:
     """Translate plain ``cfg.flexlora`` values into the core :class:`FlexLoRAConfig`; nothing else.
 
     ``profile`` ``""`` is the core's ``homo`` at the adapter's own rank (``homo_rank=rank`` on
@@ -255,9 +262,14 @@ def settings_from_cfg(cfg: Any) -> PluginSettings:
     targets = tuple(str(t) for t in args["target_modules"])
     table, default = load_rank_table(flex["rank_table"], targets) if flex["rank_table"] else (None, None)
     core = to_core_config(
-        flex, method=str(cfg_value(cfg.federate.method)).lower(), lora_alpha=float(args["lora_alpha"]), table=table,
-        default=default, rank=int(args["r"]), targets=targets,
-    )  # fmt: skip
+        flex,
+        method=str(cfg_value(cfg.federate.method)).lower(),
+        lora_alpha=float(args["lora_alpha"]),
+        table=table,
+        default=default,
+        rank=int(args["r"]),
+        targets=targets,
+    )
     return PluginSettings(
         core=core,
         sampler=core.sampler(),

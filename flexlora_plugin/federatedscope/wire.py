@@ -70,8 +70,9 @@ def decode_state(content: Any, *, sender: Hashable, pin: bool = False) -> dict[s
     if PAYLOAD_KEY in content:
         blob = content[PAYLOAD_KEY]
         if len(content) != 1 or not isinstance(blob, str) or not blob.startswith(MARKER):
-            raise PayloadError(f"{sender}: malformed flexlora payload (keys {sorted(map(str, content))[:3]}, "
-                               f"value {type(blob).__name__})")  # fmt: skip
+            raise PayloadError(
+                f"{sender}: malformed flexlora payload (keys {sorted(map(str, content))[:3]}, value {type(blob).__name__})"
+            )
         try:
             return dict(st_load(base64.b64decode(blob[len(MARKER) :], validate=True)))
         except (binascii.Error, ValueError) as err:
@@ -82,8 +83,9 @@ def decode_state(content: Any, *, sender: Hashable, pin: bool = False) -> dict[s
     if odd:
         key, kind = next(iter(odd.items()))
         how = " (FederatedScope's base64-pickle encoding; refused, never unpickled)" if kind in ("str", "bytes") else ""
-        raise PayloadError(f"{sender}: {len(odd)} value(s) are not tensors, e.g. {key!r}: {kind}{how}; "
-                           "flexlora peers send safetensors payloads")  # fmt: skip
+        raise PayloadError(
+            f"{sender}: {len(odd)} value(s) are not tensors, e.g. {key!r}: {kind}{how}; flexlora peers send safetensors payloads"
+        )
     # in-process (standalone) tensors are the sender's live parameters: the receiver owns a copy
     return {k: _own_copy(v.detach(), pin) for k, v in content.items()}
 

@@ -74,9 +74,20 @@ def assigned_ranks(settings: PluginSettings, client_id: int, shapes: Mapping[str
 class FlexLoRAServer(Server):
     """FS server for heterogeneous-rank LoRA (FlexLoRA; HetLoRA with ``federate.method: hetlora``)."""
 
-    def __init__(self, ID: int = -1, state: int = 0, config: Any = None, data: Any = None, model: Any = None,
-                 client_num: int = 5, total_round_num: int = 10, device: str = "cpu", strategy: Any = None,
-                 unseen_clients_id: Sequence[int] | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ID: int = -1,
+        state: int = 0,
+        config: Any = None,
+        data: Any = None,
+        model: Any = None,
+        client_num: int = 5,
+        total_round_num: int = 10,
+        device: str = "cpu",
+        strategy: Any = None,
+        unseen_clients_id: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(
             ID, state, config, data, model, client_num, total_round_num, device, strategy, unseen_clients_id, **kwargs
         )
@@ -101,9 +112,11 @@ class FlexLoRAServer(Server):
                 )
             logger.info("FlexLoRA: resumed from %s at round %d", self.flex.restore_from, self.state)
         logger.info(
-            "FlexLoRA server: method %s, %d modules, max client rank %d", self.flex.core.method,
-            len(self.federation.shapes), self.federation.max_rank,
-        )  # fmt: skip
+            "FlexLoRA server: method %s, %d modules, max client rank %d",
+            self.flex.core.method,
+            len(self.federation.shapes),
+            self.federation.max_rank,
+        )
 
     def rank_map(self, client_id: int) -> dict[str, int]:
         """The rank map assigned to ``client_id`` (drawn by the core on first use)."""
@@ -123,9 +136,14 @@ class FlexLoRAServer(Server):
                 energy = self.federation.energy_kept(cid)
                 logger.info(
                     "FlexLoRA round %d -> client %d: ranks %s, sent %s, energy kept mean %.4f (min %.4f over %d modules)",
-                    state, cid, rank_summary(self.rank_map(cid)), _kib(state_nbytes(factors)),
-                    sum(energy.values()) / len(energy), min(energy.values()), len(energy),
-                )  # fmt: skip
+                    state,
+                    cid,
+                    rank_summary(self.rank_map(cid)),
+                    _kib(state_nbytes(factors)),
+                    sum(energy.values()) / len(energy),
+                    min(energy.values()),
+                    len(energy),
+                )
             self.comm_manager.send(
                 Message(
                     msg_type=msg_type, sender=self.ID, receiver=[cid], state=state, timestamp=self.cur_timestamp, content=content
@@ -197,8 +215,12 @@ class FlexLoRAServer(Server):
             logger.warning("FlexLoRA round %d: client %s excluded: %s", self.state, cid, why)
         logger.info(
             "FlexLoRA round %d: aggregated %d/%d clients (%s) | received %s",
-            self.state, len(result.kept), len(buffer), self.flex.core.method, received,
-        )  # fmt: skip
+            self.state,
+            len(result.kept),
+            len(buffer),
+            self.flex.core.method,
+            received,
+        )
         if result.updated:
             self.models[0].load_state_dict(
                 self.federation.global_update.project(  # type: ignore[union-attr]
@@ -228,9 +250,20 @@ def current_ranks_of(state: Mapping[str, Tensor]) -> dict[str, int]:
 class FlexLoRAClient(Client):
     """FS client whose LoRA has the ranks the profile assigns to its id."""
 
-    def __init__(self, ID: int = -1, server_id: int | None = None, state: int = -1, config: Any = None, data: Any = None,
-                 model: Any = None, device: str = "cpu", strategy: Any = None, is_unseen_client: bool = False,
-                 *args: Any, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ID: int = -1,
+        server_id: int | None = None,
+        state: int = -1,
+        config: Any = None,
+        data: Any = None,
+        model: Any = None,
+        device: str = "cpu",
+        strategy: Any = None,
+        is_unseen_client: bool = False,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(ID, server_id, state, config, data, model, device, strategy, is_unseen_client, *args, **kwargs)
         if config is None:
             return

@@ -145,26 +145,28 @@ def record_to_state(arrays: ArrayRecord, config: ConfigRecord | None = None, *, 
     return state
 
 
-def rank_info_record(
-    partition_id: int, rank_map: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]
-) -> ConfigRecord:
+def rank_info_record(partition_id: int, rank_map: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> ConfigRecord:
     """The query reply: a node's partition id, rank map (``{module: rank}``) and module shapes (``{module: [d_out, d_in]}``)."""
-    return ConfigRecord({
-        PARTITION_ID: int(partition_id),
-        RANK_MAP: json.dumps({str(k): int(v) for k, v in rank_map.items()}),
-        MODULE_SHAPES: json.dumps({str(k): [int(d) for d in v] for k, v in shapes.items()}),
-    })  # fmt: skip
+    return ConfigRecord(
+        {
+            PARTITION_ID: int(partition_id),
+            RANK_MAP: json.dumps({str(k): int(v) for k, v in rank_map.items()}),
+            MODULE_SHAPES: json.dumps({str(k): [int(d) for d in v] for k, v in shapes.items()}),
+        }
+    )
 
 
 def pool_info_record(num_partitions: int, shapes: Mapping[str, tuple[int, int]]) -> ConfigRecord:
     """The query reply of a pool node: it serves partitions ``0..num_partitions-1`` (those no other node claims)."""
     if num_partitions < 1:
         raise ValueError(f"a pool node needs num-partitions >= 1, got {num_partitions}")
-    return ConfigRecord({
-        PARTITION_ID: POOL,
-        NUM_PARTITIONS: int(num_partitions),
-        MODULE_SHAPES: json.dumps({str(k): [int(d) for d in v] for k, v in shapes.items()}),
-    })  # fmt: skip
+    return ConfigRecord(
+        {
+            PARTITION_ID: POOL,
+            NUM_PARTITIONS: int(num_partitions),
+            MODULE_SHAPES: json.dumps({str(k): [int(d) for d in v] for k, v in shapes.items()}),
+        }
+    )
 
 
 def read_pool_info(record: ConfigRecord) -> tuple[int, dict[str, tuple[int, int]]] | None:

@@ -34,9 +34,19 @@ from .._cli import DefaultsHelp
 from .settings import APP_DIR, DEFAULT_DATA, REPO, Settings, SettingsError, app_config
 
 __all__ = [
-    "REPO", "RunResult", "build_parser", "check_options", "free_port", "main", "quiet", "run_deployment", "run_simulation",
-    "stop_pids", "toml_overrides", "wait_port",
-]  # fmt: skip
+    "REPO",
+    "RunResult",
+    "build_parser",
+    "check_options",
+    "free_port",
+    "main",
+    "quiet",
+    "run_deployment",
+    "run_simulation",
+    "stop_pids",
+    "toml_overrides",
+    "wait_port",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +121,14 @@ def flwr_env(flwr_home: Path, port: int) -> dict[str, str]:
     )
     env = dict(os.environ)
     env.update(
-        FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
-        RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0", FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-    )  # fmt: skip
+    )
     bindir = str(Path(sys.executable).parent)  # flwr / flower-superlink of this interpreter first
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env
@@ -190,8 +204,12 @@ def run_status(superlink: str, run_id: str, env: Mapping[str, str], app_dir: Pat
     """A run's status (e.g. ``finished:completed``) from ``flwr ls --format json``."""
     proc = subprocess.run(
         ["flwr", "ls", superlink, "--run-id", run_id, "--format", "json"],
-        capture_output=True, text=True, env=dict(env), timeout=60, cwd=app_dir,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=dict(env),
+        timeout=60,
+        cwd=app_dir,
+    )
     try:
         runs = json.loads(proc.stdout[proc.stdout.index("{") :])["runs"]
         return str(runs[0]["status"])
@@ -284,8 +302,17 @@ def run_simulation(
     if gpus_per_client:
         federation += f" client-resources-num-gpus={gpus_per_client!r}"
     app = Path(app_dir).resolve() if app_dir is not None else APP_DIR
-    cmd = ["flwr", "run", str(app), "local", "--stream", "--federation-config", federation,
-           "--run-config", toml_overrides(overrides)]  # fmt: skip
+    cmd = [
+        "flwr",
+        "run",
+        str(app),
+        "local",
+        "--stream",
+        "--federation-config",
+        federation,
+        "--run-config",
+        toml_overrides(overrides),
+    ]
     if extra_run_config:
         cmd += ["--run-config", extra_run_config]
     try:
@@ -309,8 +336,16 @@ def _run_overrides(out: Path, num_rounds: int, run_config: Mapping[str, Any] | N
     return overrides
 
 
-def _flwr_run(cmd: Sequence[str], env: Mapping[str, str], federation: str, out: Path, timeout: float, echo: bool | str,
-              t0: float, cwd: Path = APP_DIR) -> RunResult:  # fmt: skip
+def _flwr_run(
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    federation: str,
+    out: Path,
+    timeout: float,
+    echo: bool | str,
+    t0: float,
+    cwd: Path = APP_DIR,
+) -> RunResult:
     """Stream one ``flwr run`` into ``out/flwr_run.log`` and read its final status and metrics."""
     log_path = out / "flwr_run.log"
     with log_path.open("w", encoding="utf-8") as log:
@@ -385,15 +420,38 @@ def run_deployment(
         procs.append(subprocess.Popen(args, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
 
     try:
-        start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
-                            "--disable-runtime-dependency-installation", "--database", str(out / "flwr_home" / "state.db")])
+        start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",
+                "--database",
+                str(out / "flwr_home" / "state.db"),
+            ],
+        )
         wait_port(link_port, 60)
         for k in range(num_nodes):
             node = f"partition-id='any' num-partitions={num_partitions}"
             if node_devices is not None:
                 node += f" device='{node_devices[k]}'"
-            start(f"supernode{k}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                                    "--port", str(free_port()), "--node-config", node])  # fmt: skip
+            start(
+                f"supernode{k}",
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node,
+                ],
+            )
         cmd = ["flwr", "run", str(APP_DIR), "deploy", "--stream", "--run-config", toml_overrides(overrides)]
         if extra_run_config:
             cmd += ["--run-config", extra_run_config]
@@ -412,30 +470,48 @@ def run_deployment(
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m flexlora_plugin.flower.run``."""
     p = argparse.ArgumentParser(
-        prog="python -m flexlora_plugin.flower.run", description=__doc__.split("\n\n")[0],
+        prog="python -m flexlora_plugin.flower.run",
+        description=__doc__.split("\n\n")[0],
         formatter_class=DefaultsHelp,
         epilog="Every other run-config key (device, dtype, model-path, lr, ...) goes in --run-config; "
-               "see docs/tutorials/flower.md. Exit status: 0 completed, 1 failed, 2 bad option.",
-    )  # fmt: skip
+        "see docs/tutorials/flower.md. Exit status: 0 completed, 1 failed, 2 bad option.",
+    )
     p.add_argument("--num-rounds", type=int, default=3, help="server rounds")
     p.add_argument("--strategy", choices=METHOD_CHOICES, default="flexlora", help="aggregation method")
-    p.add_argument("--profile", default="heavy_tail_strong",
-                   help=f"resource profile ({', '.join(PROFILE_HELP)}) or a JSON rank table")
-    p.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
-                   help="simulation (Ray) or deployment (loopback SuperLink + pool SuperNodes, no Ray)")
-    p.add_argument("--num-supernodes", type=int, default=8,
-                   help="simulation: one per partition; deployment: pool nodes training at once")
+    p.add_argument(
+        "--profile", default="heavy_tail_strong", help=f"resource profile ({', '.join(PROFILE_HELP)}) or a JSON rank table"
+    )
+    p.add_argument(
+        "--engine",
+        choices=("simulation", "deployment"),
+        default="simulation",
+        help="simulation (Ray) or deployment (loopback SuperLink + pool SuperNodes, no Ray)",
+    )
+    p.add_argument(
+        "--num-supernodes", type=int, default=8, help="simulation: one per partition; deployment: pool nodes training at once"
+    )
     p.add_argument("--num-partitions", type=int, default=8, help="deployment: partitions the pool nodes serve")
-    p.add_argument("--clients-per-round", type=int, default=None,
-                   help="partitions sampled each round (0 = all; default: 4, or all when there are fewer)")
-    p.add_argument("--gpus-per-client", type=float, default=0.0,
-                   help="share of a GPU per virtual client (Flower's client-resources-num-gpus); with --run-config device='auto'")
+    p.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        help="partitions sampled each round (0 = all; default: 4, or all when there are fewer)",
+    )
+    p.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="share of a GPU per virtual client (Flower's client-resources-num-gpus); with --run-config device='auto'",
+    )
     p.add_argument("--output-dir", default=None, help="where everything lands (default: runs/<timestamp>)")
     p.add_argument("--run-config", default="", help='extra "k=v ..." run-config overrides, applied last')
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
-    p.add_argument("--keep-failed", action="store_true",
-                   help="keep the output folder of a failed run (default: removed when this command created it "
-                        "and it holds no server state)")  # fmt: skip
+    p.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="keep the output folder of a failed run (default: removed when this command created it "
+        "and it holds no server state)",
+    )
     p.add_argument("--verbose", action="store_true", help="show every Flower line on the console (the log has them anyway)")
     return p
 
@@ -507,9 +583,12 @@ def check_options(args: argparse.Namespace, out: Path) -> tuple[Settings, dict[s
     SettingsError
         One line naming the option and what to use instead.
     """
-    for name, value, low in (("--num-rounds", args.num_rounds, 1), ("--num-supernodes", args.num_supernodes, 1),
-                             ("--num-partitions", args.num_partitions, 1),
-                             ("--clients-per-round", args.clients_per_round or 0, 0)):  # fmt: skip
+    for name, value, low in (
+        ("--num-rounds", args.num_rounds, 1),
+        ("--num-supernodes", args.num_supernodes, 1),
+        ("--num-partitions", args.num_partitions, 1),
+        ("--clients-per-round", args.clients_per_round or 0, 0),
+    ):
         if value < low:
             raise SettingsError(f"{name} must be >= {low}, got {value}")
     if args.gpus_per_client < 0 or args.timeout <= 0:
@@ -518,22 +597,33 @@ def check_options(args: argparse.Namespace, out: Path) -> tuple[Settings, dict[s
     extra = parse_run_config(args.run_config)
     for key in extra:
         if key not in defaults:
-            raise SettingsError(f"--run-config: unknown key {key!r}{_close(key, list(defaults))}; the keys are listed "
-                                "in docs/tutorials/flower.md and flower_app/pyproject.toml")  # fmt: skip
+            raise SettingsError(
+                f"--run-config: unknown key {key!r}{_close(key, list(defaults))}; the keys are listed "
+                "in docs/tutorials/flower.md and flower_app/pyproject.toml"
+            )
     partitions = args.num_partitions if args.engine == "deployment" else args.num_supernodes
     per_round = min(4, partitions) if args.clients_per_round is None else args.clients_per_round
-    overrides = {"num-server-rounds": args.num_rounds, "strategy": args.strategy, "profile": args.profile,
-                 "clients-per-round": per_round, "output-dir": str(out.resolve()),
-                 "data-path": str(DEFAULT_DATA)}  # fmt: skip
+    overrides = {
+        "num-server-rounds": args.num_rounds,
+        "strategy": args.strategy,
+        "profile": args.profile,
+        "clients-per-round": per_round,
+        "output-dir": str(out.resolve()),
+        "data-path": str(DEFAULT_DATA),
+    }
     settings = Settings.from_context({**defaults, **overrides, **extra}, run_id=0)
     settings.check_paths(partitions)
     _check_hardware(args, settings)
     if settings.clients_per_round > partitions:
-        raise SettingsError(f"--clients-per-round {settings.clients_per_round} exceeds the {partitions} partitions; "
-                            f"use at most {partitions} (or 0 for all)")  # fmt: skip
+        raise SettingsError(
+            f"--clients-per-round {settings.clients_per_round} exceeds the {partitions} partitions; "
+            f"use at most {partitions} (or 0 for all)"
+        )
     if settings.resume and not (out / "server_state.safetensors").exists():
-        raise SettingsError(f"resume=true but {out / 'server_state.safetensors'} does not exist; "
-                            "give --output-dir of an earlier run, or drop resume=true")  # fmt: skip
+        raise SettingsError(
+            f"resume=true but {out / 'server_state.safetensors'} does not exist; "
+            "give --output-dir of an earlier run, or drop resume=true"
+        )
     return settings, overrides
 
 
@@ -544,8 +634,10 @@ def _check_hardware(args: argparse.Namespace, settings: Settings) -> None:
     from flexlora_plugin.core.client import resolve_device
 
     if args.gpus_per_client > 0 and not torch.cuda.is_available():
-        raise SettingsError(f"--gpus-per-client {args.gpus_per_client:g} reserves GPU shares, but torch sees no CUDA device "
-                            "here; on a CPU-only machine use --gpus-per-client 0")  # fmt: skip
+        raise SettingsError(
+            f"--gpus-per-client {args.gpus_per_client:g} reserves GPU shares, but torch sees no CUDA device "
+            "here; on a CPU-only machine use --gpus-per-client 0"
+        )
     try:
         resolve_device(settings.device)
     except ValueError as err:
@@ -568,8 +660,11 @@ def describe_run(args: argparse.Namespace, settings: Settings, out: Path, resumi
         nodes = f"simulation engine, {args.num_supernodes} SuperNodes (one partition each)"
     per_round = settings.clients_per_round or "all"
     tiny = settings.model_path == settings.output_dir / "tiny-llama"
-    model = (f"tiny random LLaMA built in {settings.model_path} (a plumbing check: its losses and scores say nothing "
-             "about quality)") if tiny else str(settings.model_path)  # fmt: skip
+    model = (
+        (f"tiny random LLaMA built in {settings.model_path} (a plumbing check: its losses and scores say nothing about quality)")
+        if tiny
+        else str(settings.model_path)
+    )
     start = "round 1" if not resuming else "the next round after the saved server state"
     return [
         f"FlexLoRA run: strategy {settings.strategy}, profile {profile}",
@@ -579,8 +674,11 @@ def describe_run(args: argparse.Namespace, settings: Settings, out: Path, resumi
         f"  output folder: {out} (adapter/, metrics.json, server_state.safetensors, flwr_run.log)",
         "  reading the rounds: r8 = rank 8 on every module, r30-200 = rank 30 on some modules (attention) and 200 on "
         "others (MLP); 'energy kept' = share of the update's squared norm a client of that rank receives (1 = all)",
-        *([] if args.verbose else ["  Flower lines that repeat ours are kept off the console "
-                                   "(flwr_run.log has all; --verbose shows them)"]),
+        *(
+            []
+            if args.verbose
+            else ["  Flower lines that repeat ours are kept off the console (flwr_run.log has all; --verbose shows them)"]
+        ),
     ]
 
 
@@ -592,13 +690,16 @@ def summarize(result: RunResult) -> list[str]:
         last = rows[-1]
         sent = sum(r["bytes-sent"] for r in rows) / 1e6
         received = sum(r["bytes-received"] for r in rows) / 1e6
-        lines.append(f"done: rounds {rows[0]['round']}-{last['round']}, final train loss {last['train-loss']:.4f} "
-                     f"({last['clients-ok']}/{last['clients']} clients ok), {sent:.1f} MB sent and {received:.1f} MB "
-                     f"received in all")  # fmt: skip
+        lines.append(
+            f"done: rounds {rows[0]['round']}-{last['round']}, final train loss {last['train-loss']:.4f} "
+            f"({last['clients-ok']}/{last['clients']} clients ok), {sent:.1f} MB sent and {received:.1f} MB "
+            f"received in all"
+        )
     lines.append(f"run {result.run_id}: {result.status} in {result.wall_s:.0f} s; log {result.log_path}")
     if result.ok:
-        lines.append(f"adapter (peft, PeftModel.from_pretrained): {result.adapter_dir}; "
-                     f"metrics: {result.output_dir / 'metrics.json'}")  # fmt: skip
+        lines.append(
+            f"adapter (peft, PeftModel.from_pretrained): {result.adapter_dir}; metrics: {result.output_dir / 'metrics.json'}"
+        )
     return lines
 
 
@@ -636,18 +737,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.engine == "deployment":
             result = run_deployment(
-                out, num_rounds=args.num_rounds, num_nodes=args.num_supernodes, num_partitions=args.num_partitions,
-                run_config=run_config, extra_run_config=args.run_config, timeout=args.timeout, echo=echo,
-            )  # fmt: skip
+                out,
+                num_rounds=args.num_rounds,
+                num_nodes=args.num_supernodes,
+                num_partitions=args.num_partitions,
+                run_config=run_config,
+                extra_run_config=args.run_config,
+                timeout=args.timeout,
+                echo=echo,
+            )
         else:
             result = run_simulation(
-                out, num_rounds=args.num_rounds, num_supernodes=args.num_supernodes, run_config=run_config,
-                extra_run_config=args.run_config, timeout=args.timeout, gpus_per_client=args.gpus_per_client, echo=echo,
-            )  # fmt: skip
+                out,
+                num_rounds=args.num_rounds,
+                num_supernodes=args.num_supernodes,
+                run_config=run_config,
+                extra_run_config=args.run_config,
+                timeout=args.timeout,
+                gpus_per_client=args.gpus_per_client,
+                echo=echo,
+            )
     except KeyboardInterrupt as stop:
         code = stop.args[0] if stop.args and isinstance(stop.args[0], int) else 130
-        print(f"interrupted; the SuperLink was stopped; kept {out} (resume with --output-dir {out} "
-              "--run-config resume=true when it holds a server state)", file=sys.stderr)  # fmt: skip
+        print(
+            f"interrupted; the SuperLink was stopped; kept {out} (resume with --output-dir {out} "
+            "--run-config resume=true when it holds a server state)",
+            file=sys.stderr,
+        )
         return code
     print("\n".join(summarize(result)), flush=True)
     if result.ok:

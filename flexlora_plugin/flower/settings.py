@@ -119,25 +119,41 @@ class Settings:
     def _from_context(cls, rc: dict[str, Any], run_id: int) -> Settings:
         out = Path(str(rc["output-dir"])) if rc["output-dir"] else Path.cwd() / "runs" / f"flower-{run_id}"
         return cls(
-            strategy=str(rc["strategy"]), profile=str(rc["profile"]), seed=int(rc["seed"]),
-            num_server_rounds=int(rc["num-server-rounds"]), clients_per_round=int(rc["clients-per-round"]),
+            strategy=str(rc["strategy"]),
+            profile=str(rc["profile"]),
+            seed=int(rc["seed"]),
+            num_server_rounds=int(rc["num-server-rounds"]),
+            clients_per_round=int(rc["clients-per-round"]),
             min_nodes=int(rc["min-nodes"]),
             model_path=Path(str(rc["model-path"])) if rc["model-path"] else out / "tiny-llama",
             data_path=Path(str(rc["data-path"])) if rc["data-path"] else DEFAULT_DATA,
             lora_alpha=float(rc["lora-alpha"]),
             target_modules=tuple(t.strip() for t in str(rc["target-modules"]).split(",") if t.strip()),
-            local_steps=int(rc["local-steps"]), batch_size=int(rc["batch-size"]), lr=float(rc["lr"]),
-            max_length=int(rc["max-length"]), max_train_examples=int(rc["max-train-examples"]), output_dir=out,
-            resume=bool(rc["resume"]), torch_threads=int(rc["torch-threads"]), query_timeout=float(rc["query-timeout"]),
-            round_timeout=float(rc["round-timeout"]), dump_dir=Path(str(rc["dump-dir"])) if rc["dump-dir"] else None,
-            eval_data=Path(str(rc["eval-data"])) if rc.get("eval-data") else None, eval_every=int(rc.get("eval-every", 1)),
-            eval_max_per_task=int(rc.get("eval-max-per-task", 0)), eval_max_new_tokens=int(rc.get("eval-max-new-tokens", 32)),
-            eval_batch_size=int(rc.get("eval-batch-size", 8)), device=str(rc.get("device", "cpu")),
-            dtype=str(rc.get("dtype", "float32")), gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
-            proximal_mu=float(rc.get("proximal-mu", 0.0)), export_rank=int(rc.get("export-rank", 0)),
-            drop_after_failures=int(rc.get("drop-after-failures", 0)), wire_dtype=str(rc.get("wire-dtype", "auto")),
+            local_steps=int(rc["local-steps"]),
+            batch_size=int(rc["batch-size"]),
+            lr=float(rc["lr"]),
+            max_length=int(rc["max-length"]),
+            max_train_examples=int(rc["max-train-examples"]),
+            output_dir=out,
+            resume=bool(rc["resume"]),
+            torch_threads=int(rc["torch-threads"]),
+            query_timeout=float(rc["query-timeout"]),
+            round_timeout=float(rc["round-timeout"]),
+            dump_dir=Path(str(rc["dump-dir"])) if rc["dump-dir"] else None,
+            eval_data=Path(str(rc["eval-data"])) if rc.get("eval-data") else None,
+            eval_every=int(rc.get("eval-every", 1)),
+            eval_max_per_task=int(rc.get("eval-max-per-task", 0)),
+            eval_max_new_tokens=int(rc.get("eval-max-new-tokens", 32)),
+            eval_batch_size=int(rc.get("eval-batch-size", 8)),
+            device=str(rc.get("device", "cpu")),
+            dtype=str(rc.get("dtype", "float32")),
+            gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
+            proximal_mu=float(rc.get("proximal-mu", 0.0)),
+            export_rank=int(rc.get("export-rank", 0)),
+            drop_after_failures=int(rc.get("drop-after-failures", 0)),
+            wire_dtype=str(rc.get("wire-dtype", "auto")),
             server_device=str(rc.get("server-device", "cpu")),
-        )  # fmt: skip
+        )
 
     def __post_init__(self) -> None:
         try:
@@ -149,11 +165,16 @@ class Settings:
             raise SettingsError(f"proximal-mu must be >= 0, got {self.proximal_mu!r}")
         if self.num_server_rounds < 1:
             raise SettingsError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
-        for key, value, low in (("clients-per-round", self.clients_per_round, 0), ("min-nodes", self.min_nodes, 0),
-                                ("local-steps", self.local_steps, 0), ("batch-size", self.batch_size, 1),
-                                ("max-length", self.max_length, 1), ("eval-every", self.eval_every, 1),
-                                ("export-rank", self.export_rank, 0),
-                                ("drop-after-failures", self.drop_after_failures, 0)):  # fmt: skip
+        for key, value, low in (
+            ("clients-per-round", self.clients_per_round, 0),
+            ("min-nodes", self.min_nodes, 0),
+            ("local-steps", self.local_steps, 0),
+            ("batch-size", self.batch_size, 1),
+            ("max-length", self.max_length, 1),
+            ("eval-every", self.eval_every, 1),
+            ("export-rank", self.export_rank, 0),
+            ("drop-after-failures", self.drop_after_failures, 0),
+        ):
             if value < low:
                 raise SettingsError(f"{key} must be >= {low}, got {value}")
         if not self.target_modules:
@@ -168,17 +189,23 @@ class Settings:
         from flexlora_plugin.data import client_file, missing_clients
 
         if not self.data_path.is_dir():
-            raise SettingsError(f"data-path {self.data_path} is not a folder (Natural Instructions clients: "
-                                f"local_training_<i>.json; the default is {DEFAULT_DATA})")  # fmt: skip
+            raise SettingsError(
+                f"data-path {self.data_path} is not a folder (Natural Instructions clients: "
+                f"local_training_<i>.json; the default is {DEFAULT_DATA})"
+            )
         missing = missing_clients(self.data_path, partitions)
         if missing:
-            raise SettingsError(f"data-path {self.data_path} has no training file for partition(s) {missing[:5]}"
-                                f"{'...' if len(missing) > 5 else ''} (e.g. {client_file(self.data_path, missing[0]).name}); "
-                                f"use fewer nodes or partitions")  # fmt: skip
+            raise SettingsError(
+                f"data-path {self.data_path} has no training file for partition(s) {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''} (e.g. {client_file(self.data_path, missing[0]).name}); "
+                f"use fewer nodes or partitions"
+            )
         if self.model_path != self.output_dir / "tiny-llama" and not (self.model_path / "config.json").is_file():
-            raise SettingsError(f"model-path {self.model_path} is not a transformers model folder (no config.json); "
-                                "build SmolLM2 with python -m flexlora_plugin.models, "
-                                "or leave model-path empty for the tiny model")  # fmt: skip
+            raise SettingsError(
+                f"model-path {self.model_path} is not a transformers model folder (no config.json); "
+                "build SmolLM2 with python -m flexlora_plugin.models, "
+                "or leave model-path empty for the tiny model"
+            )
         if self.eval_data is not None and not self.eval_data.is_file():
             raise SettingsError(f"eval-data {self.eval_data} does not exist (e.g. {DEFAULT_DATA / 'heldout_test.json'})")
 
@@ -191,16 +218,21 @@ class Settings:
             except json.JSONDecodeError as err:
                 raise SettingsError(f"profile looks like a JSON rank table but is not JSON: {err}") from err
             if not isinstance(raw, dict):
-                raise SettingsError(f"a JSON profile must be an object {{partition: rank | type | {{module: rank}}}}, "
-                                    f"got {raw!r}")
+                raise SettingsError(
+                    f"a JSON profile must be an object {{partition: rank | type | {{module: rank}}}}, got {raw!r}"
+                )
             table = raw  # read by the core (parse_rank_table), as in every host
         try:
             return FlexLoRAConfig(
                 method=self.strategy,  # type: ignore[arg-type]
                 profile="homo" if table is not None else self.profile,
-                rank_table=table, seed=self.seed, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
-                drop_after_failures=self.drop_after_failures, wire_dtype=self.wire_dtype,
+                rank_table=table,
+                seed=self.seed,
+                lora_alpha=self.lora_alpha,
+                target_modules=self.target_modules,
+                drop_after_failures=self.drop_after_failures,
+                wire_dtype=self.wire_dtype,
                 server_device=self.server_device,
-            )  # fmt: skip
+            )
         except ValueError as err:
             raise SettingsError(str(err).removeprefix("FlexLoRAConfig.profile: ")) from err

@@ -209,10 +209,14 @@ class FlexLoRA(FedAvg):
         start = f"resumed after round {self.round_offset}" if self.round_offset else "fresh start"
         logger.info(
             "FlexLoRA strategy: method=%s, profile=%s, %d nodes, %s clients/round, seed=%d, lora_alpha=%g, %s",
-            self.config.method, "rank table" if self.config.rank_table is not None else self.config.profile,
-            len(self.rank_maps), self.clients_per_round or f"{self.fraction_train:.0%} of the", self.seed,
-            self.config.lora_alpha, start,
-        )  # fmt: skip
+            self.config.method,
+            "rank table" if self.config.rank_table is not None else self.config.profile,
+            len(self.rank_maps),
+            self.clients_per_round or f"{self.fraction_train:.0%} of the",
+            self.seed,
+            self.config.lora_alpha,
+            start,
+        )
 
     # ------------------------------------------------------------------ rank query
     def query_nodes(
@@ -254,9 +258,11 @@ class FlexLoRA(FedAvg):
                 f"{sorted(set(node_ids) - set(answered) - set(errors))}"
             )
         logger.info(
-            "rank query: %d nodes (%d serving any partition), ranks %s", len(answered), len(self.pool_nodes),
+            "rank query: %d nodes (%d serving any partition), ranks %s",
+            len(answered),
+            len(self.pool_nodes),
             {p: rank_label(m) for p, m in sorted(self.rank_maps.items())},
-        )  # fmt: skip
+        )
         return dict(self.rank_maps)
 
     def _start_federation(self, answered: dict[int, int], errors: dict[int, str], reported: dict[int, dict[str, int]]) -> None:
@@ -349,8 +355,10 @@ class FlexLoRA(FedAvg):
         k = self.clients_per_round or max(1, int(n * self.fraction_train))
         eligible = self._federation().eligible(self.rank_maps) if self.federation is not None else sorted(self.rank_maps)
         if not eligible:
-            raise RuntimeError(f"round {server_round}: every partition was dropped after "
-                               f"{self.config.drop_after_failures} rounds excluded in a row; nothing left to sample")  # fmt: skip
+            raise RuntimeError(
+                f"round {server_round}: every partition was dropped after "
+                f"{self.config.drop_after_failures} rounds excluded in a row; nothing left to sample"
+            )
         return sample_partitions(eligible, min(k, len(eligible)), seed=self.seed, server_round=server_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -451,9 +459,19 @@ class FlexLoRA(FedAvg):
         logger.info(
             "round %d/%d%s: %d/%d clients ok, train loss %.4f, sent %.3f MB, received %.3f MB, energy kept %s, excluded %s; "
             "%.0f s elapsed, ETA %.0f s",
-            rnd, last, resumed, row["clients-ok"], row["clients"], row[TRAIN_LOSS], row["bytes-sent"] / 1e6,
-            row["bytes-received"] / 1e6, energy, row["excluded-partitions"], elapsed, eta,
-        )  # fmt: skip
+            rnd,
+            last,
+            resumed,
+            row["clients-ok"],
+            row["clients"],
+            row[TRAIN_LOSS],
+            row["bytes-sent"] / 1e6,
+            row["bytes-received"] / 1e6,
+            energy,
+            row["excluded-partitions"],
+            elapsed,
+            eta,
+        )
 
     # ------------------------------------------------------------------ evaluate (off)
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

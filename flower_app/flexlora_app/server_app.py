@@ -49,9 +49,13 @@ def main(grid: Grid, context: Context) -> None:
     remaining = settings.num_server_rounds - strategy.round_offset
     if remaining > 0:
         strategy.start(
-            grid, ArrayRecord(), num_rounds=remaining, timeout=settings.round_timeout, train_config=ConfigRecord(),
+            grid,
+            ArrayRecord(),
+            num_rounds=remaining,
+            timeout=settings.round_timeout,
+            train_config=ConfigRecord(),
             evaluate_fn=heldout_evaluator(settings, strategy),
-        )  # fmt: skip
+        )
     else:
         logger.info("nothing to do: the restored state already has %d rounds", strategy.round_offset)
     if strategy.global_update is None:
@@ -59,8 +63,11 @@ def main(grid: Grid, context: Context) -> None:
     adapter = settings.output_dir / ADAPTER_DIR
     # The global model itself: each module at the numerical rank reproducing its ΔW to 1e-5, or at
     # export-rank (a truncation, whose error is reported below). Computed once, also in Result.arrays.
-    chosen = strategy.federation.export(adapter, base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
-                                        ranks=settings.export_rank or None)  # fmt: skip
+    chosen = strategy.federation.export(
+        adapter,
+        base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
+        ranks=settings.export_rank or None,
+    )
     try:  # an independent check of the export: ‖ΔW − s·B A‖_F / ‖ΔW‖_F read back from the folder
         max_error: float | None = max(adapter_error(strategy.global_update, adapter).values())
         what = f"truncated at export-rank {settings.export_rank}" if settings.export_rank else "exact"
@@ -78,7 +85,6 @@ def main(grid: Grid, context: Context) -> None:
     }
     (settings.output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     logger.info("final adapter (%s, ranks %s) saved to %s", settings.strategy, sorted(set(chosen.values())), adapter)
-
 
 
 def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, ArrayRecord], MetricRecord | None] | None:
@@ -107,12 +113,16 @@ def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, 
         model = base
         if strategy.global_update is not None:
             folder = settings.output_dir / "eval-adapter"
-            strategy.federation.export(folder, base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
-                                       ranks=settings.export_rank or None)  # the exported model; cached for the final export
+            strategy.federation.export(
+                folder,
+                base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
+                ranks=settings.export_rank or None,
+            )  # the exported model; cached for the final export
             model = PeftModel.from_pretrained(base, folder)  # LoRA layers injected into the shared base...
         try:
-            result = evaluate_model(model, tokenizer, examples, max_new_tokens=settings.eval_max_new_tokens,
-                                    batch_size=settings.eval_batch_size)  # fmt: skip
+            result = evaluate_model(
+                model, tokenizer, examples, max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.eval_batch_size
+            )
         finally:
             if model is not base:
                 model.unload()  # ...and removed again: the base is unchanged for the next round

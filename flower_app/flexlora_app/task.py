@@ -24,7 +24,6 @@ __all__ = ["Settings", "client_model", "load_base", "node_rank_map", "partition_
 logger = logging.getLogger(__name__)
 
 
-
 def route_logs(plugin_level: int = logging.INFO) -> None:
     """Send this app's INFO logs and flexlora_plugin's ``plugin_level`` logs through Flower's handlers.
 
@@ -75,14 +74,25 @@ def client_model(settings: Settings) -> tuple[ClientModel, Any]:
     never copied.
     """
     dev = resolve_device(settings.device)
-    key = (str(settings.model_path.resolve()), str(dev), settings.dtype, settings.lora_alpha, settings.target_modules,
-           settings.gradient_checkpointing)  # fmt: skip
+    key = (
+        str(settings.model_path.resolve()),
+        str(dev),
+        settings.dtype,
+        settings.lora_alpha,
+        settings.target_modules,
+        settings.gradient_checkpointing,
+    )
     if key not in _CLIENT:
         base, tokenizer = _load(settings.model_path, dev, resolve_dtype(settings.dtype, dev))
-        model = ClientModel(base, lora_alpha=settings.lora_alpha, target_modules=settings.target_modules,
-                            gradient_checkpointing=settings.gradient_checkpointing)  # fmt: skip
-        logger.info("client model: %s on %s in %s (%d modules adapted)", settings.model_path.name, dev, settings.dtype,
-                    len(model.shapes))  # fmt: skip
+        model = ClientModel(
+            base,
+            lora_alpha=settings.lora_alpha,
+            target_modules=settings.target_modules,
+            gradient_checkpointing=settings.gradient_checkpointing,
+        )
+        logger.info(
+            "client model: %s on %s in %s (%d modules adapted)", settings.model_path.name, dev, settings.dtype, len(model.shapes)
+        )
         _CLIENT[key] = (model, tokenizer)
     return _CLIENT[key]
 

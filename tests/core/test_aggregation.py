@@ -13,7 +13,10 @@ SHAPES = {"layers.0.q_proj": (40, 24), "layers.0.down_proj": (24, 56), "layers.1
 
 
 def _clients(gen, ranks_per_client, dtype=torch.float32, adapter=None):
-    return [make_client(dict.fromkeys(SHAPES, r) if isinstance(r, int) else r, SHAPES, gen=gen, dtype=dtype, adapter=adapter) for r in ranks_per_client]
+    return [
+        make_client(dict.fromkeys(SHAPES, r) if isinstance(r, int) else r, SHAPES, gen=gen, dtype=dtype, adapter=adapter)
+        for r in ranks_per_client
+    ]
 
 
 def _product(proj, module, r, alpha=16.0, adapter=None, rslora=False):

@@ -49,7 +49,10 @@ def test_hetlora_pad_align_truncate(gen, weighting):
         if weighting == "data":
             p = [x / sum(w) for x in w]
         else:
-            norms = [alpha / r * float((s[f"{m}.lora_B.weight"].double() @ s[f"{m}.lora_A.weight"].double()).norm()) for r, s in zip(ranks, states)]
+            norms = [
+                alpha / r * float((s[f"{m}.lora_B.weight"].double() @ s[f"{m}.lora_A.weight"].double()).norm())
+                for r, s in zip(ranks, states)
+            ]
             p = [x / sum(norms) for x in norms]
         A = torch.zeros(R, d_in, dtype=torch.float64)
         B = torch.zeros(d_out, R, dtype=torch.float64)

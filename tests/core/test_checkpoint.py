@@ -98,11 +98,15 @@ def test_one_flipped_byte_in_tensor_data_is_detected(tmp_path, gen):
         (lambda m: [1, 2], "must be a JSON object, got list"),
         (lambda m: {k: v for k, v in m.items() if k != "round"}, "metadata field 'round' must be a int, got None"),
         (lambda m: {**m, "seed": "0"}, "metadata field 'seed' must be a int"),
-        (lambda m: {**m, "modules": {k: {**e, "dtype": "load"} for k, e in m["modules"].items()}},
-         "dtype 'load' is not one of"),
-        (lambda m: {**m, "modules": dict(list(m["modules"].items())[1:])}, "metadata without tensors or tensors without metadata"),
-        (lambda m: {**m, "modules": {k: {kk: vv for kk, vv in e.items() if kk != "shape"} for k, e in m["modules"].items()}},
-         "malformed module entry"),
+        (lambda m: {**m, "modules": {k: {**e, "dtype": "load"} for k, e in m["modules"].items()}}, "dtype 'load' is not one of"),
+        (
+            lambda m: {**m, "modules": dict(list(m["modules"].items())[1:])},
+            "metadata without tensors or tensors without metadata",
+        ),
+        (
+            lambda m: {**m, "modules": {k: {kk: vv for kk, vv in e.items() if kk != "shape"} for k, e in m["modules"].items()}},
+            "malformed module entry",
+        ),
         (lambda m: {**m, "format": "flexlora-server-state/9"}, "unsupported state format"),
     ],
 )

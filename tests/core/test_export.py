@@ -11,7 +11,10 @@ M = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 def _client(r: int, n: int, scale: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {f"{M}.lora_A.weight": torch.randn(r, n, generator=gen), f"{M}.lora_B.weight": scale * torch.randn(n, r, generator=gen)}
+    return {
+        f"{M}.lora_A.weight": torch.randn(r, n, generator=gen),
+        f"{M}.lora_B.weight": scale * torch.randn(n, r, generator=gen),
+    }
 
 
 def test_small_triplets_that_matter_are_exported(tmp_path):
@@ -47,8 +50,13 @@ def test_clients_from_one_global_model_export_to_tol(tmp_path):
     # stacked factors, the case of the real runs. The export spectrum is float64.
     n, r, gen = 256, 48, torch.Generator().manual_seed(2)
     A0, B0 = torch.randn(r, n, generator=gen), torch.randn(n, r, generator=gen)
-    clients = [{f"{M}.lora_A.weight": A0 + 1e-4 * torch.randn(r, n, generator=gen),
-                f"{M}.lora_B.weight": B0 + 1e-4 * torch.randn(n, r, generator=gen)} for _ in range(4)]  # fmt: skip
+    clients = [
+        {
+            f"{M}.lora_A.weight": A0 + 1e-4 * torch.randn(r, n, generator=gen),
+            f"{M}.lora_B.weight": B0 + 1e-4 * torch.randn(n, r, generator=gen),
+        }
+        for _ in range(4)
+    ]
     update = aggregate(clients, [1.0, 2.0, 3.0, 4.0], lora_alpha=16)
     assert update.uses_factored_path(M)
     assert update.exact_spectrum(M).S.dtype == torch.float64

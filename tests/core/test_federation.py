@@ -19,7 +19,9 @@ ALPHA = 16.0
 
 def _fed(tmp_path=None, **config) -> Federation:
     cfg = FlexLoRAConfig(**{"lora_alpha": ALPHA, **config})
-    return Federation(cfg, module_infos(SHAPES), shapes=SHAPES, state_path=None if tmp_path is None else tmp_path / "s.safetensors")
+    return Federation(
+        cfg, module_infos(SHAPES), shapes=SHAPES, state_path=None if tmp_path is None else tmp_path / "s.safetensors"
+    )
 
 
 def _reply(ranks: dict[str, int], gen: torch.Generator, n: float = 10.0, loss: float = 1.0) -> Reply:
@@ -37,7 +39,9 @@ def test_ranks_drawn_from_the_profile_and_checked_when_reported():
     q, down = SHAPES
     assert fed.assign_ranks("a", {q: 4, down: 8}) == {q: 4, down: 8}
     assert fed.assign_ranks("b", {"q_proj": 2, "down_proj": 16}) == {"q_proj": 2, "down_proj": 16}  # suffixes are fine
-    with pytest.raises(RankError, match=r"client 'x', module model.layers.0.self_attn.q_proj \(24×16\): rank must be in 1..16, got 1000000000"):
+    with pytest.raises(
+        RankError, match=r"client 'x', module model.layers.0.self_attn.q_proj \(24×16\): rank must be in 1..16, got 1000000000"
+    ):
         fed.assign_ranks("x", {q: 10**9, down: 8})
     with pytest.raises(RankError, match="client 'x': no rank for module model.layers.0.mlp.down_proj"):
         fed.assign_ranks("x", {q: 4})
@@ -67,11 +71,16 @@ def test_a_round_matches_an_independent_float64_reference():
     ranks = {"a": 4, "b": 8, "c": 12}
     for client, r in ranks.items():
         fed.assign_ranks(client, dict.fromkeys(SHAPES, r))
-    replies = {c: _reply(dict.fromkeys(SHAPES, r), gen, n=n, loss=loss) for (c, r), n, loss in zip(ranks.items(), (10, 30, 60), (2.0, 1.0, 4.0))}
+    replies = {
+        c: _reply(dict.fromkeys(SHAPES, r), gen, n=n, loss=loss)
+        for (c, r), n, loss in zip(ranks.items(), (10, 30, 60), (2.0, 1.0, 4.0))
+    }
     result = fed.aggregate(replies, bytes_sent=123)
     assert result.updated and result.kept == ["a", "b", "c"] and result.excluded == {} and result.round == 1
     assert result.train_loss == pytest.approx((10 * 2 + 30 * 1 + 60 * 4) / 100) and result.num_examples == 100
-    assert result.bytes_sent == 123 and result.bytes_received == sum(4 * v.numel() for r in replies.values() for v in r.state.values())
+    assert result.bytes_sent == 123 and result.bytes_received == sum(
+        4 * v.numel() for r in replies.values() for v in r.state.values()
+    )
     states = [r.state for r in replies.values()]
     for module in SHAPES:
         ref = ref_delta(states, [10, 30, 60], PREFIX + module, [ALPHA] * 3)
@@ -173,8 +182,9 @@ def test_a_failure_the_host_reports_wins_over_a_reply_for_the_same_client():
     fed = _fed(profile="homo")
     for client in ("a", "b"):
         fed.assign_ranks(client, dict.fromkeys(SHAPES, 4))
-    result = fed.aggregate({"a": _reply(dict.fromkeys(SHAPES, 4), gen), "b": _reply(dict.fromkeys(SHAPES, 4), gen)},
-                           failed={"a": "two replies"})  # fmt: skip
+    result = fed.aggregate(
+        {"a": _reply(dict.fromkeys(SHAPES, 4), gen), "b": _reply(dict.fromkeys(SHAPES, 4), gen)}, failed={"a": "two replies"}
+    )
     assert result.kept == ["b"] and result.excluded == {"a": "two replies"} and fed.global_update.clients == ("b",)
 
 

@@ -56,16 +56,22 @@ CORRUPTIONS = {
     "rank_mismatch": lambda s: {**s, _first(s, "lora_A"): s[_first(s, "lora_A")][:-1].clone()},
     "overflow": lambda s: {k: v * 1e19 for k, v in s.items()},
     "empty": lambda s: {},
-    "extra_module": lambda s: {**s, "m.l9.k_proj.lora_A.weight": torch.zeros(1, 4), "m.l9.k_proj.lora_B.weight": torch.zeros(4, 1)},
+    "extra_module": lambda s: {
+        **s,
+        "m.l9.k_proj.lora_A.weight": torch.zeros(1, 4),
+        "m.l9.k_proj.lora_B.weight": torch.zeros(4, 1),
+    },
 }
 
-client = st.fixed_dictionaries({
-    "seed": st.integers(0, 2**31 - 1),
-    "rank": st.integers(1, 8),
-    "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
-    "weight": st.floats(1e-3, 1e300, allow_nan=False, allow_infinity=False),
-    "corruption": st.one_of(st.none(), st.sampled_from(sorted(CORRUPTIONS))),
-})  # fmt: skip
+client = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31 - 1),
+        "rank": st.integers(1, 8),
+        "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+        "weight": st.floats(1e-3, 1e300, allow_nan=False, allow_infinity=False),
+        "corruption": st.one_of(st.none(), st.sampled_from(sorted(CORRUPTIONS))),
+    }
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

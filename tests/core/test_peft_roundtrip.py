@@ -42,8 +42,11 @@ def _modules(state):
 
 @pytest.mark.parametrize("fmt", ["peft", "fs"])
 def test_round_trip_through_peft_models(tiny, fmt):
-    ranks_list = [{"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 8, "up_proj": 8, "down_proj": 8},
-                  {t: 16 for t in TARGETS}, {t: 2 for t in TARGETS}]  # fmt: skip
+    ranks_list = [
+        {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 8, "up_proj": 8, "down_proj": 8},
+        {t: 16 for t in TARGETS},
+        {t: 2 for t in TARGETS},
+    ]
     states = []
     for i, ranks in enumerate(ranks_list):
         model, shapes = _peft(tiny, ranks, seed=i)
@@ -69,7 +72,11 @@ def test_round_trip_through_peft_models(tiny, fmt):
         key = module if fmt == "peft" else module  # module names are the same prefix in both formats
         mid = "" if fmt == "peft" else ".default"
         ref = sum(
-            w / 4 * lora_scaling(ALPHA, s[f"{key}.lora_A{mid}.weight"].shape[0]) * s[f"{key}.lora_B{mid}.weight"].double() @ s[f"{key}.lora_A{mid}.weight"].double()
+            w
+            / 4
+            * lora_scaling(ALPHA, s[f"{key}.lora_A{mid}.weight"].shape[0])
+            * s[f"{key}.lora_B{mid}.weight"].double()
+            @ s[f"{key}.lora_A{mid}.weight"].double()
             for w, s in zip([1.0, 2.0, 1.0], states)
         )
         r = A.shape[0]
@@ -133,7 +140,9 @@ def test_exported_adapter_reproduces_delta(tiny, tmp_path, fmt):
     for i, r in enumerate((2, 4, 8)):
         model, _ = _peft(tiny, {t: r for t in TARGETS}, seed=i)
         _randomise(model, seed=20 + i)
-        states.append(adapter_state(model) if fmt == "peft" else {k: v.detach() for k, v in model.state_dict().items() if "lora_" in k})
+        states.append(
+            adapter_state(model) if fmt == "peft" else {k: v.detach() for k, v in model.state_dict().items() if "lora_" in k}
+        )
     update = aggregate(states, [1.0, 1.0, 2.0], lora_alpha=ALPHA)
     ranks = save_peft_adapter(update, tmp_path / "adapter", base_model_name_or_path=str(tiny), lora_alpha=ALPHA)
     errors = adapter_error(update, tmp_path / "adapter")
@@ -146,10 +155,13 @@ def test_exported_adapter_reproduces_delta(tiny, tmp_path, fmt):
     for module in _modules(held):
         A, B = held[f"{module}.lora_A.weight"].double(), held[f"{module}.lora_B.weight"].double()
         ref = sum(
-            w / 4 * lora_scaling(ALPHA, s[f"{module}.lora_A{mid}.weight"].shape[0])
-            * s[f"{module}.lora_B{mid}.weight"].double() @ s[f"{module}.lora_A{mid}.weight"].double()
+            w
+            / 4
+            * lora_scaling(ALPHA, s[f"{module}.lora_A{mid}.weight"].shape[0])
+            * s[f"{module}.lora_B{mid}.weight"].double()
+            @ s[f"{module}.lora_A{mid}.weight"].double()
             for w, s in zip([1.0, 1.0, 2.0], states)
-        )  # fmt: skip
+        )
         assert A.shape[0] == ranks[module]
         rel = float((ref - lora_scaling(ALPHA, A.shape[0]) * B @ A).norm() / ref.norm())
         assert rel <= 1e-5, module

@@ -33,7 +33,10 @@ PAPER = {
     "normal": {"r8": 0.0575, "r30": 0.0575, "r30_200": 0.4425, "r200": 0.4425},
 }
 TYPE_OF = {  # (attention rank, MLP rank) -> type name, written independently of the code
-    (8, 8): "r8", (30, 30): "r30", (30, 200): "r30_200", (200, 200): "r200",
+    (8, 8): "r8",
+    (30, 30): "r30",
+    (30, 200): "r30_200",
+    (200, 200): "r200",
 }
 
 
@@ -114,7 +117,15 @@ def test_draw_is_pure_function_of_seed_and_client():
 
 
 def test_types_match_paper():
-    assert lora_type("r30_200") == {"q_proj": 30, "k_proj": 30, "v_proj": 30, "o_proj": 30, "gate_proj": 200, "up_proj": 200, "down_proj": 200}
+    assert lora_type("r30_200") == {
+        "q_proj": 30,
+        "k_proj": 30,
+        "v_proj": 30,
+        "o_proj": 30,
+        "gate_proj": 200,
+        "up_proj": 200,
+        "down_proj": 200,
+    }
     assert set(lora_type("r8").values()) == {8}
 
 
@@ -161,10 +172,12 @@ def test_check_rank_map_is_the_one_rank_map_check():
 
     shapes = {"l0.q_proj": (8, 6), "l0.down_proj": (6, 10)}
     assert check_rank_map({"q_proj": 4, "down_proj": 6}, shapes) == {"l0.q_proj": 4, "l0.down_proj": 6}
-    for bad, match in (({"q_proj": 10**9, "down_proj": 2}, r"module l0.q_proj \(8×6\): rank must be in 1..6"),
-                       ({"q_proj": 2}, "no rank for module l0.down_proj"),
-                       ({"q_proj": 2, "down_proj": 2, "k_proj": 2}, r"entries \['k_proj'\] match no adapted module"),
-                       ({"q_proj": True, "down_proj": 2}, "got True"),
-                       ([4, 4], "must map module names to ranks")):  # fmt: skip
+    for bad, match in (
+        ({"q_proj": 10**9, "down_proj": 2}, r"module l0.q_proj \(8×6\): rank must be in 1..6"),
+        ({"q_proj": 2}, "no rank for module l0.down_proj"),
+        ({"q_proj": 2, "down_proj": 2, "k_proj": 2}, r"entries \['k_proj'\] match no adapted module"),
+        ({"q_proj": True, "down_proj": 2}, "got True"),
+        ([4, 4], "must map module names to ranks"),
+    ):
         with pytest.raises(RankError, match=match):
             check_rank_map(bad, shapes, client=3)

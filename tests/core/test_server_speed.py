@@ -132,7 +132,10 @@ def test_delta_batches_clients_into_larger_gemms_and_matches_the_sum(gen, monkey
 @pytest.mark.parametrize("block_bytes", [4 << 20, 4 * 64 * 7])  # one slab; slabs of 7 (the last one shorter)
 def test_gram_from_slabs_matches_the_dense_gram(gen, shape, block_bytes):
     d_out, d_in = shape
-    items = [(c, torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen)) for c, r in ((0.5, 20), (-1.5, 30), (2.0, 25))]
+    items = [
+        (c, torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen))
+        for c, r in ((0.5, 20), (-1.5, 30), (2.0, 25))
+    ]
     gram = TermList(items, shape).gram(torch.float32, None, block_bytes=block_bytes, packed=False)  # packed: test_packed.py
     dense = sum(c * B.double() @ A.double() for c, B, A in items)
     ref = dense @ dense.T if d_out <= d_in else dense.T @ dense
@@ -255,7 +258,9 @@ def test_stacked_value_checks_exclude_as_the_host_path_does(gen):
     with pytest.warns(FlexLoRAWarning):
         plain = aggregate(states, weights, lora_alpha=16, on_invalid="exclude", max_norm=1e6)
     with pytest.warns(FlexLoRAWarning):
-        stacked = aggregate(states, weights, lora_alpha=16, on_invalid="exclude", max_norm=1e6, device="cpu", stack_on_device=True)
+        stacked = aggregate(
+            states, weights, lora_alpha=16, on_invalid="exclude", max_norm=1e6, device="cpu", stack_on_device=True
+        )
     assert plain.excluded == stacked.excluded
     assert set(stacked.excluded) == {1, 2} and "NaN/Inf) in module l0.gate_proj" in stacked.excluded[1]
     assert "above the bound" in stacked.excluded[2]

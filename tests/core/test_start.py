@@ -55,7 +55,9 @@ def test_common_A_is_peft_init_seeded_by_run_and_module():
 
     net = torch.nn.Sequential()
     net.add_module("q_proj", torch.nn.Linear(d_in, 32))
-    peft_A = get_peft_model(net, LoraConfig(r=64, target_modules=["q_proj"])).base_model.model.q_proj.lora_A["default"].weight.detach()
+    peft_A = (
+        get_peft_model(net, LoraConfig(r=64, target_modules=["q_proj"])).base_model.model.q_proj.lora_A["default"].weight.detach()
+    )
     assert float(peft_A.abs().max()) <= bound and float(peft_A.abs().max()) > 0.99 * bound
 
 
@@ -63,9 +65,11 @@ def test_both_key_formats_draw_the_same_A():
     """FederatedScope keys (``…lora_A.default.weight``) and peft's (``…lora_A.weight``) seed alike."""
     gen = torch.Generator().manual_seed(0)
     fs_template = make_client(
-        {f"base_model.model.{m}": 8 for m in SHAPES}, {f"base_model.model.{m}": s for m, s in SHAPES.items()},
-        gen=gen, adapter="default",
-    )  # fmt: skip
+        {f"base_model.model.{m}": 8 for m in SHAPES},
+        {f"base_model.model.{m}": s for m, s in SHAPES.items()},
+        gen=gen,
+        adapter="default",
+    )
     fs = initial_update(module_infos_of(fs_template), MAPS[:2], seed=5).project(16, lora_alpha=16.0)
     flower = initial_update(module_infos(SHAPES), MAPS[:2], seed=5).project(16, lora_alpha=16.0)
     assert set(fs) == {k.replace(".weight", ".default.weight") for k in flower}

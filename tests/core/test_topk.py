@@ -24,7 +24,11 @@ def _delta(gen, shape, terms=40, rank=16):
     out = torch.zeros(shape, dtype=torch.float64)
     for j in range(terms):
         w = (j + 1) ** -1.5
-        out += w * torch.randn(d_out, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, d_in, generator=gen, dtype=torch.float64)
+        out += (
+            w
+            * torch.randn(d_out, rank, generator=gen, dtype=torch.float64)
+            @ torch.randn(rank, d_in, generator=gen, dtype=torch.float64)
+        )
     return out
 
 
@@ -218,8 +222,9 @@ def test_an_exclusion_discards_what_was_computed_while_staging(gen, monkeypatch)
     states[3] = {k: v * 1e4 for k, v in states[3].items()}  # above max_norm: excluded after staging
     count = _Count(monkeypatch)
     with pytest.warns(FlexLoRAWarning):
-        update = aggregate(states, weights, lora_alpha=16, max_rank=24, max_norm=1e6, on_invalid="exclude", device="cpu",
-                           stack_on_device=True)  # fmt: skip
+        update = aggregate(
+            states, weights, lora_alpha=16, max_rank=24, max_norm=1e6, on_invalid="exclude", device="cpu", stack_on_device=True
+        )
     assert set(update.excluded) == {3} and update._spectra == {}  # the speculative spectra counted client 3
     kept = [s for j, s in enumerate(states) if j != 3]
     proj = update.project(24, lora_alpha=16)
@@ -261,8 +266,9 @@ def test_float64_compute_stays_float64_exact_through_aggregate(gen, monkeypatch)
     states = _big_states(gen)
     weights = [float(j + 1) for j in range(len(states))]
     count = _Count(monkeypatch)
-    update = aggregate(states, weights, lora_alpha=16, max_rank=24, compute_dtype=torch.float64, device="cpu",
-                       stack_on_device=True)  # fmt: skip
+    update = aggregate(
+        states, weights, lora_alpha=16, max_rank=24, compute_dtype=torch.float64, device="cpu", stack_on_device=True
+    )
     assert count.solved == [(24, True)] * len(BIG)
     proj = update.project(24, lora_alpha=16, dtype=torch.float64)
     for m in BIG:

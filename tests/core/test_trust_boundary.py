@@ -76,19 +76,26 @@ def test_a_client_with_other_shapes_arriving_first_cannot_win(gen):
     odd = make_client(dict.fromkeys(odd_shapes, 4), odd_shapes, gen=gen)
     with pytest.raises(ShapeMismatchError, match=r"differs from \(12, 10\) of the server's model"):
         aggregate({"odd": odd, "good": _good(gen)}, {"odd": 1, "good": 1}, lora_alpha=8, expected_shapes=SHAPES)
-    fed = Federation(FlexLoRAConfig(profile="homo", lora_alpha=8), module_infos({m[len("base_model.model."):]: s for m, s in SHAPES.items()}))
+    fed = Federation(
+        FlexLoRAConfig(profile="homo", lora_alpha=8), module_infos({m[len("base_model.model.") :]: s for m, s in SHAPES.items()})
+    )
     for client in ("odd", "good", "good2", "extra"):
         fed.assign_ranks(client, dict.fromkeys(SHAPES, 4))
     result = fed.aggregate({"odd": Reply(odd, 1), "good": Reply(_good(gen), 1), "good2": Reply(_good(gen), 1)})
     assert result.kept == ["good", "good2"] and "of the server's model" in result.excluded["odd"]
-    extra = {**_good(gen), "base_model.model.l0.k_proj.lora_A.weight": torch.zeros(4, 10),
-             "base_model.model.l0.k_proj.lora_B.weight": torch.zeros(12, 4)}  # fmt: skip
+    extra = {
+        **_good(gen),
+        "base_model.model.l0.k_proj.lora_A.weight": torch.zeros(4, 10),
+        "base_model.model.l0.k_proj.lora_B.weight": torch.zeros(12, 4),
+    }
     result = fed.aggregate({"extra": Reply(extra, 1), "good": Reply(_good(gen), 1)})
     assert "module base_model.model.l0.k_proj is not adapted in this federation" in result.excluded["extra"]
 
 
 def test_federation_keeps_the_previous_update_when_every_reply_is_hostile(gen):
-    fed = Federation(FlexLoRAConfig(profile="homo", lora_alpha=8), module_infos({m[len("base_model.model."):]: s for m, s in SHAPES.items()}))
+    fed = Federation(
+        FlexLoRAConfig(profile="homo", lora_alpha=8), module_infos({m[len("base_model.model.") :]: s for m, s in SHAPES.items()})
+    )
     fed.assign_ranks("a", dict.fromkeys(SHAPES, 4))
     fed.aggregate({"a": Reply(_good(gen), 1)})
     before = fed.global_update
@@ -98,7 +105,9 @@ def test_federation_keeps_the_previous_update_when_every_reply_is_hostile(gen):
 
 
 def test_a_reply_that_is_not_a_state_dict_is_excluded_not_a_crash(gen):
-    fed = Federation(FlexLoRAConfig(profile="homo", lora_alpha=8), module_infos({m[len("base_model.model."):]: s for m, s in SHAPES.items()}))
+    fed = Federation(
+        FlexLoRAConfig(profile="homo", lora_alpha=8), module_infos({m[len("base_model.model.") :]: s for m, s in SHAPES.items()})
+    )
     for client in ("junk", "list", "good"):
         fed.assign_ranks(client, dict.fromkeys(SHAPES, 4))
     junk = {"base_model.model.l0.q_proj.lora_A.weight": "not a tensor"}

@@ -30,10 +30,19 @@ def rank_table(tmp_path: Path) -> Path:
 def tiny_opts(tiny_model: Path, tmp_path: Path, rank_table: Path) -> list[str]:
     """Overrides making yaml_configs/tiny_cpu.yaml hermetic (tmp outdir, test-built model)."""
     return [
-        "model.type", f"{tiny_model}@huggingface_llm", "outdir", str(tmp_path / "exp"),
-        "data.root", str(NI_DATA), "flexlora.rank_table", str(rank_table),
-        "federate.save_to", "", "flexlora.max_examples", "6",
-    ]  # fmt: skip
+        "model.type",
+        f"{tiny_model}@huggingface_llm",
+        "outdir",
+        str(tmp_path / "exp"),
+        "data.root",
+        str(NI_DATA),
+        "flexlora.rank_table",
+        str(rank_table),
+        "federate.save_to",
+        "",
+        "flexlora.max_examples",
+        "6",
+    ]
 
 
 @pytest.fixture

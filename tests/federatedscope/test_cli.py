@@ -50,7 +50,14 @@ def test_a_hub_model_name_is_a_note_not_an_error():
 
 
 def test_the_console_script_exits_2_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flexlora_plugin.federatedscope.cli", "--cfg", TINY, "federate.total_round_num", "0"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexlora_plugin.federatedscope.cli", "--cfg", TINY, "federate.total_round_num", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     lines = [x for x in proc.stderr.splitlines() if x.startswith("flexlora-fs")]
-    assert proc.returncode == 2 and lines == ["flexlora-fs: error: federate.total_round_num must be >= 1, got 0"], proc.stderr[-2000:]
+    assert proc.returncode == 2 and lines == ["flexlora-fs: error: federate.total_round_num must be >= 1, got 0"], proc.stderr[
+        -2000:
+    ]

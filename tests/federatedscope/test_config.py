@@ -72,8 +72,10 @@ def test_a_stock_yaml_without_target_modules_gets_peft_defaults(tiny_model: Path
     from flexlora_plugin.federatedscope.config import adapter_args, settings_from_cfg
 
     args = "[{'adapter_package': 'peft', 'adapter_method': 'lora', 'r': 8, 'lora_alpha': 16}]"
-    cfg = _cfg(YAMLS / "tiny_cpu.yaml", ["model.type", f"{tiny_model}@huggingface_llm", "llm.adapter.args", args,
-                                         "outdir", str(tmp_path)])  # fmt: skip
+    cfg = _cfg(
+        YAMLS / "tiny_cpu.yaml",
+        ["model.type", f"{tiny_model}@huggingface_llm", "llm.adapter.args", args, "outdir", str(tmp_path)],
+    )
     assert adapter_args(cfg)["target_modules"] == DEFAULTS["llama"]
     assert settings_from_cfg(cfg).targets == tuple(DEFAULTS["llama"])
     with pytest.raises(ValueError, match="cannot be read to pick peft's defaults"):

@@ -29,8 +29,9 @@ def test_rank_table_entries(tmp_path: Path) -> None:
     path.write_text("1: 4\n2: r8\n3: {q_proj: 2, v_proj: 6}\ndefault: 16\n")
     table, default = config.load_rank_table(path, ["q_proj", "v_proj"])
     assert table == {1: {"q_proj": 4, "v_proj": 4}, 2: "r8", 3: {"q_proj": 2, "v_proj": 6}}
-    sampler = config.to_core_config(FLEX, method="flexlora", lora_alpha=16, table=table, default=default, rank=8,
-                                    targets=["q_proj", "v_proj"]).sampler()  # fmt: skip
+    sampler = config.to_core_config(
+        FLEX, method="flexlora", lora_alpha=16, table=table, default=default, rank=8, targets=["q_proj", "v_proj"]
+    ).sampler()
     assert set(sample_ranks(sampler, 3, 0, shapes=SHAPES).values()) == {2, 6}
     assert set(sample_ranks(sampler, 9, 0, shapes=SHAPES).values()) == {16}  # default
     assert set(sample_ranks(sampler, 2, 0, shapes=SHAPES).values()) == {8}

@@ -24,9 +24,17 @@ TIMEOUT = 240
 
 def _common(tiny_model: Path, tmp_path: Path, rank_table: Path) -> list[str]:
     return [
-        "model.type", f"{tiny_model}@huggingface_llm", "outdir", str(tmp_path / "exp"), "data.root", str(NI_DATA),
-        "flexlora.rank_table", str(rank_table), "flexlora.max_examples", "4",
-    ]  # fmt: skip
+        "model.type",
+        f"{tiny_model}@huggingface_llm",
+        "outdir",
+        str(tmp_path / "exp"),
+        "data.root",
+        str(NI_DATA),
+        "flexlora.rank_table",
+        str(rank_table),
+        "flexlora.max_examples",
+        "4",
+    ]
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -36,8 +44,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=30)
 
 
-def _distributed(tiny_model: Path, tmp_path: Path, rank_table: Path, client_modules: dict[int, str],
-                 env: dict[str, str] | None = None) -> tuple[list[int], str]:  # fmt: skip
+def _distributed(
+    tiny_model: Path, tmp_path: Path, rank_table: Path, client_modules: dict[int, str], env: dict[str, str] | None = None
+) -> tuple[list[int], str]:
     """Run a server and one client per entry (``python -m <module>``) over loopback gRPC; return exit codes and the server log."""
     sport = free_port()
     common = [*_common(tiny_model, tmp_path, rank_table), "distribute.server_port", str(sport), "federate.save_to", ""]
@@ -47,14 +56,29 @@ def _distributed(tiny_model: Path, tmp_path: Path, rank_table: Path, client_modu
     run_env = {**os.environ, **(env or {})}
     try:
         cli = [sys.executable, "-m", "flexlora_plugin.federatedscope.cli"]
-        procs.append(subprocess.Popen([*cli, "--cfg", str(YAMLS / "distributed_server.yaml"), *common], cwd=REPO, env=run_env,
-                                      stdout=logs["server"], stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [*cli, "--cfg", str(YAMLS / "distributed_server.yaml"), *common],
+                cwd=REPO,
+                env=run_env,
+                stdout=logs["server"],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         time.sleep(5)
         for i, module in client_modules.items():
             opts = [*common, "distribute.data_idx", str(i), "distribute.client_port", str(free_port()), "expname", f"c{i}"]
-            procs.append(subprocess.Popen([sys.executable, "-m", module, "--cfg", str(YAMLS / "distributed_client.yaml"), *opts],
-                                          cwd=REPO, env=run_env, stdout=logs[f"client{i}"], stderr=subprocess.STDOUT,
-                                          start_new_session=True))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", module, "--cfg", str(YAMLS / "distributed_client.yaml"), *opts],
+                    cwd=REPO,
+                    env=run_env,
+                    stdout=logs[f"client{i}"],
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + TIMEOUT
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -87,8 +111,9 @@ def test_distributed_pickled_reply_is_refused_not_executed(tiny_model: Path, tmp
     """A client replying in FS's base64-pickle encoding, one tensor a pickle that runs code: the
     server excludes it every round with the reason, finishes with the honest client, runs nothing."""
     marker = tmp_path / "pwned"
-    codes, server_log = _distributed(tiny_model, tmp_path, rank_table, {1: CLI, 2: "tests.federatedscope.rogue_client"},
-                                     env={"ROGUE_MARKER": str(marker)})  # fmt: skip
+    codes, server_log = _distributed(
+        tiny_model, tmp_path, rank_table, {1: CLI, 2: "tests.federatedscope.rogue_client"}, env={"ROGUE_MARKER": str(marker)}
+    )
     assert codes == [0, 0, 0], server_log[-3000:]
     assert not marker.exists()
     rogue_log = (tmp_path / "client2.log").read_text()
@@ -104,9 +129,23 @@ def _run(cmd: list[str], tmp_path: Path, env: dict[str, str] | None = None, cwd:
 
 
 def test_flexlora_fs_command(tiny_model: Path, tmp_path: Path, rank_table: Path) -> None:
-    out = _run([sys.executable, "-m", "flexlora_plugin.federatedscope.cli", "--cfg", str(YAMLS / "tiny_cpu.yaml"),
-                *_common(tiny_model, tmp_path, rank_table), "federate.total_round_num", "1", "federate.save_to", "",
-                "flexlora.save_adapter", str(tmp_path / "adapter")], tmp_path)  # fmt: skip
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "flexlora_plugin.federatedscope.cli",
+            "--cfg",
+            str(YAMLS / "tiny_cpu.yaml"),
+            *_common(tiny_model, tmp_path, rank_table),
+            "federate.total_round_num",
+            "1",
+            "federate.save_to",
+            "",
+            "flexlora.save_adapter",
+            str(tmp_path / "adapter"),
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FlexLoRA round 0: aggregated 3/3 clients" in out.stderr
     from peft import PeftModel
@@ -130,9 +169,27 @@ def test_shim_activates_plain_main_py(tiny_model: Path, tmp_path: Path, rank_tab
     assert which.stdout.strip().startswith(str(fs_copy)), which.stdout
     # as FS users run it: from FederatedScope's root, the yaml by absolute path; its data.root and
     # rank_table are relative to the yaml's folder
-    out = _run([sys.executable, "federatedscope/main.py", "--cfg", str(YAMLS / "tiny_cpu.yaml"),
-                "model.type", f"{tiny_model}@huggingface_llm", "outdir", str(tmp_path / "exp"), "flexlora.max_examples", "4",
-                "federate.total_round_num", "1", "federate.save_to", ""], tmp_path, env, cwd=copy_root)  # fmt: skip
+    out = _run(
+        [
+            sys.executable,
+            "federatedscope/main.py",
+            "--cfg",
+            str(YAMLS / "tiny_cpu.yaml"),
+            "model.type",
+            f"{tiny_model}@huggingface_llm",
+            "outdir",
+            str(tmp_path / "exp"),
+            "flexlora.max_examples",
+            "4",
+            "federate.total_round_num",
+            "1",
+            "federate.save_to",
+            "",
+        ],
+        tmp_path,
+        env,
+        cwd=copy_root,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FlexLoRA round 0: aggregated 3/3 clients" in out.stderr
     assert f"data.root: ../../shared/data/natural_instructions -> {NI_DATA.resolve()}" in out.stderr

@@ -210,8 +210,9 @@ def test_round1_every_client_starts_from_the_common_adapter(run_fs: Any, tiny_op
     rec = Recorder()
     runner = run_fs([*tiny_opts, "federate.method", method, "federate.total_round_num", "1"], patch=rec)
     server = runner.server
-    want = initial_update(module_infos_of(server.models[0].state_dict()), [server.rank_map(c) for c in (1, 2, 3)],
-                          seed=server.flex.core.seed)  # fmt: skip
+    want = initial_update(
+        module_infos_of(server.models[0].state_dict()), [server.rank_map(c) for c in (1, 2, 3)], seed=server.flex.core.seed
+    )
     for cid, r in {1: 4, 2: 8, 3: 16}.items():
         loaded = rec.loaded[cid][0]
         expected = want.project(server.rank_map(cid), lora_alpha=ALPHA)

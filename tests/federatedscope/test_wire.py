@@ -78,7 +78,10 @@ def test_fs_pickled_tensors_are_refused_and_never_executed(tmp_path):
     "content, match",
     [
         ({"__flexlora_safetensors__": "flexlora-safetensors-v1:!!!"}, "not valid base64"),
-        ({"__flexlora_safetensors__": "flexlora-safetensors-v1:" + base64.b64encode(b"garbage").decode()}, "not a valid safetensors"),
+        (
+            {"__flexlora_safetensors__": "flexlora-safetensors-v1:" + base64.b64encode(b"garbage").decode()},
+            "not a valid safetensors",
+        ),
         ({"__flexlora_safetensors__": "no marker"}, "malformed flexlora payload"),
         ({"__flexlora_safetensors__": wire.MARKER, "extra": 1}, "malformed flexlora payload"),
         ({"m.lora_A.weight": [[1.0, 2.0]]}, "not tensors, e.g. 'm.lora_A.weight': list"),

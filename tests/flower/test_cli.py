@@ -40,13 +40,22 @@ SMALL = "local-steps=1 batch-size=2 max-train-examples=4"
         (["--clients-per-round", "9"], "--clients-per-round 9 exceeds the 8 partitions"),
         (["--run-config", "resume=true"], "resume=true but"),
         (["--profile", "{oops"], "profile looks like a JSON rank table but is not JSON"),
-        pytest.param(["--gpus-per-client", "0.25"], "reserves GPU shares, but torch sees no CUDA device",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
-        pytest.param(["--run-config", "device='cuda'"], "use device='auto' or 'cpu' here",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+        pytest.param(
+            ["--gpus-per-client", "0.25"],
+            "reserves GPU shares, but torch sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
+        pytest.param(
+            ["--run-config", "device='cuda'"],
+            "use device='auto' or 'cpu' here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
         (["--run-config", "server-device='gpu'"], "server_device: device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
-        pytest.param(["--run-config", "server-device='cuda'"], "use server-device='auto' or 'cpu' here",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+        pytest.param(
+            ["--run-config", "server-device='cuda'"],
+            "use server-device='auto' or 'cpu' here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
     ],
 )
 def test_bad_options_fail_before_anything_starts(argv, message, tmp_path, capsys):
@@ -58,8 +67,13 @@ def test_bad_options_fail_before_anything_starts(argv, message, tmp_path, capsys
 
 
 def test_bad_option_from_a_fresh_shell_exits_2_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flexlora_plugin.flower.run", "--profile", "heavy_tail_x"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexlora_plugin.flower.run", "--profile", "heavy_tail_x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "heavy_tail_x" in proc.stderr and "aliases {'heavy_tail': 'heavy_tail_light'" in proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -68,8 +82,9 @@ def test_bad_option_from_a_fresh_shell_exits_2_in_one_line(tmp_path):
 def test_no_app_folder_is_one_line_naming_the_fix(tmp_path):
     """A package installed without its repository has no flower_app/: say so, and how to point at one."""
     env = {**os.environ, "FLEXLORA_APP_DIR": str(tmp_path / "nowhere")}
-    proc = subprocess.run([sys.executable, "-m", "flexlora_plugin.flower.run"], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexlora_plugin.flower.run"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"no Flower App at {tmp_path / 'nowhere'}" in proc.stderr and "FLEXLORA_APP_DIR" in proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -120,8 +135,18 @@ def test_quiet_keeps_ours_and_every_error(line):
 @pytest.mark.slow
 def test_a_run_says_what_ran_and_where_its_results_are(tmp_path, tiny_model, data_path, capsys):
     out = tmp_path / "run"
-    argv = ["--num-rounds", "1", "--num-supernodes", "2", "--clients-per-round", "2", "--output-dir", str(out),
-            "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"]  # fmt: skip
+    argv = [
+        "--num-rounds",
+        "1",
+        "--num-supernodes",
+        "2",
+        "--clients-per-round",
+        "2",
+        "--output-dir",
+        str(out),
+        "--run-config",
+        f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     head = text.splitlines()[:7]
@@ -143,9 +168,19 @@ def test_a_run_says_what_ran_and_where_its_results_are(tmp_path, tiny_model, dat
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_failed_run_removes_what_it_created_unless_asked(keep, tmp_path, tiny_model, data_path, capsys):
     out = tmp_path / "run"
-    argv = ["--num-rounds", "1", "--num-supernodes", "2", "--output-dir", str(out), "--timeout", "2",
-            "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'",
-            *(["--keep-failed"] if keep else [])]  # fmt: skip
+    argv = [
+        "--num-rounds",
+        "1",
+        "--num-supernodes",
+        "2",
+        "--output-dir",
+        str(out),
+        "--timeout",
+        "2",
+        "--run-config",
+        f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'",
+        *(["--keep-failed"] if keep else []),
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "the run failed (timeout)" in err
@@ -158,8 +193,18 @@ def test_a_failed_run_in_a_folder_the_user_made_is_kept(tmp_path, tiny_model, da
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    argv = ["--num-rounds", "1", "--num-supernodes", "2", "--output-dir", str(out), "--timeout", "2",
-            "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"]  # fmt: skip
+    argv = [
+        "--num-rounds",
+        "1",
+        "--num-supernodes",
+        "2",
+        "--output-dir",
+        str(out),
+        "--timeout",
+        "2",
+        "--run-config",
+        f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'",
+    ]
     assert main(argv) == 1
     assert (out / "notes.txt").read_text() == "mine" and f"kept {out}" in capsys.readouterr().err
 
@@ -196,8 +241,19 @@ def _pids_with_env(entry: str) -> list[int]:
 def test_sigterm_stops_every_process_it_started_and_keeps_the_run(tmp_path, tiny_model, data_path):
     """SIGTERM mid-run: exit 143, the SuperLink, SuperExec and Ray workers of this run are gone, the folder and log stay."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "flexlora_plugin.flower.run", "--num-rounds", "20", "--num-supernodes", "2",
-           "--output-dir", str(out), "--run-config", f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flexlora_plugin.flower.run",
+        "--num-rounds",
+        "20",
+        "--num-supernodes",
+        "2",
+        "--output-dir",
+        str(out),
+        "--run-config",
+        f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = out / "flwr_run.log"
     deadline = time.monotonic() + 240

@@ -28,8 +28,17 @@ def _settings(task, tiny_model, data_path, tmp_path, **overrides):
     import tomllib
 
     config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config.update({"model-path": str(tiny_model), "data-path": str(data_path), "output-dir": str(tmp_path),
-                   "local-steps": 3, "batch-size": 2, "max-train-examples": 8, "lr": 0.01})  # fmt: skip
+    config.update(
+        {
+            "model-path": str(tiny_model),
+            "data-path": str(data_path),
+            "output-dir": str(tmp_path),
+            "local-steps": 3,
+            "batch-size": 2,
+            "max-train-examples": 8,
+            "lr": 0.01,
+        }
+    )
     settings = task.Settings.from_context(config, run_id=0)
     return replace(settings, **overrides)
 
@@ -116,9 +125,17 @@ def test_the_client_takes_the_servers_rank_map_after_the_core_checks_it(task, ti
     shapes = task.client_model(settings)[0].shapes
     sent = {m: 2 for m in shapes}
     assert received_rank_map(settings, ConfigRecord({RANK_MAP: json.dumps(sent)}), 0) == sent
-    assert received_rank_map(settings, ConfigRecord({RANK_MAP: json.dumps({"q_proj": 3, "k_proj": 3, "v_proj": 3, "o_proj": 3,
-                                                                           "gate_proj": 3, "up_proj": 3, "down_proj": 3})}),
-                             0) == dict.fromkeys(shapes, 3)  # fmt: skip
+    assert received_rank_map(
+        settings,
+        ConfigRecord(
+            {
+                RANK_MAP: json.dumps(
+                    {"q_proj": 3, "k_proj": 3, "v_proj": 3, "o_proj": 3, "gate_proj": 3, "up_proj": 3, "down_proj": 3}
+                )
+            }
+        ),
+        0,
+    ) == dict.fromkeys(shapes, 3)
     first = next(iter(shapes))
     with pytest.raises(RankError, match=f"client 0, module {first}"):
         received_rank_map(settings, ConfigRecord({RANK_MAP: json.dumps({**sent, first: 10**9})}), 0)

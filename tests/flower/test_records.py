@@ -143,15 +143,31 @@ def test_fuzz_the_reply_parser_then_the_core():
     from flexlora_plugin.core import FlexLoRAError, aggregate
 
     shapes = {"m.q_proj": (6, 4)}
-    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16, torch.int64, torch.bool,
-              torch.uint8]  # fmt: skip
+    dtypes = [
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.int16,
+        torch.int64,
+        torch.bool,
+        torch.uint8,
+    ]
     keys = st.sampled_from(["m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight", "m.q_proj.weight", "x", ""])
-    arrays = st.dictionaries(keys, st.tuples(st.sampled_from(dtypes), st.lists(st.integers(0, 7), min_size=0, max_size=3)),
-                             max_size=3)  # fmt: skip
+    arrays = st.dictionaries(
+        keys, st.tuples(st.sampled_from(dtypes), st.lists(st.integers(0, 7), min_size=0, max_size=3)), max_size=3
+    )
     notes = st.one_of(
-        st.none(), st.text(max_size=12), st.just("[]"), st.just("5"), st.just("null"),
-        st.dictionaries(keys, st.sampled_from(["bfloat16", "float16", "load", "int16", "", "float32"]), max_size=2).map(json.dumps),
-    )  # fmt: skip
+        st.none(),
+        st.text(max_size=12),
+        st.just("[]"),
+        st.just("5"),
+        st.just("null"),
+        st.dictionaries(keys, st.sampled_from(["bfloat16", "float16", "load", "int16", "", "float32"]), max_size=2).map(
+            json.dumps
+        ),
+    )
 
     @settings(max_examples=150, deadline=None)
     @given(spec=arrays, note=notes)
@@ -171,8 +187,13 @@ def test_fuzz_the_reply_parser_then_the_core():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                update = aggregate({"fuzz": parsed, "good": good}, {"fuzz": 1.0, "good": 1.0}, lora_alpha=4.0,
-                                   on_invalid="exclude", expected_shapes=shapes)  # fmt: skip
+                update = aggregate(
+                    {"fuzz": parsed, "good": good},
+                    {"fuzz": 1.0, "good": 1.0},
+                    lora_alpha=4.0,
+                    on_invalid="exclude",
+                    expected_shapes=shapes,
+                )
             except FlexLoRAError:
                 raise AssertionError("the good client was lost") from None
         assert "good" in update.clients and set(update.clients) | set(update.excluded) == {"fuzz", "good"}
@@ -209,8 +230,9 @@ def _train_reply(msg, damage=None):
 
     arrays, note = state_to_record({"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)})
     if damage is not None:
-        arrays["m.lora_B.weight"] = Array(dtype="float32", shape=(4, 2), stype="numpy.ndarray",
-                                          data=damage(arrays["m.lora_B.weight"].data))  # fmt: skip
+        arrays["m.lora_B.weight"] = Array(
+            dtype="float32", shape=(4, 2), stype="numpy.ndarray", data=damage(arrays["m.lora_B.weight"].data)
+        )
     return Message(RecordDict({ARRAYS: arrays, CONFIG: note, METRICS: MetricRecord({NUM_EXAMPLES: 5})}), reply_to=msg)
 
 

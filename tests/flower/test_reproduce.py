@@ -68,8 +68,19 @@ def test_each_run_records_what_the_issue_asks(smoke):
 
 
 def test_finished_runs_are_skipped(smoke, tiny_model):
-    out = _run("--profile", "smoke", "--model", str(tiny_model), "--work", str(smoke.parent), "--distributions", "uniform",
-               "--only", "zero-shot,fedavg-r8,flexlora-uniform,hetlora-uniform", timeout=120)  # fmt: skip
+    out = _run(
+        "--profile",
+        "smoke",
+        "--model",
+        str(tiny_model),
+        "--work",
+        str(smoke.parent),
+        "--distributions",
+        "uniform",
+        "--only",
+        "zero-shot,fedavg-r8,flexlora-uniform,hetlora-uniform",
+        timeout=120,
+    )
     assert out.count("done already") == 4
 
 
@@ -78,8 +89,12 @@ def test_report_tables_and_plots(smoke):
     text = (smoke / "results.md").read_text()
     for name in ("zero-shot", "fedavg-r8", "flexlora-uniform", "hetlora-uniform"):
         assert f"| {name} |" in text
-    for a, b in [("flexlora-uniform", "hetlora-uniform"), ("flexlora-uniform", "fedavg-r8"), ("hetlora-uniform", "fedavg-r8"),
-                 ("fedavg-r8", "zero-shot")]:  # fmt: skip
+    for a, b in [
+        ("flexlora-uniform", "hetlora-uniform"),
+        ("flexlora-uniform", "fedavg-r8"),
+        ("hetlora-uniform", "fedavg-r8"),
+        ("fedavg-r8", "zero-shot"),
+    ]:
         assert f"| {a} | {b} | " in text
     assert "## Machine and versions" in text and "## Reading" in text
     assert (smoke / "heldout_per_round.png").stat().st_size > 1000 and (smoke / "rank_histograms.png").stat().st_size > 1000
@@ -91,8 +106,19 @@ def test_report_tables_and_plots(smoke):
 
 def test_evaluate_command_reproduces_the_recorded_score(smoke, data_path):
     rec = json.loads((smoke / "results" / "flexlora-uniform.json").read_text())
-    cmd = [sys.executable, "-m", "flexlora_plugin.evaluate", "--adapter", rec["adapter"], "--data", str(data_path / "heldout_test.json"),
-           "--max-per-task", "1", "--max-new-tokens", str(rec["profile"]["final-max-new-tokens"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flexlora_plugin.evaluate",
+        "--adapter",
+        rec["adapter"],
+        "--data",
+        str(data_path / "heldout_test.json"),
+        "--max-per-task",
+        "1",
+        "--max-new-tokens",
+        str(rec["profile"]["final-max-new-tokens"]),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
@@ -101,8 +127,22 @@ def test_evaluate_command_reproduces_the_recorded_score(smoke, data_path):
 
 
 def test_paper_profile_runs_one_shortened_round(tmp_path, tiny_model, data_path):
-    sets = ["--set", "rounds=1", "--set", "local-steps=1", "--set", "eval-every=1", "--set", "final-max-per-task=1",
-            "--set", "final-max-new-tokens=4", "--set", "max-train-examples=8", "--set", "timeout=900"]  # fmt: skip
+    sets = [
+        "--set",
+        "rounds=1",
+        "--set",
+        "local-steps=1",
+        "--set",
+        "eval-every=1",
+        "--set",
+        "final-max-per-task=1",
+        "--set",
+        "final-max-new-tokens=4",
+        "--set",
+        "max-train-examples=8",
+        "--set",
+        "timeout=900",
+    ]
     _run("--profile", "paper", "--model", str(tiny_model), "--work", str(tmp_path), "--only", "flexlora-heavy_tail_strong", *sets)
     rec = json.loads((tmp_path / "paper" / "results" / "flexlora-heavy_tail_strong.json").read_text())
     assert rec["profile"]["partitions"] == 256 and rec["profile"]["clients-per-round"] == 13
@@ -126,11 +166,33 @@ def _extra_file(data_path: Path, out: Path, tasks: int) -> Path:
 def test_gpu_profile_two_runs_in_parallel_with_an_extra_eval_file(tmp_path, tiny_model, data_path):
     # the gpu profile's settings (bf16 base, gradient checkpointing, max length 512, scoring batches of 32),
     # but on the CPU, with the federation and the scoring shrunk to seconds
-    sets = ["device=cpu", "gpus-per-client=0.0", "rounds=1", "partitions=4", "clients-per-round=2", "local-steps=1",
-            "batch-size=2", "max-train-examples=8", "final-max-per-task=1", "final-max-new-tokens=4", "timeout=600"]
+    sets = [
+        "device=cpu",
+        "gpus-per-client=0.0",
+        "rounds=1",
+        "partitions=4",
+        "clients-per-round=2",
+        "local-steps=1",
+        "batch-size=2",
+        "max-train-examples=8",
+        "final-max-per-task=1",
+        "final-max-new-tokens=4",
+        "timeout=600",
+    ]
     extra = _extra_file(data_path, tmp_path / "extra_heldout.json", tasks=3)
-    base = ["--profile", "gpu", "--model", str(tiny_model), "--work", str(tmp_path / "w"), "--results", str(tmp_path / "res"),
-            "--only", "fedavg-r8,flexlora-uniform", *[a for s in sets for a in ("--set", s)]]
+    base = [
+        "--profile",
+        "gpu",
+        "--model",
+        str(tiny_model),
+        "--work",
+        str(tmp_path / "w"),
+        "--results",
+        str(tmp_path / "res"),
+        "--only",
+        "fedavg-r8,flexlora-uniform",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     out = _run(*base, "--parallel", "2", "--eval-file", str(extra), timeout=600)
     # both runs were running at once, each with its own log
     assert any("running: fedavg-r8" in line and "flexlora-uniform (" in line for line in out.splitlines()), out
@@ -139,7 +201,12 @@ def test_gpu_profile_two_runs_in_parallel_with_an_extra_eval_file(tmp_path, tiny
         assert "held-out Rouge-L" in (tmp_path / "w" / "gpu" / "logs" / f"{name}.log").read_text()
         rec = json.loads((tmp_path / "res" / f"{name}.json").read_text())
         prof = rec["profile"]
-        assert (prof["dtype"], prof["device"], prof["gradient-checkpointing"], prof["max-length"]) == ("bfloat16", "cpu", True, 512)
+        assert (prof["dtype"], prof["device"], prof["gradient-checkpointing"], prof["max-length"]) == (
+            "bfloat16",
+            "cpu",
+            True,
+            512,
+        )
         assert set(rec["command"].split(" --set ")[1:]) == set(sets)
         assert rec["final"]["n_tasks"] == 24 and [r["round"] for r in rec["heldout_per_round"]] == [0, 1]
         scored = rec["extra_eval"]["extra_heldout.json"]
@@ -177,8 +244,13 @@ def test_gpu_profile_two_runs_in_parallel_with_an_extra_eval_file(tmp_path, tiny
     ],
 )
 def test_bad_options_fail_before_any_model_or_run(args, message, tmp_path):
-    out = subprocess.run([sys.executable, SCRIPT, "--work", str(tmp_path / "work"), "--model", "tiny", *args],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, SCRIPT, "--work", str(tmp_path / "work"), "--model", "tiny", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip() == out.stderr.strip().splitlines()[-1] and message in out.stderr, out.stderr
     assert out.stderr.startswith("benchmarks/reproduce.py: error: ") and not (tmp_path / "work").exists()

@@ -39,13 +39,23 @@ def _factors(state):
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, tiny_model, data_path):
     out = tmp_path_factory.mktemp("mixed")
-    held = [{"instruction": "Say yes.", "input": "", "output": "yes", "task_id": "a"},
-            {"instruction": "Copy.", "input": "x y", "output": "x y", "task_id": "b"},
-            {"instruction": "Say no.", "input": "", "output": "no", "task_id": "b"}]  # fmt: skip
+    held = [
+        {"instruction": "Say yes.", "input": "", "output": "yes", "task_id": "a"},
+        {"instruction": "Copy.", "input": "x y", "output": "x y", "task_id": "b"},
+        {"instruction": "Say no.", "input": "", "output": "no", "task_id": "b"},
+    ]
     (out / "held.json").write_text(json.dumps(held))
-    config = {**SMALL, "profile": json.dumps(TABLE), "clients-per-round": 0, "dump-dir": str(out / "dump"),
-              "model-path": str(tiny_model), "data-path": str(data_path), "eval-data": str(out / "held.json"),
-              "eval-max-per-task": 0, "eval-max-new-tokens": 3}  # fmt: skip
+    config = {
+        **SMALL,
+        "profile": json.dumps(TABLE),
+        "clients-per-round": 0,
+        "dump-dir": str(out / "dump"),
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+        "eval-data": str(out / "held.json"),
+        "eval-max-per-task": 0,
+        "eval-max-new-tokens": 3,
+    }
     result = run_simulation(out, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     return result
@@ -134,8 +144,15 @@ def test_round2_factors_are_the_svd_projection_of_round1_delta(mixed_run):
 def test_bfloat16_wire_both_ways(tmp_path, tiny_model, data_path, mixed_run):
     """wire-dtype=bfloat16: the factors travel in bf16 both ways, half of mixed_run's float32 bytes
     every round, and round 2 sends the SVD projection of round 1's bf16 replies up to bf16 rounding."""
-    config = {**SMALL, "profile": json.dumps(TABLE), "clients-per-round": 0, "dump-dir": str(tmp_path / "dump"),
-              "wire-dtype": "bfloat16", "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+    config = {
+        **SMALL,
+        "profile": json.dumps(TABLE),
+        "clients-per-round": 0,
+        "dump-dir": str(tmp_path / "dump"),
+        "wire-dtype": "bfloat16",
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+    }
     result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     dump = tmp_path / "dump"
@@ -205,11 +222,19 @@ def test_metrics_and_final_adapter_load(mixed_run, tiny_model):
 def test_bad_replies_are_excluded_not_fatal(tmp_path, tiny_model, data_path, fault_app):
     """Round 1: three bad replies excluded with their reasons; drop-after-failures=1 then stops
     sampling them, so round 2 trains partition 0 alone."""
-    config = {**SMALL, "profile": json.dumps({"0": 4, "1": 8, "2": 8, "3": 4}), "clients-per-round": 0,
-              "fault-partition": "1,2,3", "fault-kind": "nan,rank,raise", "drop-after-failures": 1,
-              "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
-    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=4, run_config=config, timeout=300, echo=False,
-                            app_dir=fault_app)  # fmt: skip
+    config = {
+        **SMALL,
+        "profile": json.dumps({"0": 4, "1": 8, "2": 8, "3": 4}),
+        "clients-per-round": 0,
+        "fault-partition": "1,2,3",
+        "fault-kind": "nan,rank,raise",
+        "drop-after-failures": 1,
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+    }
+    result = run_simulation(
+        tmp_path, num_rounds=2, num_supernodes=4, run_config=config, timeout=300, echo=False, app_dir=fault_app
+    )
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     row, second = result.metrics["history"]
     assert row["clients-ok"] == 1 and row["excluded-partitions"] == [1, 2, 3] and row["dropped-partitions"] == [1, 2, 3]
@@ -229,8 +254,15 @@ def test_fedavg_round1_common_start_and_exact_average(tmp_path, tiny_model, data
     The reference average is computed here in float64 from the dumped replies.
     """
     table = {"0": 8, "1": 8, "2": 8}
-    config = {**SMALL, "strategy": "fedavg", "profile": json.dumps(table), "clients-per-round": 0,
-              "dump-dir": str(tmp_path / "dump"), "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+    config = {
+        **SMALL,
+        "strategy": "fedavg",
+        "profile": json.dumps(table),
+        "clients-per-round": 0,
+        "dump-dir": str(tmp_path / "dump"),
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+    }
     result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     dump = tmp_path / "dump"
@@ -254,8 +286,14 @@ def test_fedavg_round1_common_start_and_exact_average(tmp_path, tiny_model, data
 
 def test_export_rank_writes_a_truncated_adapter_and_reports_its_error(tmp_path, tiny_model, data_path):
     """export-rank=2: every module of the final adapter at rank 2, its (non-zero) error in metrics.json."""
-    config = {**SMALL, "profile": json.dumps(TABLE), "clients-per-round": 0, "export-rank": 2,
-              "model-path": str(tiny_model), "data-path": str(data_path)}  # fmt: skip
+    config = {
+        **SMALL,
+        "profile": json.dumps(TABLE),
+        "clients-per-round": 0,
+        "export-rank": 2,
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+    }
     result = run_simulation(tmp_path, num_rounds=1, num_supernodes=3, run_config=config, timeout=300, echo=False)
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     assert set(result.metrics["adapter-ranks"].values()) == {2}
