@@ -6,19 +6,10 @@ server-state checkpoints; :class:`FlexLoRAConfig`. Definitions and math: ``docs/
 """
 
 from .adapters import LORA_A, LORA_B, WIRE_DTYPES, LoRAFactors, lora_scaling, resolve_pattern, split_state, state_nbytes, to_wire
-from .aggregation import (
-    ClientUpdate,
-    FlexLoRAUpdate,
-    GlobalUpdate,
-    ModuleInfo,
-    aggregate,
-    list_methods,
-    method_class,
-    register_method,
-)
-from .baselines import FedAvgUpdate, HetLoRAUpdate
+from .aggregation import aggregate
 from .checkpoint import ServerState, load_server_state, save_server_state
 from .config import FlexLoRAConfig, parse_rank_table
+from .engine import AggregateOptions, EngineStats, LowRankSum, Round
 from .errors import (
     FlexLoRAError,
     FlexLoRAWarning,
@@ -32,6 +23,16 @@ from .errors import (
     UnsupportedKeyError,
 )
 from .export import adapter_error, exact_ranks, save_peft_adapter
+from .methods import (
+    FactorsUpdate,
+    FedAvgUpdate,
+    FlexLoRAUpdate,
+    GlobalUpdate,
+    HetLoRAUpdate,
+    list_methods,
+    method_class,
+    register_method,
+)
 from .profiles import (
     Distribution,
     RankSampler,
@@ -54,14 +55,18 @@ from .profiles import (
 )
 from .projection import Spectrum
 from .start import InitialUpdate, common_lora_A, initial_update, module_infos, module_infos_of
+from .validation import ClientUpdate, ModuleInfo
 
 __all__ = [
     "LORA_A",
     "LORA_B",
     "WIRE_DTYPES",
     "METHODS",
+    "AggregateOptions",
     "ClientUpdate",
     "Distribution",
+    "EngineStats",
+    "FactorsUpdate",
     "FedAvgUpdate",
     "FlexLoRAConfig",
     "FlexLoRAError",
@@ -71,6 +76,7 @@ __all__ = [
     "HetLoRAUpdate",
     "InitialUpdate",
     "LoRAFactors",
+    "LowRankSum",
     "MagnitudeError",
     "MissingModuleError",
     "ModuleInfo",
@@ -78,6 +84,7 @@ __all__ = [
     "ProfileError",
     "RankError",
     "RankSampler",
+    "Round",
     "ServerState",
     "ShapeMismatchError",
     "Spectrum",

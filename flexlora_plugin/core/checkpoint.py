@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .aggregation import GlobalUpdate, ModuleInfo, method_class
 from .errors import FlexLoRAError, FlexLoRAWarning
+from .methods import GlobalUpdate, method_class
+from .validation import ModuleInfo
 
 __all__ = ["ServerState", "load_server_state", "save_server_state"]
 

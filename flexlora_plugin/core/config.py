@@ -14,9 +14,9 @@ from typing import Any, Literal
 import torch
 
 from .adapters import WIRE_DTYPES
-from .aggregation import list_methods
 from .client import parse_device
 from .errors import ProfileError
+from .methods import list_methods
 from .profiles import (
     ATTENTION,
     MLP,

@@ -20,7 +20,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from .adapters import lora_scaling, split_state
-from .aggregation import GlobalUpdate
+from .methods import GlobalUpdate
 
 __all__ = ["PEFT_PREFIX", "adapter_error", "exact_ranks", "export_adapter", "save_peft_adapter", "write_peft_adapter"]
 

@@ -35,13 +35,15 @@ from typing import Any
 from torch import Tensor
 
 from .adapters import WIRE_DTYPES, state_nbytes
-from .aggregation import GlobalUpdate, ModuleInfo, aggregate
+from .aggregation import aggregate
 from .checkpoint import load_server_state, save_server_state
 from .client import resolve_device
 from .config import FlexLoRAConfig
 from .errors import FlexLoRAError, FlexLoRAWarning, RankError
+from .methods import GlobalUpdate
 from .profiles import check_rank_map, rank_label, sample_ranks
 from .start import initial_update
+from .validation import ModuleInfo
 
 __all__ = ["Federation", "Reply", "RoundResult"]
 

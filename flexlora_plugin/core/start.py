@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from .adapters import LORA_A, LORA_B, split_state
-from .aggregation import ModuleInfo, register_method
-from .baselines import FactorsUpdate
 from .errors import RankError
 from .export import PEFT_PREFIX, _module_path
+from .methods import FactorsUpdate, register_method
+from .validation import ModuleInfo
 
 __all__ = ["InitialUpdate", "common_lora_A", "initial_update", "module_infos", "module_infos_of"]
 

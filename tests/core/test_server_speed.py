@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from flexlora_plugin.core import aggregate, staging
-from flexlora_plugin.core import aggregation as agg_mod
 from flexlora_plugin.core import terms as terms_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning, MagnitudeError
 from flexlora_plugin.core.projection import Gram, gram_basis
@@ -29,68 +28,47 @@ def _states(gen, dtype=torch.float32):
 
 
 class _Counter:
-    """Counts, per module shape, ΔW formations (TermList.delta, or its Gram from slabs: TermList.gram)
-    and decompositions (dense_spectrum, or gram_basis called by the update)."""
+    """Per module shape, what ``update.stats`` (EngineStats, public) counted: ΔW formations, Grams from
+    slabs, decompositions."""
 
-    def __init__(self, monkeypatch):
-        self.deltas: dict[tuple[int, ...], int] = {}
-        self.slab_grams: dict[tuple[int, ...], int] = {}
-        self.decompositions = 0
-        real_delta, real_gram = TermList.delta, TermList.gram
-        real_dense, real_basis = agg_mod.dense_spectrum, agg_mod.gram_basis
-
-        def delta(terms, dtype, device):
-            self.deltas[terms.shape] = self.deltas.get(terms.shape, 0) + 1
-            return real_delta(terms, dtype, device)
-
-        def gram(terms, dtype, device, **kwargs):
-            self.slab_grams[terms.shape] = self.slab_grams.get(terms.shape, 0) + 1
-            return real_gram(terms, dtype, device, **kwargs)
-
-        def decomposition(real):
-            def counted(*args, **kwargs):
-                self.decompositions += 1
-                return real(*args, **kwargs)
-
-            return counted
-
-        monkeypatch.setattr(TermList, "delta", delta)
-        monkeypatch.setattr(TermList, "gram", gram)
-        monkeypatch.setattr(agg_mod, "dense_spectrum", decomposition(real_dense))
-        monkeypatch.setattr(agg_mod, "gram_basis", decomposition(real_basis))
+    def __init__(self, update):
+        stats, shape = update.stats, {m: update.info[m].shape for m in update.modules}
+        self.deltas = {shape[m]: n for m, n in stats.deltas.items() if n}
+        self.slab_grams = {shape[m]: n for m, n in stats.slab_grams.items() if n}
+        self.decompositions = sum(stats.decompositions.values())
 
 
 @pytest.mark.parametrize("order", [(8, 12, 24), (24, 12, 8), (12, 24, 8)])
 def test_default_call_decomposes_each_module_once_in_any_order(gen, monkeypatch, order):
     states, weights = _states(gen), [3.0, 1.0, 2.0, 5.0]
-    count = _Counter(monkeypatch)
     update = aggregate(states, weights, lora_alpha=16)  # no max_rank, as a user calls it
     for r in order:
         proj = update.project(r, lora_alpha=16)
         for m in SHAPES:
             assert projection_gap(proj, states, weights, m, r) <= 1e-5, (m, r)
+    count = _Counter(update)
     assert count.decompositions == len(SHAPES)
     assert set(count.deltas.values()) == {1}
 
 
 def test_rank_above_every_client_rank_is_served_from_the_kept_basis(gen, monkeypatch):
     states, weights = _states(gen), [1.0, 1.0, 1.0, 1.0]
-    count = _Counter(monkeypatch)
     update = aggregate(states, weights, lora_alpha=16)
     update.project(8, lora_alpha=16)  # decomposes for the largest client rank, 24
     proj = update.project(30, lora_alpha=16)  # above it: a Ritz step on the factors, no new ΔW
     for m in SHAPES:
         assert projection_gap(proj, states, weights, m, 30) <= 1e-5, m
+    count = _Counter(update)
     assert count.decompositions == len(SHAPES) and set(count.deltas.values()) == {1}
 
 
 def test_max_rank_keeps_no_basis_and_recomputes_beyond_it(gen, monkeypatch):
     states, weights = _states(gen), [1.0, 1.0, 1.0, 1.0]
-    count = _Counter(monkeypatch)
     update = aggregate(states, weights, lora_alpha=16, max_rank=8)
     update.project(8, lora_alpha=16)
-    assert update._bases == {}  # the documented trade: less kept, a later larger rank costs a new decomposition
-    proj = update.project(20, lora_alpha=16)
+    assert _Counter(update).decompositions == len(SHAPES)
+    proj = update.project(20, lora_alpha=16)  # the documented trade: no basis kept, so a new decomposition
+    count = _Counter(update)
     assert count.decompositions == 2 * len(SHAPES)
     for m in SHAPES:
         assert projection_gap(proj, states, weights, m, 20) <= 1e-5, m
@@ -99,12 +77,12 @@ def test_max_rank_keeps_no_basis_and_recomputes_beyond_it(gen, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_max_rank_on_the_cpu_never_forms_a_dense_delta(gen, monkeypatch, dtype):
     states, weights = _states(gen, dtype), [3.0, 1.0, 2.0, 5.0]
-    count = _Counter(monkeypatch)
     update = aggregate(states, weights, lora_alpha=16, max_rank=24)  # 24 < 0.4 · 64: the Gram path
     for r in (8, 12, 24):
         proj = update.project(r, lora_alpha=16)
         for m in SHAPES:
             assert projection_gap(proj, states, weights, m, r) <= (1e-5 if dtype == torch.float32 else 1e-2), (m, r)
+    count = _Counter(update)
     assert count.deltas == {} and set(count.slab_grams.values()) == {1}
     assert count.decompositions == len(SHAPES)
     for m in SHAPES:
@@ -161,7 +139,7 @@ def test_stacked_layout_matches_the_client_list(gen, dtype):
     states, weights = _states(gen, dtype), [3.0, 1.0, 2.0, 5.0]
     plain = aggregate(states, weights, lora_alpha=16)
     stacked = aggregate(states, weights, lora_alpha=16, device="cpu", stack_on_device=True)
-    assert type(stacked._terms["l0.q_proj"]).__name__ == "StackedTerms"
+    assert type(stacked.sums["l0.q_proj"].terms).__name__ == "StackedTerms"
     for m in SHAPES:
         ref = ref_delta(states, weights, m, [16.0] * 4)
         assert torch.allclose(stacked.delta(m).double(), ref, atol=1e-5 * float(ref.abs().max()))
@@ -317,7 +295,7 @@ def test_the_top_rank_factor_b_is_the_cached_spectrum_and_survives_a_restore(gen
     small_before = update.project(8, lora_alpha=16)
     top = update.project(24, lora_alpha=16)
     for m in SHAPES:
-        spec = update._spectra[m]
+        spec = update.spectrum(m, 24)
         assert spec.us_scale == 16 / 24 and spec.US is top[f"{m}.lora_B.weight"]  # one tensor, not two
         assert projection_gap(top, states, weights, m, 24) <= 1e-5, m
     update._projections.clear()  # served again from the shared spectrum: a rescaled copy of B

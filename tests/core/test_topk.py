@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from flexlora_plugin.core import aggregate, topk
-from flexlora_plugin.core import aggregation as agg_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning
 from flexlora_plugin.core.projection import gram_of
-from flexlora_plugin.core.terms import StackedTerms
 from flexlora_plugin.core.topk import chunk_length, cutoff_estimate, filter_plan, filtered_spectrum
 from tests.conftest import best_rank_error, make_client, projection_gap
 
@@ -172,44 +170,35 @@ def _big_states(gen, n=8, rank=40):
 
 
 class _Count:
-    def __init__(self, monkeypatch):
-        self.solved, self.deltas = [], 0
-        real_solve, real_delta = agg_mod.filtered_spectrum, StackedTerms.delta
+    """What ``update.stats`` (EngineStats, public) counted: the filtered solves ``(k, certified)`` and the ΔW formed."""
 
-        def solve(gram, k, *args, **kwargs):
-            out = real_solve(gram, k, *args, **kwargs)
-            self.solved.append((k, out is not None))
-            return out
-
-        def delta(terms, dtype, device):
-            self.deltas += 1
-            return real_delta(terms, dtype, device)
-
-        monkeypatch.setattr(agg_mod, "filtered_spectrum", solve)
-        monkeypatch.setattr(StackedTerms, "delta", delta)
+    def __init__(self, update):
+        self.solved = [(k, ok) for _, k, ok in update.stats.solves]
+        self.deltas = sum(update.stats.deltas.values())
 
 
 @pytest.mark.parametrize("max_rank", [None, 24])
 def test_stacked_spectra_are_computed_while_staging_and_exact(gen, monkeypatch, max_rank):
     states = _big_states(gen)
     weights = [float(j + 1) for j in range(len(states))]
-    count = _Count(monkeypatch)
     update = aggregate(states, weights, lora_alpha=16, max_rank=max_rank, device="cpu", stack_on_device=True)
+    count = _Count(update)
     assert count.solved == [(max_rank or 40, True)] * len(BIG)  # one certified solve per module, before any project()
-    assert count.deltas == len(BIG) and set(update._spectra) == set(BIG)
+    assert count.deltas == len(BIG) and set(update.stats.staged) == set(BIG)
     for r in (4, 24) if max_rank else (4, 24, 40):
         proj = update.project(r, lora_alpha=16)
         for m in BIG:
             assert projection_gap(proj, states, weights, m, r) <= 1e-6, (m, r)
+    count = _Count(update)
     assert len(count.solved) == len(BIG) and count.deltas == len(BIG)  # project() added none
 
 
 def test_a_rank_above_the_first_solve_reuses_the_kept_gram(gen, monkeypatch):
     states = _big_states(gen)
     weights = [1.0] * len(states)
-    count = _Count(monkeypatch)
     update = aggregate(states, weights, lora_alpha=16, device="cpu", stack_on_device=True)  # default call: k = 40
     proj = update.project(56, lora_alpha=16)  # above every client rank
+    count = _Count(update)
     assert count.deltas == len(BIG)  # no second ΔW: a solve on the kept Gram, products with the factors
     assert [k for k, _ in count.solved] == [40] * len(BIG) + [56] * len(BIG)
     for m in BIG:
@@ -220,16 +209,16 @@ def test_an_exclusion_discards_what_was_computed_while_staging(gen, monkeypatch)
     states = _big_states(gen)
     weights = [1.0] * len(states)
     states[3] = {k: v * 1e4 for k, v in states[3].items()}  # above max_norm: excluded after staging
-    count = _Count(monkeypatch)
     with pytest.warns(FlexLoRAWarning):
         update = aggregate(
             states, weights, lora_alpha=16, max_rank=24, max_norm=1e6, on_invalid="exclude", device="cpu", stack_on_device=True
         )
-    assert set(update.excluded) == {3} and update._spectra == {}  # the speculative spectra counted client 3
+    assert set(update.excluded) == {3} and len(update.stats.solves) == len(BIG)  # while staging, with client 3
     kept = [s for j, s in enumerate(states) if j != 3]
     proj = update.project(24, lora_alpha=16)
     for m in BIG:
         assert projection_gap(proj, kept, [1.0] * len(kept), m, 24) <= 1e-6, m
+    count = _Count(update)
     assert len(count.solved) == 2 * len(BIG)
 
 
@@ -252,8 +241,8 @@ def test_cuda_stacked_path_is_exact_from_pageable_and_pinned_factors(gen, monkey
     weights = [float(j + 1) for j in range(len(states))]
     if pinned != "none":
         states = [{k: v.pin_memory() if pinned == "all" or "gate_proj" in k else v for k, v in s.items()} for s in states]
-    count = _Count(monkeypatch)
     update = aggregate(states, weights, lora_alpha=16, max_rank=24, device="cuda")
+    count = _Count(update)
     assert sorted(count.solved) == [(24, True)] * len(BIG)  # in the worker threads, while staging
     for r in (4, 24):
         proj = update.project(r, lora_alpha=16)
@@ -265,10 +254,10 @@ def test_cuda_stacked_path_is_exact_from_pageable_and_pinned_factors(gen, monkey
 def test_float64_compute_stays_float64_exact_through_aggregate(gen, monkeypatch):
     states = _big_states(gen)
     weights = [float(j + 1) for j in range(len(states))]
-    count = _Count(monkeypatch)
     update = aggregate(
         states, weights, lora_alpha=16, max_rank=24, compute_dtype=torch.float64, device="cpu", stack_on_device=True
     )
+    count = _Count(update)
     assert count.solved == [(24, True)] * len(BIG)
     proj = update.project(24, lora_alpha=16, dtype=torch.float64)
     for m in BIG:
