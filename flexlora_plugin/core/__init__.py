@@ -8,6 +8,7 @@ server-state checkpoints; :class:`FlexLoRAConfig`. Definitions and math: ``docs/
 from .adapters import LORA_A, LORA_B, WIRE_DTYPES, LoRAFactors, lora_scaling, resolve_pattern, split_state, state_nbytes, to_wire
 from .aggregation import aggregate
 from .checkpoint import ServerState, load_server_state, save_server_state
+from .client import DTYPES, ClientModel, parse_device, proximal_term, resolve_device, resolve_dtype
 from .config import FlexLoRAConfig, parse_rank_table
 from .engine import AggregateOptions, EngineStats, LowRankSum, Round
 from .errors import (
@@ -22,7 +23,8 @@ from .errors import (
     UnsupportedDtypeError,
     UnsupportedKeyError,
 )
-from .export import adapter_error, exact_ranks, save_peft_adapter
+from .export import PEFT_PREFIX, adapter_error, exact_ranks, save_peft_adapter
+from .federation import Federation, Reply, RoundResult
 from .methods import (
     FactorsUpdate,
     FedAvgUpdate,
@@ -33,7 +35,10 @@ from .methods import (
     method_class,
     register_method,
 )
+from .peft_io import adapter_state, check_received, load_adapter_state, lora_config_for, target_shapes
 from .profiles import (
+    ATTENTION,
+    MLP,
     Distribution,
     RankSampler,
     TableSampler,
@@ -54,10 +59,29 @@ from .profiles import (
     sample_ranks,
 )
 from .projection import Spectrum
+from .staging import pinned_empty
 from .start import InitialUpdate, common_lora_A, initial_update, module_infos, module_infos_of
 from .validation import ClientUpdate, ModuleInfo
 
 __all__ = [
+    "ATTENTION",
+    "MLP",
+    "DTYPES",
+    "PEFT_PREFIX",
+    "ClientModel",
+    "Federation",
+    "Reply",
+    "RoundResult",
+    "adapter_state",
+    "check_received",
+    "load_adapter_state",
+    "lora_config_for",
+    "parse_device",
+    "pinned_empty",
+    "proximal_term",
+    "resolve_device",
+    "resolve_dtype",
+    "target_shapes",
     "LORA_A",
     "LORA_B",
     "WIRE_DTYPES",

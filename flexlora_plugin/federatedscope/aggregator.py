@@ -15,8 +15,7 @@ from typing import Any
 
 from federatedscope.core.aggregators import Aggregator
 
-from ..core import GlobalUpdate
-from ..core.federation import Federation, RoundResult
+from ..core import Federation, GlobalUpdate, RoundResult
 
 __all__ = ["FlexLoRAAggregator"]
 

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexlora_plugin.core import FlexLoRAConfig, ProfileError, RankSampler, get_profile
-from flexlora_plugin.core.config import parse_rank_table
-from flexlora_plugin.core.profiles import ATTENTION, MLP
+from flexlora_plugin.core import ATTENTION, MLP, FlexLoRAConfig, ProfileError, RankSampler, get_profile, parse_rank_table
 
 __all__ = [
     "ADAPTER_KEYS",

@@ -21,10 +21,7 @@ from typing import Any
 from federatedscope.llm.trainer.trainer import LLMTrainer
 from torch import Tensor, nn
 
-from ..core import RankError, split_state, to_wire
-from ..core.client import proximal_term
-from ..core.export import PEFT_PREFIX
-from ..core.peft_io import check_received, lora_config_for
+from ..core import PEFT_PREFIX, RankError, check_received, lora_config_for, proximal_term, split_state, to_wire
 from .config import cfg_value
 from .wire import decode_state, encode_state
 

@@ -23,8 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from flexlora_plugin.core.errors import FlexLoRAError
-from flexlora_plugin.core.staging import pinned_empty
+from flexlora_plugin.core import FlexLoRAError, pinned_empty
 
 __all__ = ["MARKER", "PAYLOAD_KEY", "PayloadError", "decode_state", "encode_state", "encoded_nbytes"]
 

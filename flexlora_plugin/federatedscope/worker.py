@@ -37,8 +37,7 @@ from federatedscope.core.message import Message
 from federatedscope.core.workers import Client, Server
 from torch import Tensor
 
-from ..core import FlexLoRAError, module_infos_of, rank_label, sample_ranks, split_state, state_nbytes
-from ..core.federation import Federation, Reply
+from ..core import Federation, FlexLoRAError, Reply, module_infos_of, rank_label, sample_ranks, split_state, state_nbytes
 from .aggregator import FlexLoRAAggregator
 from .config import PluginSettings, flush_notes, settings_from_cfg
 from .trainer import FlexLoRATrainer, current_ranks

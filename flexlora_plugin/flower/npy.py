@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flexlora_plugin.core.staging import pinned_empty
+from flexlora_plugin.core import pinned_empty
 
 __all__ = ["decode_arrays", "read_header"]
 

@@ -631,7 +631,7 @@ def _check_hardware(args: argparse.Namespace, settings: Settings) -> None:
     """Every node of this runner is on this machine: its device must exist here, GPU shares need CUDA."""
     import torch
 
-    from flexlora_plugin.core.client import resolve_device
+    from flexlora_plugin.core import resolve_device
 
     if args.gpus_per_client > 0 and not torch.cuda.is_available():
         raise SettingsError(

@@ -18,8 +18,7 @@ from typing import Any
 
 import tomllib
 
-from flexlora_plugin.core import FlexLoRAConfig
-from flexlora_plugin.core.client import parse_device, resolve_dtype
+from flexlora_plugin.core import FlexLoRAConfig, parse_device, resolve_dtype
 
 __all__ = ["APP_DIR", "DEFAULT_DATA", "Settings", "SettingsError", "app_config"]
 

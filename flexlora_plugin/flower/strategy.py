@@ -22,8 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..core import FlexLoRAConfig, GlobalUpdate, RankError, module_infos, rank_label, state_nbytes
-from ..core.federation import Federation, Reply
+from ..core import Federation, FlexLoRAConfig, GlobalUpdate, RankError, Reply, module_infos, rank_label, state_nbytes
 from .records import (
     ARRAYS,
     CONFIG,

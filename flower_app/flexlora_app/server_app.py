@@ -11,8 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flexlora_app.task import Settings, load_base, route_logs
-from flexlora_plugin.core import RankError
-from flexlora_plugin.core.export import adapter_error
+from flexlora_plugin.core import RankError, adapter_error
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, rank_label
 from flexlora_plugin.tiny import build_tiny_llama

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flexlora_plugin.core import clamp_ranks, lora_type, sample_ranks
-from flexlora_plugin.core.client import ClientModel, proximal_term, resolve_device, resolve_dtype
+from flexlora_plugin.core import ClientModel, clamp_ranks, lora_type, proximal_term, resolve_device, resolve_dtype, sample_ranks
 from flexlora_plugin.data import PaddingCollator, load_client_split, tokenize_examples
 from flexlora_plugin.flower.settings import Settings
 
