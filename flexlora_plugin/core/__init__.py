@@ -5,10 +5,31 @@ Public API: :func:`aggregate` -> :class:`GlobalUpdate` (``modules``, ``delta``, 
 server-state checkpoints; :class:`FlexLoRAConfig`. Definitions and math: ``docs/api.md``.
 """
 
-from .adapters import LORA_A, LORA_B, WIRE_DTYPES, LoRAFactors, lora_scaling, resolve_pattern, split_state, state_nbytes, to_wire
+from .adapters import (
+    LORA_A,
+    LORA_B,
+    WIRE_DTYPES,
+    LoRAFactors,
+    factor_of,
+    lora_scaling,
+    only_factors,
+    resolve_pattern,
+    split_state,
+    state_nbytes,
+    to_wire,
+)
 from .aggregation import aggregate
 from .checkpoint import ServerState, load_server_state, save_server_state
-from .client import DTYPES, ClientModel, parse_device, proximal_term, resolve_device, resolve_dtype
+from .client import (
+    DTYPES,
+    ClientModel,
+    parse_device,
+    proximal_term,
+    received_factors,
+    resolve_device,
+    resolve_dtype,
+    trained_factors,
+)
 from .config import FlexLoRAConfig, parse_rank_table
 from .engine import AggregateOptions, EngineStats, LowRankSum, Round
 from .errors import (
@@ -28,9 +49,11 @@ from .federation import Federation, Reply, RoundResult
 from .methods import (
     FactorsUpdate,
     FedAvgUpdate,
+    FFALoRAUpdate,
     FlexLoRAUpdate,
     GlobalUpdate,
     HetLoRAUpdate,
+    RBLAUpdate,
     list_methods,
     method_class,
     register_method,
@@ -60,10 +83,16 @@ from .profiles import (
 )
 from .projection import Spectrum
 from .staging import pinned_empty
-from .start import InitialUpdate, common_lora_A, initial_update, module_infos, module_infos_of
+from .start import InitialUpdate, common_lora_A, initial_update, module_infos, module_infos_of, with_common_A
 from .validation import ClientUpdate, ModuleInfo
 
 __all__ = [
+    "received_factors",
+    "trained_factors",
+    "FFALoRAUpdate",
+    "factor_of",
+    "only_factors",
+    "with_common_A",
     "ATTENTION",
     "MLP",
     "DTYPES",
@@ -106,6 +135,7 @@ __all__ = [
     "ModuleInfo",
     "NonFiniteUpdateError",
     "ProfileError",
+    "RBLAUpdate",
     "RankError",
     "RankSampler",
     "Round",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -26,6 +26,8 @@ from torch import Tensor
 from .errors import MissingModuleError, RankError, ShapeMismatchError, UnsupportedDtypeError, UnsupportedKeyError
 
 __all__ = [
+    "factor_of",
+    "only_factors",
     "LORA_A",
     "LORA_B",
     "LoRAFactors",
@@ -175,6 +177,17 @@ def _pair(module: str, slot: Mapping[str, tuple[str, Tensor]], client: Hashable)
             f"{min(factors.shape)} for a {factors.shape} weight"
         )
     return factors
+
+
+def factor_of(key: str) -> tuple[str, str] | None:
+    """``(module, "lora_A" | "lora_B")`` of a LoRA factor's state-dict key, None for any other key."""
+    match = _KEY_RE.match(key) if isinstance(key, str) else None
+    return None if match is None else (match["module"], match["factor"])
+
+
+def only_factors(state: Mapping[str, Tensor], factors: Sequence[str]) -> dict[str, Tensor]:
+    """The entries of ``state`` that are LoRA factors of the kinds in ``factors`` (``lora_A``, ``lora_B``)."""
+    return {k: v for k, v in state.items() if (f := factor_of(k)) is not None and f[1] in factors}
 
 
 def resolve_pattern(module: str, mapping: Mapping[str, V]) -> V | None:

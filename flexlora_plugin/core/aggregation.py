@@ -19,11 +19,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .adapters import LoRAFactors
+from .adapters import LORA_A, LoRAFactors
 from .engine import AggregateOptions, EngineStats, LowRankSum, ProgressFn, Round, ieee_float32, trim_heap
 from .errors import NonFiniteUpdateError
 from .methods import GlobalUpdate, list_methods, method_class
 from .staging import Stack, Verdict, device_verdicts, module_verdict, stage, streams
+from .start import with_common_A
 from .terms import StackedTerms
 from .validation import ClientUpdate, ModuleInfo, Ranks, Scaling, apply_value_checks, client_module_infos, collect_clients
 
@@ -137,6 +138,7 @@ def aggregate(
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     stacked = _stack_on(device) if stack_on_device is None else bool(stack_on_device and device is not None)
+    complete = _frozen_A(method, cls.trains, expected_shapes, seed)
     clients, excluded = collect_clients(
         states,
         weights,
@@ -147,6 +149,7 @@ def aggregate(
         on_invalid=on_invalid,
         max_norm=max_norm,
         check_values=not stacked,
+        complete=complete,
     )
     info = client_module_infos(clients, excluded, on_invalid, expected_shapes)
     clients = [c for c in clients if c.client not in excluded]
@@ -187,6 +190,22 @@ def aggregate(
         trim_heap()  # (stacked, the checks ran on the stacks: nothing small to give back, and a trim costs ms)
         rnd = Round(clients, [c.client for c in clients], info, excluded, options, stats=stats)
     return cls.from_round(rnd)
+
+
+def _frozen_A(
+    method: str, trains: tuple[str, ...], shapes: Mapping[str, tuple[int, int]] | None, seed: int
+) -> Callable[[Hashable, Mapping[str, Tensor]], dict[str, Tensor]] | None:
+    """For a method that trains only B: each reply (B only) completed with the common frozen A."""
+    if LORA_A in trains:
+        return None
+    if shapes is None:
+        raise ValueError(f"method {method!r} trains only {list(trains)}: aggregate() needs expected_shapes (the frozen A's d_in)")
+    d_in = {m: int(shape[1]) for m, shape in shapes.items()}
+
+    def complete(client: Hashable, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return with_common_A(state, d_in, seed=seed, client=client)
+
+    return complete
 
 
 def _stack_on(device: torch.device | str | None) -> bool:

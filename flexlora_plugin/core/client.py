@@ -19,10 +19,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapters import LORA_A, factor_of, only_factors
 from .errors import FlexLoRAError
-from .peft_io import adapter_state, load_adapter_state, lora_config_for, target_shapes
+from .methods import method_class
+from .peft_io import adapter_state, check_received, load_adapter_state, lora_config_for, target_shapes
+from .start import with_common_A
 
-__all__ = ["DTYPES", "ClientModel", "parse_device", "proximal_term", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DTYPES",
+    "ClientModel",
+    "parse_device",
+    "proximal_term",
+    "received_factors",
+    "resolve_device",
+    "resolve_dtype",
+    "trained_factors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +119,32 @@ def proximal_term(params: Iterable[tuple[str, Tensor]], anchor: Mapping[str, Ten
     return total / float(p)
 
 
+def received_factors(received: Mapping[str, Tensor], own: Mapping[str, Tensor], *, method: str, seed: int) -> dict[str, Tensor]:
+    """What a client of ``method`` loads: the server's payload, checked, with the factors it does not train added.
+
+    ``received`` must hold exactly the factors ``method`` sends (:attr:`GlobalUpdate.trains`, both
+    or ``lora_B`` alone) at the shapes of ``own`` (the receiving adapter's state, same key format).
+    A factor the method does not train is the common round-1 factor, regenerated from ``seed``
+    (:func:`~flexlora_plugin.core.start.with_common_A`), as the server does with the replies.
+
+    Raises
+    ------
+    MissingModuleError, RankError, UnsupportedKeyError
+        A missing, unexpected or misshaped factor (:func:`~flexlora_plugin.core.peft_io.check_received`).
+    """
+    trains = method_class(method).trains
+    check_received(received, own, factors=trains)
+    if LORA_A in trains:
+        return dict(received)
+    d_in = {found[0]: int(v.shape[1]) for k, v in own.items() if (found := factor_of(k)) is not None and found[1] == LORA_A}
+    return with_common_A(received, d_in, seed=seed, client="server")
+
+
+def trained_factors(state: Mapping[str, Tensor], *, method: str) -> dict[str, Tensor]:
+    """The factors of ``state`` a client of ``method`` trains and sends back."""
+    return only_factors(state, method_class(method).trains)
+
+
 class ClientModel:
     """One frozen base model on one device, with a LoRA adapter per distinct rank map.
 
@@ -121,6 +159,11 @@ class ClientModel:
         Module-name suffixes to adapt (``q_proj`` ...).
     gradient_checkpointing : bool
         Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower.
+    method : str
+        The federation's method: which factors train and travel (:attr:`GlobalUpdate.trains`).
+        (default: "flexlora", both)
+    seed : int
+        The run seed, for the common factors a method freezes. (default: 0)
 
     Examples
     --------
@@ -139,7 +182,11 @@ class ClientModel:
         use_rslora: bool = False,
         lora_dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        method: str = "flexlora",
+        seed: int = 0,
     ) -> None:
+        self.method, self.seed = method, int(seed)
+        self.trains = method_class(method).trains  # an unknown method fails here, before any model work
         self.target_modules = tuple(target_modules)
         self.shapes = target_shapes(base, self.target_modules)  # before peft renames anything
         self.lora_alpha, self.use_rslora, self.lora_dropout = float(lora_alpha), bool(use_rslora), float(lora_dropout)
@@ -199,14 +246,19 @@ class ClientModel:
         name = self._name_for(rank_map)
         self.model.set_adapter(name)
         self.active = name
-        load_adapter_state(self.model, received, adapter_name=name)
+        own = adapter_state(self.model, adapter_name=name)
+        load_adapter_state(self.model, received_factors(received, own, method=self.method, seed=self.seed), adapter_name=name)
+        for pname, param in self.model.named_parameters():  # a factor the method freezes does not train
+            found = factor_of(pname)
+            if found is not None and param.requires_grad and found[1] not in self.trains:
+                param.requires_grad_(False)
         return self.model
 
     def state(self) -> dict[str, Tensor]:
-        """The active adapter's factors in peft's key format, float32, detached, on the CPU."""
+        """The active adapter's trained factors (what travels back) in peft's key format, float32, detached, on the CPU."""
         if self.active is None:
             raise FlexLoRAError("no adapter is active: call activate() first")
-        state = adapter_state(self.model, adapter_name=self.active)
+        state = trained_factors(adapter_state(self.model, adapter_name=self.active), method=self.method)
         return {k: v.to(device="cpu", dtype=torch.float32, copy=True) for k, v in state.items()}
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:

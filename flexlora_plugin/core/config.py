@@ -85,7 +85,7 @@ class FlexLoRAConfig:
 
     method: str = field(
         default="flexlora",
-        metadata={"help": "Aggregation: a registered method (list_methods(): 'flexlora', 'fedavg', 'hetlora')."},
+        metadata={"help": "Aggregation: a registered method (list_methods())."},
     )
     profile: str = field(
         default="homo",
@@ -178,7 +178,8 @@ class FlexLoRAConfig:
             labels = sorted({rank_label(m) for m in maps})
             raise ProfileError(
                 f"method 'fedavg' averages factors of one rank, but {where} gives clients {len(maps)} different rank "
-                f"maps ({', '.join(labels)}); use profile 'homo' (or one rank for every client), or method 'flexlora' / 'hetlora'"
+                f"maps ({', '.join(labels)}); use profile 'homo' (or one rank for every client), or a method for mixed ranks "
+                f"({', '.join(repr(m) for m in list_methods() if m != 'fedavg')})"
             )
 
     @classmethod
@@ -209,7 +210,7 @@ class FlexLoRAConfig:
         ----------
         client_max_rank : int, optional
             The largest rank any client is assigned. It becomes ``max_rank``: flexlora's
-            dense-path triplet count, and hetlora's padded rank unless ``hetlora_max_rank`` is set.
+            dense-path triplet count, rbla's padded rank, and hetlora's unless ``hetlora_max_rank`` is set.
         """
         max_rank = self.hetlora_max_rank if self.method == "hetlora" and self.hetlora_max_rank else client_max_rank
         return {

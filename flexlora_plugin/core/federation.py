@@ -34,13 +34,13 @@ from typing import Any
 
 from torch import Tensor
 
-from .adapters import WIRE_DTYPES, state_nbytes
+from .adapters import WIRE_DTYPES, only_factors, state_nbytes
 from .aggregation import aggregate
 from .checkpoint import load_server_state, save_server_state
 from .client import resolve_device
 from .config import FlexLoRAConfig
 from .errors import FlexLoRAError, FlexLoRAWarning, RankError
-from .methods import GlobalUpdate
+from .methods import GlobalUpdate, method_class
 from .profiles import check_rank_map, rank_label, sample_ranks
 from .start import initial_update
 from .validation import ModuleInfo
@@ -248,13 +248,19 @@ class Federation:
     def factors_for(self, client: Hashable) -> dict[str, Tensor]:
         """``client``'s factors: :attr:`current` projected at its ranks, ``s·B·A`` the best rank-r approximation.
 
-        Returns a private copy (``A: (r, d_in)``, ``B: (d_out, r)`` per module) in the config's
-        ``wire_dtype`` (``auto``: the adapters' own), safe to hand to a transport.
+        Returns a private copy (``A: (r, d_in)``, ``B: (d_out, r)`` per module; only ``B`` for a
+        method that freezes ``A``) in the config's ``wire_dtype`` (``auto``: the adapters' own),
+        safe to hand to a transport.
         """
         cfg = self.config
         wire = WIRE_DTYPES[cfg.wire_dtype]
         projected = self.current.project(self.rank_maps[client], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=wire)
-        return {k: v.clone() for k, v in projected.items()}
+        return {k: v.clone() for k, v in only_factors(projected, self.trains).items()}  # what the method sends
+
+    @property
+    def trains(self) -> tuple[str, ...]:
+        """The factors clients train, receive and send back (the method's :attr:`GlobalUpdate.trains`)."""
+        return method_class(self.config.method).trains
 
     def energy_kept(self, client: Hashable) -> dict[str, float]:
         """Per module, the share of ‖ΔW‖² that ``client``'s projection keeps (1 before any round)."""

@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
-from .adapters import split_state
-from .errors import MissingModuleError, RankError
+from .adapters import LORA_A, LORA_B, factor_of, only_factors, split_state
+from .errors import MissingModuleError, RankError, UnsupportedKeyError
 
 __all__ = ["adapter_state", "check_received", "load_adapter_state", "lora_config_for", "target_shapes"]
 
@@ -66,10 +66,11 @@ def adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, 
     return {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
 
-def check_received(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> None:
+def check_received(state: Mapping[str, Tensor], own: Mapping[str, Tensor], *, factors: Sequence[str] = (LORA_A, LORA_B)) -> None:
     """Check the factors a client receives, in every host.
 
-    LoRA keys only, A/B ranks agreeing, exactly this adapter's keys, each at this adapter's shape.
+    LoRA keys only, A/B ranks agreeing, exactly this adapter's keys of the kinds ``factors`` (what
+    the method sends: both, or ``lora_B`` alone), each at this adapter's shape.
 
     Parameters
     ----------
@@ -87,7 +88,14 @@ def check_received(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> No
     UnsupportedKeyError
         For a key that is not a LoRA factor.
     """
-    split_state(state, client="server")  # rejects non-LoRA keys and A/B rank mismatches
+    if set(factors) >= {LORA_A, LORA_B}:
+        split_state(state, client="server")  # rejects non-LoRA keys and A/B rank mismatches
+    else:
+        for key in state:
+            found = factor_of(key)
+            if found is None or found[1] not in factors:
+                raise UnsupportedKeyError(f"server: key {key!r} is not one of the factors this method sends ({list(factors)})")
+        own = only_factors(own, factors)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise MissingModuleError(

@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-from .adapters import LORA_A, LORA_B, split_state
-from .errors import RankError
+from .adapters import LORA_A, LORA_B, factor_of, split_state
+from .errors import MissingModuleError, RankError, ShapeMismatchError, UnsupportedKeyError
 from .export import PEFT_PREFIX, _module_path
 from .methods import FactorsUpdate, register_method
 from .validation import ModuleInfo
 
-__all__ = ["InitialUpdate", "common_lora_A", "initial_update", "module_infos", "module_infos_of"]
+__all__ = ["InitialUpdate", "common_lora_A", "initial_update", "module_infos", "module_infos_of", "with_common_A"]
 
 
 def common_lora_A(module: str, rank: int, d_in: int, *, seed: int) -> Tensor:
@@ -70,6 +70,45 @@ class InitialUpdate(FactorsUpdate):
                 f"was built), rank {r} was requested"
             )
         return A[:r].to(dtype).cpu(), B[:, :r].to(dtype).cpu()
+
+
+def with_common_A(
+    state: Mapping[str, Tensor], d_in: Mapping[str, int], *, seed: int, client: Hashable = "?"
+) -> dict[str, Tensor]:
+    """``state`` (``lora_B`` factors only) completed with each module's common ``A``: the frozen A of B-only methods.
+
+    For every ``…lora_B….weight : (d_out, r)`` the matching ``lora_A`` key gets
+    ``common_lora_A(module, r, d_in, seed)`` rounded once to B's dtype (the wire dtype), so a
+    client and the server, each completing the same B, hold bit-identical factors.
+
+    Parameters
+    ----------
+    d_in : Mapping[str, int]
+        Module (the key prefix of ``state``) -> ``d_in`` of its weight.
+
+    Raises
+    ------
+    UnsupportedKeyError
+        ``state`` holds a ``lora_A`` factor (the method trains and sends only B) or another key.
+    MissingModuleError
+        A module ``d_in`` does not know.
+    """
+    out: dict[str, Tensor] = {}
+    for key, B in state.items():
+        found = factor_of(key)
+        if found is None or found[1] != LORA_B:
+            what = "a lora_A factor" if found is not None else "not a LoRA factor"
+            raise UnsupportedKeyError(f"client {client}: key {key!r} is {what}; this method trains and sends lora_B only")
+        module = found[0]
+        if module not in d_in:
+            raise MissingModuleError(f"client {client}: module {module} is not adapted in this federation")
+        if not isinstance(B, Tensor) or B.dim() != 2 or not 1 <= B.shape[1] <= d_in[module]:
+            shape = tuple(B.shape) if isinstance(B, Tensor) else type(B).__name__
+            raise ShapeMismatchError(f"client {client}, module {module}: lora_B must be (d_out, r), got {shape}")
+        a_key = key[: key.rindex(LORA_B)] + LORA_A + key[key.rindex(LORA_B) + len(LORA_B) :]
+        out[a_key] = common_lora_A(module, int(B.shape[1]), d_in[module], seed=seed).to(B.dtype)
+        out[key] = B
+    return out
 
 
 def module_infos(

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -76,12 +76,15 @@ def collect_clients(
     on_invalid: Literal["raise", "exclude"],
     max_norm: float | None = None,
     check_values: bool = True,
+    complete: Callable[[Hashable, Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
 ) -> tuple[list[ClientUpdate], dict[Hashable, str]]:
     """Validate every client's state dict; return the usable ones and the excluded ids with reasons.
 
     Weights come back divided by the largest one (the ratios ``p_k`` are unchanged; a sum of
     weights near 1e308 no longer overflows). ``check_values=False`` leaves the NaN/Inf and
     magnitude checks to the caller (:func:`apply_value_checks`, after staging on a device).
+    ``complete(client, state)`` first turns what a client sends into its whole adapter state
+    (e.g. B only plus the frozen common A); whatever it raises is that client's invalid reply.
     """
     if on_invalid not in ("raise", "exclude"):
         raise ValueError(f"on_invalid must be 'raise' or 'exclude', got {on_invalid!r}")
@@ -103,7 +106,8 @@ def collect_clients(
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"client {cid}: weight must be a positive finite number, got {weight!r}")
         try:
-            factors = split_state(state_of[cid], client=cid)  # type: ignore[arg-type]
+            state = complete(cid, state_of[cid]) if complete is not None else state_of[cid]  # type: ignore[arg-type]
+            factors = split_state(state, client=cid)  # type: ignore[arg-type]
             _check_expected(cid, factors, expected_of.get(cid))
             scaled = {m: _client_scaling(cid, m, f.r, lora_alpha, scaling_of.get(cid), use_rslora) for m, f in factors.items()}
         except FlexLoRAError as err:

@@ -3,7 +3,7 @@
 Registered (the only ``register_*`` calls of the plugin, all at the bottom of this module):
 
 * config ``flexlora`` (:func:`~flexlora_plugin.federatedscope.config.extend_flexlora_cfg`);
-* workers for ``federate.method`` ``flexlora`` and ``hetlora``;
+* workers for every ``federate.method`` of :data:`~.config.METHODS` (``flexlora``, ``hetlora``, ``rbla``, ``ffa-lora``);
 * trainer ``flexlora_llmtrainer`` (heterogeneous-rank ``LLMTrainer``);
 * data type ``natural_instructions@llm``.
 

@@ -6,7 +6,7 @@ FederatedScope imports (rank-table parsing, reading the LoRA adapter arguments, 
 core :class:`~flexlora_plugin.core.FlexLoRAConfig` and the rank sampler), so it is testable
 without FederatedScope installed.
 
-Activation: ``federate.method: flexlora`` (or ``hetlora``) switches ``flexlora.use`` on; every
+Activation: ``federate.method: flexlora`` (or another method of :data:`METHODS`) switches ``flexlora.use`` on; every
 other key has a default. ``flexlora.profile: ""`` means homogeneous ranks at
 ``llm.adapter.args[0]['r']``.
 """
@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexlora_plugin.core import ATTENTION, MLP, FlexLoRAConfig, ProfileError, RankSampler, get_profile, parse_rank_table
+from flexlora_plugin.core import (
+    ATTENTION,
+    MLP,
+    FlexLoRAConfig,
+    ProfileError,
+    RankSampler,
+    get_profile,
+    list_methods,
+    parse_rank_table,
+)
 
 __all__ = [
     "ADAPTER_KEYS",
@@ -42,8 +51,9 @@ __all__ = [
 
 logger = logging.getLogger(f"federatedscope.{__name__}")  # under FS's logger: its handlers and level apply
 
-#: ``federate.method`` values served by this plugin (the same worker classes for both).
-METHODS = ("flexlora", "hetlora")
+#: ``federate.method`` values served by this plugin (the same worker classes for all): every core method
+#: but ``fedavg``, which is FederatedScope's own name for its built-in FedAvg.
+METHODS = tuple(m for m in list_methods() if m != "fedavg")
 #: ``trainer.type`` of the heterogeneous-rank client trainer.
 TRAINER_TYPE = "flexlora_llmtrainer"
 #: ``llm.adapter.args[0]`` keys the plugin honours when it rebuilds a client's LoRA at its ranks.
@@ -298,7 +308,7 @@ def extend_flexlora_cfg(cfg: Any) -> None:
     from federatedscope.core.configs.yacs_config import Argument
 
     cfg.flexlora = CN()
-    cfg.flexlora.use = False  # switched on by federate.method flexlora/hetlora
+    cfg.flexlora.use = False  # switched on by a federate.method of METHODS
     for name, (default, description) in FIELDS.items():
         cfg.flexlora[name] = Argument(default, description=description)
     cfg.register_cfg_check_fun(assert_flexlora_cfg)
@@ -407,7 +417,7 @@ def _resolve_inputs(cfg: Any) -> None:
 def assert_flexlora_cfg(cfg: Any) -> None:
     """Validate ``cfg.flexlora`` against the rest of the config (FS calls it on every merge).
 
-    Switches ``flexlora.use`` on for ``federate.method`` flexlora/hetlora and promotes
+    Switches ``flexlora.use`` on for a ``federate.method`` of :data:`METHODS` and promotes
     ``trainer.type: llmtrainer`` to ``flexlora_llmtrainer`` (both logged).
 
     Raises

@@ -21,7 +21,18 @@ from typing import Any
 from federatedscope.llm.trainer.trainer import LLMTrainer
 from torch import Tensor, nn
 
-from ..core import PEFT_PREFIX, RankError, check_received, lora_config_for, proximal_term, split_state, to_wire
+from ..core import (
+    PEFT_PREFIX,
+    RankError,
+    factor_of,
+    lora_config_for,
+    method_class,
+    proximal_term,
+    received_factors,
+    split_state,
+    to_wire,
+    trained_factors,
+)
 from .config import cfg_value
 from .wire import decode_state, encode_state
 
@@ -30,9 +41,14 @@ __all__ = ["FlexLoRATrainer", "TrainableProximal", "hook_del_trainable_init", "h
 logger = logging.getLogger(f"federatedscope.{__name__}")  # under FS's logger: its handlers and level apply
 
 
+def lora_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every LoRA factor of an FS-LLM ``AdapterModel``, frozen ones included (``state_dict()`` has the trainable ones)."""
+    return {k: v for k, v in model.state_dict(return_trainable=False).items() if factor_of(k) is not None}
+
+
 def current_ranks(model: nn.Module) -> dict[str, int]:
     """Module name (FS key format) -> LoRA rank of an FS-LLM ``AdapterModel``."""
-    return {m: f.r for m, f in split_state(model.state_dict(), client="local").items()}
+    return {m: f.r for m, f in split_state(lora_state(model), client="local").items()}
 
 
 class TrainableProximal(nn.Module):
@@ -109,15 +125,24 @@ class FlexLoRATrainer(LLMTrainer):
             never unpickled) or not tensors.
         MissingModuleError, RankError
             A key is missing or unexpected, or a factor's shape is not this adapter's
-            (:func:`~flexlora_plugin.core.peft_io.check_received`).
+            (:func:`~flexlora_plugin.core.received_factors`: only the factors the method sends; one it
+            freezes is the common round-1 factor, regenerated from ``flexlora.seed``, and stops training).
         """
         received = decode_state(model_parameters, sender="server")
-        check_received(received, self.ctx.model.state_dict())  # the core's checks, as in the Flower client
-        super().update(received, strict=strict)
+        method, seed = str(cfg_value(self.cfg.federate.method)).lower(), int(cfg_value(self.cfg.flexlora.seed))
+        # the core's checks and completion, as in the Flower client: exactly the factors the method sends
+        full = received_factors(received, lora_state(self.ctx.model), method=method, seed=seed)
+        super().update(full, strict=strict)
+        trains = method_class(method).trains
+        for name, param in self.ctx.model.named_parameters():  # a factor the method freezes does not train
+            found = factor_of(name)
+            if found is not None:
+                param.requires_grad_(found[1] in trains)
 
     def get_model_para(self) -> Any:
         """The adapter's factors in ``flexlora.wire_dtype``; distributed: one safetensors string (FS would pickle tensors)."""
-        para = to_wire(super().get_model_para(), str(cfg_value(self.cfg.flexlora.wire_dtype)))
+        method = str(cfg_value(self.cfg.federate.method)).lower()
+        para = to_wire(trained_factors(super().get_model_para(), method=method), str(cfg_value(self.cfg.flexlora.wire_dtype)))
         return encode_state(para) if self.cfg.federate.mode == "distributed" else para
 
     def use_trainable_prox(self) -> None:

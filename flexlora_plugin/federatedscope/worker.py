@@ -1,4 +1,4 @@
-"""``federate.method: flexlora`` / ``hetlora``: FS server and client with one rank per client.
+"""``federate.method: flexlora`` (or any method of ``config.METHODS``): FS server and client with one rank per client.
 
 FS's stock server sends one message with one state dict to every receiver; a FlexLoRA client of
 rank ``r_k`` needs its own factors. :class:`FlexLoRAServer` therefore
@@ -71,7 +71,7 @@ def assigned_ranks(settings: PluginSettings, client_id: int, shapes: Mapping[str
 
 
 class FlexLoRAServer(Server):
-    """FS server for heterogeneous-rank LoRA (FlexLoRA; HetLoRA with ``federate.method: hetlora``)."""
+    """FS server for heterogeneous-rank LoRA, every method of ``config.METHODS`` (``federate.method``)."""
 
     def __init__(
         self,

@@ -80,6 +80,8 @@ def client_model(settings: Settings) -> tuple[ClientModel, Any]:
         settings.lora_alpha,
         settings.target_modules,
         settings.gradient_checkpointing,
+        settings.strategy,
+        settings.seed,
     )
     if key not in _CLIENT:
         base, tokenizer = _load(settings.model_path, dev, resolve_dtype(settings.dtype, dev))
@@ -88,6 +90,8 @@ def client_model(settings: Settings) -> tuple[ClientModel, Any]:
             lora_alpha=settings.lora_alpha,
             target_modules=settings.target_modules,
             gradient_checkpointing=settings.gradient_checkpointing,
+            method=settings.strategy,
+            seed=settings.seed,
         )
         logger.info(
             "client model: %s on %s in %s (%d modules adapted)", settings.model_path.name, dev, settings.dtype, len(model.shapes)

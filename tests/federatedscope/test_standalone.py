@@ -198,6 +198,33 @@ def test_hetlora_runs(run_fs: Any, tiny_opts: list[str]) -> None:
         assert {f.r for f in split_state(runner.client[cid].trainer.ctx.model.state_dict()).values()} == {r}
 
 
+def test_rbla_global_update_is_the_rank_based_average_of_the_last_replies(run_fs: Any, tiny_opts: list[str]) -> None:
+    """Parity with the Flower host: after 2 rounds of ``federate.method rbla`` the server's ΔW = B_g A_g, where
+    row j of A_g (column j of B_g) is Σ_{k: r_k > j} p_k √s_k A_k[j] / Σ_{k: r_k > j} p_k, computed here in
+    float64 from the replies it received in the last round."""
+    rec = Recorder()
+    runner = run_fs([*tiny_opts, "federate.method", "rbla", "federate.total_round_num", "2"], patch=rec)
+    update = runner.server.aggregator.update
+    assert update.method == "rbla" and set(update.clients) == {1, 2, 3}
+    states, weights = rec.received[max(rec.received)]
+    replies = {c: split_state(state) for c, state in states.items()}
+    for module in update.modules:
+        held = [(weights[c], f[module]) for c, f in replies.items()]
+        d_out, d_in = update.info[module].shape
+        R = min(max(f.r for _, f in held), d_out, d_in)
+        A_g = torch.zeros(R, d_in, dtype=torch.float64)
+        B_g = torch.zeros(d_out, R, dtype=torch.float64)
+        for j in range(R):
+            rows = [(n, f) for n, f in held if f.r > j]  # clients with r_k > j
+            total = sum(n for n, _ in rows)
+            for n, f in rows:
+                root = (ALPHA / f.r) ** 0.5
+                A_g[j] += n / total * root * f.A[j].double()
+                B_g[:, j] += n / total * root * f.B[:, j].double()
+        ref = B_g @ A_g
+        assert torch.linalg.norm(update.delta(module).double() - ref) <= 1e-6 * torch.linalg.norm(ref), module
+
+
 @pytest.mark.parametrize("method", ["flexlora", "hetlora"])
 def test_round1_every_client_starts_from_the_common_adapter(run_fs: Any, tiny_opts: list[str], method: str) -> None:
     """Round 1 loads the core's initial_update: B = 0, the first r rows of one common A (none zero).
@@ -233,3 +260,54 @@ def test_use_gpu_keys_work_with_the_trainer(run_fs: Any, tiny_opts: list[str]) -
         assert str(client.trainer.ctx.device).startswith(expected)
         assert {p.device.type for p in client.trainer.ctx.model.parameters()} == {expected}
     assert set(runner.server.aggregator.update.clients) == {1, 2, 3}
+
+
+def test_ffa_lora_freezes_A_sends_B_only_and_the_global_B_is_exact(run_fs: Any, tiny_opts: list[str]) -> None:
+    """FFA-LoRA: every client holds the common A (regenerated from the seed) in both rounds, uploads B only,
+    and the server's ΔW = Σ_k p_k s_k B_k A[:r_k] equals a float64 reference from the replies it received."""
+    from flexlora_plugin.core import common_lora_A, factor_of
+    from flexlora_plugin.federatedscope.trainer import lora_state
+
+    rec = Recorder()
+    trained_A: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # (client, A before, A after)
+
+    def patch(runner: Any) -> None:
+        rec(runner)
+        for cid, client in runner.client.items():
+            recorded = client.trainer.train
+
+            def train(*args: Any, _cid: int = cid, _client: Any = client, _inner: Any = recorded, **kwargs: Any) -> Any:
+                def frozen() -> dict[str, torch.Tensor]:
+                    state = lora_state(_client.trainer.ctx.model)
+                    return {k: v.detach().clone() for k, v in state.items() if factor_of(k)[1] == "lora_A"}
+
+                before = frozen()
+                out = _inner(*args, **kwargs)
+                trained_A.append((_cid, before, frozen()))
+                return out
+
+            client.trainer.train = train
+
+    runner = run_fs([*tiny_opts, "federate.method", "ffa-lora", "federate.total_round_num", "2"], patch=patch)
+    update, seed = runner.server.aggregator.update, runner.server.flex.core.seed
+    assert update.method == "ffa-lora" and len(trained_A) == 2 * len(runner.client)
+    for cid, before, after in trained_A:
+        assert before and set(before) == set(after), cid
+        for key, A in before.items():  # the common A, and training leaves it as it is
+            assert torch.equal(A, common_lora_A(factor_of(key)[0], A.shape[0], A.shape[1], seed=seed)), (cid, key)
+            assert torch.equal(after[key], A), (cid, key)
+    for cid in runner.client:
+        assert len(rec.uploaded[cid]) == 2, cid
+        assert all(factor_of(k)[1] == "lora_B" for up in rec.uploaded[cid].values() for k in up), cid
+    states, weights = rec.received[max(rec.received)]
+    total = sum(weights.values())
+    for module in update.modules:
+        d_in = update.info[module].shape[1]
+        ref = torch.zeros(update.info[module].shape, dtype=torch.float64)
+        for cid, state in states.items():
+            B = next(v for k, v in state.items() if factor_of(k) == (module, "lora_B"))
+            r = B.shape[1]
+            A = common_lora_A(module, r, d_in, seed=seed).to(B.dtype).double()
+            ref += weights[cid] / total * (ALPHA / r) * B.double() @ A
+        got = update.delta(module).double()
+        assert float((got - ref).norm() / ref.norm()) <= 1e-6, module

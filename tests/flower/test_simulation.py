@@ -284,6 +284,51 @@ def test_fedavg_round1_common_start_and_exact_average(tmp_path, tiny_model, data
             assert float((B - B_ref).norm() / B_ref.norm()) <= 1e-6, (pid, module)
 
 
+def test_rbla_round2_sends_the_rank_based_average_of_round1(tmp_path, tiny_model, data_path):
+    """RBLA (ranks 4, 8, 16): round 2 sends ``A_g[:r] / √s_r``, ``B_g[:, :r] / √s_r``, where row ``j`` of
+    ``A_g`` (column ``j`` of ``B_g``) is ``Σ_{k: r_k > j} p_k √s_k A_k[j] / Σ_{k: r_k > j} p_k``.
+
+    The reference is computed here in float64 from the dumped round-1 replies.
+    """
+    config = {
+        **SMALL,
+        "strategy": "rbla",
+        "profile": json.dumps(TABLE),
+        "clients-per-round": 0,
+        "dump-dir": str(tmp_path / "dump"),
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+    }
+    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    dump = tmp_path / "dump"
+    replies = [_load(dump / "round-001" / f"reply-p{pid}.safetensors") for pid in TABLE]
+    held = [(float(meta["num-examples"]), _factors(state)) for state, meta in replies]
+    top = max(TABLE.values())
+    ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, (A0, B0) in held[0][1].items():
+        R = min(top, B0.shape[0], A0.shape[1])
+        A_g = torch.zeros(R, A0.shape[1], dtype=torch.float64)
+        B_g = torch.zeros(B0.shape[0], R, dtype=torch.float64)
+        for j in range(R):
+            rows = [(n, *f[module]) for n, f in held if f[module][0].shape[0] > j]  # clients with r_k > j
+            total = sum(n for n, _, _ in rows)
+            for n, A, B in rows:
+                root = (ALPHA / A.shape[0]) ** 0.5
+                A_g[j] += n / total * root * A[j]
+                B_g[:, j] += n / total * root * B[:, j]
+        ref[module] = (A_g, B_g)
+    for pid, r in TABLE.items():
+        sent, _ = _load(dump / "round-002" / f"sent-p{pid}.safetensors")
+        factors = _factors(sent)
+        assert set(factors) == set(ref)
+        for module, (A, B) in factors.items():
+            root = (ALPHA / r) ** 0.5
+            A_ref, B_ref = ref[module][0][:r] / root, ref[module][1][:, :r] / root
+            assert float((A - A_ref).norm() / A_ref.norm()) <= 1e-6, (pid, module)
+            assert float((B - B_ref).norm() / B_ref.norm()) <= 1e-6, (pid, module)
+
+
 def test_export_rank_writes_a_truncated_adapter_and_reports_its_error(tmp_path, tiny_model, data_path):
     """export-rank=2: every module of the final adapter at rank 2, its (non-zero) error in metrics.json."""
     config = {

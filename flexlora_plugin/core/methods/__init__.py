@@ -1,7 +1,7 @@
 """The aggregation methods, one file each, every rule written as its paper's equation.
 
 Importing this package registers the built-in methods in this order: ``flexlora``, ``fedavg``,
-``hetlora``. :func:`register_method` adds more (a duplicate name raises).
+``hetlora``, ``rbla``, ``ffa-lora``. :func:`register_method` adds more (a duplicate name raises).
 """
 
 # isort: off
@@ -10,15 +10,19 @@ from .base import FactorsUpdate, GlobalUpdate, list_methods, method_class, regis
 from .flexlora import FlexLoRAUpdate
 from .fedavg import FedAvgUpdate
 from .hetlora import HetLoRAUpdate
+from .rbla import RBLAUpdate
+from .ffa_lora import FFALoRAUpdate
 
 # isort: on
 
 __all__ = [
+    "FFALoRAUpdate",
     "FactorsUpdate",
     "FedAvgUpdate",
     "FlexLoRAUpdate",
     "GlobalUpdate",
     "HetLoRAUpdate",
+    "RBLAUpdate",
     "list_methods",
     "method_class",
     "register_method",

@@ -27,7 +27,7 @@ from .base import FactorsUpdate, _frob2, register_method
 if TYPE_CHECKING:
     from ..engine import Round
 
-__all__ = ["HetLoRAUpdate", "padded_sum"]
+__all__ = ["HetLoRAUpdate", "PaddedUpdate", "padded_rank", "padded_sum"]
 
 
 def padded_sum(
@@ -44,24 +44,22 @@ def padded_sum(
     return A, B
 
 
-@register_method("hetlora")
-class HetLoRAUpdate(FactorsUpdate):
-    """HetLoRA: zero-padded, scale-aligned factor averaging; projection by truncation."""
+def padded_rank(rnd: Round, method: str) -> int:
+    """The global rank ``R``: ``max_rank``, default the largest client rank; a client sending more raises."""
+    top = max(f.r for c in rnd.clients for f in c.factors.values())
+    R = rnd.options.max_rank if rnd.options.max_rank is not None else top
+    if top > R:
+        raise RankError(f"{method}: a client sent rank {top}, above max_rank={R}")
+    return R
+
+
+class PaddedUpdate(FactorsUpdate):
+    """Global factors padded to rank ``R``, ``ΔW = B̄ Ā`` (``√s_k`` inside); a client receives their truncation."""
 
     @classmethod
-    def from_round(cls, rnd: Round) -> HetLoRAUpdate:
+    def of_round(cls, rnd: Round, factors: dict[str, tuple[Tensor, Tensor]]) -> PaddedUpdate:
+        """The update of ``rnd`` holding ``factors`` (module -> ``(Ā, B̄)``), scale 1."""
         o = rnd.options
-        if o.hetlora_weighting not in ("data", "norm"):
-            raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {o.hetlora_weighting!r}")
-        top = max(f.r for c in rnd.clients for f in c.factors.values())
-        R = o.max_rank if o.max_rank is not None else top
-        if top > R:
-            raise RankError(f"hetlora: a client sent rank {top}, above max_rank={R}")
-        factors = {}
-        for m, mi in rnd.info.items():
-            held = [c for c in rnd.clients if m in c.factors]
-            w = _weights(held, m, rnd)
-            factors[m] = padded_sum(held, m, w, min(R, min(mi.shape)), mi.shape, rnd)
         return cls(
             rnd.info,
             rnd.ids,
@@ -79,6 +77,24 @@ class HetLoRAUpdate(FactorsUpdate):
             raise RankError(f"{self.method}: module {module} is padded to rank {A.shape[0]}, rank {r} was requested")
         root = math.sqrt(scaling)
         return (A[:r] / root).to(dtype), (B[:, :r] / root).to(dtype)
+
+
+@register_method("hetlora")
+class HetLoRAUpdate(PaddedUpdate):
+    """HetLoRA: zero-padded, scale-aligned factor averaging; projection by truncation."""
+
+    @classmethod
+    def from_round(cls, rnd: Round) -> HetLoRAUpdate:
+        o = rnd.options
+        if o.hetlora_weighting not in ("data", "norm"):
+            raise ValueError(f"hetlora_weighting must be 'data' or 'norm', got {o.hetlora_weighting!r}")
+        R = padded_rank(rnd, cls.method)
+        factors = {}
+        for m, mi in rnd.info.items():
+            held = [c for c in rnd.clients if m in c.factors]
+            w = _weights(held, m, rnd)
+            factors[m] = padded_sum(held, m, w, min(R, min(mi.shape)), mi.shape, rnd)
+        return cls.of_round(rnd, factors)  # type: ignore[return-value]
 
 
 def _weights(held: Sequence[ClientUpdate], module: str, rnd: Round) -> list[float]:

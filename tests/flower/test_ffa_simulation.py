@@ -1,0 +1,59 @@
+"""FFA-LoRA through Flower's real simulation engine: only B travels, A is every client's common start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+
+from flexlora_plugin.core import factor_of  # noqa: E402
+from flexlora_plugin.flower.run import run_simulation  # noqa: E402
+from tests.flower.test_simulation import ALPHA, SMALL, _load  # noqa: E402
+
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
+
+
+def test_ffa_lora_sends_B_only_both_ways_and_the_global_B_is_exact(tmp_path, tiny_model, data_path):
+    """Round 1 sends B = 0 only; replies carry B only; round 2 sends B_g[:, :r] / s_r with
+    B_g = Σ_k p_k s_k pad(B_k), the float64 reference computed here from the dumped replies."""
+    table = {"0": 4, "1": 8, "2": 16}
+    config = {
+        **SMALL,
+        "strategy": "ffa-lora",
+        "profile": json.dumps(table),
+        "clients-per-round": 0,
+        "dump-dir": str(tmp_path / "dump"),
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+    }
+    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    dump = tmp_path / "dump"
+    for pid in table:
+        sent, _ = _load(dump / "round-001" / f"sent-p{pid}.safetensors")
+        assert sent and all(factor_of(k)[1] == "lora_B" and not v.any() for k, v in sent.items()), pid
+    replies = {pid: _load(dump / "round-001" / f"reply-p{pid}.safetensors") for pid in table}
+    total = sum(float(meta["num-examples"]) for _, meta in replies.values())
+    B_g: dict[str, torch.Tensor] = {}
+    for state, meta in replies.values():
+        assert state and all(factor_of(k)[1] == "lora_B" for k in state)  # only B travelled back
+        for key, B in state.items():
+            r = B.shape[1]
+            acc = B_g.setdefault(factor_of(key)[0], torch.zeros(B.shape[0], 16, dtype=torch.float64))
+            acc[:, :r] += float(meta["num-examples"]) / total * (ALPHA / r) * B.double()
+    for pid, r in table.items():
+        sent, _ = _load(dump / "round-002" / f"sent-p{pid}.safetensors")
+        assert {factor_of(k)[0] for k in sent} == set(B_g)
+        for key, B in sent.items():
+            ref = B_g[factor_of(key)[0]][:, :r] / (ALPHA / r)
+            assert float((B.double() - ref).norm() / ref.norm()) <= 1e-6, (pid, key)
+    history = [h for h in result.metrics["history"] if "clients-ok" in h]
+    assert [h["clients-ok"] for h in history] == [3, 3]
+    sent_bytes = sum(
+        v.numel() * v.element_size() for pid in table for v in _load(dump / "round-002" / f"sent-p{pid}.safetensors")[0].values()
+    )
+    assert history[1]["bytes-sent"] == sent_bytes  # the metrics count B alone: what travelled
