@@ -1,6 +1,8 @@
 # Two entry points, each setting itself up on a fresh machine:
 #   make run   - the main job: a small FlexLoRA federation in Flower's simulation engine
 #   make test  - the test suite (what .ci/run calls)
+#   make test-quick - the quick tier: every test not marked slow (no process, simulation,
+#                     deployment or training started)
 # torch is installed first and pinned (2.13.0 has a CPU wheel here; an unpinned resolver
 # would pull a multi-GB CUDA build). The Flower extra and the FederatedScope extra cannot
 # share one environment (protobuf >= 5.28 vs 3.20.x): this venv is the Flower one.
@@ -15,7 +17,7 @@ PYTEST_ARGS ?=
 
 PROFILE ?= small
 
-.PHONY: setup test run bench reproduce clean
+.PHONY: setup test test-quick run bench reproduce clean
 
 setup: $(STAMP)
 
@@ -28,6 +30,9 @@ $(STAMP): setup.py
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 run: setup
 	$(BIN)/python -m flexlora_plugin.flower.run --num-rounds $(ROUNDS)

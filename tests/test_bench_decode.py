@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # runs a benchmark script; each variant in a process of its own
 
 REPO = Path(__file__).resolve().parents[1]
 

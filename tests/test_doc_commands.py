@@ -206,7 +206,12 @@ def _check_flower(cmd: Command, program: str, args: tuple[str, ...]) -> None:
     _HELP_SEEN.add(key)
 
 
-@pytest.mark.parametrize("cmd", COMMANDS, ids=str)
+SPAWNS = ("flwr", "flower-superlink", "flower-supernode", "openssl")  # checked by running the program's --help: slow
+
+
+@pytest.mark.parametrize(
+    "cmd", [pytest.param(c, marks=pytest.mark.slow) if c.argv[0] in SPAWNS else c for c in COMMANDS], ids=str
+)
 def test_documented_command(cmd: Command):
     program, *rest = cmd.argv
     args = tuple(rest)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ def _run(tmp_path: Path, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_quick_cpu_profile_times_the_default_and_groups_the_ops(tmp_path):
     _run(tmp_path)
     report = json.loads((tmp_path / "profile.json").read_text())
@@ -48,6 +50,7 @@ def test_quick_cpu_profile_times_the_default_and_groups_the_ops(tmp_path):
     assert "median " in (tmp_path / "profile.md").read_text()
 
 
+@pytest.mark.slow
 def test_quick_cpu_sweep_runs_every_configuration_and_restores_the_knobs(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import profile_gpu

@@ -49,6 +49,7 @@ def test_a_hub_model_name_is_a_note_not_an_error():
     assert len(notes) == 1 and "Hugging Face hub" in notes[0]
 
 
+@pytest.mark.slow
 def test_the_console_script_exits_2_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "flexlora_plugin.federatedscope.cli", "--cfg", TINY, "federate.total_round_num", "0"],

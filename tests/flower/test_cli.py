@@ -66,6 +66,7 @@ def test_bad_options_fail_before_anything_starts(argv, message, tmp_path, capsys
     assert "\n" not in err and not out.exists()  # one line, nothing built
 
 
+@pytest.mark.slow
 def test_bad_option_from_a_fresh_shell_exits_2_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "flexlora_plugin.flower.run", "--profile", "heavy_tail_x"],
@@ -79,6 +80,7 @@ def test_bad_option_from_a_fresh_shell_exits_2_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_no_app_folder_is_one_line_naming_the_fix(tmp_path):
     """A package installed without its repository has no flower_app/: say so, and how to point at one."""
     env = {**os.environ, "FLEXLORA_APP_DIR": str(tmp_path / "nowhere")}

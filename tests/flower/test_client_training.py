@@ -54,6 +54,7 @@ def _moved(state, received):
     return sum(float((state[k] - v).pow(2).sum()) for k, v in received.items()) ** 0.5
 
 
+@pytest.mark.slow
 def test_large_proximal_mu_shrinks_the_update(task, tiny_model, data_path, tmp_path):
     free = _settings(task, tiny_model, data_path, tmp_path)
     ranks, received = _round1(task, free, 0)
@@ -66,6 +67,7 @@ def test_large_proximal_mu_shrinks_the_update(task, tiny_model, data_path, tmp_p
         replace(free, proximal_mu=-1.0)
 
 
+@pytest.mark.slow
 def test_one_base_per_process_and_bf16_training(task, tiny_model, data_path, tmp_path):
     settings = _settings(task, tiny_model, data_path, tmp_path, dtype="bfloat16")
     for pid in (0, 1, 2):
@@ -84,6 +86,7 @@ def test_one_base_per_process_and_bf16_training(task, tiny_model, data_path, tmp
             replace(settings, device=bad)
 
 
+@pytest.mark.slow
 def test_same_inputs_same_update(task, tiny_model, data_path, tmp_path):
     """No hidden per-round state: the cached model gives the same reply to the same message."""
     settings = _settings(task, tiny_model, data_path, tmp_path)
@@ -94,6 +97,7 @@ def test_same_inputs_same_update(task, tiny_model, data_path, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_cuda_bf16_training(task, tiny_model, data_path, tmp_path):
     if not torch.cuda.is_available():
