@@ -6,14 +6,17 @@ server-state checkpoints; :class:`FlexLoRAConfig`. Definitions and math: ``docs/
 """
 
 from .adapters import (
+    BASE_DELTA,
     LORA_A,
     LORA_B,
     WIRE_DTYPES,
     LoRAFactors,
+    base_delta_state,
     factor_of,
     lora_scaling,
     only_factors,
     resolve_pattern,
+    split_base_delta,
     split_state,
     state_nbytes,
     to_wire,
@@ -22,9 +25,12 @@ from .aggregation import aggregate
 from .checkpoint import ServerState, load_server_state, save_server_state
 from .client import (
     DTYPES,
+    BaseWeights,
     ClientModel,
+    apply_received,
     parse_device,
     proximal_term,
+    rebuild_base,
     received_factors,
     resolve_device,
     resolve_dtype,
@@ -87,6 +93,13 @@ from .start import InitialUpdate, common_lora_A, initial_update, module_infos, m
 from .validation import ClientUpdate, ModuleInfo
 
 __all__ = [
+    "BASE_DELTA",
+    "BaseWeights",
+    "apply_received",
+    "base_delta_state",
+    "rebuild_base",
+    "split_base_delta",
+    "FLoRAUpdate",
     "received_factors",
     "trained_factors",
     "FFALoRAUpdate",

@@ -26,6 +26,9 @@ from torch import Tensor
 from .errors import MissingModuleError, RankError, ShapeMismatchError, UnsupportedDtypeError, UnsupportedKeyError
 
 __all__ = [
+    "BASE_DELTA",
+    "base_delta_state",
+    "split_base_delta",
     "factor_of",
     "only_factors",
     "LORA_A",
@@ -183,6 +186,46 @@ def factor_of(key: str) -> tuple[str, str] | None:
     """``(module, "lora_A" | "lora_B")`` of a LoRA factor's state-dict key, None for any other key."""
     match = _KEY_RE.match(key) if isinstance(key, str) else None
     return None if match is None else (match["module"], match["factor"])
+
+
+#: Key of the base correction a cumulative method sends (:meth:`GlobalUpdate.base_delta`):
+#: ``{module}.base_delta.weight`` (dense) or ``{module}.base_delta_B.weight`` / ``…_A.weight`` (factors).
+BASE_DELTA = "base_delta"
+_BASE_RE = re.compile(rf"^(?P<module>.+)\.{BASE_DELTA}(?P<part>_A|_B)?\.weight$")
+
+
+def base_delta_state(module: str, delta: tuple[Tensor, Tensor] | Tensor) -> dict[str, Tensor]:
+    """The message entries of ``module``'s base correction: one dense matrix, or its two factors."""
+    if isinstance(delta, Tensor):
+        return {f"{module}.{BASE_DELTA}.weight": delta}
+    return {f"{module}.{BASE_DELTA}_B.weight": delta[0], f"{module}.{BASE_DELTA}_A.weight": delta[1]}
+
+
+def split_base_delta(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor] | Tensor]]:
+    """``state`` without its base-correction entries, and those entries per module (as :func:`base_delta_state` wrote them).
+
+    Raises
+    ------
+    MissingModuleError
+        A module with one of its two correction factors only.
+    """
+    rest: dict[str, Tensor] = {}
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        match = _BASE_RE.match(key) if isinstance(key, str) else None
+        if match is None:
+            rest[key] = value
+        else:
+            parts.setdefault(match["module"], {})[match["part"] or ""] = value
+    deltas: dict[str, tuple[Tensor, Tensor] | Tensor] = {}
+    for module, found in parts.items():
+        if "" in found and len(found) == 1:
+            deltas[module] = found[""]
+        elif set(found) == {"_A", "_B"}:
+            deltas[module] = (found["_B"], found["_A"])
+        else:
+            raise MissingModuleError(f"module {module}: base correction entries {sorted(found)} (need the matrix, or _B and _A)")
+    return rest, deltas
 
 
 def only_factors(state: Mapping[str, Tensor], factors: Sequence[str]) -> dict[str, Tensor]:

@@ -54,6 +54,7 @@ def aggregate(
     seed: int = 0,
     progress: ProgressFn | None = None,
     stack_on_device: bool | None = None,
+    previous: GlobalUpdate | None = None,
 ) -> GlobalUpdate:
     """Aggregate client LoRA adapters of possibly different ranks into one global update.
 
@@ -119,6 +120,9 @@ def aggregate(
     stack_on_device : bool, optional
         Stack and check the factors on ``device`` as described above. (default: True on CUDA,
         False elsewhere, where the clients' own tensors are used without a copy)
+    previous : GlobalUpdate, optional
+        The global update before this round, for a method that accumulates over rounds
+        (``flora``'s running total). (default: None, the first round)
 
     Returns
     -------
@@ -183,12 +187,13 @@ def aggregate(
             prepared=prepared,
             stats=stats,
             placed=lambda: _device_views(kept, stacks),
+            previous=previous,
         )
     if not clients:
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
     if rnd is None:  # the checks' temporaries (isfinite masks, norms) would otherwise stay resident between client factors
         trim_heap()  # (stacked, the checks ran on the stacks: nothing small to give back, and a trim costs ms)
-        rnd = Round(clients, [c.client for c in clients], info, excluded, options, stats=stats)
+        rnd = Round(clients, [c.client for c in clients], info, excluded, options, stats=stats, previous=previous)
     return cls.from_round(rnd)
 
 

@@ -19,14 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import LORA_A, factor_of, only_factors
-from .errors import FlexLoRAError
+from .adapters import LORA_A, factor_of, only_factors, split_base_delta
+from .errors import FlexLoRAError, MissingModuleError, RankError, UnsupportedKeyError
 from .methods import method_class
 from .peft_io import adapter_state, check_received, load_adapter_state, lora_config_for, target_shapes
 from .start import with_common_A
 
 __all__ = [
     "DTYPES",
+    "BaseWeights",
+    "apply_received",
+    "rebuild_base",
     "ClientModel",
     "parse_device",
     "proximal_term",
@@ -145,6 +148,63 @@ def trained_factors(state: Mapping[str, Tensor], *, method: str) -> dict[str, Te
     return only_factors(state, method_class(method).trains)
 
 
+def rebuild_base(W0: Tensor, delta: tuple[Tensor, Tensor] | Tensor) -> Tensor:
+    """``W_0 + C`` in float32, returned in ``W_0``'s dtype and device: one rule, so every host's base is bit-identical.
+
+    ``delta``: the correction ``(B : (d_out, R), A : (R, d_in))`` as ``B A``, or dense ``(d_out, d_in)``.
+    """
+    correction = delta[0].float() @ delta[1].float() if isinstance(delta, tuple) else delta.float()
+    return (W0.float() + correction.to(W0.device)).to(W0.dtype)
+
+
+class BaseWeights:
+    """The untouched base weights ``W_0`` of the adapted modules, so a client can set ``W_0 + C`` every round.
+
+    A cumulative method (``flora``) sends its running total ``C`` each round; a client rebuilds
+    ``W_0 + C`` from the copy kept here (never adding to what it set last round), so it needs no
+    state of its own and every client of a round starts from the same base. Costs one copy of
+    each adapted weight, made the first time it is changed.
+    """
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Tensor] = {}  # module (peft key prefix) -> W_0
+
+    def apply(self, peft_model: nn.Module, deltas: Mapping[str, tuple[Tensor, Tensor] | Tensor]) -> None:
+        """Set each module's base weight to ``W_0 + deltas[module]`` (``W_0`` where no correction came)."""
+        for module in {*deltas, *self.kept}:
+            try:
+                layer = peft_model.get_submodule(module)
+            except AttributeError as err:
+                raise MissingModuleError(f"base correction for module {module}, which this model does not have") from err
+            base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            weight = base.weight
+            if module not in self.kept:
+                self.kept[module] = weight.detach().clone()
+            W0 = self.kept[module]
+            new = rebuild_base(W0, deltas[module]) if module in deltas else W0
+            if tuple(new.shape) != tuple(weight.shape):
+                raise RankError(f"module {module}: base correction is {tuple(new.shape)}, the weight {tuple(weight.shape)}")
+            with torch.no_grad():
+                weight.copy_(new)
+
+
+def apply_received(
+    received: Mapping[str, Tensor], own: Mapping[str, Tensor], *, method: str, seed: int, peft_model: nn.Module, base: BaseWeights
+) -> dict[str, Tensor]:
+    """A client's whole receive step, for every host: the base correction applied, the factors checked and completed.
+
+    Returns the factors to load (:func:`received_factors`). A base correction reaches only a
+    cumulative method's client (:attr:`GlobalUpdate.cumulative`), which rebuilds its base with it
+    every round (none: ``W_0``).
+    """
+    factors, deltas = split_base_delta(received)
+    if method_class(method).cumulative:
+        base.apply(peft_model, deltas)
+    elif deltas:
+        raise UnsupportedKeyError(f"server: a base correction for {len(deltas)} module(s), but method {method!r} takes none")
+    return received_factors(factors, own, method=method, seed=seed)
+
+
 class ClientModel:
     """One frozen base model on one device, with a LoRA adapter per distinct rank map.
 
@@ -186,6 +246,7 @@ class ClientModel:
         seed: int = 0,
     ) -> None:
         self.method, self.seed = method, int(seed)
+        self.base = BaseWeights()  # W_0 of the adapted modules, kept once a cumulative method changes them
         self.trains = method_class(method).trains  # an unknown method fails here, before any model work
         self.target_modules = tuple(target_modules)
         self.shapes = target_shapes(base, self.target_modules)  # before peft renames anything
@@ -247,7 +308,8 @@ class ClientModel:
         self.model.set_adapter(name)
         self.active = name
         own = adapter_state(self.model, adapter_name=name)
-        load_adapter_state(self.model, received_factors(received, own, method=self.method, seed=self.seed), adapter_name=name)
+        full = apply_received(received, own, method=self.method, seed=self.seed, peft_model=self.model, base=self.base)
+        load_adapter_state(self.model, full, adapter_name=name)
         for pname, param in self.model.named_parameters():  # a factor the method freezes does not train
             found = factor_of(pname)
             if found is not None and param.requires_grad and found[1] not in self.trains:

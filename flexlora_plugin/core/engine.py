@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ from .projection import (
     module_seed,
     ritz_spectrum,
 )
-from .terms import ModuleTerms, StackedTerms, TermList
+from .terms import DenseTerms, ModuleTerms, StackedTerms, TermList
 from .topk import filtered_spectrum
 from .validation import ClientUpdate, ModuleInfo
 
@@ -146,6 +146,23 @@ class LowRankSum:
         out = cls(module, None, shape, compute_dtype=spectrum.US.dtype, seed=seed)
         out.cached = spectrum
         return out
+
+    @classmethod
+    def of_factors(cls, module: str, B: Tensor, A: Tensor, **kwargs: Any) -> LowRankSum:
+        """``ΔW = B A`` for ``B : (d_out, R)``, ``A : (R, d_in)`` (one term, coefficient 1)."""
+        return cls(
+            module, TermList([(1.0, B, A)], (int(B.shape[0]), int(A.shape[1]))), (int(B.shape[0]), int(A.shape[1])), **kwargs
+        )
+
+    @classmethod
+    def of_matrix(cls, module: str, matrix: Tensor, **kwargs: Any) -> LowRankSum:
+        """``ΔW = matrix``, held dense."""
+        shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        return cls(module, DenseTerms(matrix, shape), shape, **kwargs)
+
+    def stacked(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(B_cat : (d_out, R), A_cat : (R, d_in))`` with ``B_cat A_cat = ΔW`` exactly: the terms side by side."""
+        return self._live().factors(dtype or self.compute_dtype, self.device)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -297,6 +314,9 @@ class Round:
     options : AggregateOptions
     stats : EngineStats
         The work done for this round (shared by the update built from it).
+    previous : GlobalUpdate or None
+        The federation's global update before this round (None in round 1), for a method whose
+        update accumulates over rounds.
     """
 
     def __init__(
@@ -311,7 +331,9 @@ class Round:
         prepared: Mapping[str, tuple[Mapping[Hashable, float], LowRankSum]] | None = None,
         stats: EngineStats | None = None,
         placed: Callable[[], Sequence[ClientUpdate]] | None = None,
+        previous: Any = None,
     ) -> None:
+        self.previous = previous  # the federation's global update before this round (a method that accumulates reads it)
         self._kept = list(clients)  # weights and scalings; factors as received
         self._placed = placed  # the same clients, factors on the compute device (built on first access)
         self._clients: Sequence[ClientUpdate] | None = None if placed is not None else self._kept

@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .adapters import WIRE_DTYPES, only_factors, state_nbytes
+from .adapters import WIRE_DTYPES, base_delta_state, only_factors, state_nbytes
 from .aggregation import aggregate
 from .checkpoint import load_server_state, save_server_state
 from .client import resolve_device
@@ -250,12 +250,19 @@ class Federation:
 
         Returns a private copy (``A: (r, d_in)``, ``B: (d_out, r)`` per module; only ``B`` for a
         method that freezes ``A``) in the config's ``wire_dtype`` (``auto``: the adapters' own),
-        safe to hand to a transport.
+        safe to hand to a transport; for a cumulative method (``flora``) also the running total
+        every client adds to its base (:func:`~flexlora_plugin.core.adapters.base_delta_state` keys).
         """
         cfg = self.config
         wire = WIRE_DTYPES[cfg.wire_dtype]
         projected = self.current.project(self.rank_maps[client], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=wire)
-        return {k: v.clone() for k, v in only_factors(projected, self.trains).items()}  # what the method sends
+        out = {k: v.clone() for k, v in only_factors(projected, self.trains).items()}  # what the method sends
+        for module in self.current.modules:  # a cumulative method's running total, merged into the client's base
+            delta = self.current.base_delta(module)
+            if delta is not None:
+                parts = base_delta_state(module, delta)
+                out.update({k: v.to(device="cpu", dtype=wire or v.dtype, copy=True) for k, v in parts.items()})
+        return out
 
     @property
     def trains(self) -> tuple[str, ...]:
@@ -331,6 +338,7 @@ class Federation:
                         on_invalid="exclude",
                         expected_shapes={m: i.shape for m, i in self.info.items()},
                         device=self.server_device,
+                        previous=self.global_update,
                         **kwargs,
                     )
             except FlexLoRAError as err:  # every reply excluded, or none usable together

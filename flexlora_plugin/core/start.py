@@ -36,18 +36,20 @@ from .validation import ModuleInfo
 __all__ = ["InitialUpdate", "common_lora_A", "initial_update", "module_infos", "module_infos_of", "with_common_A"]
 
 
-def common_lora_A(module: str, rank: int, d_in: int, *, seed: int) -> Tensor:
-    """The common round-1 ``A : (rank, d_in)`` of ``module``, float32 on the CPU.
+def common_lora_A(module: str, rank: int, d_in: int, *, seed: int, round: int | None = None) -> Tensor:
+    """The common round-1 ``A : (rank, d_in)`` of ``module``, float32 on the CPU (with ``round``: that round's fresh A).
 
     peft's default LoRA init (``kaiming_uniform_(a=√5)`` on a ``(rank, d_in)`` weight: uniform in
-    ``±1/√d_in``, whatever the rank), from a generator seeded by ``(seed, module)``. The rows are
-    drawn in order, so ``common_lora_A(m, r, …)`` is the first ``r`` rows of
+    ``±1/√d_in``, whatever the rank), from a generator seeded by ``(seed, module)``, or by
+    ``(seed, round, module)`` for the fresh LoRA a method starts every round (``flora``). The rows
+    are drawn in order, so ``common_lora_A(m, r, …)`` is the first ``r`` rows of
     ``common_lora_A(m, R, …)`` for ``r <= R``.
     """
     if rank < 1 or d_in < 1:
         raise RankError(f"module {module}: common A needs rank >= 1 and d_in >= 1, got ({rank}, {d_in})")
+    tag = "initial-A" if round is None else f"round-{int(round)}-A"
     generator = torch.Generator(device="cpu").manual_seed(
-        (seed * 1_000_003 + zlib.crc32(f"initial-A:{_module_path(module)}".encode())) % (2**63)
+        (seed * 1_000_003 + zlib.crc32(f"{tag}:{_module_path(module)}".encode())) % (2**63)
     )
     bound = 1.0 / math.sqrt(d_in)
     rows = [(torch.rand(d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound for _ in range(rank)]

@@ -27,7 +27,7 @@ from torch import Tensor
 from .packed import PanelGram
 from .projection import Gram, Spectrum, factored_spectrum, gram_of, stacked_spectrum
 
-__all__ = ["ModuleTerms", "StackedTerms", "TermList"]
+__all__ = ["DenseTerms", "ModuleTerms", "StackedTerms", "TermList"]
 
 
 class ModuleTerms(ABC):
@@ -64,6 +64,10 @@ class ModuleTerms(ABC):
     @abstractmethod
     def factored_spectrum(self, dtype: torch.dtype, device: torch.device | None) -> Spectrum:
         """All ``R`` singular triplets, exact, without forming ΔW (for ``R < min(d_out, d_in)``)."""
+
+    @abstractmethod
+    def factors(self, dtype: torch.dtype, device: torch.device | None) -> tuple[Tensor, Tensor]:
+        """``(B_cat : (d_out, R), A_cat : (R, d_in))`` with ``B_cat A_cat = ΔW``: the terms side by side, ``c_j`` in B."""
 
 
 _DELTA_K = 512  # TermList.delta: the inner size of one batched addmm
@@ -170,6 +174,10 @@ class TermList(ModuleTerms):
             out.addmm_(A.to(Y).T, B.to(Y).T @ Y, alpha=c)
         return out
 
+    def factors(self, dtype: torch.dtype, device: torch.device | None) -> tuple[Tensor, Tensor]:
+        B_cat = torch.cat([B.to(device=device, dtype=dtype) * c for c, B, _ in self.items], dim=1)
+        return B_cat, torch.cat([A.to(device=device, dtype=dtype) for _, _, A in self.items], dim=0)
+
     def factored_spectrum(self, dtype: torch.dtype, device: torch.device | None) -> Spectrum:
         Bs = [B.to(device=device, dtype=dtype) for _, B, _ in self.items]
         As = [A.to(device=device, dtype=dtype) for _, _, A in self.items]
@@ -220,3 +228,37 @@ class StackedTerms(ModuleTerms):
 
     def factored_spectrum(self, dtype: torch.dtype, device: torch.device | None) -> Spectrum:
         return stacked_spectrum(self.B_cat.to(dtype) * self.coef.to(dtype)[None, :], self.A_cat.to(dtype))
+
+    def factors(self, dtype: torch.dtype, device: torch.device | None) -> tuple[Tensor, Tensor]:
+        B_cat = self.B_cat.to(dtype) * self.coef.to(dtype)[None, :]
+        return B_cat.to(device or B_cat.device), self.A_cat.to(dtype).to(device or B_cat.device)
+
+
+@dataclass
+class DenseTerms(ModuleTerms):
+    """A matrix held dense, ``ΔW = matrix``: the same interface, for a sum whose stacked rank reached ``min(d_out, d_in)``."""
+
+    matrix: Tensor
+    shape: tuple[int, int]
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (min(self.shape),)  # never below min(d_out, d_in): the dense path
+
+    def delta(self, dtype: torch.dtype, device: torch.device | None) -> Tensor:
+        return self.matrix.to(device=device or self.matrix.device, dtype=dtype)
+
+    def gram(self, dtype: torch.dtype, device: torch.device | None) -> Gram:
+        return gram_of(self.delta(dtype, device))
+
+    def matmul(self, X: Tensor) -> Tensor:
+        return self.matrix.to(X) @ X
+
+    def rmatmul(self, Y: Tensor) -> Tensor:
+        return self.matrix.to(Y).T @ Y
+
+    def factored_spectrum(self, dtype: torch.dtype, device: torch.device | None) -> Spectrum:
+        raise ValueError("a dense matrix has no factored spectrum")
+
+    def factors(self, dtype: torch.dtype, device: torch.device | None) -> tuple[Tensor, Tensor]:
+        raise ValueError("a dense matrix is not held as factors")

@@ -23,12 +23,13 @@ from torch import Tensor, nn
 
 from ..core import (
     PEFT_PREFIX,
+    BaseWeights,
     RankError,
+    apply_received,
     factor_of,
     lora_config_for,
     method_class,
     proximal_term,
-    received_factors,
     split_state,
     to_wire,
     trained_factors,
@@ -131,7 +132,16 @@ class FlexLoRATrainer(LLMTrainer):
         received = decode_state(model_parameters, sender="server")
         method, seed = str(cfg_value(self.cfg.federate.method)).lower(), int(cfg_value(self.cfg.flexlora.seed))
         # the core's checks and completion, as in the Flower client: exactly the factors the method sends
-        full = received_factors(received, lora_state(self.ctx.model), method=method, seed=seed)
+        if not hasattr(self, "_base_weights"):
+            self._base_weights = BaseWeights()  # W_0 of the adapted modules, for a cumulative method (flora)
+        full = apply_received(
+            received,
+            lora_state(self.ctx.model),
+            method=method,
+            seed=seed,
+            peft_model=self.ctx.model.model,
+            base=self._base_weights,
+        )
         super().update(full, strict=strict)
         trains = method_class(method).trains
         for name, param in self.ctx.model.named_parameters():  # a factor the method freezes does not train

@@ -131,6 +131,7 @@ class FlexLoRAServer(Server):
         for cid in receivers:
             factors = self.payload(cid)
             content = encode_state(factors) if self._cfg.federate.mode == "distributed" else factors
+            self._check_message_size(cid, content)
             if msg_type == "model_para":
                 energy = self.federation.energy_kept(cid)
                 logger.info(
@@ -147,6 +148,16 @@ class FlexLoRAServer(Server):
                 Message(
                     msg_type=msg_type, sender=self.ID, receiver=[cid], state=state, timestamp=self.cur_timestamp, content=content
                 )
+            )
+
+    def _check_message_size(self, cid: int, content: Any) -> None:
+        """Refuse, in one line, a distributed payload above gRPC's message limit (e.g. flora's running total)."""
+        size, limit = encoded_nbytes(content), int(self._cfg.distribute.grpc_max_send_message_length)
+        if size > limit:
+            raise FlexLoRAError(
+                f"the message to client {cid} is {size / 2**20:.1f} MiB, above distribute.grpc_max_send_message_length "
+                f"= {limit / 2**20:.1f} MiB: raise distribute.grpc_max_send_message_length and "
+                "distribute.grpc_max_receive_message_length (server and clients)"
             )
 
     def broadcast_model_para(

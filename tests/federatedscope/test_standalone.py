@@ -311,3 +311,79 @@ def test_ffa_lora_freezes_A_sends_B_only_and_the_global_B_is_exact(run_fs: Any, 
             ref += weights[cid] / total * (ALPHA / r) * B.double() @ A
         got = update.delta(module).double()
         assert float((got - ref).norm() / ref.norm()) <= 1e-6, module
+
+
+def test_flora_clients_train_on_w0_plus_the_running_total(run_fs: Any, tiny_opts: list[str]) -> None:
+    """FLoRA: the server's C_t is the sum of the rounds' float64 references from the replies it received, and
+    every client trains a fresh LoRA on W_0 + C_{t-1}, rebuilt from its untouched base (core.rebuild_base)."""
+    from flexlora_plugin.core import rebuild_base, split_base_delta
+    from flexlora_plugin.federatedscope.wire import decode_state
+
+    rec = Recorder()
+    trained: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # (client, payload, base at training)
+
+    def patch(runner: Any) -> None:
+        rec(runner)
+        for cid, client in runner.client.items():
+            inner_update, inner_train = client.trainer.update, client.trainer.train
+            payload: dict[str, torch.Tensor] = {}
+
+            def update(para: Any, *args: Any, _inner: Any = inner_update, _got: dict = payload, **kwargs: Any) -> Any:
+                _got.clear()
+                _got.update(decode_state(para, sender="server"))
+                return _inner(para, *args, **kwargs)
+
+            def train(
+                *args: Any, _cid: int = cid, _c: Any = client, _inner: Any = inner_train, _got: dict = payload, **kw: Any
+            ) -> Any:
+                model = _c.trainer.ctx.model.model
+                base = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+                trained.append((_cid, dict(_got), base))
+                return _inner(*args, **kw)
+
+            client.trainer.update, client.trainer.train = update, train
+
+    runner = run_fs([*tiny_opts, "federate.method", "flora", "federate.total_round_num", "3"], patch=patch)
+    update = runner.server.aggregator.update
+    assert update.method == "flora" and update.round == 3
+    totals: dict[int, dict[str, torch.Tensor]] = {0: {}}  # after round t: C_t in float64
+    for rnd in sorted(rec.received):
+        states, weights = rec.received[rnd]
+        total_weight = sum(weights.values())
+        totals[len(totals)] = now = dict(totals[len(totals) - 1])
+        for cid, state in states.items():
+            for module, f in split_state(state).items():
+                now[module] = now.get(module, 0) + weights[cid] / total_weight * (ALPHA / f.r) * f.B.double() @ f.A.double()
+    for module, ref in totals[3].items():
+        C = update.base_delta(module)
+        got = C[0].double() @ C[1].double() if isinstance(C, tuple) else C.double()
+        assert float((got - ref).norm() / ref.norm()) <= 1e-6, module
+    assert len(trained) == 3 * len(runner.client)
+    for cid, client in runner.client.items():
+        kept = client.trainer._base_weights.kept  # W_0 of the adapted modules, copied once
+        rounds = [(payload, base) for c, payload, base in trained if c == cid]
+        for t, (payload, base) in enumerate(rounds, start=1):
+            _, deltas = split_base_delta(payload)
+            assert set(deltas) == (set(totals[t - 1]) if t > 1 else set()), (cid, t)
+            for module, W0 in kept.items():
+                W = base[f"{module}.base_layer.weight"]
+                assert torch.equal(W, rebuild_base(W0, deltas[module]) if module in deltas else W0), (cid, t, module)
+                if t > 1:  # W_0 + C_{t-1} with the float64 running total of the replies, to float32 rounding of W
+                    gap = float((W.double() - (W0.double() + totals[t - 1][module])).norm())
+                    assert gap <= 2 * torch.finfo(torch.float32).eps * float(W0.double().norm()), (cid, t, module, gap)
+
+
+def test_a_distributed_payload_above_the_grpc_limit_is_refused_in_one_line() -> None:
+    """flora's running total can outgrow gRPC's 300 MiB default: the server names the keys to raise, in one line."""
+    from federatedscope.core.configs.config import global_cfg
+
+    from flexlora_plugin.federatedscope.wire import encode_state
+    from flexlora_plugin.federatedscope.worker import FlexLoRAServer
+
+    cfg = global_cfg.clone()
+    cfg.distribute.grpc_max_send_message_length = 4096
+    server = FlexLoRAServer.__new__(FlexLoRAServer)  # the size check reads only the config
+    server._cfg = cfg
+    server._check_message_size(1, encode_state({"x.lora_A.weight": torch.zeros(2, 8)}))  # under the limit
+    with pytest.raises(FlexLoRAError, match=r"^the message to client 3 is .* MiB, above distribute.grpc_max_send_message_length"):
+        server._check_message_size(3, encode_state({"x.base_delta.weight": torch.zeros(64, 64)}))

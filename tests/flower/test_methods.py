@@ -1,4 +1,4 @@
-"""FFA-LoRA through Flower's real simulation engine: only B travels, A is every client's common start."""
+"""The methods beyond FlexLoRA through Flower's real simulation engine, against float64 references from the dumps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ pytest.importorskip("flwr")
 
 import torch  # noqa: E402
 
-from flexlora_plugin.core import factor_of  # noqa: E402
+from flexlora_plugin.core import common_lora_A, factor_of, split_base_delta  # noqa: E402
 from flexlora_plugin.flower.run import run_simulation  # noqa: E402
 from tests.flower.test_simulation import ALPHA, SMALL, _load  # noqa: E402
 
@@ -57,3 +57,50 @@ def test_ffa_lora_sends_B_only_both_ways_and_the_global_B_is_exact(tmp_path, tin
         v.numel() * v.element_size() for pid in table for v in _load(dump / "round-002" / f"sent-p{pid}.safetensors")[0].values()
     )
     assert history[1]["bytes-sent"] == sent_bytes  # the metrics count B alone: what travelled
+
+
+def test_flora_sends_the_running_total_and_a_fresh_lora_each_round(tmp_path, tiny_model, data_path):
+    """Round t + 1 sends C_t = Σ_{τ ≤ t} Σ_k p_k s_k B_k A_k (float64 reference from the dumped replies) and a
+    fresh LoRA: B = 0, A seeded by (seed, t + 1, module); round 1 is the common start, no correction."""
+    table = {"0": 4, "1": 8, "2": 16}
+    config = {
+        **SMALL,
+        "strategy": "flora",
+        "profile": json.dumps(table),
+        "clients-per-round": 0,
+        "dump-dir": str(tmp_path / "dump"),
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+    }
+    result = run_simulation(tmp_path, num_rounds=3, num_supernodes=3, run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    dump = tmp_path / "dump"
+    total: dict[str, torch.Tensor] = {}
+    for t in (1, 2, 3):
+        for pid, r in table.items():
+            sent, _ = _load(dump / f"round-{t:03d}" / f"sent-p{pid}.safetensors")
+            factors, deltas = split_base_delta(sent)
+            assert set(deltas) == (set(total) if t > 1 else set()), (t, pid)
+            for module, ref in total.items():
+                delta = deltas[module]
+                got = delta[0].double() @ delta[1].double() if isinstance(delta, tuple) else delta.double()
+                assert float((got - ref).norm() / ref.norm()) <= 1e-6, (t, pid, module)
+            for key, value in factors.items():
+                module, factor = factor_of(key)
+                if factor == "lora_B":
+                    assert not value.any(), (t, pid, key)
+                else:
+                    want = common_lora_A(module, r, value.shape[1], seed=0, round=None if t == 1 else t)
+                    assert torch.equal(value, want), (t, pid, key)
+        replies = {pid: _load(dump / f"round-{t:03d}" / f"reply-p{pid}.safetensors") for pid in table}
+        weight = sum(float(meta["num-examples"]) for _, meta in replies.values())
+        for state, meta in replies.values():
+            for key, A in state.items():
+                module, factor = factor_of(key)
+                if factor == "lora_A":
+                    B = state[key.replace(".lora_A.", ".lora_B.")].double()
+                    step = float(meta["num-examples"]) / weight * (ALPHA / A.shape[0]) * B @ A.double()
+                    total[module] = total.get(module, 0) + step
+    history = [h for h in result.metrics["history"] if "clients-ok" in h]
+    assert [h["clients-ok"] for h in history] == [3, 3, 3]
+    assert history[2]["bytes-sent"] > history[1]["bytes-sent"] > history[0]["bytes-sent"]  # C_t travels, and grows

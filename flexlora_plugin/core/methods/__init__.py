@@ -1,7 +1,7 @@
 """The aggregation methods, one file each, every rule written as its paper's equation.
 
 Importing this package registers the built-in methods in this order: ``flexlora``, ``fedavg``,
-``hetlora``, ``rbla``, ``ffa-lora``. :func:`register_method` adds more (a duplicate name raises).
+``hetlora``, ``rbla``, ``ffa-lora``, ``flora``. :func:`register_method` adds more (a duplicate name raises).
 """
 
 # isort: off
@@ -12,11 +12,13 @@ from .fedavg import FedAvgUpdate
 from .hetlora import HetLoRAUpdate
 from .rbla import RBLAUpdate
 from .ffa_lora import FFALoRAUpdate
+from .flora import FLoRAUpdate
 
 # isort: on
 
 __all__ = [
     "FFALoRAUpdate",
+    "FLoRAUpdate",
     "FactorsUpdate",
     "FedAvgUpdate",
     "FlexLoRAUpdate",

@@ -86,6 +86,9 @@ class GlobalUpdate(ABC):
     #: Which factors a client trains and sends back (``lora_A``, ``lora_B``); a client applies it
     #: through :mod:`~flexlora_plugin.core.client` and the server accepts nothing else.
     trains: ClassVar[tuple[str, ...]] = (LORA_A, LORA_B)
+    #: The update accumulates into the clients' base weights: every message carries the running
+    #: total (:meth:`base_delta`) and a client trains a fresh LoRA on ``W_0 + base_delta``.
+    cumulative: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -138,6 +141,14 @@ class GlobalUpdate(ABC):
         seed: int,
     ) -> GlobalUpdate:
         """Rebuild an update from :meth:`state_tensors` output, per module."""
+
+    def base_delta(self, module: str) -> tuple[Tensor, Tensor] | Tensor | None:
+        """What a client adds to its untouched base weight of ``module`` before training (:attr:`cumulative` methods).
+
+        ``(B : (d_out, R), A : (R, d_in))`` with the correction ``B A``, or the dense correction
+        ``(d_out, d_in)``, or None (default: nothing, the base stays as it is).
+        """
+        return None
 
     @abstractmethod
     def exact_rank(self, module: str, tol: float) -> int:
