@@ -15,18 +15,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+HETERO = ("flexlora", "hetlora", "rbla", "flora", "ffa-lora")  # as benchmarks/reproduce.py runs them
 ORDER = [
     "zero-shot",
     "fedavg-r8",
     "flexlora-homo",
-    "flexlora-heavy_tail_strong",
-    "hetlora-heavy_tail_strong",
-    "flexlora-uniform",
-    "hetlora-uniform",
-    "flexlora-heavy_tail_light",
-    "hetlora-heavy_tail_light",
-    "flexlora-normal",
-    "hetlora-normal",
+    *(f"{m}-{d}" for d in ("heavy_tail_strong", "uniform", "heavy_tail_light", "normal") for m in HETERO),
 ]
 TYPES = {(8, 8): "r8", (30, 30): "r30", (30, 200): "r30_200", (200, 200): "r200"}
 
@@ -37,13 +31,13 @@ def load_runs(results: Path) -> dict[str, dict[str, Any]]:
 
 
 def comparisons(runs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """FlexLoRA vs HetLoRA under the same distribution, vs FedAvg r=8 and vs its homo control;
-    HetLoRA vs FedAvg r=8; every trained run vs the zero-shot floor."""
+    """FlexLoRA vs every other method under the same distribution, vs FedAvg r=8 and vs its homo control;
+    each other method vs FedAvg r=8; every trained run vs the zero-shot floor."""
     pairs = []
     for name, run in runs.items():
         if run["strategy"] == "flexlora":
-            others = [f"hetlora-{run['distribution']}", "fedavg-r8", "flexlora-homo"]
-        elif run["strategy"] == "hetlora":
+            others = [f"{m}-{run['distribution']}" for m in HETERO[1:]] + ["fedavg-r8", "flexlora-homo"]
+        elif run["strategy"] in HETERO:
             others = ["fedavg-r8"]
         else:
             others = []

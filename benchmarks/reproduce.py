@@ -127,13 +127,18 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: The heterogeneous-rank methods compared per distribution, FlexLoRA first (docs/methods.md).
+HETERO = ("flexlora", "hetlora", "rbla", "flora", "ffa-lora")
+
+
 def runs_for(distributions: list[str], floor_first: bool = True) -> list[Run]:
-    """FedAvg r=8 (one row: it ignores the distribution), FlexLoRA homo r=8 (control), then FlexLoRA and
-    HetLoRA per distribution, in the order given; the base model (the floor) first, or last with ``floor_first=False``."""
+    """FedAvg r=8 (one row: it ignores the distribution), FlexLoRA homo r=8 (control), then every method of
+    :data:`HETERO` per distribution, in the order given: the same start, clients, seeds and evaluation
+    for all; the base model (the floor) first, or last with ``floor_first=False``."""
     floor = [Run("zero-shot", "none", "-")]
     runs = [Run("fedavg-r8", "fedavg", "homo"), Run("flexlora-homo", "flexlora", "homo")]
     for dist in distributions:
-        runs += [Run(f"flexlora-{dist}", "flexlora", dist), Run(f"hetlora-{dist}", "hetlora", dist)]
+        runs += [Run(f"{method}-{dist}", method, dist) for method in HETERO]
     return floor + runs if floor_first else runs + floor
 
 

@@ -37,7 +37,17 @@ from federatedscope.core.message import Message
 from federatedscope.core.workers import Client, Server
 from torch import Tensor
 
-from ..core import Federation, FlexLoRAError, Reply, module_infos_of, rank_label, sample_ranks, split_state, state_nbytes
+from ..core import (
+    BaseWeights,
+    Federation,
+    FlexLoRAError,
+    Reply,
+    module_infos_of,
+    rank_label,
+    sample_ranks,
+    split_state,
+    state_nbytes,
+)
 from .aggregator import FlexLoRAAggregator
 from .config import PluginSettings, flush_notes, settings_from_cfg
 from .trainer import FlexLoRATrainer, current_ranks
@@ -95,6 +105,7 @@ class FlexLoRAServer(Server):
         flush_notes()  # what the config checks said before FS's logger existed
         self.flex = settings_from_cfg(self._cfg)
         self._server_ranks = current_ranks(self.models[0])
+        self._base_weights = BaseWeights()  # the server model's W_0, for a cumulative method (flora)
         # the round protocol (core): every client's ranks, round 1's common start, aggregation, state
         self.federation = Federation(self.flex.core, module_infos_of(self.models[0].state_dict()))
         for cid in range(1, self._cfg.federate.client_num + 1):
@@ -232,11 +243,15 @@ class FlexLoRAServer(Server):
             received,
         )
         if result.updated:
+            update = self.federation.global_update
             self.models[0].load_state_dict(
-                self.federation.global_update.project(  # type: ignore[union-attr]
+                update.project(  # type: ignore[union-attr]
                     self._server_ranks, lora_alpha=self.flex.core.lora_alpha, use_rslora=self.flex.core.use_rslora
                 )
             )  # the server's own model holds the rank-r projection (for make_global_eval)
+            if update.cumulative:  # flora: and its base is W_0 + C_t, as every client's
+                deltas = {m: update.base_delta(m) for m in update.modules}
+                self._base_weights.apply(self.models[0].model, deltas)  # type: ignore[arg-type]
         return len(buffer)
 
 

@@ -358,6 +358,13 @@ def test_flora_clients_train_on_w0_plus_the_running_total(run_fs: Any, tiny_opts
         C = update.base_delta(module)
         got = C[0].double() @ C[1].double() if isinstance(C, tuple) else C.double()
         assert float((got - ref).norm() / ref.norm()) <= 1e-6, module
+    server_model = runner.server.models[0].model  # the server's evaluation model: W_0 + C_3 as well
+    server_kept = runner.server._base_weights.kept
+    assert set(server_kept) == set(update.modules)
+    for name, W in server_model.named_parameters():
+        if name.endswith("base_layer.weight"):
+            module = name.removesuffix(".base_layer.weight")
+            assert torch.equal(W, rebuild_base(server_kept[module], update.base_delta(module))), module
     assert len(trained) == 3 * len(runner.client)
     for cid, client in runner.client.items():
         kept = client.trainer._base_weights.kept  # W_0 of the adapted modules, copied once

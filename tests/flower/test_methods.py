@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytest.importorskip("flwr")
@@ -11,8 +9,7 @@ pytest.importorskip("flwr")
 import torch  # noqa: E402
 
 from flexlora_plugin.core import common_lora_A, factor_of, split_base_delta  # noqa: E402
-from flexlora_plugin.flower.run import run_simulation  # noqa: E402
-from tests.flower.test_simulation import ALPHA, SMALL, _load  # noqa: E402
+from tests.flower.test_simulation import ALPHA, _load, run_table  # noqa: E402
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
@@ -21,18 +18,7 @@ def test_ffa_lora_sends_B_only_both_ways_and_the_global_B_is_exact(tmp_path, tin
     """Round 1 sends B = 0 only; replies carry B only; round 2 sends B_g[:, :r] / s_r with
     B_g = Σ_k p_k s_k pad(B_k), the float64 reference computed here from the dumped replies."""
     table = {"0": 4, "1": 8, "2": 16}
-    config = {
-        **SMALL,
-        "strategy": "ffa-lora",
-        "profile": json.dumps(table),
-        "clients-per-round": 0,
-        "dump-dir": str(tmp_path / "dump"),
-        "model-path": str(tiny_model),
-        "data-path": str(data_path),
-    }
-    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
-    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
-    dump = tmp_path / "dump"
+    result, dump = run_table(tmp_path, tiny_model, data_path, "ffa-lora", table, rounds=2)
     for pid in table:
         sent, _ = _load(dump / "round-001" / f"sent-p{pid}.safetensors")
         assert sent and all(factor_of(k)[1] == "lora_B" and not v.any() for k, v in sent.items()), pid
@@ -63,18 +49,7 @@ def test_flora_sends_the_running_total_and_a_fresh_lora_each_round(tmp_path, tin
     """Round t + 1 sends C_t = Σ_{τ ≤ t} Σ_k p_k s_k B_k A_k (float64 reference from the dumped replies) and a
     fresh LoRA: B = 0, A seeded by (seed, t + 1, module); round 1 is the common start, no correction."""
     table = {"0": 4, "1": 8, "2": 16}
-    config = {
-        **SMALL,
-        "strategy": "flora",
-        "profile": json.dumps(table),
-        "clients-per-round": 0,
-        "dump-dir": str(tmp_path / "dump"),
-        "model-path": str(tiny_model),
-        "data-path": str(data_path),
-    }
-    result = run_simulation(tmp_path, num_rounds=3, num_supernodes=3, run_config=config, timeout=300, echo=False)
-    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
-    dump = tmp_path / "dump"
+    result, dump = run_table(tmp_path, tiny_model, data_path, "flora", table, rounds=3)
     total: dict[str, torch.Tensor] = {}
     for t in (1, 2, 3):
         for pid, r in table.items():

@@ -36,6 +36,23 @@ def _factors(state):
     return out
 
 
+def run_table(tmp_path, tiny_model, data_path, strategy: str, table: dict[str, int], rounds: int = 2):
+    """Every partition of ``table`` (partition -> rank) in every round of a ``strategy`` run, dumping what
+    travelled; returns the run result and the dump folder."""
+    config = {
+        **SMALL,
+        "strategy": strategy,
+        "profile": json.dumps(table),
+        "clients-per-round": 0,
+        "dump-dir": str(tmp_path / "dump"),
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+    }
+    result = run_simulation(tmp_path, num_rounds=rounds, num_supernodes=len(table), run_config=config, timeout=300, echo=False)
+    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    return result, tmp_path / "dump"
+
+
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, tiny_model, data_path):
     out = tmp_path_factory.mktemp("mixed")
@@ -254,18 +271,7 @@ def test_fedavg_round1_common_start_and_exact_average(tmp_path, tiny_model, data
     The reference average is computed here in float64 from the dumped replies.
     """
     table = {"0": 8, "1": 8, "2": 8}
-    config = {
-        **SMALL,
-        "strategy": "fedavg",
-        "profile": json.dumps(table),
-        "clients-per-round": 0,
-        "dump-dir": str(tmp_path / "dump"),
-        "model-path": str(tiny_model),
-        "data-path": str(data_path),
-    }
-    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
-    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
-    dump = tmp_path / "dump"
+    result, dump = run_table(tmp_path, tiny_model, data_path, "fedavg", table, rounds=2)
     assert_round1_is_the_common_start(dump, {int(p): r for p, r in table.items()})
     replies = {pid: _load(dump / "round-001" / f"reply-p{pid}.safetensors") for pid in table}
     total = sum(float(meta["num-examples"]) for _, meta in replies.values())
@@ -290,18 +296,7 @@ def test_rbla_round2_sends_the_rank_based_average_of_round1(tmp_path, tiny_model
 
     The reference is computed here in float64 from the dumped round-1 replies.
     """
-    config = {
-        **SMALL,
-        "strategy": "rbla",
-        "profile": json.dumps(TABLE),
-        "clients-per-round": 0,
-        "dump-dir": str(tmp_path / "dump"),
-        "model-path": str(tiny_model),
-        "data-path": str(data_path),
-    }
-    result = run_simulation(tmp_path, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
-    assert result.ok, (result.status, result.log_path.read_text()[-3000:])
-    dump = tmp_path / "dump"
+    result, dump = run_table(tmp_path, tiny_model, data_path, "rbla", TABLE, rounds=2)
     replies = [_load(dump / "round-001" / f"reply-p{pid}.safetensors") for pid in TABLE]
     held = [(float(meta["num-examples"]), _factors(state)) for state, meta in replies]
     top = max(TABLE.values())

@@ -289,6 +289,23 @@ class FactorsUpdate(GlobalUpdate):
     def from_round(cls, rnd: Round) -> FactorsUpdate:
         raise TypeError(f"{cls.__name__} is not built from client updates")
 
+    @classmethod
+    def of_round(
+        cls, rnd: Round, factors: Mapping[str, tuple[Tensor, Tensor]], scales: Mapping[str, float] | None = None
+    ) -> FactorsUpdate:
+        """The update of ``rnd`` holding ``factors`` (module -> ``(Ā, B̄)``) and ``scales`` (default 1 everywhere)."""
+        o = rnd.options
+        return cls(
+            rnd.info,
+            rnd.ids,
+            rnd.excluded,
+            factors=factors,
+            scales=dict(scales) if scales is not None else dict.fromkeys(rnd.info, 1.0),
+            compute_dtype=o.compute_dtype,
+            device=o.device,
+            seed=o.seed,
+        )
+
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The global factors ``A``, ``B`` and their ``scale``."""
         A, B = self.factors[module]

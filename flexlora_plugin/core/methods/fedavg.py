@@ -50,16 +50,7 @@ class FedAvgUpdate(FactorsUpdate):
             A = torch.stack([p[c.client] * c.factors[m].A.to(device=o.device, dtype=o.compute_dtype) for c in held]).sum(0)
             B = torch.stack([p[c.client] * c.factors[m].B.to(device=o.device, dtype=o.compute_dtype) for c in held]).sum(0)
             factors[m], scales[m] = (A, B), max(s)
-        return cls(
-            rnd.info,
-            rnd.ids,
-            rnd.excluded,
-            factors=factors,
-            scales=scales,
-            compute_dtype=o.compute_dtype,
-            device=o.device,
-            seed=o.seed,
-        )
+        return cls.of_round(rnd, factors, scales)  # type: ignore[return-value]
 
     def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         A, B = self.factors[module]

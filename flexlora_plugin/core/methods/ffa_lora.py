@@ -55,16 +55,7 @@ class FFALoRAUpdate(FactorsUpdate):
                 f = c.factors[m]
                 B_g[:, : f.r] += (p[c.client] * s[c.client]) * f.B.to(device=o.device, dtype=o.compute_dtype)
             factors[m] = (top.A.to(device=o.device, dtype=o.compute_dtype), B_g)
-        return cls(
-            rnd.info,
-            rnd.ids,
-            rnd.excluded,
-            factors=factors,
-            scales=dict.fromkeys(rnd.info, 1.0),
-            compute_dtype=o.compute_dtype,
-            device=o.device,
-            seed=o.seed,
-        )
+        return cls.of_round(rnd, factors)  # type: ignore[return-value]
 
     def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``A[:r]`` (the client's own frozen A) and ``B = B_g[:, :r] / s``, zero columns past ``R``."""

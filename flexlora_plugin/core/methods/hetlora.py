@@ -56,21 +56,6 @@ def padded_rank(rnd: Round, method: str) -> int:
 class PaddedUpdate(FactorsUpdate):
     """Global factors padded to rank ``R``, ``ΔW = B̄ Ā`` (``√s_k`` inside); a client receives their truncation."""
 
-    @classmethod
-    def of_round(cls, rnd: Round, factors: dict[str, tuple[Tensor, Tensor]]) -> PaddedUpdate:
-        """The update of ``rnd`` holding ``factors`` (module -> ``(Ā, B̄)``), scale 1."""
-        o = rnd.options
-        return cls(
-            rnd.info,
-            rnd.ids,
-            rnd.excluded,
-            factors=factors,
-            scales=dict.fromkeys(rnd.info, 1.0),
-            compute_dtype=o.compute_dtype,
-            device=o.device,
-            seed=o.seed,
-        )
-
     def _project_module(self, module: str, r: int, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         A, B = self.factors[module]
         if r > A.shape[0]:
