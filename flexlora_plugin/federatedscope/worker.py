@@ -163,7 +163,10 @@ class FlexLoRAServer(Server):
 
     def _check_message_size(self, cid: int, content: Any) -> None:
         """Refuse, in one line, a distributed payload above gRPC's message limit (e.g. flora's running total)."""
-        size, limit = encoded_nbytes(content), int(self._cfg.distribute.grpc_max_send_message_length)
+        size = encoded_nbytes(content)  # 0 in standalone mode: nothing goes through gRPC
+        if size == 0:
+            return
+        limit = int(self._cfg.distribute.grpc_max_send_message_length)
         if size > limit:
             raise FlexLoRAError(
                 f"the message to client {cid} is {size / 2**20:.1f} MiB, above distribute.grpc_max_send_message_length "
