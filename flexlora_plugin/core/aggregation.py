@@ -23,10 +23,20 @@ from .adapters import LORA_A, LoRAFactors
 from .engine import AggregateOptions, EngineStats, LowRankSum, ProgressFn, Round, ieee_float32, trim_heap
 from .errors import NonFiniteUpdateError
 from .methods import GlobalUpdate, list_methods, method_class
-from .staging import Stack, Verdict, device_verdicts, module_verdict, stage, streams
+from .staging import Stack, module_verdict, stage, streams
 from .start import with_common_A
 from .terms import StackedTerms
-from .validation import ClientUpdate, ModuleInfo, Ranks, Scaling, apply_value_checks, client_module_infos, collect_clients
+from .validation import (
+    ClientUpdate,
+    ModuleInfo,
+    Ranks,
+    Scaling,
+    Verdict,
+    apply_value_checks,
+    client_module_infos,
+    collect_clients,
+    value_checks,
+)
 
 __all__ = ["aggregate"]
 
@@ -275,7 +285,7 @@ def _staged(
         stacks = stage(host, list(info), device, on_module=runner.submit)
         results = runner.results()
     verdicts = {m: v for m, (v, _) in results.items()}
-    nonfinite, norms = device_verdicts(verdicts, {c.client: c.scalings for c in clients})
+    nonfinite, norms = value_checks(verdicts, {c.client: c.scalings for c in clients})
     before = len(clients)
     clients = apply_value_checks(clients, excluded, nonfinite, on_invalid, max_norm, norms)
     prepared = {m: p for m, (_, p) in results.items() if p is not None} if len(clients) == before else {}

@@ -43,8 +43,9 @@ import torch
 from torch import Tensor
 
 from .errors import FlexLoRAWarning
+from .validation import Verdict
 
-__all__ = ["Stack", "Verdict", "device_verdicts", "module_verdict", "pinned_empty", "stage", "streams"]
+__all__ = ["Stack", "module_verdict", "pinned_empty", "stage", "streams"]
 
 
 @dataclass(frozen=True)
@@ -368,18 +369,8 @@ def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[s
         worker.join()
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """One module's value checks: per client (in the stack's order) a NaN/Inf flag and ``‖A‖_F``, ``‖B‖_F``."""
-
-    clients: tuple[Hashable, ...]
-    nonfinite: tuple[bool, ...]
-    a_norm: tuple[float, ...]
-    b_norm: tuple[float, ...]
-
-
 def module_verdict(st: Stack) -> Verdict:
-    """NaN/Inf flags and float64 norms of every client's factors in ``st``: one device-to-host copy."""
+    """The value checks' :class:`~flexlora_plugin.core.validation.Verdict` of a stacked module: one device-to-host copy."""
     seg = st.segment_ids()
     n = len(st.clients)
     finite_rows = torch.isfinite(st.A_cat).all(dim=1) & torch.isfinite(st.B_cat).all(dim=0)
@@ -389,18 +380,3 @@ def module_verdict(st: Stack) -> Verdict:
     out[2].index_add_(0, seg, torch.linalg.vector_norm(st.B_cat, dim=0, dtype=torch.float64) ** 2)
     flags, a2, b2 = out.cpu().tolist()
     return Verdict(st.clients, tuple(f > 0 for f in flags), tuple(math.sqrt(x) for x in a2), tuple(math.sqrt(x) for x in b2))
-
-
-def device_verdicts(
-    verdicts: Mapping[str, Verdict], scalings: Mapping[Hashable, Mapping[str, float]]
-) -> tuple[dict[Hashable, list[str]], dict[Hashable, dict[str, float]]]:
-    """Per client: the modules with NaN/Inf values, and ``s·‖B‖_F·‖A‖_F`` (float64) per finite module."""
-    bad: dict[Hashable, list[str]] = {}
-    norms: dict[Hashable, dict[str, float]] = {}
-    for module, v in verdicts.items():
-        for j, client in enumerate(v.clients):
-            if v.nonfinite[j]:
-                bad.setdefault(client, []).append(module)
-            else:
-                norms.setdefault(client, {})[module] = abs(scalings[client][module]) * v.b_norm[j] * v.a_norm[j]
-    return bad, norms

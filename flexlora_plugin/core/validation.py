@@ -1,8 +1,10 @@
 """The trust boundary of the server step: client state dicts in, validated clients and exclusions out.
 
-Every host's replies pass here before anything global changes (:func:`collect_clients`, then
-:func:`apply_value_checks`, on the host or, for a CUDA server, on the device by
-:mod:`~flexlora_plugin.core.staging`): keys and dtypes (floating factors only), ranks against
+Every host's replies pass here before anything global changes (:func:`collect_clients`, then one
+value-check path for every placement: a :class:`Verdict` per module, from the clients' own tensors
+(:func:`host_verdict`) or from the factors stacked on a CUDA device
+(:func:`~flexlora_plugin.core.staging.module_verdict`), then :func:`value_checks` and
+:func:`apply_value_checks`): keys and dtypes (floating factors only), ranks against
 each client's assignment, module shapes fixed by the server (never by the first reply), NaN/Inf,
 and a magnitude that cannot overflow float32 aggregation (plus an optional norm bound). A bad
 client is raised on or excluded with its reason; docs/reliability.md lists each case and its test.
@@ -24,7 +26,16 @@ from torch import Tensor
 from .adapters import LoRAFactors, lora_scaling, resolve_pattern, split_state
 from .errors import FlexLoRAError, FlexLoRAWarning, MagnitudeError, MissingModuleError, RankError, ShapeMismatchError
 
-__all__ = ["ClientUpdate", "ModuleInfo", "apply_value_checks", "client_module_infos", "collect_clients", "update_norm_bound"]
+__all__ = [
+    "ClientUpdate",
+    "ModuleInfo",
+    "Verdict",
+    "apply_value_checks",
+    "client_module_infos",
+    "collect_clients",
+    "host_verdict",
+    "value_checks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +128,57 @@ def collect_clients(
             continue
         clients.append(ClientUpdate(client=cid, weight=float(weight), factors=factors, scalings=scaled))
     if check_values:
-        # One pass over the factors: a NaN/Inf makes its factor's norm non-finite, and only then is
-        # that factor scanned for one (a finite norm rules it out; an overflowed one is only large).
-        norms = {c.client: {m: update_norm_bound(f, c.scalings[m]) for m, f in c.factors.items()} for c in clients}
-        bad = {
-            c.client: [m for m, f in c.factors.items() if not math.isfinite(norms[c.client][m]) and not _all_finite(f)][:1]
-            for c in clients
-        }
+        modules = list(dict.fromkeys(m for c in clients for m in c.factors))
+        verdicts = {m: host_verdict(m, clients) for m in modules}
+        bad, norms = value_checks(verdicts, {c.client: c.scalings for c in clients})
         clients = apply_value_checks(clients, excluded, bad, on_invalid, max_norm, norms)
     return clients, excluded
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One module's value inspection: per client (in order) a NaN/Inf flag and ``‖A‖_F``, ``‖B‖_F`` in float64.
+
+    Every placement fills one: :func:`host_verdict` from the clients' own tensors,
+    :func:`~flexlora_plugin.core.staging.module_verdict` from the factors stacked on a device;
+    :func:`value_checks` and :func:`apply_value_checks` then apply one policy to both.
+    """
+
+    clients: tuple[Hashable, ...]
+    nonfinite: tuple[bool, ...]
+    a_norm: tuple[float, ...]
+    b_norm: tuple[float, ...]
+
+
+def host_verdict(module: str, clients: Sequence[ClientUpdate]) -> Verdict:
+    """The :class:`Verdict` of ``module`` from the clients' own factors, one pass over each.
+
+    A NaN/Inf makes its factor's norm non-finite, and only then is that factor scanned for one (a
+    finite norm rules it out; one that overflowed its dtype is recomputed in float64 and is only large).
+    """
+    held = [c for c in clients if module in c.factors]
+    a = [_norm64(c.factors[module].A) for c in held]
+    b = [_norm64(c.factors[module].B) for c in held]
+    bad = [
+        not (math.isfinite(x) and math.isfinite(y)) and not _all_finite(c.factors[module])
+        for c, x, y in zip(held, a, b, strict=True)
+    ]
+    return Verdict(tuple(c.client for c in held), tuple(bad), tuple(a), tuple(b))
+
+
+def value_checks(
+    verdicts: Mapping[str, Verdict], scalings: Mapping[Hashable, Mapping[str, float]]
+) -> tuple[dict[Hashable, list[str]], dict[Hashable, dict[str, float]]]:
+    """Per client: the modules with NaN/Inf values, and ``s·‖B‖_F·‖A‖_F`` (float64) per finite module."""
+    bad: dict[Hashable, list[str]] = {}
+    norms: dict[Hashable, dict[str, float]] = {}
+    for module, v in verdicts.items():
+        for j, client in enumerate(v.clients):
+            if v.nonfinite[j]:
+                bad.setdefault(client, []).append(module)
+            else:
+                norms.setdefault(client, {})[module] = abs(scalings[client][module]) * v.b_norm[j] * v.a_norm[j]
+    return bad, norms
 
 
 def apply_value_checks(
@@ -142,7 +195,7 @@ def apply_value_checks(
     the weights of the rest are divided by the largest one (``p_k`` unchanged, no overflow of ``Σ w``).
 
     ``nonfinite``: client -> modules with NaN/Inf (first one named). ``norms``: client -> module ->
-    ``s·‖B‖_F·‖A‖_F`` (:func:`update_norm_bound` on the host, ``device_verdicts`` on a device).
+    ``s·‖B‖_F·‖A‖_F``; both from :func:`value_checks` over each module's :class:`Verdict`.
     """
     kept = []
     for c in clients:
@@ -154,15 +207,6 @@ def apply_value_checks(
     kept = _within_magnitude(kept, excluded, on_invalid, max_norm, norms)
     top = max((c.weight for c in kept), default=1.0)  # p_k = w_k / Σ w: divide by the largest first, no overflow
     return [dataclasses.replace(c, weight=c.weight / top) for c in kept]
-
-
-def update_norm_bound(f: LoRAFactors, scaling: float) -> float:
-    """``s · ‖B‖_F · ‖A‖_F`` in float64: an upper bound of ``‖s·B·A‖_F``, computed without forming it.
-
-    Each norm is taken in the factor's dtype (no float64 copy of every client's factors) and only
-    recomputed in float64 when it overflowed; the product is a Python float (float64).
-    """
-    return abs(scaling) * _norm64(f.B) * _norm64(f.A)
 
 
 def _all_finite(f: LoRAFactors) -> bool:

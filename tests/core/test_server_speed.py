@@ -308,3 +308,30 @@ def test_the_top_rank_factor_b_is_the_cached_spectrum_and_survives_a_restore(gen
             assert torch.allclose(again[key], live[key], rtol=1e-6, atol=1e-7), (r, key)
         for m in SHAPES:
             assert projection_gap(again, states, weights, m, r) <= 1e-5, (m, r)
+
+
+def test_one_value_check_path_the_host_and_the_stacked_verdicts_agree(gen):
+    """The clients' own tensors and their device stack give one Verdict (flags, float64 norms) per module."""
+    from flexlora_plugin.core.adapters import split_state
+    from flexlora_plugin.core.staging import module_verdict
+    from flexlora_plugin.core.validation import ClientUpdate, host_verdict, value_checks
+
+    states = _states(gen)
+    states[2] = {k: v.clone() for k, v in states[2].items()}
+    states[2]["l0.gate_proj.lora_B.weight"][0, 0] = float("nan")
+    clients = [ClientUpdate(j, 1.0, split_state(s), dict.fromkeys(SHAPES, 2.0)) for j, s in enumerate(states)]
+    stacks = stage({c.client: {m: (f.A, f.B) for m, f in c.factors.items()} for c in clients}, list(SHAPES), "cpu")
+    for m in SHAPES:
+        host, stacked = host_verdict(m, clients), module_verdict(stacks[m])  # the stack orders clients its own way
+
+        def by_client(v):
+            return {c: (bad, a, b) for c, bad, a, b in zip(v.clients, v.nonfinite, v.a_norm, v.b_norm, strict=True)}
+
+        here, there = by_client(host), by_client(stacked)
+        assert set(here) == set(there) == set(range(len(states))), m
+        for c, (bad, a, b) in here.items():
+            assert bad == there[c][0] == (c == 2 and m == "l0.gate_proj"), (m, c)
+            if not bad:
+                assert (a, b) == (pytest.approx(there[c][1], rel=1e-6), pytest.approx(there[c][2], rel=1e-6)), (m, c)
+    bad, norms = value_checks({m: host_verdict(m, clients) for m in SHAPES}, {c.client: c.scalings for c in clients})
+    assert bad == {2: ["l0.gate_proj"]} and set(norms[0]) == set(SHAPES)
