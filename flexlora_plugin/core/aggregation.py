@@ -77,8 +77,9 @@ def aggregate(
     weights : sequence or mapping of float
         Positive, finite; typically each client's sample count. Normalised per module.
     method : str
-        A registered method (:func:`list_methods`: ``"flexlora"``, ``"fedavg"``, ``"hetlora"``, or
-        one added with :func:`register_method`). (default: "flexlora")
+        A registered method (:func:`list_methods`: ``"flexlora"``, ``"fedavg"``, ``"hetlora"``,
+        ``"rbla"``, ``"ffa-lora"``, ``"flora"``, or one added with :func:`register_method`; each
+        rule in :mod:`flexlora_plugin.core.methods`). (default: "flexlora")
     lora_alpha : float, optional
         Clients' ``lora_alpha``; ``s_k = lora_scaling(lora_alpha, r_k, use_rslora)`` per module.
     scalings : sequence or mapping, optional
@@ -94,8 +95,9 @@ def aggregate(
         Clients with NaN/Inf factors are always excluded with a warning. (default: "raise")
     expected_shapes : Mapping[str, tuple[int, int]], optional
         Module -> ``(d_out, d_in)`` the server knows (e.g. from its model): a client with another
-        shape, or a module not listed, is invalid, whichever client arrives first. (default: the
-        first client's shapes are the reference)
+        shape, or a module not listed, is invalid, whichever client arrives first. Required by a
+        method that freezes ``A`` (``ffa-lora``: replies carry ``B`` only). (default: the first
+        client's shapes are the reference)
     max_norm : float, optional
         An optional bound on each client's ``s·‖B‖_F·‖A‖_F`` per module (float64); a client above
         it is invalid. Off by default. Independently, an update that would overflow float32
@@ -108,8 +110,8 @@ def aggregate(
         request decomposes for the largest client rank of the module and keeps the Gram
         eigenbasis (``min(d_out, d_in)²`` floats per dense-path module, 16 MiB at 2048), so a
         later, larger rank costs one Rayleigh–Ritz step on the factors and never another ΔW or
-        decomposition; pass it to keep less. ``hetlora``: the padded global rank (default: the
-        largest client rank).
+        decomposition; pass it to keep less. ``hetlora`` and ``rbla``: the padded global rank
+        (default: the largest client rank).
     hetlora_weighting : {"data", "norm"}
         HetLoRA weights: data sizes, or ``‖s_k B_k A_k‖_F`` (the HetLoRA paper). (default: "data")
     compute_dtype : torch.dtype
