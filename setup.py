@@ -34,8 +34,7 @@ setup(
     packages=find_packages(include=["flexlora_plugin", "flexlora_plugin.*"]),
     # transformers 4.56 is the first to take from_pretrained(..., dtype=) (the evaluate command, the Flower app);
     # 4.45-4.55 raise TypeError there. The SmolLM2 GGUF converts from 4.45 on (tests/test_models.py).
-    # scipy: LAPACK syevr and, through scipy.linalg.cython_lapack, the packed ?spevx for the top-k eigenvectors of the
-    # server's Gram matrices (core/projection.gram_basis, core/packed.py).
+    # scipy: LAPACK syevr for the top-k eigenvectors of the server's Gram matrices (core/projection.gram_basis).
     install_requires=[
         "torch>=2.1",
         "transformers>=4.56",

@@ -34,7 +34,6 @@ import torch
 from torch import Tensor
 
 from .errors import RankError
-from .packed import PackedEigenError
 from .projection import (
     Gram,
     GramBasis,
@@ -260,11 +259,7 @@ class LowRankSum:
 
     def _from_slabs(self, terms: TermList, k: int) -> Spectrum:
         self.stats.slab_grams[self.module] += 1
-        try:  # the packed Gram matrix on the CPU: half the memory
-            basis = gram_basis(terms.gram(self.compute_dtype, self.device), k)
-        except PackedEigenError as err:  # it is overwritten: build it again, whole, for syevr
-            logger.warning("module %s: %s; retrying with the whole Gram matrix", self.module, err)
-            basis = gram_basis(terms.gram(self.compute_dtype, self.device, packed=False), k)
+        basis = gram_basis(terms.gram(self.compute_dtype, self.device), k)
         spec = ritz_spectrum(basis, k, terms.matmul, terms.rmatmul)
         del basis
         trim_heap()

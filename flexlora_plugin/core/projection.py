@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from .errors import RankError
-from .packed import packed_top_eigvecs
 
 __all__ = [
     "Gram",
@@ -208,7 +207,7 @@ class Gram:
 
     Attributes
     ----------
-    matrix : Tensor, shape (n, n), or (n (n + 1) / 2,) when ``packed``
+    matrix : Tensor, shape (n, n)
         ``ΔW ΔWᵀ`` (``wide``: ``d_out ≤ d_in``, ``n = d_out``) or ``ΔWᵀ ΔW`` (``n = d_in``).
         :func:`gram_basis` overwrites it on the CPU.
     wide : bool
@@ -216,15 +215,12 @@ class Gram:
         ``(d_out, d_in)`` of ΔW.
     total_energy : float
         ``‖ΔW‖_F²``, accumulated in float64.
-    packed : bool
-        The upper triangle in LAPACK's packed storage (:mod:`~flexlora_plugin.core.packed`).
     """
 
     matrix: Tensor
     wide: bool
     shape: tuple[int, int]
     total_energy: float
-    packed: bool = False
 
     @property
     def n(self) -> int:
@@ -270,14 +266,9 @@ def gram_basis(gram: Gram, k: int | None = None) -> GramBasis:
     working memory is ``26 n`` floats plus the ``n × k`` result, where ``torch.linalg.eigh``
     needs ``3 n²`` floats beside the matrix and computes every eigenvector (2.1× the time at
     ``n = 2048``, ``k = 200``). Elsewhere (CUDA) ``torch.linalg.eigh`` computes all of them.
-    A packed matrix (CPU only) goes to LAPACK ``?spevx``
-    (:func:`~flexlora_plugin.core.packed.packed_top_eigvecs`), also in place.
     """
     G = gram.matrix
     n = gram.n
-    if gram.packed:
-        vecs = packed_top_eigvecs(G, n, n if k is None else min(k, n))
-        return GramBasis(vecs=vecs, wide=gram.wide, shape=gram.shape, total_energy=gram.total_energy)
     if k is not None and k < n and G.device.type == "cpu":
         from scipy.linalg import eigh  # a dependency; imported here so a GPU-only server never loads it
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .packed import PanelGram
 from .projection import Gram, Spectrum, factored_spectrum, gram_of, stacked_spectrum
 
 __all__ = ["DenseTerms", "ModuleTerms", "StackedTerms", "TermList"]
@@ -117,9 +116,7 @@ class TermList(ModuleTerms):
             out.addmm_(B_cat, A_cat)
         return out
 
-    def gram(
-        self, dtype: torch.dtype, device: torch.device | None, block_bytes: int = 2 << 20, packed: bool | None = None
-    ) -> Gram:
+    def gram(self, dtype: torch.dtype, device: torch.device | None, block_bytes: int = 2 << 20) -> Gram:
         """``ΔW ΔWᵀ`` or ``ΔWᵀ ΔW`` from slabs of ΔW, never ΔW itself.
 
         The slabs run along the larger side: ``ΔW[:, J] = Σ_j c_j B_j A_j[:, J]`` (wide) or
@@ -127,21 +124,13 @@ class TermList(ModuleTerms):
         and at most ``block_bytes``; the FLOPs are those of ΔW and its Gram, the memory is the
         Gram plus one slab. ``‖ΔW‖_F²`` is the trace of the Gram, summed in float64 (a float64
         norm per slab would allocate a float64 copy of it each time).
-
-        ``packed`` (default: on the CPU in float32 or float64) keeps the upper triangle only, in
-        LAPACK's packed storage (:mod:`~flexlora_plugin.core.packed`): ``n (n + 1) / 2``
-        numbers and half the Gram's FLOPs, for :func:`~flexlora_plugin.core.projection.gram_basis`'s
-        packed eigensolver. Otherwise the whole ``n × n`` matrix.
         """
         d_out, d_in = self.shape
         wide = d_out <= d_in
         n, m = (d_out, d_in) if wide else (d_in, d_out)
         on = torch.device(device) if device is not None else torch.device("cpu")
-        if packed is None:
-            packed = on.type == "cpu" and dtype in (torch.float32, torch.float64)
         b = max(1, min(m, block_bytes // (n * torch.empty((), dtype=dtype).element_size())))
-        panels = PanelGram(n, dtype) if packed else None
-        G = None if panels is not None else torch.zeros(n, n, dtype=dtype, device=on)
+        G = torch.zeros(n, n, dtype=dtype, device=on)
         slab = torch.empty(n, b, dtype=dtype, device=on)  # wide: ΔW[:, J]; tall: ΔW[I, :]ᵀ
         for lo in range(0, m, b):
             cur = slab[:, : min(b, m - lo)]
@@ -151,16 +140,10 @@ class TermList(ModuleTerms):
                     cur.addmm_(B.to(device=on, dtype=dtype), A[:, lo : lo + b].to(device=on, dtype=dtype), alpha=c)
                 else:
                     cur.addmm_(A.T.to(device=on, dtype=dtype), B[lo : lo + b].T.to(device=on, dtype=dtype), alpha=c)
-            if panels is not None:
-                panels.add(cur)
-            else:
-                G.addmm_(cur, cur.T)  # type: ignore[union-attr]
+            G.addmm_(cur, cur.T)
         del slab, cur
-        if panels is not None:
-            total = panels.trace()
-            return Gram(matrix=panels.pack(), wide=wide, shape=self.shape, total_energy=total, packed=True)
-        total = float(G.diagonal().sum(dtype=torch.float64))  # type: ignore[union-attr]
-        return Gram(matrix=G, wide=wide, shape=self.shape, total_energy=total)  # type: ignore[arg-type]
+        total = float(G.diagonal().sum(dtype=torch.float64))
+        return Gram(matrix=G, wide=wide, shape=self.shape, total_energy=total)
 
     def matmul(self, X: Tensor) -> Tensor:
         out = X.new_zeros(self.shape[0], X.shape[1])

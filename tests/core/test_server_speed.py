@@ -114,7 +114,7 @@ def test_gram_from_slabs_matches_the_dense_gram(gen, shape, block_bytes):
         (c, torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen))
         for c, r in ((0.5, 20), (-1.5, 30), (2.0, 25))
     ]
-    gram = TermList(items, shape).gram(torch.float32, None, block_bytes=block_bytes, packed=False)  # packed: test_packed.py
+    gram = TermList(items, shape).gram(torch.float32, None, block_bytes=block_bytes)
     dense = sum(c * B.double() @ A.double() for c, B, A in items)
     ref = dense @ dense.T if d_out <= d_in else dense.T @ dense
     assert gram.wide == (d_out <= d_in) and gram.matrix.shape == ref.shape
