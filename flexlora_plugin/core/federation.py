@@ -178,6 +178,7 @@ class Federation:
         self.dropped: dict[Hashable, int] = {}  # client -> round it was dropped from sampling at
         self._initial: GlobalUpdate | None = None
         self._adapter: tuple[GlobalUpdate, str, tuple[dict[str, Tensor], dict[str, int]]] | None = None
+        self._correction: tuple[GlobalUpdate, Any, dict[str, Tensor]] | None = None
         self._sampler = config.sampler()
         device = resolve_device(config.server_device)  # a GPU asked for and missing fails here, not in round 1
         self.server_device = None if device.type == "cpu" else device
@@ -251,18 +252,33 @@ class Federation:
         Returns a private copy (``A: (r, d_in)``, ``B: (d_out, r)`` per module; only ``B`` for a
         method that freezes ``A``) in the config's ``wire_dtype`` (``auto``: the adapters' own),
         safe to hand to a transport; for a cumulative method (``flora``) also the running total
-        every client adds to its base (:func:`~flexlora_plugin.core.adapters.base_delta_state` keys).
+        every client adds to its base (:func:`~flexlora_plugin.core.adapters.base_delta_state`
+        keys), one set of tensors shared by every client's message: read-only.
         """
         cfg = self.config
         wire = WIRE_DTYPES[cfg.wire_dtype]
         projected = self.current.project(self.rank_maps[client], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=wire)
         out = {k: v.clone() for k, v in only_factors(projected, self.trains).items()}  # what the method sends
-        for module in self.current.modules:  # a cumulative method's running total, merged into the client's base
-            delta = self.current.base_delta(module)
-            if delta is not None:
-                parts = base_delta_state(module, delta)
-                out.update({k: v.to(device="cpu", dtype=wire or v.dtype, copy=True) for k, v in parts.items()})
+        out.update(self._base_correction(wire))
         return out
+
+    def _base_correction(self, wire: Any) -> dict[str, Tensor]:
+        """A cumulative method's running total, the same for every client: converted once per update and shared.
+
+        The model's size for a dense total, so it is not copied per client (read-only by contract:
+        the hosts serialise it, or, in-process, the receiver copies it).
+        """
+        update = self.current
+        if self._correction is None or self._correction[0] is not update or self._correction[1] != wire:
+            parts: dict[str, Tensor] = {}
+            for module in update.modules:
+                delta = update.base_delta(module)
+                if delta is not None:
+                    parts.update(
+                        {k: v.to(device="cpu", dtype=wire or v.dtype) for k, v in base_delta_state(module, delta).items()}
+                    )
+            self._correction = (update, wire, parts)
+        return self._correction[2]
 
     @property
     def trains(self) -> tuple[str, ...]:

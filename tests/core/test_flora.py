@@ -81,6 +81,13 @@ def test_the_running_total_is_the_sum_of_the_rounds_and_clients_get_a_fresh_lora
                 assert torch.equal(sent[f"{module}.lora_A.weight"], common_lora_A(module, r, d_in, seed=SEED, round=t + 1))
                 assert not sent[f"{module}.lora_B.weight"].any()
         _, deltas = split_base_delta(fed.factors_for(0))
+        _, again = split_base_delta(fed.factors_for(1))
+        for module, delta in deltas.items():  # one running total for every client's message, not a copy each
+            assert (
+                all(x is y for x, y in zip(delta, again[module], strict=True))
+                if isinstance(delta, tuple)
+                else delta is again[module]
+            )
         held_as_factors = all(isinstance(d, tuple) for d in deltas.values())
         assert held_as_factors == (t == 1), t  # R = 14 < min(d) = 16 after round 1, 28 after round 2: dense
     assert fed.energy_kept(0) == dict.fromkeys(fed.global_update.modules, 1.0)
