@@ -7,7 +7,8 @@ Adaptations", NeurIPS 2024. Round ``t``'s update is the exact stack of the clien
 
 and, instead of being sent back as LoRA factors, it is merged into the base: ``W_t = W_0 + C_t``
 with the running total ``C_t = C_{t−1} + ΔW_t`` (``C_0 = 0``). The server holds ``C_t`` per module,
-as factors while their stacked rank is below ``min(d_out, d_in)``, else dense (compute dtype).
+as factors while they are smaller than the dense matrix (stacked rank below
+``d_out d_in / (d_out + d_in)``), else dense (compute dtype).
 
 What a client receives for round ``t + 1``: ``C_t`` (:meth:`FLoRAUpdate.base_delta`, the message's
 base correction) and a fresh LoRA at its rank, ``B = 0`` and ``A`` seeded by run seed, round and
@@ -19,7 +20,7 @@ from the same base. Clients train and send both factors.
 ``delta()`` is the round's ``ΔW_t``. Energy: 1 (every client holds ``C_t`` exactly). Export: the
 peft adapter of ``C_T`` (the base-model change of the whole run), exact, or at a chosen rank with
 its error. Bytes down grow with the run: ``C_t`` as factors is ``Σ_{rounds} Σ_k r_k`` rows and
-columns, then the dense ``d_out × d_in`` matrix.
+columns, at most the dense ``d_out × d_in`` matrix.
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ Correction = tuple[Tensor, Tensor] | Tensor  # (B : (d_out, R), A : (R, d_in)), 
 
 
 def accumulate(total: Correction | None, B_t: Tensor, A_t: Tensor, shape: tuple[int, int]) -> Correction:
-    """``C_t = C_{t−1} + B_t A_t``: factors side by side while their rank is below ``min(d_out, d_in)``, else dense."""
+    """``C_t = C_{t−1} + B_t A_t``: factors side by side while they are smaller than the dense matrix, else dense.
+
+    Factors of rank ``R`` hold ``R (d_out + d_in)`` numbers, the matrix ``d_out d_in``: past
+    ``R = d_out d_in / (d_out + d_in)`` (below ``min(d_out, d_in)``) the dense matrix is the
+    smaller message and state, and as exact.
+    """
     if isinstance(total, Tensor):
         return total + B_t @ A_t
     B, A = (B_t, A_t) if total is None else (torch.cat([total[0], B_t], dim=1), torch.cat([total[1], A_t], dim=0))
-    return (B, A) if B.shape[1] < min(shape) else B @ A
+    d_out, d_in = shape
+    return (B, A) if B.shape[1] * (d_out + d_in) < d_out * d_in else B @ A
 
 
 @register_method("flora")
