@@ -191,7 +191,6 @@ def aggregate(
 
         rnd = Round(
             kept,
-            [c.client for c in kept],
             info,
             excluded,
             options,
@@ -205,7 +204,7 @@ def aggregate(
         raise NonFiniteUpdateError(f"no usable client update this round; excluded: {excluded}")
     if rnd is None:  # the checks' temporaries (isfinite masks, norms) would otherwise stay resident between client factors
         trim_heap()  # (stacked, the checks ran on the stacks: nothing small to give back, and a trim costs ms)
-        rnd = Round(clients, [c.client for c in clients], info, excluded, options, stats=stats, previous=previous)
+        rnd = Round(clients, info, excluded, options, stats=stats, previous=previous)
     return cls.from_round(rnd)
 
 

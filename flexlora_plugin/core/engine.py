@@ -317,7 +317,6 @@ class Round:
     def __init__(
         self,
         clients: Sequence[ClientUpdate],
-        ids: Sequence[Hashable],
         info: Mapping[str, ModuleInfo],
         excluded: Mapping[Hashable, str],
         options: AggregateOptions,
@@ -332,7 +331,6 @@ class Round:
         self._kept = list(clients)  # weights and scalings; factors as received
         self._placed = placed  # the same clients, factors on the compute device (built on first access)
         self._clients: Sequence[ClientUpdate] | None = None if placed is not None else self._kept
-        self.ids = tuple(ids)
         self.info = dict(info)
         self.excluded = dict(excluded)
         self.options = options
@@ -340,6 +338,11 @@ class Round:
         self._terms = terms
         self._prepared = dict(prepared or {})
         self._spectra_done: set[str] = set()
+
+    @property
+    def ids(self) -> tuple[Hashable, ...]:
+        """The kept clients' ids, in order."""
+        return tuple(c.client for c in self._kept)
 
     @property
     def clients(self) -> Sequence[ClientUpdate]:
