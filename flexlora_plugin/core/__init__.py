@@ -28,6 +28,7 @@ from .client import (
     BaseWeights,
     ClientModel,
     apply_received,
+    freeze_untrained,
     parse_device,
     proximal_term,
     rebuild_base,
@@ -93,6 +94,7 @@ from .start import InitialUpdate, common_lora_A, initial_update, module_infos, m
 from .validation import ClientUpdate, ModuleInfo
 
 __all__ = [
+    "freeze_untrained",
     "BASE_DELTA",
     "BaseWeights",
     "apply_received",

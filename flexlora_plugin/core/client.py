@@ -28,6 +28,7 @@ from .start import with_common_A
 __all__ = [
     "DTYPES",
     "BaseWeights",
+    "freeze_untrained",
     "apply_received",
     "rebuild_base",
     "ClientModel",
@@ -148,6 +149,15 @@ def trained_factors(state: Mapping[str, Tensor], *, method: str) -> dict[str, Te
     return only_factors(state, method_class(method).trains)
 
 
+def freeze_untrained(model: nn.Module, *, method: str) -> None:
+    """Stop training the LoRA factors ``method`` freezes (``ffa-lora``: every ``lora_A``); others are left as they are."""
+    trains = method_class(method).trains
+    for name, param in model.named_parameters():
+        found = factor_of(name)
+        if found is not None and param.requires_grad and found[1] not in trains:
+            param.requires_grad_(False)
+
+
 def rebuild_base(W0: Tensor, delta: tuple[Tensor, Tensor] | Tensor) -> Tensor:
     """``W_0 + C`` in float32, returned in ``W_0``'s dtype and device: one rule, so every host's base is bit-identical.
 
@@ -247,7 +257,7 @@ class ClientModel:
     ) -> None:
         self.method, self.seed = method, int(seed)
         self.base = BaseWeights()  # W_0 of the adapted modules, kept once a cumulative method changes them
-        self.trains = method_class(method).trains  # an unknown method fails here, before any model work
+        method_class(method)  # an unknown method fails here, before any model work
         self.target_modules = tuple(target_modules)
         self.shapes = target_shapes(base, self.target_modules)  # before peft renames anything
         self.lora_alpha, self.use_rslora, self.lora_dropout = float(lora_alpha), bool(use_rslora), float(lora_dropout)
@@ -310,10 +320,7 @@ class ClientModel:
         own = adapter_state(self.model, adapter_name=name)
         full = apply_received(received, own, method=self.method, seed=self.seed, peft_model=self.model, base=self.base)
         load_adapter_state(self.model, full, adapter_name=name)
-        for pname, param in self.model.named_parameters():  # a factor the method freezes does not train
-            found = factor_of(pname)
-            if found is not None and param.requires_grad and found[1] not in self.trains:
-                param.requires_grad_(False)
+        freeze_untrained(self.model, method=self.method)
         return self.model
 
     def state(self) -> dict[str, Tensor]:

@@ -27,8 +27,8 @@ from ..core import (
     RankError,
     apply_received,
     factor_of,
+    freeze_untrained,
     lora_config_for,
-    method_class,
     proximal_term,
     split_state,
     to_wire,
@@ -143,11 +143,7 @@ class FlexLoRATrainer(LLMTrainer):
             base=self._base_weights,
         )
         super().update(full, strict=strict)
-        trains = method_class(method).trains
-        for name, param in self.ctx.model.named_parameters():  # a factor the method freezes does not train
-            found = factor_of(name)
-            if found is not None:
-                param.requires_grad_(found[1] in trains)
+        freeze_untrained(self.ctx.model, method=method)
 
     def get_model_para(self) -> Any:
         """The adapter's factors in ``flexlora.wire_dtype``; distributed: one safetensors string (FS would pickle tensors)."""
