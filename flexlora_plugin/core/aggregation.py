@@ -237,11 +237,11 @@ def _speculator(
     decomposition of a default call). The round hands it to the method only when the checks
     excluded no client (the coefficients assumed them all).
     """
-    coefs: dict[str, dict[Hashable, float]] = {}
+    unchecked = Round(clients, info, {}, options)  # p_k and s_k as the method will read them, before the checks
+    coefs = {}
     for m in info:
-        holders = [c for c in clients if m in c.factors]
-        total = sum(c.weight for c in holders)
-        coefs[m] = {c.client: c.weight / total * c.scalings[m] for c in holders}
+        p, s = unchecked.weights(m), unchecked.scalings(m)
+        coefs[m] = {k: p[k] * s[k] for k in p}  # as FlexLoRAUpdate.from_round forms them
 
     def spectrum_of(module: str, st: Stack) -> Prepared | None:
         shape = info[module].shape
