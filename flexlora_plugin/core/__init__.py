@@ -22,7 +22,7 @@ from .adapters import (
     to_wire,
 )
 from .aggregation import aggregate
-from .checkpoint import ServerState, load_server_state, save_server_state
+from .checkpoint import STATE_FORMAT, ServerState, StateField, load_server_state, register_state_field, save_server_state
 from .client import (
     DTYPES,
     BaseWeights,
@@ -52,7 +52,7 @@ from .errors import (
     UnsupportedKeyError,
 )
 from .export import PEFT_PREFIX, adapter_error, exact_ranks, save_peft_adapter
-from .federation import Federation, Reply, RoundResult
+from .federation import MAX_EXAMPLES, Federation, Reply, RoundResult
 from .methods import (
     FactorsUpdate,
     FedAvgUpdate,
@@ -94,6 +94,10 @@ from .start import InitialUpdate, common_lora_A, initial_update, module_infos, m
 from .validation import ClientUpdate, ModuleInfo
 
 __all__ = [
+    "MAX_EXAMPLES",
+    "STATE_FORMAT",
+    "StateField",
+    "register_state_field",
     "freeze_untrained",
     "BASE_DELTA",
     "BaseWeights",

@@ -13,6 +13,7 @@ adapters) is rejected: silently dropping part of an adapter would lose training.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -23,7 +24,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from .errors import MissingModuleError, RankError, ShapeMismatchError, UnsupportedDtypeError, UnsupportedKeyError
+from .errors import MissingModuleError, ProfileError, RankError, ShapeMismatchError, UnsupportedDtypeError, UnsupportedKeyError
 
 __all__ = [
     "BASE_DELTA",
@@ -255,9 +256,18 @@ def resolve_pattern(module: str, mapping: Mapping[str, V]) -> V | None:
         return mapping[module]
     best: str | None = None
     for key in mapping:
-        if re.match(rf"(.*\.)?({key})$", module) and (best is None or len(key) > len(best)):
+        if _pattern(key).match(module) and (best is None or len(key) > len(best)):
             best = key
     return None if best is None else mapping[best]
+
+
+@functools.lru_cache(maxsize=4096)
+def _pattern(key: str) -> re.Pattern[str]:
+    """An operator's rank-pattern key, compiled once (``re``'s own cache holds 512 patterns)."""
+    try:
+        return re.compile(rf"(.*\.)?({key})$")
+    except re.error as err:
+        raise ProfileError(f"rank pattern {key!r} is not a valid regular expression: {err}") from None
 
 
 def state_nbytes(state: Mapping[str, Tensor]) -> int:

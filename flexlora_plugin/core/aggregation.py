@@ -56,6 +56,8 @@ def aggregate(
     expected_ranks: Sequence[Ranks | None] | Mapping[Any, Ranks | None] | None = None,
     on_invalid: Literal["raise", "exclude"] = "raise",
     expected_shapes: Mapping[str, tuple[int, int]] | None = None,
+    reference: Mapping[str, ModuleInfo] | None = None,
+    shape_majority: bool = False,
     max_norm: float | None = None,
     max_rank: int | None = None,
     hetlora_weighting: Literal["data", "norm"] = "data",
@@ -96,8 +98,17 @@ def aggregate(
     expected_shapes : Mapping[str, tuple[int, int]], optional
         Module -> ``(d_out, d_in)`` the server knows (e.g. from its model): a client with another
         shape, or a module not listed, is invalid, whichever client arrives first. Required by a
-        method that freezes ``A`` (``ffa-lora``: replies carry ``B`` only). (default: the first
-        client's shapes are the reference)
+        method that freezes ``A`` (``ffa-lora``: replies carry ``B`` only). Without it (or
+        ``reference``) the replies must agree on every module's shape: replies that disagree
+        raise :class:`ShapeMismatchError`, whatever ``on_invalid`` says. (default: None)
+    reference : Mapping[str, ModuleInfo], optional
+        The federation's modules (:func:`module_infos`): their shapes as ``expected_shapes``, and
+        the dtype and keys the update's projections use. Without it no reply decides either: the
+        dtype is the widest the replies hold, the keys theirs when they all agree, else peft's.
+        (default: None)
+    shape_majority : bool
+        Without a reference, a module's shape is the one a strict majority of the replies holding
+        it have (by count, not weight); the others are invalid. (default: False: disagreement raises)
     max_norm : float, optional
         An optional bound on each client's ``s·‖B‖_F·‖A‖_F`` per module (float64); a client above
         it is invalid. Off by default. Independently, an update that would overflow float32
@@ -154,6 +165,8 @@ def aggregate(
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     stacked = _stack_on(device) if stack_on_device is None else bool(stack_on_device and device is not None)
+    if reference is not None:
+        expected_shapes = {m: i.shape for m, i in reference.items()}
     complete = _frozen_A(method, cls.trains, expected_shapes, seed)
     clients, excluded = collect_clients(
         states,
@@ -165,9 +178,10 @@ def aggregate(
         on_invalid=on_invalid,
         max_norm=max_norm,
         check_values=not stacked,
+        compute_dtype=compute_dtype,
         complete=complete,
     )
-    info = client_module_infos(clients, excluded, on_invalid, expected_shapes)
+    info = client_module_infos(clients, excluded, on_invalid, expected_shapes, reference=reference, shape_majority=shape_majority)
     clients = [c for c in clients if c.client not in excluded]
     options = AggregateOptions(
         max_rank=max_rank,
@@ -182,7 +196,9 @@ def aggregate(
     if stacked and clients:
         speculate = _speculator(clients, info, options, stats) if cls.spectral else None
         with ieee_float32():  # set once here: the setting is process-wide and the workers share it
-            clients, stacks, prepared = _staged(clients, info, excluded, on_invalid, max_norm, torch.device(device), speculate)  # type: ignore[arg-type]
+            clients, stacks, prepared = _staged(
+                clients, info, excluded, on_invalid, max_norm, torch.device(device), speculate, compute_dtype
+            )  # type: ignore[arg-type]
         info = {m: i for m, i in info.items() if any(m in c.factors for c in clients)}  # as the host path: held modules only
         kept = clients
 
@@ -275,6 +291,7 @@ def _staged(
     max_norm: float | None,
     device: torch.device,
     speculate: Callable[[str, Stack], Any] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[list[ClientUpdate], dict[str, Stack], dict[str, Prepared]]:
     """Stage the clients' factors on ``device`` and apply the value checks there.
 
@@ -288,7 +305,7 @@ def _staged(
     verdicts = {m: v for m, (v, _) in results.items()}
     nonfinite, norms = value_checks(verdicts, {c.client: c.scalings for c in clients})
     before = len(clients)
-    clients = apply_value_checks(clients, excluded, nonfinite, on_invalid, max_norm, norms)
+    clients = apply_value_checks(clients, excluded, nonfinite, on_invalid, max_norm, norms, compute_dtype)
     prepared = {m: p for m, (_, p) in results.items() if p is not None} if len(clients) == before else {}
     keep = {c.client for c in clients}
     return clients, {m: st.select(keep) for m, st in stacks.items()}, prepared

@@ -138,6 +138,13 @@ class FlexLoRAConfig:
             "Changes which clients later rounds sample; the dropped set is saved with the state."
         },
     )
+    allow_legacy_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a server state of an older format, whose metadata carries no checksum (with a "
+            "warning; the next save writes the current format)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in list_methods():

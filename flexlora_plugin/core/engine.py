@@ -354,8 +354,9 @@ class Round:
     def weights(self, module: str) -> dict[Hashable, float]:
         """``p_k`` of every kept client holding ``module``: its weight renormalised over those clients."""
         held = [c for c in self._kept if module in c.factors]
-        total = sum(c.weight for c in held)
-        return {c.client: c.weight / total for c in held}
+        top = max(c.weight for c in held)  # divided by the largest first: the sum is >= 1, never 0 or inf
+        total = sum(c.weight / top for c in held)
+        return {c.client: (c.weight / top) / total for c in held}
 
     def scalings(self, module: str) -> dict[Hashable, float]:
         """``s_k`` of every kept client holding ``module``."""

@@ -3,15 +3,20 @@
 A host (Flower's strategy, FederatedScope's server) owns the transport: who is sampled, how a
 message is encoded, where logs go. Everything else about a round is a policy and lives here, once:
 
-* **rank maps**: drawn from the config's profile (``sample_ranks`` on the model's module shapes)
-  or reported by a client, and checked against those shapes (every module covered, no unknown
-  module, ``1 <= r <= min(d_out, d_in)``);
+* **rank maps**: drawn from the config's profile (``sample_ranks`` on the model's module shapes;
+  an operator's table may use patterns) or reported by a client, which names every module exactly
+  (a peer's map is data: never compiled or matched as a pattern), and checked against those shapes
+  (every module covered, no unknown module, ``1 <= r <= min(d_out, d_in)``);
 * **what a client receives**: round 1 the common start of every method (:func:`initial_update`:
   ``B = 0`` and the first ``r`` rows of one common ``A`` per module), later the global update
   projected at the client's ranks;
-* **replies**: a failed reply, a weight that is not a positive finite number, a wrong rank or
-  shape, NaN/Inf factors: the client is left out of the round with a reason; when nobody is left
-  the previous global update is kept;
+* **replies**: a failed reply, a weight that is not a positive finite number up to
+  :data:`MAX_EXAMPLES`, a wrong rank or shape, NaN/Inf factors, factors too large for the compute
+  dtype: the client is left out of the round with a reason. The federation's modules (shapes,
+  dtype, keys) are the reference, never a reply. A round is all-or-nothing: the new update is
+  formed and checked (projected at the largest ranks, finite in the dtype clients receive) before
+  it replaces the previous one; any failure, one raised by linear algebra included, keeps the
+  previous update and reports the round as failed with the reason (:attr:`RoundResult.error`);
 * **round metrics**: weighted train loss, examples, bytes both ways, the share of ‖ΔW‖² each
   distinct rank map keeps (by :func:`rank_label`), excluded clients with reasons;
 * **server state**: saved atomically after a round, restored with the same checks for every host
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .adapters import WIRE_DTYPES, base_delta_state, only_factors, state_nbytes
@@ -43,11 +49,14 @@ from .errors import FlexLoRAError, FlexLoRAWarning, RankError
 from .methods import GlobalUpdate, method_class
 from .profiles import check_rank_map, rank_label, sample_ranks
 from .start import initial_update
-from .validation import ModuleInfo
+from .validation import ModuleInfo, positive_finite
 
-__all__ = ["Federation", "Reply", "RoundResult"]
+__all__ = ["MAX_EXAMPLES", "Federation", "Reply", "RoundResult"]
 
 logger = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 2**53
+"""The largest ``num_examples`` a reply may claim (every integer up to it is exact as a float)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,10 @@ class RoundResult:
         False when no reply was usable: the previous global update is kept.
     dropped : list
         Clients dropped from sampling at this round (``drop_after_failures`` rounds excluded in a row).
+    error : str, optional
+        Why the round failed while forming the update (the previous update is kept; ``kept`` is
+        empty and the replies are listed in ``excluded`` with this reason). None for a round that
+        completed, with or without a new update.
     """
 
     round: int
@@ -87,6 +100,7 @@ class RoundResult:
     bytes_received: int
     energy: dict[str, float] = field(default_factory=dict)
     dropped: list[Hashable] = field(default_factory=list)
+    error: str | None = None
 
     def row(self) -> dict[str, Any]:
         """A flat history row (the keys of Flower's ``metrics.json`` history)."""
@@ -103,6 +117,7 @@ class RoundResult:
             "bytes-received": self.bytes_received,
             **{f"energy-{label}": value for label, value in self.energy.items()},
             "excluded-reasons": {str(c): r for c, r in self.excluded.items()},
+            **({"round-failed": self.error} if self.error is not None else {}),
         }
 
 
@@ -118,6 +133,25 @@ def _client_id(raw: Any) -> Hashable:
     if isinstance(raw, bool) or not isinstance(raw, (int, str)):
         raise ValueError(f"client id {raw!r} is neither an int nor a string")
     return raw
+
+
+def _last_line(text: str, limit: int = 300) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:limit]
+
+
+def _info_names(shapes: Mapping[str, tuple[int, int]], info: Mapping[str, ModuleInfo]) -> dict[str, str]:
+    """Each rank-map module name (:attr:`Federation.shapes`) -> the module of ``info`` it names (itself, or by suffix)."""
+    out = {}
+    for name in shapes:
+        if name in info:
+            out[name] = name
+            continue
+        hits = [m for m in info if m.endswith("." + name)]
+        if len(hits) != 1:
+            raise RankError(f"module {name} of the shapes names {len(hits)} modules of the adapter ({hits[:3]}), not one")
+        out[name] = hits[0]
+    return out
 
 
 def _sorted(ids: Iterable[Hashable]) -> list[Hashable]:
@@ -171,6 +205,8 @@ class Federation:
         self.state_path = Path(state_path) if state_path is not None else None
         self.rank_maps: dict[Hashable, dict[str, int]] = {}  # as drawn or reported (what clients are told)
         self._resolved: dict[Hashable, dict[str, int]] = {}  # the same, one rank per module of self.shapes
+        self._by_info: dict[Hashable, dict[str, int]] = {}  # the same, keyed by the modules of self.info
+        self._info_name = _info_names(self.shapes, self.info)
         self.global_update: GlobalUpdate | None = None
         self.round = 0  # the last completed round
         self.history: list[dict[str, Any]] = []
@@ -194,21 +230,25 @@ class Federation:
     def assign_ranks(self, client: Hashable, ranks: Mapping[str, int]) -> dict[str, int]:
         """Take the rank map a client reports, after checking it against the module shapes.
 
+        A peer's map is data: it names every module of :attr:`shapes` exactly, once (no suffix,
+        no pattern), so checking it is O(entries + modules) whatever it holds.
+
         Raises
         ------
         RankError
-            A module no entry covers, an entry that matches no module, or a rank outside
+            A module without an entry, an entry that names no module, or a rank outside
             ``1..min(d_out, d_in)``; the message names the client and the module.
         """
-        resolved = check_rank_map(ranks, self.shapes, client=client)
-        self._set(client, dict(ranks), resolved)
-        return dict(ranks)
+        resolved = check_rank_map(ranks, self.shapes, client=client, exact=True)
+        self._set(client, resolved, resolved)
+        return dict(resolved)
 
     def _set(self, client: Hashable, ranks: dict[str, int], resolved: dict[str, int]) -> None:
         if self._initial is not None and client not in self.rank_maps:
             self._initial = None  # a new client: the common start is drawn over every rank map known
         self.rank_maps[client] = ranks
         self._resolved[client] = dict(resolved)
+        self._by_info[client] = {self._info_name[m]: r for m, r in resolved.items()}
 
     @property
     def max_rank(self) -> int:
@@ -257,18 +297,18 @@ class Federation:
         """
         cfg = self.config
         wire = WIRE_DTYPES[cfg.wire_dtype]
-        projected = self.current.project(self.rank_maps[client], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=wire)
+        projected = self.current.project(self._by_info[client], lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=wire)
         out = {k: v.clone() for k, v in only_factors(projected, self.trains).items()}  # what the method sends
         out.update(self._base_correction(wire))
         return out
 
-    def _base_correction(self, wire: Any) -> dict[str, Tensor]:
+    def _base_correction(self, wire: Any, update: GlobalUpdate | None = None) -> dict[str, Tensor]:
         """A cumulative method's running total, the same for every client: converted once per update and shared.
 
         The model's size for a dense total, so it is not copied per client (read-only by contract:
         the hosts serialise it, or, in-process, the receiver copies it).
         """
-        update = self.current
+        update = self.current if update is None else update
         if self._correction is None or self._correction[0] is not update or self._correction[1] != wire:
             parts: dict[str, Tensor] = {}
             for module in update.modules:
@@ -287,15 +327,18 @@ class Federation:
 
     def energy_kept(self, client: Hashable) -> dict[str, float]:
         """Per module, the share of ‖ΔW‖² that ``client``'s projection keeps (1 before any round)."""
-        return self.current.energy_kept(self.rank_maps[client])
+        return self.current.energy_kept(self._by_info[client])
 
-    def energy_by_label(self, clients: Iterable[Hashable] | None = None) -> dict[str, float]:
+    def energy_by_label(
+        self, clients: Iterable[Hashable] | None = None, *, update: GlobalUpdate | None = None
+    ) -> dict[str, float]:
         """Mean over modules of the energy kept, per distinct rank map (by :func:`rank_label`)."""
+        update = self.current if update is None else update
         out: dict[str, float] = {}
         for client in self.rank_maps if clients is None else clients:
             label = rank_label(self._resolved[client])
             if label not in out:
-                kept = self.energy_kept(client)
+                kept = update.energy_kept(self._by_info[client])
                 out[label] = sum(kept.values()) / len(kept)
         return dict(sorted(out.items()))
 
@@ -333,32 +376,23 @@ class Federation:
         for client, reply in replies.items():
             if client in excluded:  # the host also reported a failure for it: the failure stands
                 continue
+            weight = positive_finite(reply.num_examples)
             if client not in self.rank_maps:
                 excluded[client] = "no rank map was assigned to this client"
-            elif isinstance(reply.num_examples, bool) or not (
-                isinstance(reply.num_examples, (int, float)) and math.isfinite(reply.num_examples) and reply.num_examples > 0
-            ):
-                excluded[client] = f"num-examples must be a positive finite number, got {reply.num_examples!r}"
+            elif weight is None or weight > MAX_EXAMPLES:
+                excluded[client] = f"num-examples must be a positive finite number, at most 2**53, got {reply.num_examples!r:.40}"
             else:
                 usable[client] = reply
-        update = None
+        update, energy, error = None, {}, None
         if usable:
-            kwargs = self.config.aggregate_kwargs(client_max_rank=self.max_rank)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FlexLoRAWarning)  # the reasons are returned, hosts log them once
-                    update = aggregate(
-                        {c: r.state for c, r in usable.items()},
-                        {c: float(r.num_examples) for c, r in usable.items()},
-                        expected_ranks={c: self.rank_maps[c] for c in usable},
-                        on_invalid="exclude",
-                        expected_shapes={m: i.shape for m, i in self.info.items()},
-                        device=self.server_device,
-                        previous=self.global_update,
-                        **kwargs,
-                    )
+                update, energy = self._form(usable, rnd)
             except FlexLoRAError as err:  # every reply excluded, or none usable together
                 excluded.update({c: f"no usable reply this round: {err}" for c in usable if c not in excluded})
+            except Exception as err:  # linear algebra, memory...: the round fails, the federation goes on
+                error = f"{type(err).__name__}: {_last_line(str(err))}"
+                logger.error("round %d failed while forming the update; the previous update is kept: %s", rnd, error)
+                excluded.update({c: f"round failed: {error}" for c in usable if c not in excluded})
         if update is not None:
             excluded.update(update.excluded)
             self.global_update = update
@@ -366,7 +400,7 @@ class Federation:
         weights = {c: float(usable[c].num_examples) for c in kept}
         finite = [c for c in kept if math.isfinite(usable[c].train_loss)]
         loss = sum(weights[c] * usable[c].train_loss for c in finite) / sum(weights[c] for c in finite) if finite else math.nan
-        dropped = self._count_failures(kept, excluded, rnd)
+        dropped = self._count_failures(kept, excluded, rnd) if error is None else []  # a failed round is nobody's failure
         result = RoundResult(
             round=rnd,
             kept=kept,
@@ -376,14 +410,48 @@ class Federation:
             num_examples=sum(weights.values()),
             bytes_sent=int(bytes_sent),
             bytes_received=sum(_nbytes(r.state) for r in replies.values()),
-            energy=self.energy_by_label() if self.global_update is not None else {},
+            energy=energy if update is not None else (self.energy_by_label() if self.global_update is not None else {}),
             dropped=dropped,
+            error=error,
         )
         self.round = rnd
         self.history.append(result.row())
         if self.state_path is not None and self.global_update is not None:
             self.save(self.state_path)
         return result
+
+    def _form(self, usable: Mapping[Hashable, Reply], rnd: int) -> tuple[GlobalUpdate, dict[str, float]]:
+        """The round's update, complete and checked before anything global changes, and its energy per rank map.
+
+        Complete: projected at every module's largest client rank (FlexLoRA: the spectra every
+        client's projection needs), plus a cumulative method's running total. Checked: all of it
+        finite in the dtype clients receive.
+        """
+        kwargs = self.config.aggregate_kwargs(client_max_rank=self.max_rank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FlexLoRAWarning)  # the reasons are returned, hosts log them once
+            update = aggregate(
+                {c: r.state for c, r in usable.items()},
+                {c: float(r.num_examples) for c, r in usable.items()},  # type: ignore[arg-type]
+                expected_ranks={c: self._by_info[c] for c in usable},
+                on_invalid="exclude",
+                reference=self.info,
+                device=self.server_device,
+                previous=self.global_update,
+                **kwargs,
+            )
+        cfg, wire = self.config, WIRE_DTYPES[self.config.wire_dtype]
+        largest: dict[str, int] = {}
+        for ranks in self._by_info.values():
+            for m, r in ranks.items():
+                largest[m] = max(r, largest.get(m, 0))
+        held = {m: r for m, r in largest.items() if m in update.info}
+        sent = update.project(held, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=wire)
+        sent.update(self._base_correction(wire, update))
+        bad = next((k for k, t in sent.items() if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise ArithmeticError(f"round {rnd}: the new update does not fit the dtype clients receive ({bad} holds inf or NaN)")
+        return update, self.energy_by_label(update=update)
 
     def _count_failures(self, kept: list[Hashable], excluded: Mapping[Hashable, str], rnd: int) -> list[Hashable]:
         """Update the consecutive-exclusion counts; return the clients dropped at this round (opt-in)."""
@@ -428,17 +496,26 @@ class Federation:
             extra=meta,
         )
 
-    def restore(self, path: str | os.PathLike[str]) -> int:
+    def restore(self, path: str | os.PathLike[str], *, allow_legacy: bool | None = None) -> int:
         """Continue from a saved server state; return its round.
+
+        Parameters
+        ----------
+        allow_legacy : bool, optional
+            Load a state of an older format (metadata unchecked), with a warning.
+            (default: the config's ``allow_legacy_state``)
 
         Raises
         ------
         FlexLoRAError
-            The file holds no update, or was written by another method or with another seed
-            (the seed fixes every client's ranks and the round-1 start: continuing under another
-            one would send clients factors of other ranks).
+            The file fails a check of :func:`~flexlora_plugin.core.load_server_state` (a checksum,
+            a field's type, an older format without the opt-in), is of another model (other
+            modules or shapes), holds no update, or was written by another method or with
+            another seed (the seed fixes every client's ranks and the round-1 start: continuing
+            under another one would send clients factors of other ranks).
         """
-        state = load_server_state(path)
+        legacy = self.config.allow_legacy_state if allow_legacy is None else allow_legacy
+        state = load_server_state(path, reference=self.info, allow_legacy=legacy)
         if state.update is None:
             raise FlexLoRAError(f"{path} holds no global update (saved before the first aggregation)")
         if state.update.method != self.config.method:

@@ -293,17 +293,24 @@ def rank_label(rank_map: Mapping[str, int], *, by_module: bool = False) -> str:
     return " ".join(f"{s}={min(rs)}" if min(rs) == max(rs) else f"{s}={min(rs)}-{max(rs)}" for s, rs in by_suffix.items())
 
 
-def check_rank_map(ranks: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]], *, client: Hashable = "?") -> dict[str, int]:
+def check_rank_map(
+    ranks: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]], *, client: Hashable = "?", exact: bool = False
+) -> dict[str, int]:
     """Check a rank map against the module shapes and resolve it to one rank per module; the one check every side uses.
 
     Parameters
     ----------
     ranks : Mapping[str, int]
-        ``rank_pattern``-style: full module names, suffixes such as ``q_proj``, or regexes.
+        ``rank_pattern``-style: full module names, suffixes such as ``q_proj``, or regexes; with
+        ``exact``, full module names only.
     shapes : Mapping[str, tuple[int, int]]
         Full module name -> ``(d_out, d_in)``: every adapted module.
     client : Hashable
         Names the client in errors. (default: "?")
+    exact : bool
+        A peer's map: its keys are data, never patterns. Each must be a module of ``shapes``,
+        every module needs one, and the check is O(len(ranks) + len(shapes)). (default: False:
+        an operator's table, whose patterns are compiled once per process)
 
     Returns
     -------
@@ -318,9 +325,16 @@ def check_rank_map(ranks: Mapping[str, Any], shapes: Mapping[str, tuple[int, int
     """
     if not isinstance(ranks, Mapping) or not all(isinstance(k, str) for k in ranks):
         raise RankError(f"client {client!r}: a rank map must map module names to ranks, got {ranks!r:.120}")
+    if exact:
+        unknown = [k for k in ranks if k not in shapes]
+        if unknown:
+            raise RankError(
+                f"client {client!r}: {len(unknown)} rank map entries name no adapted module (a reported map names "
+                f"modules exactly): {', '.join(repr(k[:80]) for k in unknown[:3])}"
+            )
     resolved: dict[str, int] = {}
     for module, (d_out, d_in) in shapes.items():
-        r = resolve_pattern(module, ranks)
+        r = ranks.get(module) if exact else resolve_pattern(module, ranks)
         if r is None:
             raise RankError(f"client {client!r}: no rank for module {module} in its rank map")
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(d_out, d_in):
@@ -328,7 +342,7 @@ def check_rank_map(ranks: Mapping[str, Any], shapes: Mapping[str, tuple[int, int
                 f"client {client!r}, module {module} ({d_out}×{d_in}): rank must be in 1..{min(d_out, d_in)}, got {r!r}"
             )
         resolved[module] = r
-    unknown = [k for k in ranks if not _matches_a_module(k, shapes)]
+    unknown = [] if exact else [k for k in ranks if not _matches_a_module(k, shapes)]
     if unknown:
         raise RankError(f"client {client!r}: rank map entries {unknown} match no adapted module")
     return resolved

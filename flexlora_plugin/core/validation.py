@@ -13,12 +13,14 @@ client is raised on or excluded with its reason; docs/reliability.md lists each 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -29,11 +31,13 @@ from .errors import FlexLoRAError, FlexLoRAWarning, MagnitudeError, MissingModul
 __all__ = [
     "ClientUpdate",
     "ModuleInfo",
+    "Size",
     "Verdict",
     "apply_value_checks",
     "client_module_infos",
     "collect_clients",
     "host_verdict",
+    "positive_finite",
     "value_checks",
 ]
 
@@ -87,13 +91,15 @@ def collect_clients(
     on_invalid: Literal["raise", "exclude"],
     max_norm: float | None = None,
     check_values: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
     complete: Callable[[Hashable, Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
 ) -> tuple[list[ClientUpdate], dict[Hashable, str]]:
     """Validate every client's state dict; return the usable ones and the excluded ids with reasons.
 
     Weights come back divided by the largest one (the ratios ``p_k`` are unchanged; a sum of
     weights near 1e308 no longer overflows). ``check_values=False`` leaves the NaN/Inf and
-    magnitude checks to the caller (:func:`apply_value_checks`, after staging on a device).
+    magnitude checks to the caller (:func:`apply_value_checks`, after staging on a device). Values
+    are judged as they will be computed: in ``compute_dtype``.
     ``complete(client, state)`` first turns what a client sends into its whole adapter state
     (e.g. B only plus the frozen common A); whatever it raises is that client's invalid reply.
     """
@@ -113,9 +119,9 @@ def collect_clients(
     clients: list[ClientUpdate] = []
     excluded: dict[Hashable, str] = {}
     for cid in ids:
-        weight = weight_of[cid]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"client {cid}: weight must be a positive finite number, got {weight!r}")
+        weight = positive_finite(weight_of[cid])
+        if weight is None:
+            raise ValueError(f"client {cid}: weight must be a positive finite number, got {weight_of[cid]!r:.80}")
         try:
             state = complete(cid, state_of[cid]) if complete is not None else state_of[cid]  # type: ignore[arg-type]
             factors = split_state(state, client=cid)  # type: ignore[arg-type]
@@ -131,8 +137,22 @@ def collect_clients(
         modules = list(dict.fromkeys(m for c in clients for m in c.factors))
         verdicts = {m: host_verdict(m, clients) for m in modules}
         bad, norms = value_checks(verdicts, {c.client: c.scalings for c in clients})
-        clients = apply_value_checks(clients, excluded, bad, on_invalid, max_norm, norms)
+        clients = apply_value_checks(clients, excluded, bad, on_invalid, max_norm, norms, compute_dtype)
     return clients, excluded
+
+
+def positive_finite(value: object) -> float | None:
+    """``value`` as a float when it is a positive finite int or float (never a bool); else None.
+
+    An int beyond the float range (``10**400``) is None, not an ``OverflowError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        out = float(value)
+    except OverflowError:
+        return None
+    return out if math.isfinite(out) and out > 0 else None
 
 
 @dataclass(frozen=True)
@@ -166,18 +186,26 @@ def host_verdict(module: str, clients: Sequence[ClientUpdate]) -> Verdict:
     return Verdict(tuple(c.client for c in held), tuple(bad), tuple(a), tuple(b))
 
 
+class Size(NamedTuple):
+    """One client's module, in float64: ``product = s·‖B‖_F·‖A‖_F`` and ``factor = max(‖A‖_F, ‖B‖_F)``."""
+
+    product: float
+    factor: float
+
+
 def value_checks(
     verdicts: Mapping[str, Verdict], scalings: Mapping[Hashable, Mapping[str, float]]
-) -> tuple[dict[Hashable, list[str]], dict[Hashable, dict[str, float]]]:
-    """Per client: the modules with NaN/Inf values, and ``s·‖B‖_F·‖A‖_F`` (float64) per finite module."""
+) -> tuple[dict[Hashable, list[str]], dict[Hashable, dict[str, Size]]]:
+    """Per client: the modules with NaN/Inf values, and the :class:`Size` of each finite module."""
     bad: dict[Hashable, list[str]] = {}
-    norms: dict[Hashable, dict[str, float]] = {}
+    norms: dict[Hashable, dict[str, Size]] = {}
     for module, v in verdicts.items():
         for j, client in enumerate(v.clients):
             if v.nonfinite[j]:
                 bad.setdefault(client, []).append(module)
             else:
-                norms.setdefault(client, {})[module] = abs(scalings[client][module]) * v.b_norm[j] * v.a_norm[j]
+                a, b = v.a_norm[j], v.b_norm[j]
+                norms.setdefault(client, {})[module] = Size(abs(scalings[client][module]) * b * a, max(a, b))
     return bad, norms
 
 
@@ -187,15 +215,17 @@ def apply_value_checks(
     nonfinite: Mapping[Hashable, Sequence[str]],
     on_invalid: str,
     max_norm: float | None,
-    norms: Mapping[Hashable, Mapping[str, float]],
+    norms: Mapping[Hashable, Mapping[str, Size]],
+    compute_dtype: torch.dtype = torch.float32,
 ) -> list[ClientUpdate]:
     """Apply the value policy, wherever the values were inspected.
 
-    Clients with NaN/Inf are excluded, then those too large to aggregate (or above ``max_norm``);
-    the weights of the rest are divided by the largest one (``p_k`` unchanged, no overflow of ``Σ w``).
+    Clients with NaN/Inf are excluded, then those too large to aggregate in ``compute_dtype`` (or
+    above ``max_norm``); the weights of the rest are divided by the largest one (``p_k`` unchanged,
+    no overflow of ``Σ w``).
 
     ``nonfinite``: client -> modules with NaN/Inf (first one named). ``norms``: client -> module ->
-    ``s·‖B‖_F·‖A‖_F``; both from :func:`value_checks` over each module's :class:`Verdict`.
+    :class:`Size`; both from :func:`value_checks` over each module's :class:`Verdict`.
     """
     kept = []
     for c in clients:
@@ -204,7 +234,7 @@ def apply_value_checks(
             _exclude(excluded, c.client, f"non-finite values (NaN/Inf) in module {bad[0]}")
         else:
             kept.append(c)
-    kept = _within_magnitude(kept, excluded, on_invalid, max_norm, norms)
+    kept = _within_magnitude(kept, excluded, on_invalid, max_norm, norms, compute_dtype)
     top = max((c.weight for c in kept), default=1.0)  # p_k = w_k / Σ w: divide by the largest first, no overflow
     return [dataclasses.replace(c, weight=c.weight / top) for c in kept]
 
@@ -223,22 +253,35 @@ def _within_magnitude(
     excluded: dict[Hashable, str],
     on_invalid: str,
     max_norm: float | None,
-    norms_of: Mapping[Hashable, Mapping[str, float]],
+    norms_of: Mapping[Hashable, Mapping[str, Size]],
+    compute_dtype: torch.dtype,
 ) -> list[ClientUpdate]:
     """Leave out a client whose update would overflow the aggregation, or exceeds ``max_norm``, before anything global changes.
 
-    The overflow limit: ``‖ΔW‖_F² `` must stay below the float32 maximum, so every client's
-    ``s·‖B‖·‖A‖`` (float64) must be at most ``√max(float32) / N`` for N clients (≈ 1.8e19 / N).
+    With N clients, every client's ``s·‖B‖·‖A‖`` (float64) must be at most ``√max(float32) / N``
+    (≈ 1.8e19 / N: ``‖ΔW‖_F²`` stays below the float32 maximum, the dtype clients receive), and each
+    factor's ``‖·‖_F`` at most ``√max(compute_dtype) / N`` (its Gram matrix stays finite after the
+    cast: a float64 reply with ``A = 1e30·X``, ``B = 1e-30·Y`` is small as a product but not in float32).
     """
-    limit = math.sqrt(torch.finfo(torch.float32).max) / max(1, len(clients))
+    n = max(1, len(clients))
+    limit = math.sqrt(torch.finfo(torch.float32).max) / n
+    factor_limit = math.sqrt(torch.finfo(compute_dtype).max) / n
     kept = []
     for c in clients:
-        module, worst = max(norms_of[c.client].items(), key=lambda kv: kv[1] if not math.isnan(kv[1]) else math.inf)
+        sizes = norms_of[c.client]
+        module, worst = max(sizes.items(), key=lambda kv: _nan_high(kv[1].product))
+        big, factor = max(sizes.items(), key=lambda kv: _nan_high(kv[1].factor))
         why = None
-        if not worst <= limit:  # NaN (0·inf of an overflowed norm) counts as too large
-            why = f"update too large to aggregate: module {module} has ‖s·B·A‖ up to {worst:.3g} (limit {limit:.3g})"
-        elif max_norm is not None and worst > max_norm:
-            why = f"update norm {worst:.3g} in module {module} is above the bound {max_norm:.3g}"
+        if not worst.product <= limit:  # NaN (0·inf of an overflowed norm) counts as too large
+            why = f"update too large to aggregate: module {module} has ‖s·B·A‖ up to {worst.product:.3g} (limit {limit:.3g})"
+        elif not factor.factor <= factor_limit:
+            dtype = str(compute_dtype).removeprefix("torch.")
+            why = (
+                f"factor too large to aggregate in {dtype}: module {big} has a factor of ‖·‖_F {factor.factor:.3g} "
+                f"(limit {factor_limit:.3g})"
+            )
+        elif max_norm is not None and worst.product > max_norm:
+            why = f"update norm {worst.product:.3g} in module {module} is above the bound {max_norm:.3g}"
         if why is None:
             kept.append(c)
         elif on_invalid == "raise":
@@ -246,6 +289,10 @@ def _within_magnitude(
         else:
             _exclude(excluded, c.client, why)
     return kept
+
+
+def _nan_high(x: float) -> float:
+    return math.inf if math.isnan(x) else x
 
 
 def _by_client(values: object, ids: list[Hashable], name: str) -> dict[Hashable, object]:
@@ -288,23 +335,33 @@ def client_module_infos(
     excluded: dict[Hashable, str],
     on_invalid: str,
     expected: Mapping[str, tuple[int, int]] | None = None,
+    *,
+    reference: Mapping[str, ModuleInfo] | None = None,
+    shape_majority: bool = False,
 ) -> dict[str, ModuleInfo]:
-    """Module shapes, dtypes and keys; a client disagreeing with the expected (or first-seen) shape is invalid."""
-    shapes: dict[str, tuple[int, int]] = {m: (int(a), int(b)) for m, (a, b) in (expected or {}).items()}
-    source = "the server's model" if expected else "other clients"
+    """The modules of the round (shapes, the dtype and keys clients are sent); no single reply sets them.
+
+    The reference, in order: ``reference`` (the federation's modules: shapes, dtype, keys), or
+    ``expected`` (shapes; the dtype is then the widest the replies hold, the keys theirs when they
+    agree, else peft's), or, without either, the replies themselves when they all agree on a
+    module's shape. Replies that disagree with no reference raise :class:`ShapeMismatchError`
+    (with ``shape_majority=True``, the shape of a strict majority of the replies holding the
+    module wins, by count: a weight majority could be bought with a claimed example count).
+    A reply disagreeing with the reference is invalid.
+    """
+    if reference is not None:
+        expected = {m: i.shape for m, i in reference.items()}
+    shapes = {m: (int(a), int(b)) for m, (a, b) in expected.items()} if expected is not None else _agreed(clients, shape_majority)
+    source = "the server's model" if expected is not None else "the majority of replies"
     for c in clients:
         for module, f in c.factors.items():
-            if expected is not None and module not in shapes:
+            msg = ""
+            if module not in shapes:
                 msg = f"client {c.client}: module {module} is not adapted in this federation"
-            else:
-                seen = shapes.setdefault(module, f.shape)
+            elif shapes[module] != f.shape:
                 msg = (
-                    ""
-                    if seen == f.shape
-                    else (
-                        f"client {c.client}, module {module}: weight shape {f.shape} (lora_A {tuple(f.A.shape)}, "
-                        f"lora_B {tuple(f.B.shape)}) differs from {seen} of {source}"
-                    )
+                    f"client {c.client}, module {module}: weight shape {f.shape} (lora_A {tuple(f.A.shape)}, "
+                    f"lora_B {tuple(f.B.shape)}) differs from {shapes[module]} of {source}"
                 )
             if msg:
                 if on_invalid == "raise":
@@ -312,14 +369,40 @@ def client_module_infos(
                 _exclude(excluded, c.client, msg)
                 break
     kept = [c for c in clients if c.client not in excluded]
-    info: dict[str, ModuleInfo] = {}
-    for c in kept:
-        for module, f in c.factors.items():
-            info.setdefault(module, ModuleInfo(module, f.shape, f.A.dtype, f.a_key, f.b_key))
+    held = list(dict.fromkeys(m for c in kept for m in c.factors))
+    info = {m: reference[m] if reference is not None else _module_info(m, shapes[m], kept) for m in held}
     partial = [m for m in info if any(m not in c.factors for c in kept)]
     if partial:
         logger.info("%d module(s) are held by only some clients; weights renormalised per module: %s", len(partial), partial[:5])
     return info
+
+
+def _agreed(clients: Sequence[ClientUpdate], majority: bool) -> dict[str, tuple[int, int]]:
+    """Each module's shape as the replies agree on it (or a strict count majority, when asked)."""
+    seen: dict[str, Counter[tuple[int, int]]] = {}
+    for c in clients:
+        for module, f in c.factors.items():
+            seen.setdefault(module, Counter())[f.shape] += 1
+    out = {}
+    for module, counts in seen.items():
+        (shape, n), *rest = counts.most_common()
+        if rest and not (majority and n * 2 > sum(counts.values())):
+            raise ShapeMismatchError(
+                f"module {module}: the replies disagree on its shape ({', '.join(f'{k}: {v} client(s)' for k, v in counts.items())})"
+                " and no reference was given; pass expected_shapes (the server's model), or shape_majority=True"
+                " to let a strict majority of replies decide"
+            )
+        out[module] = shape
+    return out
+
+
+def _module_info(module: str, shape: tuple[int, int], clients: Sequence[ClientUpdate]) -> ModuleInfo:
+    """Without a reference: the widest dtype the replies hold, their keys when they agree, else peft's."""
+    held = [c.factors[module] for c in clients if module in c.factors]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for f in held for t in (f.A, f.B)))
+    keys = {(f.a_key, f.b_key) for f in held}
+    a_key, b_key = keys.pop() if len(keys) == 1 else (f"{module}.lora_A.weight", f"{module}.lora_B.weight")
+    return ModuleInfo(module, shape, dtype, a_key, b_key)
 
 
 def _exclude(excluded: dict[Hashable, str], cid: Hashable, reason: str) -> None:

@@ -106,9 +106,14 @@ def test_missing_factor(gen):
 
 
 def test_shape_mismatch_between_clients(gen):
+    """Without a reference, replies that disagree are refused as a whole, whichever arrives first."""
     other = make_client({"q_proj": 4}, {"q_proj": (16, 20)}, gen=gen)
-    with pytest.raises(ShapeMismatchError, match=r"client 1, module q_proj: weight shape \(16, 20\)"):
-        aggregate([_c(gen), other], [1, 1], lora_alpha=8)
+    for states in ([_c(gen), other], [other, _c(gen)]):
+        for on_invalid in ("raise", "exclude"):
+            with pytest.raises(ShapeMismatchError, match=r"module q_proj: the replies disagree on its shape \(.*\(16, 20\): 1"):
+                aggregate(states, [1, 1], lora_alpha=8, on_invalid=on_invalid)
+    with pytest.raises(ShapeMismatchError, match=r"client 1, module q_proj: weight shape \(16, 20\) .* of the server's model"):
+        aggregate([_c(gen), other], [1, 1], lora_alpha=8, expected_shapes={"q_proj": (16, 12)})
 
 
 def test_on_invalid_exclude_keeps_the_round(gen):

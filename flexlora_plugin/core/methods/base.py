@@ -89,6 +89,9 @@ class GlobalUpdate(ABC):
     #: The update accumulates into the clients' base weights: every message carries the running
     #: total (:meth:`base_delta`) and a client trains a fresh LoRA on ``W_0 + base_delta``.
     cumulative: ClassVar[bool] = False
+    #: The JSON fields :meth:`state_tensors` returns per module, with their types (``float``,
+    #: ``int``, ``bool``, ``str``): the server state checks each on load.
+    state_fields: ClassVar[Mapping[str, type]] = {}
 
     def __init__(
         self,
@@ -126,7 +129,7 @@ class GlobalUpdate(ABC):
 
     @abstractmethod
     def state_tensors(self, module: str, max_rank: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """What a server state stores for ``module``: named tensors and JSON extras."""
+        """What a server state stores for ``module``: named tensors and JSON extras (the fields of :attr:`state_fields`)."""
 
     @classmethod
     @abstractmethod
@@ -263,6 +266,8 @@ class GlobalUpdate(ABC):
 
 class FactorsUpdate(GlobalUpdate):
     """A global update held as factors: ``ΔW = scale · B̄ Ā`` per module."""
+
+    state_fields: ClassVar[Mapping[str, type]] = {"scale": float}
 
     def __init__(
         self,

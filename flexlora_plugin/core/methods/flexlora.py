@@ -57,6 +57,7 @@ class FlexLoRAUpdate(GlobalUpdate):
     """
 
     spectral: ClassVar[bool] = True
+    state_fields: ClassVar[Mapping[str, type]] = {"total_energy": float, "complete": bool, "us_scale": float}
 
     def __init__(
         self,

@@ -62,6 +62,7 @@ class FLoRAUpdate(GlobalUpdate):
     """FLoRA's global update: this round's exact stack ``ΔW_t`` and the running total ``C_t`` every client merges."""
 
     cumulative: ClassVar[bool] = True
+    state_fields: ClassVar[Mapping[str, type]] = {"round": int}
 
     def __init__(
         self,
