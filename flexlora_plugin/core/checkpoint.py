@@ -411,6 +411,7 @@ def _restore_update(
             A, B = update.project_module(m, r, scaling=1.0)
         if tuple(A.shape) != (r, d_in) or tuple(B.shape) != (d_out, r):
             raise FlexLoRAError(
-                f"module {m}: its tensors give lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}; the metadata's shape is {(d_out, d_in)}"
+                f"module {m}: its tensors give lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}; "
+                f"the metadata's shape is {(d_out, d_in)}"
             )
     return update

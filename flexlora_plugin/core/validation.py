@@ -387,8 +387,9 @@ def _agreed(clients: Sequence[ClientUpdate], majority: bool) -> dict[str, tuple[
     for module, counts in seen.items():
         (shape, n), *rest = counts.most_common()
         if rest and not (majority and n * 2 > sum(counts.values())):
+            tally = ", ".join(f"{k}: {v} client(s)" for k, v in counts.items())
             raise ShapeMismatchError(
-                f"module {module}: the replies disagree on its shape ({', '.join(f'{k}: {v} client(s)' for k, v in counts.items())})"
+                f"module {module}: the replies disagree on its shape ({tally})"
                 " and no reference was given; pass expected_shapes (the server's model), or shape_majority=True"
                 " to let a strict majority of replies decide"
             )
