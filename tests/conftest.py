@@ -2,8 +2,56 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
+
 import pytest
 import torch
+
+try:  # CI loads the "ci" profile (HYPOTHESIS_PROFILE=ci in .ci/run): the same examples on every run
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # the test extra is not installed: the hypothesis tests skip
+    pass
+
+
+def _data_bytes() -> int:
+    """This process's data segment (VmData: heap and private mappings, what RLIMIT_DATA counts)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmData:"))
+    return kib * 1024
+
+
+@pytest.fixture(autouse=True)
+def _hostile_limits(request):
+    """A test marked ``hostile(timeout=s, memory=bytes)`` fails, instead of the machine, on a hang or a blow-up.
+
+    The timeout is SIGALRM on the main thread (a ``TimeoutError`` in the test); the memory limit is
+    RLIMIT_DATA at what the process holds now plus ``memory``: an allocation past it fails.
+    """
+    marker = request.node.get_closest_marker("hostile")
+    if marker is None:
+        yield
+        return
+    seconds, memory = float(marker.kwargs.get("timeout", 30)), int(marker.kwargs.get("memory", 1 << 30))
+
+    def hang(signum, frame):
+        raise TimeoutError(f"hostile-input test still running after {seconds:g} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = _data_bytes() + memory
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def make_client(

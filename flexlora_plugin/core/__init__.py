@@ -65,7 +65,7 @@ from .methods import (
     method_class,
     register_method,
 )
-from .peft_io import adapter_state, check_received, load_adapter_state, lora_config_for, target_shapes
+from .peft_io import adapter_state, check_received, load_adapter_state, lora_config_for, model_shapes, target_shapes
 from .profiles import (
     ATTENTION,
     MLP,
@@ -130,6 +130,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "target_shapes",
+    "model_shapes",
     "LORA_A",
     "LORA_B",
     "WIRE_DTYPES",

@@ -390,7 +390,7 @@ class Federation:
             except FlexLoRAError as err:  # every reply excluded, or none usable together
                 excluded.update({c: f"no usable reply this round: {err}" for c in usable if c not in excluded})
             except Exception as err:  # linear algebra, memory...: the round fails, the federation goes on
-                error = f"{type(err).__name__}: {_last_line(str(err))}"
+                error = f"{type(err).__name__.lstrip('_')}: {_last_line(str(err))}"
                 logger.error("round %d failed while forming the update; the previous update is kept: %s", rnd, error)
                 excluded.update({c: f"round failed: {error}" for c in usable if c not in excluded})
         if update is not None:

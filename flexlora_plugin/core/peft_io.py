@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from .adapters import LORA_A, LORA_B, factor_of, only_factors, split_state
 from .errors import MissingModuleError, RankError, UnsupportedKeyError
 
-__all__ = ["adapter_state", "check_received", "load_adapter_state", "lora_config_for", "target_shapes"]
+__all__ = ["adapter_state", "check_received", "load_adapter_state", "lora_config_for", "model_shapes", "target_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,19 @@ def target_shapes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, 
     if not shapes:
         raise MissingModuleError(f"no nn.Linear module named {list(suffixes)} in {type(model).__name__}")
     return shapes
+
+
+def model_shapes(model_dir: str | os.PathLike[str], target_modules: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """:func:`target_shapes` of a model folder, built from its ``config.json`` on the meta device (no weights read).
+
+    What a server that never loads the model knows of it: the reference its clients' reports are checked against.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return target_shapes(model, target_modules)
 
 
 def lora_config_for(

@@ -12,7 +12,6 @@ client is raised on or excluded with its reason; docs/reliability.md lists each 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -72,7 +71,7 @@ class ModuleInfo:
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One validated client: its id, normalised-later weight, factors and per-module scaling."""
+    """One validated client: its id, weight (positive, finite; normalised per module later), factors and per-module scaling."""
 
     client: Hashable
     weight: float
@@ -96,8 +95,9 @@ def collect_clients(
 ) -> tuple[list[ClientUpdate], dict[Hashable, str]]:
     """Validate every client's state dict; return the usable ones and the excluded ids with reasons.
 
-    Weights come back divided by the largest one (the ratios ``p_k`` are unchanged; a sum of
-    weights near 1e308 no longer overflows). ``check_values=False`` leaves the NaN/Inf and
+    Weights come back as given (positive finite floats; ``p_k`` is formed per module, without
+    overflow or division by zero, by :meth:`~flexlora_plugin.core.engine.Round.weights`).
+    ``check_values=False`` leaves the NaN/Inf and
     magnitude checks to the caller (:func:`apply_value_checks`, after staging on a device). Values
     are judged as they will be computed: in ``compute_dtype``.
     ``complete(client, state)`` first turns what a client sends into its whole adapter state
@@ -221,8 +221,8 @@ def apply_value_checks(
     """Apply the value policy, wherever the values were inspected.
 
     Clients with NaN/Inf are excluded, then those too large to aggregate in ``compute_dtype`` (or
-    above ``max_norm``); the weights of the rest are divided by the largest one (``p_k`` unchanged,
-    no overflow of ``Σ w``).
+    above ``max_norm``). Weights stay as given: ``p_k`` is formed per module by
+    :meth:`~flexlora_plugin.core.engine.Round.weights`, which divides by the largest first.
 
     ``nonfinite``: client -> modules with NaN/Inf (first one named). ``norms``: client -> module ->
     :class:`Size`; both from :func:`value_checks` over each module's :class:`Verdict`.
@@ -234,9 +234,7 @@ def apply_value_checks(
             _exclude(excluded, c.client, f"non-finite values (NaN/Inf) in module {bad[0]}")
         else:
             kept.append(c)
-    kept = _within_magnitude(kept, excluded, on_invalid, max_norm, norms, compute_dtype)
-    top = max((c.weight for c in kept), default=1.0)  # p_k = w_k / Σ w: divide by the largest first, no overflow
-    return [dataclasses.replace(c, weight=c.weight / top) for c in kept]
+    return _within_magnitude(kept, excluded, on_invalid, max_norm, norms, compute_dtype)
 
 
 def _all_finite(f: LoRAFactors) -> bool:

@@ -88,6 +88,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
         "Where the server aggregates: 'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when there is one); docs/performance.md.",
     ),
     "restore_from": ("", "Server state (written through federate.save_to) to resume from; the run continues at its round."),
+    "allow_legacy_state": (False, "Let restore_from read a state of an older format (metadata unchecked), with a warning."),
     "save_adapter": ("", "Folder to write the final global update to as a peft adapter ('' = none)."),
     "max_examples": (-1, "Natural Instructions loader: keep at most this many examples per client and split (-1 = all)."),
 }
@@ -226,6 +227,7 @@ def to_core_config(
         compute_dtype=flex["compute_dtype"],
         wire_dtype=str(flex["wire_dtype"]),
         server_device=str(flex["server_device"]),
+        allow_legacy_state=bool(flex.get("allow_legacy_state", False)),
     )
 
 

@@ -181,11 +181,21 @@ def read_pool_info(record: ConfigRecord) -> tuple[int, dict[str, tuple[int, int]
     return int(num), _shapes(record)
 
 
+MAX_RECORD_CHARS = 1 << 22
+"""The longest JSON text a node's rank-info field may hold (4 Mi characters; a 7B model's shapes take ~15 k)."""
+MAX_DIM = 1 << 20
+"""The largest ``d_out`` or ``d_in`` a node may report for a module."""
+
+
 def _json_object(record: ConfigRecord, key: str) -> dict[str, object]:
+    text = record[key]
+    if not isinstance(text, str) or len(text) > MAX_RECORD_CHARS:
+        size = f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
+        raise ValueError(f"{key} must be JSON text of at most {MAX_RECORD_CHARS} characters, got {size}")
     try:
-        value = json.loads(str(record[key]))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{key} is not valid JSON: {str(record[key])[:80]!r}") from err
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{key} is not valid JSON: {text[:80]!r}") from err
     if not isinstance(value, dict) or not value:
         raise ValueError(f"{key} must be a non-empty JSON object, got {value!r}"[:200])
     return value
@@ -209,13 +219,17 @@ def read_rank_info(record: ConfigRecord) -> tuple[int, dict[str, int], dict[str,
     return int(record[PARTITION_ID]), {str(k): int(v) for k, v in ranks.items()}, _shapes(record)  # type: ignore[call-overload]
 
 
+def _is_dim(d: object) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_DIM
+
+
 def _shapes(record: ConfigRecord) -> dict[str, tuple[int, int]]:
     shapes = _json_object(record, MODULE_SHAPES)
 
     def dims_ok(v: object) -> bool:
-        return isinstance(v, list) and len(v) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+        return isinstance(v, list) and len(v) == 2 and all(_is_dim(d) for d in v)
 
     bad = {k: v for k, v in shapes.items() if not dims_ok(v)}
     if bad:
-        raise ValueError(f"{MODULE_SHAPES}: each must be [d_out, d_in] positive ints, got {dict(list(bad.items())[:3])}")
+        raise ValueError(f"{MODULE_SHAPES}: each must be [d_out, d_in], ints in 1..{MAX_DIM}, got {dict(list(bad.items())[:3])}")
     return {str(k): (int(v[0]), int(v[1])) for k, v in shapes.items()}  # type: ignore[index]

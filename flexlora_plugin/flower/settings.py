@@ -93,6 +93,7 @@ class Settings:
     proximal_mu: float = 0.0
     export_rank: int = 0
     drop_after_failures: int = 0
+    allow_legacy_state: bool = False
     wire_dtype: str = "auto"
     server_device: str = "cpu"
 
@@ -150,6 +151,7 @@ class Settings:
             proximal_mu=float(rc.get("proximal-mu", 0.0)),
             export_rank=int(rc.get("export-rank", 0)),
             drop_after_failures=int(rc.get("drop-after-failures", 0)),
+            allow_legacy_state=bool(rc.get("allow-legacy-state", False)),
             wire_dtype=str(rc.get("wire-dtype", "auto")),
             server_device=str(rc.get("server-device", "cpu")),
         )
@@ -230,6 +232,7 @@ class Settings:
                 lora_alpha=self.lora_alpha,
                 target_modules=self.target_modules,
                 drop_after_failures=self.drop_after_failures,
+                allow_legacy_state=self.allow_legacy_state,
                 wire_dtype=self.wire_dtype,
                 server_device=self.server_device,
             )

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,17 @@ from flwr.serverapp.strategy import FedAvg, Result
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..core import Federation, FlexLoRAConfig, GlobalUpdate, RankError, Reply, module_infos, rank_label, state_nbytes
+from ..core import (
+    Federation,
+    FlexLoRAConfig,
+    GlobalUpdate,
+    RankError,
+    Reply,
+    check_rank_map,
+    module_infos,
+    rank_label,
+    state_nbytes,
+)
 from .records import (
     ARRAYS,
     CONFIG,
@@ -57,6 +68,15 @@ def sample_partitions(partition_ids: Iterable[int], k: int, *, seed: int, server
     return sorted(random.Random(f"{seed}:{server_round}").sample(ids, k))
 
 
+def _majority_shapes(reported: list[dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]] | None:
+    """The module shapes a strict majority of the nodes report (by count), or None."""
+    counts = Counter(json.dumps(sorted(s.items())) for s in reported)
+    if not counts:
+        return None
+    text, n = counts.most_common(1)[0]
+    return {m: (int(a), int(b)) for m, (a, b) in json.loads(text)} if 2 * n > len(reported) else None
+
+
 def _last_line(text: str | None, limit: int = 300) -> str:
     """The last non-empty line of a (traceback-like) error reason, at most ``limit`` characters."""
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
@@ -86,6 +106,14 @@ class FlexLoRA(FedAvg):
         Nodes the rank query waits for. (default: the nodes connected when the query starts)
     query_timeout : float
         Seconds to wait for ``expected_nodes`` to connect and answer. (default: 120.0)
+    module_shapes : Mapping[str, tuple[int, int]], optional
+        The model's adapted modules, ``(d_out, d_in)`` by base-model name (e.g.
+        :func:`~flexlora_plugin.core.model_shapes` of the model folder, read on the meta device):
+        a node reporting other shapes is refused alone. (default: None: the shapes a strict
+        majority of the answering nodes report; without one the query fails)
+    max_partitions : int
+        The most partitions a node may claim or a pool node may serve (partition ids
+        ``0..max_partitions-1``); a node above it is refused. (default: 10000)
     state_path : path, optional
         Server state written after every round with ``save_server_state``. (default: None)
     resume : bool
@@ -135,6 +163,8 @@ class FlexLoRA(FedAvg):
         seed: int | None = None,
         expected_nodes: int | None = None,
         query_timeout: float = 120.0,
+        module_shapes: Mapping[str, tuple[int, int]] | None = None,
+        max_partitions: int = 10_000,
         state_path: str | os.PathLike[str] | None = None,
         resume: bool = False,
         dump_dir: str | os.PathLike[str] | None = None,
@@ -157,8 +187,13 @@ class FlexLoRA(FedAvg):
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.resume = resume
         self.export_ranks = export_ranks
+        if isinstance(max_partitions, bool) or not isinstance(max_partitions, int) or max_partitions < 1:
+            raise ValueError(f"max_partitions must be a positive int, got {max_partitions!r}")
+        self.max_partitions = max_partitions
         self.federation: Federation | None = None  # the round protocol (core), made once the rank query has the shapes
-        self.shapes: dict[str, tuple[int, int]] = {}  # base-model module -> (d_out, d_in), from the rank query
+        # base-model module -> (d_out, d_in): the model's (module_shapes), else the nodes' majority in the rank query
+        self.module_shapes = {str(m): (int(a), int(b)) for m, (a, b) in module_shapes.items()} if module_shapes else None
+        self.shapes: dict[str, tuple[int, int]] = dict(self.module_shapes or {})
         self.node_of: dict[int, int] = {}  # partition id -> node id of a node serving one partition
         self.pool_nodes: list[int] = []  # nodes serving any partition (node config partition-id=any)
         self._pool_size = 0  # partitions 0.._pool_size-1 not claimed by a single-partition node go to the pool
@@ -228,11 +263,16 @@ class FlexLoRA(FedAvg):
         dict[int, dict[str, int]]
             Partition id -> rank map; also kept in :attr:`rank_maps` (node ids in :attr:`node_of`).
 
+        Each node is judged alone: an error reply, a malformed or out-of-bounds record, other module
+        shapes than :attr:`module_shapes` (or the nodes' majority), a partition an earlier node
+        claimed, or a rank map that does not name every module exactly is refused with its reason
+        (logged, and the node gets no partition); the others carry on.
+
         Raises
         ------
         TimeoutError
-            When fewer than ``expected_nodes`` nodes connect or answer in time; the message lists
-            who answered and the errors received.
+            When fewer than ``expected_nodes`` nodes connect or reply in time, or no node answered
+            usably; the message lists who answered, who was refused and why, and who was silent.
         """
         expected = expected_nodes or self.expected_nodes
         deadline = time.monotonic() + (self.query_timeout if timeout is None else timeout)
@@ -250,12 +290,14 @@ class FlexLoRA(FedAvg):
         answered, errors, reported = self._read_rank_replies(replies)
         self._start_federation(answered, errors, reported)
         want = expected if expected is not None else len(node_ids)
-        if len(answered) < want:
+        silent = sorted(set(node_ids) - set(answered) - set(errors))
+        if len(answered) + len(errors) < want or not answered:  # refused nodes replied: only silence (or nobody usable) fails
             raise TimeoutError(
-                f"rank query: {len(answered)} of {want} nodes answered "
-                f"(node -> partition {answered}); errors: {errors or 'none'}; no reply from "
-                f"{sorted(set(node_ids) - set(answered) - set(errors))}"
+                f"rank query: {len(answered)} of {want} nodes answered usably "
+                f"(node -> partition {answered}); refused: {errors or 'none'}; no reply from {silent}"
             )
+        if errors:
+            logger.warning("rank query: %d node(s) refused, the others carry on: %s", len(errors), errors)
         logger.info(
             "rank query: %d nodes (%d serving any partition), ranks %s",
             len(answered),
@@ -295,9 +337,16 @@ class FlexLoRA(FedAvg):
         self.federation = fed
 
     def _read_rank_replies(self, replies: list[Message]) -> tuple[dict[int, int], dict[int, str], dict[int, dict[str, int]]]:
+        """Each node's answer, judged alone; returns (node -> partition, node -> reason, partition -> reported map).
+
+        A node with an error, a malformed record, numbers out of bounds, other module shapes than
+        the reference, a partition an earlier node claimed, or a rank map that does not name every
+        module exactly is refused with its reason; the others carry on.
+        """
         answered: dict[int, int] = {}
         errors: dict[int, str] = {}
         reported: dict[int, dict[str, int]] = {}
+        parsed: list[tuple[int, int | None, int, dict[str, int], dict[str, tuple[int, int]]]] = []
         for reply in replies:
             nid = reply.metadata.src_node_id
             if reply.has_error():
@@ -308,24 +357,46 @@ class FlexLoRA(FedAvg):
                 record = reply.content.config_records[RANK_INFO]
                 pool = read_pool_info(record)
                 pid, ranks, shapes = (-1, {}, pool[1]) if pool is not None else read_rank_info(record)
-            except (KeyError, ValueError) as err:
+                claimed = pool[0] if pool is not None else pid + 1  # partitions 0..claimed-1 must exist
+                if (pool is None and pid < 0) or claimed > self.max_partitions:
+                    what = f"num-partitions {pool[0]}" if pool is not None else f"partition {pid}"
+                    raise ValueError(f"{what} is out of bounds: partitions 0..{self.max_partitions - 1} (max_partitions)")
+            except (KeyError, TypeError, ValueError) as err:
                 errors[nid] = f"malformed rank info: {err}"
                 logger.warning("rank query: node %d sent malformed rank info: %s", nid, err)
                 continue
-            if pid in self.node_of and self.node_of[pid] != nid:
-                raise ValueError(f"rank query: nodes {self.node_of[pid]} and {nid} both claim partition {pid}")
-            if self.shapes and shapes != self.shapes:
-                diff = sorted(set(shapes.items()) ^ set(self.shapes.items()))[:3]
-                raise ValueError(
-                    f"rank query: node {nid} (partition {pid}) has other module shapes than the nodes before it: {diff}"
+            parsed.append((nid, pool[0] if pool is not None else None, pid, ranks, shapes))
+        reference = self.module_shapes or _majority_shapes([p[4] for p in parsed])
+        for nid, pool_size, pid, ranks, shapes in parsed:
+            if reference is None or shapes != reference:
+                diff = sorted(set(shapes.items()) ^ set((reference or {}).items()))[:3] if reference else []
+                source = "the model's" if self.module_shapes else "a strict majority of the nodes'"
+                errors[nid] = (
+                    f"other module shapes than {source}: {diff}"
+                    if reference
+                    else "the nodes disagree on the module shapes and no majority exists: pass module_shapes"
                 )
-            self.shapes = shapes
-            answered[nid] = pid
-            if pool is not None:
-                self.pool_nodes.append(nid)
-                self._pool_size = max(self._pool_size, pool[0])
+                logger.warning("rank query: node %d (partition %s) refused: %s", nid, pid, errors[nid])
                 continue
+            if pool_size is not None:
+                answered[nid] = pid
+                self.pool_nodes.append(nid)
+                self._pool_size = max(self._pool_size, pool_size)
+                continue
+            if pid in self.node_of and self.node_of[pid] != nid:
+                errors[nid] = f"partition {pid} is already served by node {self.node_of[pid]}"
+                logger.warning("rank query: node %d refused: %s", nid, errors[nid])
+                continue
+            try:  # before it claims the partition: a node with a bad map takes nothing from an honest one
+                check_rank_map(ranks, reference, client=pid, exact=True)
+            except RankError as err:
+                errors[nid] = f"rank map refused: {err}"
+                logger.warning("rank query: node %d (partition %d): %s", nid, pid, err)
+                continue
+            answered[nid] = pid
             self.node_of[pid], reported[pid] = nid, ranks
+        if reference is not None:
+            self.shapes = dict(reference)
         return answered, errors, reported
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any) -> Result:

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flexlora_app.task import Settings, load_base, route_logs
-from flexlora_plugin.core import RankError, adapter_error
+from flexlora_plugin.core import RankError, adapter_error, model_shapes
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, rank_label
 from flexlora_plugin.tiny import build_tiny_llama
@@ -39,6 +39,7 @@ def main(grid: Grid, context: Context) -> None:
         clients_per_round=settings.clients_per_round or None,
         expected_nodes=settings.min_nodes or None,
         query_timeout=settings.query_timeout,
+        module_shapes=model_shapes(settings.model_path, settings.target_modules),  # nodes reporting others are refused
         state_path=settings.output_dir / STATE_FILE,
         resume=settings.resume,
         dump_dir=settings.dump_dir,
