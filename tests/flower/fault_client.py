@@ -3,24 +3,47 @@
 The ``fault_app`` fixture (tests/flower/conftest.py) copies ``flower_app/`` to a temporary folder,
 adds this file as ``flexlora_app/fault_client.py`` and points the App's ``clientapp`` at it. Run
 config ``fault-partition`` (comma list of partition ids) and ``fault-kind`` (matching list of
-``nan`` | ``rank`` | ``raise``) choose who misbehaves: a NaN factor, a factor one rank short, or
-an exception (Flower's error reply).
+``nan`` | ``rank`` | ``raise`` | ``shapes``) choose who misbehaves: a NaN factor, a factor one rank
+short, an exception (Flower's error reply), or a rank-query answer with other module shapes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from flexlora_app import client_app as shipped
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flexlora_plugin.flower.records import ARRAYS, CONFIG, PARTITION_ID, QUERY_RANK, record_to_state, state_to_record
+from flexlora_plugin.flower.records import (
+    ARRAYS,
+    CONFIG,
+    MODULE_SHAPES,
+    PARTITION_ID,
+    QUERY_RANK,
+    RANK_INFO,
+    record_to_state,
+    state_to_record,
+)
 
-KINDS = ("nan", "rank", "raise")
+KINDS = ("nan", "rank", "raise", "shapes")
 logger = logging.getLogger(__name__)
 app = ClientApp()
-app.query(QUERY_RANK)(shipped.query_rank)
+
+
+@app.query(QUERY_RANK)
+def query_rank(msg: Message, context: Context) -> Message:
+    reply = shipped.query_rank(msg, context)
+    pid = context.node_config.get(PARTITION_ID)
+    if faults(context.run_config).get(int(pid) if str(pid).isdigit() else -1) == "shapes":
+        record = reply.content.config_records[RANK_INFO]
+        shapes = json.loads(str(record[MODULE_SHAPES]))
+        first = next(iter(shapes))
+        shapes[first] = [shapes[first][0] + 1, shapes[first][1]]
+        record[MODULE_SHAPES] = json.dumps(shapes)
+        logger.warning("partition %s: test fault 'shapes' injected in the rank query", pid)
+    return reply
 
 
 def faults(run_config) -> dict[int, str]:

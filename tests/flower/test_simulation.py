@@ -237,22 +237,25 @@ def test_metrics_and_final_adapter_load(mixed_run, tiny_model):
 
 
 def test_bad_replies_are_excluded_not_fatal(tmp_path, tiny_model, data_path, fault_app):
-    """Round 1: three bad replies excluded with their reasons; drop-after-failures=1 then stops
-    sampling them, so round 2 trains partition 0 alone."""
+    """Rank query: the node of partition 4 reports other module shapes and is refused alone (the
+    others are checked against the model's). Round 1: three bad replies excluded with their reasons;
+    drop-after-failures=1 then stops sampling them, so round 2 trains partition 0 alone."""
     config = {
         **SMALL,
-        "profile": json.dumps({"0": 4, "1": 8, "2": 8, "3": 4}),
+        "profile": json.dumps({"0": 4, "1": 8, "2": 8, "3": 4, "4": 4}),
         "clients-per-round": 0,
-        "fault-partition": "1,2,3",
-        "fault-kind": "nan,rank,raise",
+        "fault-partition": "1,2,3,4",
+        "fault-kind": "nan,rank,raise,shapes",
         "drop-after-failures": 1,
         "model-path": str(tiny_model),
         "data-path": str(data_path),
     }
     result = run_simulation(
-        tmp_path, num_rounds=2, num_supernodes=4, run_config=config, timeout=300, echo=False, app_dir=fault_app
+        tmp_path, num_rounds=2, num_supernodes=5, run_config=config, timeout=300, echo=False, app_dir=fault_app
     )
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
+    assert "(partition 4) refused: other module shapes than the model's" in result.log_path.read_text()
+    assert sorted(result.metrics["rank-maps"]) == ["0", "1", "2", "3"]
     row, second = result.metrics["history"]
     assert row["clients-ok"] == 1 and row["excluded-partitions"] == [1, 2, 3] and row["dropped-partitions"] == [1, 2, 3]
     assert second["clients"] == second["clients-ok"] == 1 and second["excluded-partitions"] == []
