@@ -47,7 +47,7 @@ from .client import resolve_device
 from .config import FlexLoRAConfig
 from .errors import FlexLoRAError, FlexLoRAWarning, RankError
 from .methods import GlobalUpdate, method_class
-from .profiles import check_rank_map, rank_label, sample_ranks
+from .profiles import check_rank_map, clamp_ranks, rank_label, sample_ranks
 from .start import initial_update
 from .validation import ModuleInfo, positive_finite
 
@@ -207,6 +207,7 @@ class Federation:
         self._resolved: dict[Hashable, dict[str, int]] = {}  # the same, one rank per module of self.shapes
         self._by_info: dict[Hashable, dict[str, int]] = {}  # the same, keyed by the modules of self.info
         self._info_name = _info_names(self.shapes, self.info)
+        self._clamped: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}  # a profile's map -> resolved on the shapes
         self.global_update: GlobalUpdate | None = None
         self.round = 0  # the last completed round
         self.history: list[dict[str, Any]] = []
@@ -223,7 +224,11 @@ class Federation:
     def draw_ranks(self, client: Hashable) -> dict[str, int]:
         """The profile's rank map for ``client`` (a pure function of (seed, client)), resolved and clamped on the shapes."""
         if client not in self.rank_maps:
-            drawn = sample_ranks(self._sampler, client, self.config.seed, shapes=self.shapes)  # keyed by self.shapes
+            pattern = sample_ranks(self._sampler, client, self.config.seed)  # the profile's map: one of a few
+            key = tuple(sorted(pattern.items()))
+            if key not in self._clamped:  # resolved on the shapes once per distinct map, not once per client
+                self._clamped[key] = clamp_ranks(pattern, self.shapes, client=client)
+            drawn = dict(self._clamped[key])
             self._set(client, drawn, drawn)
         return dict(self.rank_maps[client])
 
