@@ -32,6 +32,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["flexlora_plugin", "flexlora_plugin.*"]),
+    # The federated Natural Instructions sample every runner, test and config uses by default (2.3 MB).
+    package_data={"flexlora_plugin": ["sample_data/natural_instructions/*.json", "sample_data/natural_instructions/README.md"]},
     # transformers 4.56 is the first to take from_pretrained(..., dtype=) (the evaluate command, the Flower app);
     # 4.45-4.55 raise TypeError there. The SmolLM2 GGUF converts from 4.45 on (tests/test_models.py).
     # scipy: LAPACK syevr for the top-k eigenvectors of the server's Gram matrices (core/projection.gram_basis).

@@ -52,9 +52,11 @@ import tomllib
 import torch
 from torch import Tensor
 
+from flexlora_plugin.data import default_data
+
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "flower_app"
-DATA = REPO.parent / "shared" / "data" / "natural_instructions"
+DATA = default_data()
 ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # the reproduce "paper" profile (benchmarks/reproduce.py PROFILES["paper"])
 PAPER = {"local-steps": 10, "batch-size": 4, "max-length": 512, "max-train-examples": 0, "lr": 3e-4, "target-modules": ALL7}
@@ -341,7 +343,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model", type=Path, default=None, help="transformers folder (default: SmolLM2-135M-Instruct, prepared once)"
     )
-    parser.add_argument("--data", type=Path, default=DATA, help="Natural Instructions folder (default: ../shared/data/...)")
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="Natural Instructions folder (default: $FLEXLORA_DATA, else the shipped sample)"
+    )
     parser.add_argument("--partition", type=int, default=0, help="the partition whose examples train (default: 0)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="base model dtype (default: float32)")

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "natural_instructions"
+FULL = REPO.parent / "shared" / "data" / "natural_instructions"  # the recorded runs' data (64 training examples per task)
+SAMPLE = REPO / "flexlora_plugin" / "sample_data" / "natural_instructions"  # shipped: trains, scores not comparable
+DATA = Path(os.environ["FLEXLORA_DATA"]) if os.environ.get("FLEXLORA_DATA") else FULL if FULL.is_dir() else SAMPLE
 HELDOUT = "heldout_test.json"
 RESULTS = {"small": REPO / "docs" / "results", "gpu": REPO / "docs" / "results" / "gpu"}  # committed; others under --work
 ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -253,6 +255,7 @@ def train_and_score(run: Run, job: Job) -> dict[str, Any]:
         "eval-data": str(job.data / HELDOUT),
         "eval-every": prof["eval-every"],
         "eval-max-per-task": prof["eval-max-per-task"],
+        "export-rank": "exact",  # the recorded scores are of the exact global model
         "resume": resume,
         "torch-threads": 1,
         "round-timeout": prof["timeout"],

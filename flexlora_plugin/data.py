@@ -2,9 +2,13 @@
 
 Host-agnostic (Flower and FederatedScope both call it); torch and a Hugging Face tokenizer only.
 
-Folder layout (``/work/shared/data/natural_instructions``, see its README):
-``local_training_{i}.json``, ``local_eval_{i}.json``, ``local_test_{i}.json`` per client ``i`` and
-``heldout_test.json``; each file is a JSON list of ``{"instruction", "input", "output", "category"}``.
+Folder layout (:data:`SAMPLE_DATA`, the sample shipped in the package, and any fuller copy, see
+their README): ``local_training_{i}.json``, ``local_eval_{i}.json``, ``local_test_{i}.json`` per
+client ``i`` and ``heldout_test.json``; each file is a JSON list of ``{"instruction", "input",
+"output", "category"}``. :func:`default_data` is the folder every runner, test and config uses
+unless told otherwise: ``$FLEXLORA_DATA``, else the shipped sample. ``python -m
+flexlora_plugin.data sample SRC DST`` writes such a sample (the first examples of each file) with a
+manifest of sha256 hashes.
 
 Prompt template
 ---------------
@@ -57,7 +61,10 @@ __all__ = [
     "build_prompt",
     "missing_clients",
     "client_file",
+    "SAMPLE_DATA",
+    "default_data",
     "load_client_split",
+    "write_sample",
     "load_examples",
     "sample_texts",
     "tokenize_example",
@@ -65,6 +72,16 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+SAMPLE_DATA = Path(__file__).resolve().with_name("sample_data") / "natural_instructions"
+"""The federated Natural Instructions sample shipped as package data: 256 client tasks, held-out tasks."""
+
+
+def default_data() -> Path:
+    """The Natural Instructions folder used unless one is given: ``$FLEXLORA_DATA``, else :data:`SAMPLE_DATA`."""
+    env = os.environ.get("FLEXLORA_DATA", "").strip()
+    return Path(env).expanduser() if env else SAMPLE_DATA
+
 
 IGNORE_INDEX = -100
 PROMPT_INPUT = (
@@ -218,3 +235,85 @@ class PaddingCollator:
             key: torch.tensor([list(f[key]) + [pad] * (width - len(f[key])) for f in features], dtype=torch.long)
             for key, pad in pads.items()
         }
+
+
+def write_sample(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    train: int = 8,
+    eval: int = 2,
+    test: int = 2,
+    heldout_per_task: int = 4,
+) -> dict[str, Any]:
+    """Write a small copy of a federated split: the first examples of every client file and of each held-out task.
+
+    Every client of ``source`` is kept (``local_*_{i}.json`` for i = 0, 1, ... while present), so
+    runs over all partitions work on the sample; ``heldout_test.json`` keeps its first
+    ``heldout_per_task`` examples of each ``task_id``. Writes ``manifest.json``: the counts, the
+    sha256 of every file written and of the source's own manifest. Returns the manifest.
+    """
+    import hashlib
+
+    source, dest = Path(source), Path(dest)
+    n_clients = 0
+    while client_file(source, n_clients, "train").is_file():
+        n_clients += 1
+    if n_clients == 0:
+        raise FileNotFoundError(f"{source} holds no local_training_0.json: not a federated Natural Instructions folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    counts = {"train": train, "eval": eval, "test": test}
+
+    def put(name: str, examples: list[dict[str, Any]]) -> None:
+        text = json.dumps(examples, ensure_ascii=False, indent=0) + "\n"
+        (dest / name).write_text(text, encoding="utf-8")
+        files[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    for i in range(n_clients):
+        for split, n in counts.items():
+            put(client_file(dest, i, split).name, load_client_split(source, i, split, n))  # type: ignore[arg-type]
+    per_task: dict[str, int] = {}
+    heldout = []
+    for ex in load_examples(source / "heldout_test.json"):
+        task = str(ex.get("task_id", ex.get("category", "")))
+        if per_task.get(task, 0) < heldout_per_task:
+            per_task[task] = per_task.get(task, 0) + 1
+            heldout.append(ex)
+    put("heldout_test.json", heldout)
+    origin = source / "manifest.json"
+    manifest = {
+        "clients": n_clients,
+        "examples_per_client": counts,
+        "heldout_tasks": len(per_task),
+        "heldout_examples": len(heldout),
+        "source_manifest_sha256": hashlib.sha256(origin.read_bytes()).hexdigest() if origin.is_file() else None,
+        "sha256": files,
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flexlora_plugin.data sample SRC DST [--train N ...]``: write a sample of a federated split."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flexlora_plugin.data", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("sample", help="write the first examples of every client and held-out task to DST")
+    cmd.add_argument("source", type=Path, help="a federated Natural Instructions folder (local_training_0.json, ...)")
+    cmd.add_argument("dest", type=Path)
+    for name, default in (("train", 8), ("eval", 2), ("test", 2), ("heldout-per-task", 4)):
+        cmd.add_argument(f"--{name}", type=int, default=default, help=f"(default: {default})")
+    args = parser.parse_args(argv)
+    if not args.source.is_dir():
+        parser.error(f"{args.source} is not a folder")
+    manifest = write_sample(
+        args.source, args.dest, train=args.train, eval=args.eval, test=args.test, heldout_per_task=args.heldout_per_task
+    )
+    print(f"{args.dest}: {manifest['clients']} clients, {manifest['heldout_examples']} held-out examples")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

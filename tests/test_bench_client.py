@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from flexlora_plugin.data import SAMPLE_DATA
+
 pytestmark = pytest.mark.slow  # runs a benchmark script in a process of its own
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "natural_instructions"
+DATA = SAMPLE_DATA
 
 
 def test_quick_run_prints_the_ratio_line_last():

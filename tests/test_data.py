@@ -89,3 +89,59 @@ def test_missing_clients_names_the_absent_split_files(tmp_path):
     (tmp_path / "local_eval_1.json").write_text("[]")  # another split does not count
     assert missing_clients(tmp_path, 4) == [1, 3]
     assert missing_clients(tmp_path, 2, "eval") == [0]
+
+
+def test_the_shipped_sample_is_complete_and_matches_its_manifest():
+    """All 256 client tasks and the held-out tasks, every file as its manifest hashes it: no folder outside the repo needed."""
+    import hashlib
+
+    from flexlora_plugin.data import SAMPLE_DATA, load_client_split, load_examples, missing_clients
+
+    manifest = json.loads((SAMPLE_DATA / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["clients"] == 256 and manifest["heldout_tasks"] == 24
+    for split in ("train", "eval", "test"):
+        assert missing_clients(SAMPLE_DATA, 256, split) == []
+    assert len(load_client_split(SAMPLE_DATA, 255, "train")) == manifest["examples_per_client"]["train"] == 8
+    assert {ex["task_id"] for ex in load_examples(SAMPLE_DATA / "heldout_test.json")}.__len__() == 24
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((SAMPLE_DATA / name).read_bytes()).hexdigest() == digest, name
+    assert len(manifest["sha256"]) == 3 * 256 + 1
+
+
+def test_default_data_is_the_sample_unless_flexlora_data_says_otherwise(monkeypatch, tmp_path):
+    from flexlora_plugin.data import SAMPLE_DATA, default_data
+
+    monkeypatch.delenv("FLEXLORA_DATA", raising=False)
+    assert default_data() == SAMPLE_DATA
+    monkeypatch.setenv("FLEXLORA_DATA", str(tmp_path))
+    assert default_data() == tmp_path
+
+
+def test_write_sample_keeps_every_client_and_hashes_what_it_writes(tmp_path):
+    from flexlora_plugin.data import SAMPLE_DATA, load_client_split, load_examples, main
+
+    assert (
+        main(
+            [
+                "sample",
+                str(SAMPLE_DATA),
+                str(tmp_path / "s"),
+                "--train",
+                "2",
+                "--eval",
+                "1",
+                "--test",
+                "1",
+                "--heldout-per-task",
+                "1",
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "s"
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["clients"] == 256 and manifest["heldout_examples"] == 24 and manifest["source_manifest_sha256"]
+    assert load_client_split(out, 7, "train") == load_client_split(SAMPLE_DATA, 7, "train")[:2]
+    assert len(load_examples(out / "heldout_test.json")) == 24
+    with pytest.raises(SystemExit):
+        main(["sample", str(tmp_path / "missing"), str(tmp_path / "t")])

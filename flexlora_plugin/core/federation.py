@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
@@ -51,7 +51,9 @@ from .profiles import check_rank_map, clamp_ranks, rank_label, sample_ranks
 from .start import initial_update
 from .validation import ModuleInfo, positive_finite
 
-__all__ = ["MAX_EXAMPLES", "Federation", "Reply", "RoundResult"]
+__all__ = ["MAX_EXAMPLES", "ExportRanks", "Federation", "Reply", "RoundResult"]
+
+ExportRanks = Union[Literal["max", "exact"], int, Mapping[str, int], None]
 
 logger = logging.getLogger(__name__)
 
@@ -540,8 +542,31 @@ class Federation:
         return state.round
 
     # ------------------------------------------------------------------ export
-    def adapter(self, ranks: int | Mapping[str, int] | None = None) -> tuple[dict[str, Tensor], dict[str, int]]:
-        """The global update as peft adapter tensors and ranks (cached per ``ranks``): exact, or truncated at ``ranks``."""
+    def export_ranks(self, ranks: ExportRanks = "max") -> int | dict[str, int] | None:
+        """What an export at ``ranks`` writes, per module of the update.
+
+        ``"max"``: the largest rank any client of the federation trains for that module (without
+        rank maps: exact); ``"exact"`` (or None): the rank reproducing its ΔW; an int or a map: that rank.
+        """
+        if ranks == "exact" or ranks is None or (ranks == "max" and not self._by_info):
+            return None
+        if ranks == "max":
+            largest: dict[str, int] = {}
+            for by_module in self._by_info.values():
+                for m, r in by_module.items():
+                    largest[m] = max(r, largest.get(m, 0))
+            return largest
+        if isinstance(ranks, str):
+            raise ValueError(f"export ranks must be 'max', 'exact', an int or a rank map, got {ranks!r}")
+        return ranks
+
+    def adapter(self, ranks: ExportRanks = "max") -> tuple[dict[str, Tensor], dict[str, int]]:
+        """The global update as peft adapter tensors and ranks (cached per ``ranks``, see :meth:`export_ranks`).
+
+        By default each module at the largest rank the federation's clients train for it: the size
+        a user expects, a truncation whose error :func:`~flexlora_plugin.core.adapter_error` reports;
+        ``"exact"`` reproduces ΔW (near full rank for FlexLoRA: about the model's size).
+        """
         from .export import export_adapter
 
         if self.global_update is None:
@@ -552,7 +577,7 @@ class Federation:
             self._adapter = (
                 update,
                 key,
-                export_adapter(update, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, ranks=ranks),
+                export_adapter(update, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, ranks=self.export_ranks(ranks)),
             )
         return self._adapter[2]
 
@@ -561,9 +586,9 @@ class Federation:
         folder: str | os.PathLike[str],
         *,
         base_model_name_or_path: str | None = None,
-        ranks: int | Mapping[str, int] | None = None,
+        ranks: ExportRanks = "max",
     ) -> dict[str, int]:
-        """Write the global update as a peft adapter (each module at the rank reproducing its ΔW, or at ``ranks``)."""
+        """Write the global update as a peft adapter at ``ranks`` (:meth:`export_ranks`; default the largest client rank)."""
         from .export import write_peft_adapter
 
         tensors, chosen = self.adapter(ranks)

@@ -19,6 +19,7 @@ from typing import Any
 import tomllib
 
 from flexlora_plugin.core import FlexLoRAConfig, parse_device, resolve_dtype
+from flexlora_plugin.data import default_data
 
 __all__ = ["APP_DIR", "DEFAULT_DATA", "Settings", "SettingsError", "app_config"]
 
@@ -30,10 +31,18 @@ def _env_path(name: str, default: Path) -> Path:
     return Path(value).expanduser().resolve() if value else default
 
 
-# The Flower App folder and the default data: $FLEXLORA_APP_DIR / $FLEXLORA_DATA, else found next
-# to the package (a clone installed with `pip install -e .`; a wheel install has no flower_app/).
+# The Flower App folder: $FLEXLORA_APP_DIR, else found next to the package (a clone installed with
+# `pip install -e .`; a wheel install has no flower_app/). The data: $FLEXLORA_DATA, else the sample
+# shipped in the package (flexlora_plugin.data.default_data).
 APP_DIR = _env_path("FLEXLORA_APP_DIR", REPO / "flower_app")
-DEFAULT_DATA = _env_path("FLEXLORA_DATA", REPO.parent / "shared" / "data" / "natural_instructions")
+DEFAULT_DATA = default_data().resolve()
+
+
+def _export_rank(value: Any) -> str:
+    """``export-rank`` as text: ``"max"``, ``"exact"`` or digits (an int 0, its former spelling of exact, is ``"exact"``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "exact" if value == 0 else str(value)
+    return str(value).strip()
 
 
 class SettingsError(ValueError):
@@ -91,7 +100,7 @@ class Settings:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     proximal_mu: float = 0.0
-    export_rank: int = 0
+    export_rank: str = "max"  # "max" | "exact" | a positive int, as text
     drop_after_failures: int = 0
     allow_legacy_state: bool = False
     wire_dtype: str = "auto"
@@ -149,7 +158,7 @@ class Settings:
             dtype=str(rc.get("dtype", "float32")),
             gradient_checkpointing=bool(rc.get("gradient-checkpointing", False)),
             proximal_mu=float(rc.get("proximal-mu", 0.0)),
-            export_rank=int(rc.get("export-rank", 0)),
+            export_rank=_export_rank(rc.get("export-rank", "max")),
             drop_after_failures=int(rc.get("drop-after-failures", 0)),
             allow_legacy_state=bool(rc.get("allow-legacy-state", False)),
             wire_dtype=str(rc.get("wire-dtype", "auto")),
@@ -173,14 +182,20 @@ class Settings:
             ("batch-size", self.batch_size, 1),
             ("max-length", self.max_length, 1),
             ("eval-every", self.eval_every, 1),
-            ("export-rank", self.export_rank, 0),
             ("drop-after-failures", self.drop_after_failures, 0),
         ):
             if value < low:
                 raise SettingsError(f"{key} must be >= {low}, got {value}")
+        if self.export_rank not in ("max", "exact") and not (self.export_rank.isdigit() and int(self.export_rank) > 0):
+            raise SettingsError(f"export-rank must be 'max', 'exact' or a positive int, got {self.export_rank!r}")
         if not self.target_modules:
             raise SettingsError("target-modules is empty; e.g. 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'")
         self.flexlora_config()  # an unknown profile, a bad rank table, fedavg with mixed ranks
+
+    @property
+    def export_ranks(self) -> str | int:
+        """What the final adapter is exported at: ``"max"`` (the largest client rank), ``"exact"``, or a rank."""
+        return int(self.export_rank) if self.export_rank.isdigit() else self.export_rank
 
     def check_paths(self, partitions: int = 1) -> None:
         """Fail when a folder or file the run reads is missing: data (partitions ``0..N-1``), model, eval data.

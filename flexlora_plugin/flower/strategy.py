@@ -121,10 +121,11 @@ class FlexLoRA(FedAvg):
     dump_dir : path, optional
         For tests: per round, the factors sent to and received from every partition as
         safetensors (``round-NNN/sent-pK.safetensors``, ``reply-pK.safetensors``). (default: None)
-    export_ranks : int or Mapping, optional
+    export_ranks : "max", "exact", int or Mapping
         Rank(s) of the final adapter that :meth:`start` returns in ``Result.arrays`` (peft keys,
-        ``base_model.model.<module>.lora_A.weight``...). (default: None, each module at the rank
-        reproducing its ΔW to 1e-5: near full rank for FlexLoRA, about the model's size)
+        ``base_model.model.<module>.lora_A.weight``...): ``"max"`` each module at the largest rank
+        a client trains for it, ``"exact"`` at the rank reproducing its ΔW to 1e-5 (near full rank
+        for FlexLoRA: about the model's size), or the given rank(s). (default: "max")
     **config_fields
         ``FlexLoRAConfig`` fields when ``config`` is None.
 
@@ -168,7 +169,7 @@ class FlexLoRA(FedAvg):
         state_path: str | os.PathLike[str] | None = None,
         resume: bool = False,
         dump_dir: str | os.PathLike[str] | None = None,
-        export_ranks: int | Mapping[str, int] | None = None,
+        export_ranks: str | int | Mapping[str, int] | None = "max",
         **config_fields: Any,
     ) -> None:
         if config is not None and config_fields:

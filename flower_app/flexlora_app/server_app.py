@@ -43,7 +43,7 @@ def main(grid: Grid, context: Context) -> None:
         state_path=settings.output_dir / STATE_FILE,
         resume=settings.resume,
         dump_dir=settings.dump_dir,
-        export_ranks=settings.export_rank or None,
+        export_ranks=settings.export_ranks,
     )
     strategy.query_nodes(grid)
     remaining = settings.num_server_rounds - strategy.round_offset
@@ -61,16 +61,18 @@ def main(grid: Grid, context: Context) -> None:
     if strategy.global_update is None:
         raise RuntimeError("no round produced a global update; no adapter to export")
     adapter = settings.output_dir / ADAPTER_DIR
-    # The global model itself: each module at the numerical rank reproducing its ΔW to 1e-5, or at
-    # export-rank (a truncation, whose error is reported below). Computed once, also in Result.arrays.
+    # The global model at export-rank: by default each module at the largest rank a client trains
+    # (a truncation, whose error is reported below); "exact" reproduces ΔW. Computed once, also in Result.arrays.
     chosen = strategy.federation.export(
         adapter,
         base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
-        ranks=settings.export_rank or None,
+        ranks=settings.export_ranks,
     )
     try:  # an independent check of the export: ‖ΔW − s·B A‖_F / ‖ΔW‖_F read back from the folder
         max_error: float | None = max(adapter_error(strategy.global_update, adapter).values())
-        what = f"truncated at export-rank {settings.export_rank}" if settings.export_rank else "exact"
+        what = {"max": "at the largest client rank", "exact": "exact"}.get(
+            settings.export_rank, f"truncated at export-rank {settings.export_rank}"
+        )
         logger.info("exported adapter (%s) reproduces ΔW to a relative Frobenius error of at most %.2e", what, max_error)
     except RankError as exc:  # a restored state keeps only the clients' top triplets, not ΔW
         max_error = None
@@ -116,8 +118,8 @@ def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, 
             strategy.federation.export(
                 folder,
                 base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
-                ranks=settings.export_rank or None,
-            )  # the exported model; cached for the final export
+                ranks="exact",
+            )  # scores are of the exact global model, whatever export-rank says
             model = PeftModel.from_pretrained(base, folder)  # LoRA layers injected into the shared base...
         try:
             result = evaluate_model(

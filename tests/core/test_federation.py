@@ -147,7 +147,7 @@ def test_state_round_trip_and_the_same_refusals_in_every_host(tmp_path):
         _fed(profile="homo").restore(empty)
 
 
-def test_export_writes_the_exact_global_update(tmp_path):
+def test_export_writes_the_largest_client_rank_by_default_and_the_exact_global_update_on_request(tmp_path):
     from flexlora_plugin.core import adapter_error
 
     gen = torch.Generator().manual_seed(4)
@@ -157,8 +157,17 @@ def test_export_writes_the_exact_global_update(tmp_path):
     for client, r in (("a", 4), ("b", 8)):
         fed.assign_ranks(client, dict.fromkeys(SHAPES, r))
     fed.aggregate({c: _reply(dict.fromkeys(SHAPES, r), gen) for c, r in (("a", 4), ("b", 8))})
-    ranks = fed.export(tmp_path / "adapter", base_model_name_or_path="tiny")
-    assert set(ranks.values()) == {12} and max(adapter_error(fed.global_update, tmp_path / "adapter").values()) < 1e-5
+    ranks = fed.export(tmp_path / "adapter", base_model_name_or_path="tiny")  # the size a user expects
+    errors = adapter_error(fed.global_update, tmp_path / "adapter")
+    assert set(ranks.values()) == {8} and 1e-3 < max(errors.values()) < 1.0
+    for module in SHAPES:  # the best rank-8 approximation: Eckart–Young, from an independent float64 SVD
+        delta = fed.global_update.delta(PREFIX + module).double()
+        S = torch.linalg.svdvals(delta)
+        assert errors[PREFIX + module] == pytest.approx(float(S[8:].norm() / S.norm()), rel=1e-3)
+    ranks = fed.export(tmp_path / "exact", base_model_name_or_path="tiny", ranks="exact")
+    assert set(ranks.values()) == {12} and max(adapter_error(fed.global_update, tmp_path / "exact").values()) < 1e-5
+    with pytest.raises(ValueError, match="export ranks must be 'max', 'exact', an int or a rank map"):
+        fed.export(tmp_path / "bad", ranks="biggest")
 
 
 def test_a_truncated_export_and_the_cached_adapter(tmp_path):

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from flexlora_plugin.data import SAMPLE_DATA
+
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_DIR = REPO / "flexlora_plugin" / "federatedscope"
 YAMLS = REPO / "yaml_configs"
-NI_DATA = REPO.parent / "shared" / "data" / "natural_instructions"
+NI_DATA = SAMPLE_DATA  # the sample shipped in the package
 
 
 def load_fs_free(name: str) -> ModuleType:

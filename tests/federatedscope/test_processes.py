@@ -192,7 +192,7 @@ def test_shim_activates_plain_main_py(tiny_model: Path, tmp_path: Path, rank_tab
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FlexLoRA round 0: aggregated 3/3 clients" in out.stderr
-    assert f"data.root: ../../shared/data/natural_instructions -> {NI_DATA.resolve()}" in out.stderr
+    assert f"data.root: ../flexlora_plugin/sample_data/natural_instructions -> {NI_DATA.resolve()}" in out.stderr
     assert f"flexlora.rank_table: tiny_rank_table.yaml -> {YAMLS / 'tiny_rank_table.yaml'}" in out.stderr
     assert "trainer.type llmtrainer -> flexlora_llmtrainer" in out.stderr  # said once FS's logger exists
     assert "Aggregator for method flexlora is not implemented" not in out.stderr

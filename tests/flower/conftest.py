@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "natural_instructions"
+from flexlora_plugin.data import SAMPLE_DATA
+
+DATA = SAMPLE_DATA  # the sample shipped in the package: no test reads a folder outside the repository
 APP = Path(__file__).resolve().parents[2] / "flower_app"
 
 

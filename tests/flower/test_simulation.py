@@ -72,6 +72,7 @@ def mixed_run(tmp_path_factory, tiny_model, data_path):
         "eval-data": str(out / "held.json"),
         "eval-max-per-task": 0,
         "eval-max-new-tokens": 3,
+        "export-rank": "exact",  # the exact export, one option away from the default (the largest client rank)
     }
     result = run_simulation(out, num_rounds=2, num_supernodes=3, run_config=config, timeout=300, echo=False)
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
@@ -256,6 +257,8 @@ def test_bad_replies_are_excluded_not_fatal(tmp_path, tiny_model, data_path, fau
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     assert "(partition 4) refused: other module shapes than the model's" in result.log_path.read_text()
     assert sorted(result.metrics["rank-maps"]) == ["0", "1", "2", "3"]
+    assert set(result.metrics["adapter-ranks"].values()) == {8}  # the default export: the largest client rank
+    assert "exported adapter (at the largest client rank) reproduces ΔW" in result.log_path.read_text()
     row, second = result.metrics["history"]
     assert row["clients-ok"] == 1 and row["excluded-partitions"] == [1, 2, 3] and row["dropped-partitions"] == [1, 2, 3]
     assert second["clients"] == second["clients-ok"] == 1 and second["excluded-partitions"] == []
