@@ -22,7 +22,15 @@ from .adapters import (
     to_wire,
 )
 from .aggregation import aggregate
-from .checkpoint import STATE_FORMAT, ServerState, StateField, load_server_state, register_state_field, save_server_state
+from .checkpoint import (
+    STATE_FORMAT,
+    ServerState,
+    StateField,
+    load_server_state,
+    read_state_metadata,
+    register_state_field,
+    save_server_state,
+)
 from .client import (
     DTYPES,
     BaseWeights,
@@ -98,6 +106,7 @@ __all__ = [
     "STATE_FORMAT",
     "StateField",
     "register_state_field",
+    "read_state_metadata",
     "freeze_untrained",
     "BASE_DELTA",
     "BaseWeights",

@@ -32,7 +32,15 @@ from .errors import FlexLoRAError, FlexLoRAWarning, RankError
 from .methods import GlobalUpdate, method_class
 from .validation import ModuleInfo
 
-__all__ = ["STATE_FORMAT", "ServerState", "StateField", "load_server_state", "register_state_field", "save_server_state"]
+__all__ = [
+    "STATE_FORMAT",
+    "ServerState",
+    "StateField",
+    "load_server_state",
+    "read_state_metadata",
+    "register_state_field",
+    "save_server_state",
+]
 
 STATE_FORMAT = "flexlora-server-state/3"
 """The format written: a sha256 per tensor and one over the whole metadata, every field typed."""
@@ -97,6 +105,16 @@ register_state_field("method", "a string", lambda v: isinstance(v, str))
 register_state_field("failures", "a list of [client, count] pairs", _is_pairs)
 register_state_field("dropped", "a list of [client, round] pairs", _is_pairs)
 register_state_field("profile", "a string", lambda v: isinstance(v, str))
+register_state_field(
+    "config",
+    "an object of setting -> JSON scalar (the run's resolved configuration)",
+    lambda v: isinstance(v, dict) and all(isinstance(x, (str, int, float, bool)) or x is None for x in v.values()),
+)
+register_state_field(
+    "versions",
+    "an object of package -> version string",
+    lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+)
 
 _FIELD_KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {
     float: ("a finite number", _is_number),
@@ -186,32 +204,16 @@ def save_server_state(
     return path
 
 
-def load_server_state(
-    path: str | os.PathLike[str],
-    *,
-    reference: Mapping[str, ModuleInfo] | None = None,
-    allow_legacy: bool = False,
-) -> ServerState:
-    """Read a file written by :func:`save_server_state`, checking all of it before anything is used.
+def read_state_metadata(path: str | os.PathLike[str], *, allow_legacy: bool = False) -> dict[str, Any]:
+    """The checked metadata of a server state, its tensors left unread: ``round``, ``seed``, ``method``, ``extra``...
 
-    The metadata's sha256, every tensor's sha256, every field's type (:data:`STATE_FORMAT`), and,
-    with ``reference``, that the state's modules and shapes are the federation's; the restored
-    update then uses the reference's dtype and keys.
-
-    Parameters
-    ----------
-    reference : Mapping[str, ModuleInfo], optional
-        The federation's modules.
-    allow_legacy : bool
-        Load a state of an older format (whose metadata carries no checksum) with a warning.
-        (default: False: refused, naming this option)
-
-    Raises
-    ------
-    FlexLoRAError
-        Naming the file and the field: not a server state, a checksum mismatch, a field of the
-        wrong type, another model's state, or an older format without ``allow_legacy``.
+    What a runner reads to resume a run with its recorded settings (``extra["config"]``) without
+    loading the update. The same checks as :func:`load_server_state` on everything but the tensors.
     """
+    return _read_metadata(path, allow_legacy)[0]
+
+
+def _read_metadata(path: str | os.PathLike[str], allow_legacy: bool) -> tuple[dict[str, Any], str]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -245,6 +247,36 @@ def load_server_state(
     elif header.get(_META_SUM) != _digest(raw):
         raise FlexLoRAError(f"{path}: the metadata's sha256 does not match (the file is corrupted or was edited)")
     _check_schema(path, meta, legacy=fmt in _LEGACY)
+    return meta, fmt
+
+
+def load_server_state(
+    path: str | os.PathLike[str],
+    *,
+    reference: Mapping[str, ModuleInfo] | None = None,
+    allow_legacy: bool = False,
+) -> ServerState:
+    """Read a file written by :func:`save_server_state`, checking all of it before anything is used.
+
+    The metadata's sha256, every tensor's sha256, every field's type (:data:`STATE_FORMAT`), and,
+    with ``reference``, that the state's modules and shapes are the federation's; the restored
+    update then uses the reference's dtype and keys.
+
+    Parameters
+    ----------
+    reference : Mapping[str, ModuleInfo], optional
+        The federation's modules.
+    allow_legacy : bool
+        Load a state of an older format (whose metadata carries no checksum) with a warning.
+        (default: False: refused, naming this option)
+
+    Raises
+    ------
+    FlexLoRAError
+        Naming the file and the field: not a server state, a checksum mismatch, a field of the
+        wrong type, another model's state, or an older format without ``allow_legacy``.
+    """
+    meta, _ = _read_metadata(path, allow_legacy)
     if reference is not None and meta["method"]:
         _check_model(path, meta["modules"], reference)
     tensors = load_file(str(path))

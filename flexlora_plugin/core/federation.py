@@ -179,6 +179,10 @@ class Federation:
         base-model names); each must match one module of ``info`` as a suffix. (default: ``info``'s)
     state_path : path, optional
         Where :meth:`aggregate` saves the server state after every round. (default: None)
+    record : Mapping, optional
+        Host data saved with every state (fields declared with
+        :func:`~flexlora_plugin.core.register_state_field`, e.g. ``config``: the run's resolved
+        settings, ``versions``); after :meth:`restore`, :attr:`restored` holds the state's.
 
     Examples
     --------
@@ -195,6 +199,7 @@ class Federation:
         *,
         shapes: Mapping[str, tuple[int, int]] | None = None,
         state_path: str | os.PathLike[str] | None = None,
+        record: Mapping[str, Any] | None = None,
     ) -> None:
         if not info:
             raise RankError("a federation needs at least one adapted module")
@@ -205,6 +210,8 @@ class Federation:
         if len(self.shapes) != len(self.info):
             raise RankError(f"shapes name {len(self.shapes)} modules, info {len(self.info)}")
         self.state_path = Path(state_path) if state_path is not None else None
+        self.record = dict(record or {})
+        self.restored: dict[str, Any] = {}  # the extra fields of the state restore() read
         self.rank_maps: dict[Hashable, dict[str, int]] = {}  # as drawn or reported (what clients are told)
         self._resolved: dict[Hashable, dict[str, int]] = {}  # the same, one rank per module of self.shapes
         self._by_info: dict[Hashable, dict[str, int]] = {}  # the same, keyed by the modules of self.info
@@ -492,6 +499,7 @@ class Federation:
             "method": self.config.method,
             "failures": [[c, n] for c, n in self.failures.items()],
             "dropped": [[c, r] for c, r in self.dropped.items()],
+            **self.record,
             **(extra or {}),
         }
         return save_server_state(
@@ -530,6 +538,7 @@ class Federation:
         if state.seed != self.config.seed:
             raise FlexLoRAError(f"{path} was written with seed {state.seed}, this run uses seed {self.config.seed}")
         self.global_update, self.round = state.update, state.round
+        self.restored = dict(state.extra)
         self.history = list(state.extra.get("history", []))
         try:  # lists of [client, n] pairs: JSON keeps the ids' int/str type
             self.failures = {_client_id(c): int(n) for c, n in state.extra.get("failures", [])}

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._cli import DefaultsHelp
-from .settings import APP_DIR, DEFAULT_DATA, REPO, Settings, SettingsError, app_config
+from .settings import APP_DIR, DEFAULT_DATA, EXPERIMENT_KEYS, REPO, Settings, SettingsError, app_config
 
 __all__ = [
     "REPO",
@@ -467,6 +467,16 @@ def run_deployment(
             log.close()
 
 
+class _Given(argparse.Action):
+    """Store the value and note that the user gave the option (``namespace.given``): a resume compares those with the record."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m flexlora_plugin.flower.run``."""
     p = argparse.ArgumentParser(
@@ -476,10 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every other run-config key (device, dtype, model-path, lr, ...) goes in --run-config; "
         "see docs/tutorials/flower.md. Exit status: 0 completed, 1 failed, 2 bad option.",
     )
-    p.add_argument("--num-rounds", type=int, default=3, help="server rounds")
-    p.add_argument("--strategy", choices=METHOD_CHOICES, default="flexlora", help="aggregation method")
+    p.add_argument("--num-rounds", type=int, action=_Given, default=3, help="server rounds")
+    p.add_argument("--strategy", choices=METHOD_CHOICES, action=_Given, default="flexlora", help="aggregation method")
     p.add_argument(
-        "--profile", default="heavy_tail_strong", help=f"resource profile ({', '.join(PROFILE_HELP)}) or a JSON rank table"
+        "--profile",
+        action=_Given,
+        default="heavy_tail_strong",
+        help=f"resource profile ({', '.join(PROFILE_HELP)}) or a JSON rank table",
     )
     p.add_argument(
         "--engine",
@@ -494,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clients-per-round",
         type=int,
+        action=_Given,
         default=None,
         help="partitions sampled each round (0 = all; default: 4, or all when there are fewer)",
     )
@@ -505,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", default=None, help="where everything lands (default: runs/<timestamp>)")
     p.add_argument("--run-config", default="", help='extra "k=v ..." run-config overrides, applied last')
+    p.add_argument(
+        "--override",
+        default="",
+        help="resume: experiment settings (run-config keys, comma-separated) allowed to differ from the run's record; "
+        "every other experiment setting is restored from it (docs/tutorials/flower.md, 'Resuming')",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
     p.add_argument(
         "--keep-failed",
@@ -611,6 +631,10 @@ def check_options(args: argparse.Namespace, out: Path) -> tuple[Settings, dict[s
         "output-dir": str(out.resolve()),
         "data-path": str(DEFAULT_DATA),
     }
+    if str(extra.get("resume", defaults.get("resume"))).lower() == "true":
+        overrides = _keep_record(args, out, {**defaults, **overrides, **extra}, overrides, extra)
+    elif args.override:
+        raise SettingsError("--override applies to a resumed run (--run-config resume=true)")
     settings = Settings.from_context({**defaults, **overrides, **extra}, run_id=0)
     settings.check_paths(partitions)
     _check_hardware(args, settings)
@@ -619,12 +643,58 @@ def check_options(args: argparse.Namespace, out: Path) -> tuple[Settings, dict[s
             f"--clients-per-round {settings.clients_per_round} exceeds the {partitions} partitions; "
             f"use at most {partitions} (or 0 for all)"
         )
-    if settings.resume and not (out / "server_state.safetensors").exists():
-        raise SettingsError(
-            f"resume=true but {out / 'server_state.safetensors'} does not exist; "
-            "give --output-dir of an earlier run, or drop resume=true"
-        )
     return settings, overrides
+
+
+_CLI_KEYS = {
+    "num_rounds": "num-server-rounds",
+    "strategy": "strategy",
+    "profile": "profile",
+    "clients_per_round": "clients-per-round",
+}
+
+
+def _keep_record(
+    args: argparse.Namespace, out: Path, merged: Mapping[str, Any], overrides: Mapping[str, Any], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A resumed run's overrides: every experiment setting as the run recorded it, unless ``--override`` names it.
+
+    A setting given on this command line (in ``--run-config``, or an option such as ``--num-rounds``) that
+    differs from the record is refused, naming it, unless ``--override`` lists it; then the new value
+    is used, printed, and recorded with the state from the next round on. Placement settings
+    (:data:`PLACEMENT_KEYS`) are taken as given.
+    """
+    from flexlora_plugin.core import FlexLoRAError, read_state_metadata
+
+    state = out / "server_state.safetensors"
+    if not state.exists():
+        raise SettingsError(f"resume=true but {state} does not exist; give --output-dir of an earlier run, or drop resume=true")
+    allowed = {k.strip() for k in args.override.split(",") if k.strip()}
+    unknown = sorted(allowed - set(EXPERIMENT_KEYS))
+    if unknown:
+        raise SettingsError(f"--override: {unknown} are not experiment settings; they are: {', '.join(EXPERIMENT_KEYS)}")
+    try:
+        recorded = read_state_metadata(state, allow_legacy=str(merged.get("allow-legacy-state")).lower() == "true")
+    except FlexLoRAError as err:
+        raise SettingsError(f"resume: {err}") from None
+    record = recorded["extra"].get("config")
+    if not record:
+        print(f"note: {state} records no settings (an older run): resuming with the settings given", flush=True)
+        return dict(overrides)
+    given = set(extra) | {key for dest, key in _CLI_KEYS.items() if dest in getattr(args, "given", ())}
+    changed = {k for k in EXPERIMENT_KEYS if k in record and k in given and str(merged[k]) != str(record[k])}
+    refused = sorted(changed - allowed)
+    if refused:
+        what = ", ".join(f"{k}={merged[k]!r} (recorded {record[k]!r})" for k in refused)
+        raise SettingsError(
+            f"resume: {what} differ from the run's record; drop them to continue the experiment as it was "
+            f"recorded, or pass --override {','.join(refused)} to change it"
+        )
+    kept = {k: record[k] for k in EXPERIMENT_KEYS if k in record and k not in changed}
+    for k in sorted(changed):
+        print(f"resume: {k} changed on request (--override): {record[k]!r} -> {merged[k]!r}", flush=True)
+    print(f"resume: {len(kept)} experiment settings restored from the run's record", flush=True)
+    return {**overrides, **kept}
 
 
 def _check_hardware(args: argparse.Namespace, settings: Settings) -> None:
@@ -648,8 +718,10 @@ def _check_hardware(args: argparse.Namespace, settings: Settings) -> None:
         raise SettingsError(f"server-device: {err}; use server-device='auto' or 'cpu' here") from err
 
 
-def describe_run(args: argparse.Namespace, settings: Settings, out: Path, resuming: bool) -> list[str]:
-    """The lines printed before a run starts: what runs, where, and how to read its output."""
+def describe_run(
+    args: argparse.Namespace, settings: Settings, out: Path, resuming: bool, run_config: Mapping[str, Any] | None = None
+) -> list[str]:
+    """The lines printed before a run starts: what runs, where, how to read its output, and every setting off its default."""
     from flexlora_plugin.core import describe_profile
 
     table = settings.profile.lstrip().startswith("{")
@@ -670,7 +742,8 @@ def describe_run(args: argparse.Namespace, settings: Settings, out: Path, resumi
         f"FlexLoRA run: strategy {settings.strategy}, profile {profile}",
         f"  {nodes}; {per_round} clients per round; {settings.num_server_rounds} rounds from {start}; seed {settings.seed}",
         f"  clients on {settings.device} ({settings.dtype} base, float32 LoRA), {settings.local_steps} local steps of "
-        f"batch {settings.batch_size}; model: {model}",
+        f"batch {settings.batch_size}, lr {settings.lr:g}, FedProx mu {settings.proximal_mu:g}; model: {model}",
+        *_non_defaults(run_config or {}, args),
         f"  output folder: {out} (adapter/, metrics.json, server_state.safetensors, flwr_run.log)",
         "  reading the rounds: r8 = rank 8 on every module, r30-200 = rank 30 on some modules (attention) and 200 on "
         "others (MLP); 'energy kept' = share of the update's squared norm a client of that rank receives (1 = all)",
@@ -680,6 +753,15 @@ def describe_run(args: argparse.Namespace, settings: Settings, out: Path, resumi
             else ["  Flower lines that repeat ours are kept off the console (flwr_run.log has all; --verbose shows them)"]
         ),
     ]
+
+
+def _non_defaults(run_config: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
+    """One line of every run-config setting that differs from the App's default (the run folder aside)."""
+    defaults = app_config()
+    extra = parse_run_config(args.run_config)
+    given = {**run_config, **extra}
+    diff = {k: v for k, v in sorted(given.items()) if k not in ("output-dir", "data-path") and defaults.get(k) != v}
+    return [f"  settings off their defaults: {' '.join(f'{k}={v}' for k, v in diff.items())}"] if diff else []
 
 
 def summarize(result: RunResult) -> list[str]:
@@ -731,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{build_parser().prog}: error: {err}", file=sys.stderr)
         return 2
     created = not out.exists()
-    print("\n".join(describe_run(args, settings, out, resuming=settings.resume)), flush=True)
+    print("\n".join(describe_run(args, settings, out, resuming=settings.resume, run_config=run_config)), flush=True)
     echo = True if args.verbose else "quiet"
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

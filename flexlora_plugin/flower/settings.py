@@ -21,7 +21,16 @@ import tomllib
 from flexlora_plugin.core import FlexLoRAConfig, parse_device, resolve_dtype
 from flexlora_plugin.data import default_data
 
-__all__ = ["APP_DIR", "DEFAULT_DATA", "Settings", "SettingsError", "app_config"]
+__all__ = [
+    "APP_DIR",
+    "DEFAULT_DATA",
+    "EXPERIMENT_KEYS",
+    "PLACEMENT_KEYS",
+    "Settings",
+    "SettingsError",
+    "app_config",
+    "package_versions",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,6 +45,64 @@ def _env_path(name: str, default: Path) -> Path:
 # shipped in the package (flexlora_plugin.data.default_data).
 APP_DIR = _env_path("FLEXLORA_APP_DIR", REPO / "flower_app")
 DEFAULT_DATA = default_data().resolve()
+
+
+EXPERIMENT_KEYS = (
+    "strategy",
+    "profile",
+    "seed",
+    "num-server-rounds",
+    "clients-per-round",
+    "model-path",
+    "data-path",
+    "lora-alpha",
+    "target-modules",
+    "local-steps",
+    "batch-size",
+    "lr",
+    "max-length",
+    "max-train-examples",
+    "dtype",
+    "proximal-mu",
+    "drop-after-failures",
+    "wire-dtype",
+    "eval-data",
+    "eval-max-per-task",
+    "eval-max-new-tokens",
+)
+"""Run-config keys that define the experiment: recorded with every run and restored on resume
+(``python -m flexlora_plugin.flower.run`` refuses a different value unless ``--override`` names it)."""
+PLACEMENT_KEYS = (
+    "min-nodes",
+    "output-dir",
+    "resume",
+    "allow-legacy-state",
+    "torch-threads",
+    "device",
+    "gradient-checkpointing",
+    "export-rank",
+    "server-device",
+    "query-timeout",
+    "round-timeout",
+    "eval-every",
+    "eval-batch-size",
+    "dump-dir",
+)
+"""Run-config keys of where and how a run executes: recorded too, free to change on resume."""
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a run's numbers depend on (recorded with every run)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("flexlora-plugin", "torch", "transformers", "peft", "flwr"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _export_rank(value: Any) -> str:
@@ -191,6 +258,12 @@ class Settings:
         if not self.target_modules:
             raise SettingsError("target-modules is empty; e.g. 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'")
         self.flexlora_config()  # an unknown profile, a bad rank table, fedavg with mixed ranks
+
+    def record(self, run_config: Mapping[str, Any]) -> dict[str, Any]:
+        """The run's resolved configuration as recorded (``metrics.json``, the server state): every key, paths resolved."""
+        out = {k: v for k, v in run_config.items() if isinstance(v, (str, int, float, bool))}
+        out.update({"model-path": str(self.model_path), "data-path": str(self.data_path), "output-dir": str(self.output_dir)})
+        return out
 
     @property
     def export_ranks(self) -> str | int:

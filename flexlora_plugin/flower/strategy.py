@@ -118,6 +118,9 @@ class FlexLoRA(FedAvg):
         Server state written after every round with ``save_server_state``. (default: None)
     resume : bool
         Restore ``state_path`` when it exists and continue after its round. (default: False)
+    record : Mapping, optional
+        Saved with the server state every round (declared state fields: ``config``, the run's
+        resolved settings, and ``versions``). (default: None)
     dump_dir : path, optional
         For tests: per round, the factors sent to and received from every partition as
         safetensors (``round-NNN/sent-pK.safetensors``, ``reply-pK.safetensors``). (default: None)
@@ -168,6 +171,7 @@ class FlexLoRA(FedAvg):
         max_partitions: int = 10_000,
         state_path: str | os.PathLike[str] | None = None,
         resume: bool = False,
+        record: Mapping[str, Any] | None = None,
         dump_dir: str | os.PathLike[str] | None = None,
         export_ranks: str | int | Mapping[str, int] | None = "max",
         **config_fields: Any,
@@ -187,6 +191,7 @@ class FlexLoRA(FedAvg):
         self.state_path = Path(state_path) if state_path is not None else None
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.resume = resume
+        self.record = dict(record or {})
         self.export_ranks = export_ranks
         if isinstance(max_partitions, bool) or not isinstance(max_partitions, int) or max_partitions < 1:
             raise ValueError(f"max_partitions must be a positive int, got {max_partitions!r}")
@@ -318,7 +323,9 @@ class FlexLoRA(FedAvg):
         """
         if not self.shapes:
             return
-        fed = Federation(self.config, module_infos(self.shapes), shapes=self.shapes, state_path=self.state_path)
+        fed = Federation(
+            self.config, module_infos(self.shapes), shapes=self.shapes, state_path=self.state_path, record=self.record
+        )
         for pid, ranks in reported.items():
             nid = self.node_of[pid]
             try:

@@ -14,6 +14,7 @@ from flexlora_app.task import Settings, load_base, route_logs
 from flexlora_plugin.core import RankError, adapter_error, model_shapes
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, rank_label
+from flexlora_plugin.flower.settings import package_versions
 from flexlora_plugin.tiny import build_tiny_llama
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     if not context.run_config["model-path"]:
         logger.info("building the tiny random LLaMA in %s", settings.model_path)
         build_tiny_llama(settings.model_path, texts=sample_texts(settings.data_path), max_length=1024)
+    record = {"config": settings.record(context.run_config), "versions": package_versions()}
     strategy = FlexLoRA(
         settings.flexlora_config(),
         clients_per_round=settings.clients_per_round or None,
@@ -42,6 +44,7 @@ def main(grid: Grid, context: Context) -> None:
         module_shapes=model_shapes(settings.model_path, settings.target_modules),  # nodes reporting others are refused
         state_path=settings.output_dir / STATE_FILE,
         resume=settings.resume,
+        record=record,  # saved with the server state every round, and below in metrics.json
         dump_dir=settings.dump_dir,
         export_ranks=settings.export_ranks,
     )
@@ -78,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
         max_error = None
         logger.warning("exported adapter not checked against ΔW: %s", exc)
     summary = {
+        **record,
         "strategy": settings.strategy,
         "rank-maps": {str(p): rank_label(m) for p, m in sorted(strategy.rank_maps.items())},
         "history": strategy.history,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ pytest.importorskip("flwr")
 import torch  # noqa: E402
 
 from flexlora_plugin.flower.run import main, quiet  # noqa: E402
+from flexlora_plugin.flower.settings import SettingsError  # noqa: E402
 
 pytestmark = [pytest.mark.flower]
 
@@ -218,12 +220,71 @@ def test_a_resumed_run_numbers_its_rounds_from_the_saved_state(tmp_path, tiny_mo
     config = f"{SMALL} model-path='{tiny_model}' data-path='{data_path}'"
     assert main(["--num-rounds", "1", *common, "--run-config", config]) == 0
     capsys.readouterr()
-    assert main(["--num-rounds", "2", *common, "--run-config", f"{config} resume=true"]) == 0
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["config"]["local-steps"] == 1 and record["config"]["num-server-rounds"] == 1
+    assert record["versions"]["torch"] == torch.__version__ and "flwr" in record["versions"]
+    assert main(["--num-rounds", "2", *common, "--run-config", f"{config} resume=true"]) == 2  # 2 rounds, 1 recorded
+    assert "num-server-rounds=2 (recorded 1) differ from the run's record" in capsys.readouterr().err
+    assert main(["--num-rounds", "2", *common, "--override", "num-server-rounds", "--run-config", f"{config} resume=true"]) == 0
     text = capsys.readouterr().out
+    assert "resume: num-server-rounds changed on request (--override): 1 -> 2" in text
     assert "2 rounds from the next round after the saved server state" in text
     assert "round 2/2 (resumed after 1): 2/2 clients ok" in text and "round 1/2" not in text
     assert "[ROUND 1/1]" not in text and "done: rounds 1-2, final train loss" in text
     assert "resumed after round 1" in (out / "flwr_run.log").read_text()
+
+
+def _recorded(out: Path, config: dict) -> None:
+    """A run folder whose server state records ``config`` (what the ServerApp saves every round)."""
+    from flexlora_plugin.core import save_server_state
+
+    out.mkdir(parents=True)
+    save_server_state(out / "server_state.safetensors", None, round=1, extra={"config": config})
+
+
+def test_resume_restores_the_recorded_experiment_settings_and_refuses_a_changed_one(tmp_path, tiny_model, data_path, capsys):
+    from flexlora_plugin.flower.run import build_parser, check_options
+
+    out = tmp_path / "run"
+    record = {
+        "num-server-rounds": 8,
+        "local-steps": 16,
+        "proximal-mu": 0.01,
+        "model-path": str(tiny_model),
+        "data-path": str(data_path),
+        "device": "cpu",
+    }
+    _recorded(out, record)
+    parse = build_parser().parse_args
+    settings, _ = check_options(parse(["--output-dir", str(out), "--run-config", "resume=true torch-threads=2"]), out)
+    assert (settings.num_server_rounds, settings.local_steps, settings.proximal_mu) == (8, 16, 0.01)  # not the defaults
+    assert settings.torch_threads == 2 and settings.model_path == tiny_model  # placement settings may change
+    assert "resume: 5 experiment settings restored from the run's record" in capsys.readouterr().out
+    with pytest.raises(SettingsError, match=r"resume: local-steps=4 \(recorded 16\) differ .* --override local-steps"):
+        check_options(parse(["--output-dir", str(out), "--run-config", "resume=true local-steps=4"]), out)
+    with pytest.raises(SettingsError, match=r"num-server-rounds=3 \(recorded 8\)"):
+        check_options(parse(["--output-dir", str(out), "--num-rounds", "3", "--run-config", "resume=true"]), out)
+    args = parse(["--output-dir", str(out), "--override", "local-steps", "--run-config", "resume=true local-steps=4"])
+    settings, _ = check_options(args, out)
+    assert settings.local_steps == 4 and settings.num_server_rounds == 8
+    assert "local-steps changed on request (--override): 16 -> 4" in capsys.readouterr().out
+    with pytest.raises(SettingsError, match=r"--override: \['device'\] are not experiment settings"):
+        check_options(parse(["--output-dir", str(out), "--override", "device", "--run-config", "resume=true"]), out)
+    with pytest.raises(SettingsError, match="--override applies to a resumed run"):
+        check_options(parse(["--output-dir", str(tmp_path / "new"), "--override", "lr"]), tmp_path / "new")
+
+
+def test_the_start_banner_shows_fedprox_mu_and_every_setting_off_its_default(tmp_path, tiny_model, data_path, capsys):
+    from flexlora_plugin.flower.run import build_parser, check_options, describe_run
+
+    out = tmp_path / "run"
+    args = build_parser().parse_args(
+        ["--output-dir", str(out), "--run-config", f"proximal-mu=0.01 lr=0.001 model-path='{tiny_model}' data-path='{data_path}'"]
+    )
+    settings, run_config = check_options(args, out)
+    lines = "\n".join(describe_run(args, settings, out, resuming=False, run_config=run_config))
+    assert "lr 0.001, FedProx mu 0.01" in lines
+    assert "settings off their defaults:" in lines and "proximal-mu=0.01" in lines and "lr=0.001" in lines
 
 
 def _pids_with_env(entry: str) -> list[int]:
@@ -274,3 +335,10 @@ def test_sigterm_stops_every_process_it_started_and_keeps_the_run(tmp_path, tiny
         time.sleep(1)
     left = _pids_with_env(home)
     assert not left, [" ".join(Path(f"/proc/{p}/cmdline").read_text(errors="replace").split("\0"))[:200] for p in left]
+
+
+def test_every_run_config_key_is_an_experiment_or_a_placement_setting():
+    from flexlora_plugin.flower.settings import EXPERIMENT_KEYS, PLACEMENT_KEYS, app_config
+
+    assert not set(EXPERIMENT_KEYS) & set(PLACEMENT_KEYS)
+    assert set(EXPERIMENT_KEYS) | set(PLACEMENT_KEYS) == set(app_config())
