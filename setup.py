@@ -47,6 +47,6 @@ setup(
         "scipy>=1.10",
     ],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["flexlora-fs=flexlora_plugin.federatedscope.cli:main"]},
+    entry_points={"console_scripts": ["flexlora-fs=flexlora_plugin._cli:flexlora_fs"]},
     classifiers=["Programming Language :: Python :: 3"],
 )

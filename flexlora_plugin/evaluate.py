@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ._cli import DefaultsHelp
-from .data import build_prompt, load_examples
+from .data import SAMPLE_DATA, build_prompt, load_examples
 
 __all__ = [
     "EvalResult",
@@ -354,7 +354,7 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, str]:
     ValueError
         A missing file or folder, a number out of range, or an unusable device or dtype, in one line.
     """
-    from .core.client import parse_device, resolve_dtype
+    from .core.client import resolve_device, resolve_dtype
 
     adapter = None if args.adapter.lower() == "none" else args.adapter
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
@@ -363,7 +363,7 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, str]:
             "a run writes one to <output-dir>/adapter, or use --adapter none with --base"
         )
     if not args.data.is_file():
-        raise ValueError(f"--data {args.data} does not exist (e.g. ../shared/data/natural_instructions/heldout_test.json)")
+        raise ValueError(f"--data {args.data} does not exist (e.g. {SAMPLE_DATA / 'heldout_test.json'})")
     base = base_of(adapter, args.base)
     local = Path(base).exists() or Path(base).is_absolute() or base.startswith(".") or base.count("/") != 1
     if local and not (Path(base) / "config.json").is_file():  # "org/name" may be a hub id
@@ -376,8 +376,8 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, str]:
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    parse_device(args.device)
-    resolve_dtype(args.dtype)
+    device = resolve_device(args.device)  # a device this machine has: "cuda" without CUDA fails here, in one line
+    resolve_dtype(args.dtype, device)
     return adapter, str(base)
 
 

@@ -241,6 +241,11 @@ def test_generation_on_cuda(tmp_path):
         (["--adapter", "none", "--base", "{tiny}", "--data", "{tmp}/no.json"], "does not exist"),
         (["--adapter", "none", "--base", "{tiny}", "--data", "{data}", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--adapter", "none", "--base", "{tiny}", "--data", "{data}", "--device", "gpu"], "device must be"),
+        pytest.param(
+            ["--adapter", "none", "--base", "{tiny}", "--data", "{data}", "--device", "cuda"],
+            "CUDA",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
     ],
 )
 def test_bad_options_fail_before_a_model_loads(args, message, tmp_path, capsys):

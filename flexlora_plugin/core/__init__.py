@@ -73,7 +73,15 @@ from .methods import (
     method_class,
     register_method,
 )
-from .peft_io import adapter_state, check_received, load_adapter_state, lora_config_for, model_shapes, target_shapes
+from .peft_io import (
+    adapter_state,
+    check_received,
+    load_adapter_state,
+    lora_config_for,
+    model_parameters,
+    model_shapes,
+    target_shapes,
+)
 from .profiles import (
     ATTENTION,
     MLP,
@@ -140,6 +148,7 @@ __all__ = [
     "resolve_dtype",
     "target_shapes",
     "model_shapes",
+    "model_parameters",
     "LORA_A",
     "LORA_B",
     "WIRE_DTYPES",

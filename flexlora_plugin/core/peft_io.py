@@ -13,7 +13,15 @@ from torch import Tensor, nn
 from .adapters import LORA_A, LORA_B, factor_of, only_factors, split_state
 from .errors import MissingModuleError, RankError, UnsupportedKeyError
 
-__all__ = ["adapter_state", "check_received", "load_adapter_state", "lora_config_for", "model_shapes", "target_shapes"]
+__all__ = [
+    "adapter_state",
+    "check_received",
+    "load_adapter_state",
+    "lora_config_for",
+    "model_parameters",
+    "model_shapes",
+    "target_shapes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +42,25 @@ def target_shapes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, 
     return shapes
 
 
+def _meta_model(model_dir: str | os.PathLike[str]) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def model_shapes(model_dir: str | os.PathLike[str], target_modules: Sequence[str]) -> dict[str, tuple[int, int]]:
     """:func:`target_shapes` of a model folder, built from its ``config.json`` on the meta device (no weights read).
 
     What a server that never loads the model knows of it: the reference its clients' reports are checked against.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return target_shapes(_meta_model(model_dir), target_modules)
 
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return target_shapes(model, target_modules)
+
+def model_parameters(model_dir: str | os.PathLike[str]) -> int:
+    """The parameter count of a model folder (tied weights once), from its ``config.json`` on the meta device."""
+    return sum(p.numel() for p in _meta_model(model_dir).parameters())
 
 
 def lora_config_for(

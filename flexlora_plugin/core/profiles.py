@@ -367,8 +367,8 @@ def clamp_ranks(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
     Returns
     -------
     dict[str, int]
-        Full module name -> rank. A clamped rank is logged at INFO (SmolLM2-135M's k/v
-        projections are 576 -> 192, so ``r200`` becomes 192 there).
+        Full module name -> rank. Clamped ranks are logged at INFO in one line per call
+        (SmolLM2-135M's k/v projections are 576 -> 192, so ``r200`` becomes 192 on 60 modules).
 
     Raises
     ------
@@ -376,14 +376,21 @@ def clamp_ranks(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
         When a module has no matching entry.
     """
     out: RankMap = {}
+    clamped: dict[tuple[int, int], list[str]] = {}
     for module, shape in shapes.items():
         r = resolve_pattern(module, ranks)
         if r is None:
             raise ProfileError(f"client {client!r}: module {module} matches no entry of rank map {dict(ranks)}")
         if r > min(shape):
-            logger.info("client %r, module %s: rank %d clamped to min(d_out, d_in)=%d", client, module, r, min(shape))
+            clamped.setdefault((r, min(shape)), []).append(module.rsplit(".", 1)[-1])
             r = min(shape)
         out[module] = r
+    if clamped:
+        logger.info(
+            "client %r: ranks clamped to min(d_out, d_in): %s",
+            client,
+            "; ".join(f"{r} -> {m} on {len(mods)} modules ({', '.join(sorted(set(mods)))})" for (r, m), mods in clamped.items()),
+        )
     return out
 
 

@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flexlora_plugin.federatedscope.shim import fs_package_dir
-
 PROG = "flexlora-fs"
 
 __all__ = ["check_args", "fs_main_path", "main"]
@@ -28,6 +26,8 @@ def fs_main_path() -> Path:
     FileNotFoundError
         When the installed FederatedScope has no ``main.py`` (e.g. a wheel without it).
     """
+    from flexlora_plugin.federatedscope.shim import fs_package_dir  # here: importing the package needs FederatedScope
+
     path = fs_package_dir() / "main.py"
     if not path.is_file():
         raise FileNotFoundError(

@@ -777,6 +777,13 @@ def summarize(result: RunResult) -> list[str]:
             f"({last['clients-ok']}/{last['clients']} clients ok), {sent:.1f} MB sent and {received:.1f} MB "
             f"received in all"
         )
+        base = result.metrics.get("base-model-bytes")
+        if base:
+            per_round = (sent + received) / 2 / len(rows)
+            lines.append(
+                f"  per round {per_round:.1f} MB each way (mean), {per_round * 1e6 / base:.2f}x the base model "
+                f"({base / 1e6:.1f} MB)"
+            )
     lines.append(f"run {result.run_id}: {result.status} in {result.wall_s:.0f} s; log {result.log_path}")
     if result.ok:
         lines.append(

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flexlora_app.task import Settings, load_base, route_logs
-from flexlora_plugin.core import RankError, adapter_error, model_shapes
+from flexlora_plugin.core import RankError, adapter_error, model_parameters, model_shapes
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, rank_label
 from flexlora_plugin.flower.settings import package_versions
@@ -88,9 +88,12 @@ def main(grid: Grid, context: Context) -> None:
         "adapter": str(adapter),
         "adapter-ranks": chosen,
         "adapter-max-rel-error": max_error,
+        "base-model-bytes": model_parameters(settings.model_path) * (2 if settings.dtype == "bfloat16" else 4),
     }
     (settings.output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    logger.info("final adapter (%s, ranks %s) saved to %s", settings.strategy, sorted(set(chosen.values())), adapter)
+    distinct = sorted(set(chosen.values()))
+    ranks = f"rank {distinct[0]}" if len(distinct) == 1 else f"ranks {distinct[0]}-{distinct[-1]} ({len(distinct)} distinct)"
+    logger.info("final adapter (%s, %s) saved to %s", settings.strategy, ranks, adapter)
 
 
 def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, ArrayRecord], MetricRecord | None] | None:

@@ -129,12 +129,14 @@ def test_types_match_paper():
     assert set(lora_type("r8").values()) == {8}
 
 
-def test_clamp_to_module_shape(caplog):
-    shapes = {"model.layers.0.self_attn.k_proj": (192, 576), "model.layers.0.mlp.up_proj": (1536, 576)}
+def test_clamp_to_module_shape_logs_one_line_per_call(caplog):
+    shapes = {f"model.layers.{i}.self_attn.{p}": (192, 576) for i in range(30) for p in ("k_proj", "v_proj")}
+    shapes["model.layers.0.mlp.up_proj"] = (1536, 576)
     with caplog.at_level("INFO"):
         out = clamp_ranks(lora_type("r200"), shapes, client=5)
-    assert out == {"model.layers.0.self_attn.k_proj": 192, "model.layers.0.mlp.up_proj": 200}
-    assert "client 5, module model.layers.0.self_attn.k_proj: rank 200 clamped to min(d_out, d_in)=192" in caplog.text
+    assert out["model.layers.7.self_attn.k_proj"] == 192 and out["model.layers.0.mlp.up_proj"] == 200
+    clamps = [r.getMessage() for r in caplog.records if "clamped" in r.getMessage()]
+    assert clamps == ["client 5: ranks clamped to min(d_out, d_in): 200 -> 192 on 60 modules (k_proj, v_proj)"]
     with pytest.raises(ProfileError, match="matches no entry"):
         clamp_ranks({"q_proj": 8}, shapes)
 

@@ -165,3 +165,16 @@ def test_input_paths_fall_back_to_the_yaml_folder_and_bases_are_absolute(tmp_pat
         assert config.yaml_dir() == yaml_dir
     assert config.base_model_name("here.yaml") == str(run_dir / "here.yaml")
     assert config.base_model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_flexlora_fs_without_federatedscope_is_one_line_and_exit_2(capsys):
+    """In the Flower environment (FederatedScope cannot be installed there) the console script says so, no traceback."""
+    import importlib.util
+
+    from flexlora_plugin._cli import flexlora_fs
+
+    if importlib.util.find_spec("federatedscope") is not None:
+        pytest.skip("FederatedScope is installed here")
+    assert flexlora_fs() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flexlora-fs: flexlora_plugin.federatedscope needs FederatedScope") and "\n" not in err

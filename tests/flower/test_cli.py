@@ -153,19 +153,21 @@ def test_a_run_says_what_ran_and_where_its_results_are(tmp_path, tiny_model, dat
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    head = text.splitlines()[:7]
+    head = text.splitlines()[:8]
     assert head[0] == "FlexLoRA run: strategy flexlora, profile heavy_tail_strong: 5% r8, 5% r30, 10% r30_200, 80% r200"
     assert "simulation engine, 2 SuperNodes (one partition each); 2 clients per round; 1 rounds from round 1" in head[1]
-    assert "clients on cpu (float32 base, float32 LoRA)" in head[2]
-    assert f"output folder: {out}" in head[3] and "r30-200 = rank 30 on some modules" in head[4]
+    assert "clients on cpu (float32 base, float32 LoRA)" in head[2] and "FedProx mu 0" in head[2]
+    assert head[3].startswith("  settings off their defaults: ") and "local-steps=1" in head[3]
+    assert f"output folder: {out}" in head[4] and "r30-200 = rank 30 on some modules" in head[5]
     assert "round 1/1: 2/2 clients ok" in text
     assert "[ROUND 1/1]" not in text and "ArrayRecord (0.00 MB)" not in text  # Flower's own lines: in the log only
     log = (out / "flwr_run.log").read_text()
     assert "[ROUND 1/1]" in log
-    tail = text.splitlines()[-3:]
+    tail = text.splitlines()[-4:]
     assert tail[0].startswith("done: rounds 1-1, final train loss ") and "(2/2 clients ok)" in tail[0]
-    assert tail[1].startswith("run ") and ": finished:completed in " in tail[1]
-    assert tail[2] == f"adapter (peft, PeftModel.from_pretrained): {out / 'adapter'}; metrics: {out / 'metrics.json'}"
+    assert tail[1].startswith("  per round ") and "x the base model (" in tail[1]  # bytes relative to the model
+    assert tail[2].startswith("run ") and ": finished:completed in " in tail[2]
+    assert tail[3] == f"adapter (peft, PeftModel.from_pretrained): {out / 'adapter'}; metrics: {out / 'metrics.json'}"
 
 
 @pytest.mark.slow
