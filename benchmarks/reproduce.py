@@ -10,7 +10,9 @@
 Each run trains through ``flexlora_plugin.flower.run.run_simulation`` (the plugin's own host),
 exports the final global model as a peft adapter (exact: each module at its numerical rank),
 scores it on the whole ``heldout_test.json`` (and on each ``--eval-file``) with
-``flexlora_plugin.evaluate`` and writes ``<results>/<run>.json``. Runs that already have a JSON
+``flexlora_plugin.evaluate`` and writes ``<results>/<run>.json`` (``<work>/<profile>/results``;
+``--record`` writes the committed record in ``docs/results`` instead). At the end each finished
+run is compared with its committed record, task by task. Runs that already have a JSON
 are skipped (a run recorded without a score for a new ``--eval-file`` only has its adapter scored
 on it); an interrupted run resumes from its server state. ``--parallel N`` runs up to N runs at
 once, each in its own process with its own log. Same seed, same clients per round, same local
@@ -38,7 +40,8 @@ FULL = REPO.parent / "shared" / "data" / "natural_instructions"  # the recorded 
 SAMPLE = REPO / "flexlora_plugin" / "sample_data" / "natural_instructions"  # shipped: trains, scores not comparable
 DATA = Path(os.environ["FLEXLORA_DATA"]) if os.environ.get("FLEXLORA_DATA") else FULL if FULL.is_dir() else SAMPLE
 HELDOUT = "heldout_test.json"
-RESULTS = {"small": REPO / "docs" / "results", "gpu": REPO / "docs" / "results" / "gpu"}  # committed; others under --work
+RESULTS = {"small": REPO / "docs" / "results", "gpu": REPO / "docs" / "results" / "gpu"}  # the committed records
+AGREE = 0.01  # a reproduced run agrees with its record when every task mean is within this of the recorded one
 ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # keys passed to the Flower app's run config unchanged when a profile sets them (else the app's defaults: cpu, float32)
 APP_KEYS = ("device", "dtype", "gradient-checkpointing", "proximal-mu")
@@ -309,6 +312,9 @@ def train_and_score(run: Run, job: Job) -> dict[str, Any]:
         "adapter_ranks": result.metrics.get("adapter-ranks"),
         "adapter_max_rel_error": result.metrics.get("adapter-max-rel-error"),
         "rank_maps": result.metrics.get("rank-maps"),
+        "start": "common",  # round 1: B = 0 and one common A per module for every method (docs/methods.md)
+        "commit": git_commit(),
+        "run_config": result.metrics.get("config"),
         "final": final,
         "extra_eval": extra_records(scores, job.extra_files),
         "machine": machine(prof),
@@ -430,6 +436,41 @@ def score_recorded(run: Run, job: Job, names: list[str]) -> None:
     files = {name: job.extra_files[name] for name in names}
     record["extra_eval"] = {**record.get("extra_eval", {}), **extra_records(score_files(job, adapter, files), files)}
     write_json(path, record)
+
+
+def git_commit() -> str | None:
+    """The commit of this checkout (with ``+dirty`` when files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def compare_with_record(results: Path, recorded: Path | None) -> list[str]:
+    """Each finished run of ``results`` against its committed record: per-task means, paired, within :data:`AGREE`."""
+    if recorded is None or recorded.resolve() == results.resolve() or not recorded.is_dir():
+        return []
+    lines = []
+    for path in sorted(results.glob("*.json")):
+        ref = recorded / path.name
+        if not ref.is_file():
+            continue
+        mine, theirs = (json.loads(p.read_text(encoding="utf-8"))["final"]["per_task"] for p in (path, ref))
+        tasks = sorted(set(mine) & set(theirs))
+        if not tasks:
+            lines.append(f"[{path.stem}] no task in common with its record {ref}")
+            continue
+        diffs = [mine[t] - theirs[t] for t in tasks]
+        worst = max(tasks, key=lambda t: abs(mine[t] - theirs[t]))
+        agree = all(abs(d) <= AGREE for d in diffs) and len(tasks) == len(theirs)
+        lines.append(
+            f"[{path.stem}] {'agrees with' if agree else 'differs from'} its record ({ref}): {len(tasks)} tasks paired, "
+            f"mean difference {sum(diffs) / len(diffs):+.4f}, largest {mine[worst] - theirs[worst]:+.4f} on task {worst} "
+            f"(agreement: every task within {AGREE})"
+        )
+    return lines
 
 
 def do_run(run: Run, job: Job) -> None:
@@ -608,7 +649,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--results",
         type=Path,
         default=None,
-        help="JSON folder (default: docs/results for small, docs/results/gpu for gpu, else <work>/<profile>/results)",
+        help="JSON folder (default: <work>/<profile>/results; with --record the committed docs/results[/gpu])",
+    )
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="write the runs' JSONs into the committed record (docs/results for small, docs/results/gpu for gpu) "
+        "instead of <work>; never done unless asked",
     )
     parser.add_argument(
         "--set",
@@ -698,12 +745,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     PROFILES[args.profile] = with_overrides(PROFILES[args.profile], args.set)
     work = args.work / args.profile
-    default_results = RESULTS.get(args.profile, work / "results")
-    results = (args.results or default_results).resolve()
+    if args.record and args.profile not in RESULTS:
+        bad_option(f"--record: profile {args.profile!r} has no committed record (only {sorted(RESULTS)})")
+    committed = RESULTS.get(args.profile)
+    results = (args.results or (committed if args.record else work / "results")).resolve()
     if args.report:
         from report import write_report  # benchmarks/report.py
 
-        if results == default_results and args.profile in RESULTS:  # the committed report: small, then the gpu section
+        if args.record or (committed is not None and results == committed.resolve()):  # the committed report
             write_report(RESULTS["small"], REPO / "docs", gpu_results=RESULTS["gpu"])
         else:
             write_report(results, work)
@@ -724,14 +773,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel == 1:
         for run in runs:
             do_run(run, job)
-        return 0
-    todo = []
-    for run in runs:
-        if missing_scores(results / f"{run.name}.json", extra) == []:
-            print(f"[{run.name}] done already: {results / (run.name + '.json')}", flush=True)
-        else:
-            todo.append(run)
-    return Scheduler(job, args.parallel, args.set, ",".join(distributions)).run(todo)
+        code = 0
+    else:
+        todo = []
+        for run in runs:
+            if missing_scores(results / f"{run.name}.json", extra) == []:
+                print(f"[{run.name}] done already: {results / (run.name + '.json')}", flush=True)
+            else:
+                todo.append(run)
+        code = Scheduler(job, args.parallel, args.set, ",".join(distributions)).run(todo)
+    for line in compare_with_record(results, committed):
+        print(line, flush=True)
+    return code
 
 
 if __name__ == "__main__":
