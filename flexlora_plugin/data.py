@@ -294,17 +294,23 @@ def write_sample(
     return manifest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flexlora_plugin.data sample SRC DST [--train N ...]``: write a sample of a federated split."""
+def build_parser() -> Any:
+    """The command line of ``python -m flexlora_plugin.data``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m flexlora_plugin.data", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flexlora_plugin.data", description="Write a sample of a federated split.")
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("sample", help="write the first examples of every client and held-out task to DST")
     cmd.add_argument("source", type=Path, help="a federated Natural Instructions folder (local_training_0.json, ...)")
     cmd.add_argument("dest", type=Path)
     for name, default in (("train", 8), ("eval", 2), ("test", 2), ("heldout-per-task", 4)):
         cmd.add_argument(f"--{name}", type=int, default=default, help=f"(default: {default})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flexlora_plugin.data sample SRC DST [--train N ...]``: write a sample of a federated split."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.source.is_dir():
         parser.error(f"{args.source} is not a folder")

@@ -8,6 +8,7 @@ corpus), so any text round-trips.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Iterable
@@ -95,3 +96,27 @@ def _mark(folder: Path) -> None:
 def is_tiny_model(folder: str | os.PathLike[str]) -> bool:
     """Whether ``folder`` is a tiny random model written by :func:`build_tiny_llama`."""
     return (Path(folder) / MARKER).is_file()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flexlora_plugin.tiny``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flexlora_plugin.tiny",
+        description="Write the tiny random LLaMA (tokenizer trained on the data): a model folder for plumbing checks.",
+    )
+    parser.add_argument("out", type=Path, help="destination folder (a transformers model folder for model-path)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flexlora_plugin.tiny OUT``: write the tiny random LLaMA to OUT."""
+    from .data import default_data, sample_texts
+
+    args = build_parser().parse_args(argv)
+    folder = build_tiny_llama(args.out, texts=sample_texts(default_data()), max_length=1024)
+    print(f"tiny random LLaMA (a plumbing check, not a real model) written to {folder.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

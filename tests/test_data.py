@@ -145,3 +145,12 @@ def test_write_sample_keeps_every_client_and_hashes_what_it_writes(tmp_path):
     assert len(load_examples(out / "heldout_test.json")) == 24
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path / "missing"), str(tmp_path / "t")])
+
+
+def test_the_tiny_model_command_writes_a_model_folder(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from flexlora_plugin.tiny import is_tiny_model, main
+
+    assert main([str(tmp_path / "tiny")]) == 0
+    assert (tmp_path / "tiny" / "config.json").is_file() and is_tiny_model(tmp_path / "tiny")
+    assert "plumbing check" in capsys.readouterr().out

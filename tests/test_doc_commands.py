@@ -150,6 +150,10 @@ def _module_parser(module: str):
         from flexlora_plugin.evaluate import build_parser
     elif module == "flexlora_plugin.models":
         from flexlora_plugin.models import build_parser
+    elif module == "flexlora_plugin.tiny":
+        from flexlora_plugin.tiny import build_parser
+    elif module == "flexlora_plugin.data":
+        from flexlora_plugin.data import build_parser
     elif module == "flexlora_plugin.federatedscope.shim":
         pytest.importorskip("federatedscope", reason="the FS shim needs FederatedScope")
         from flexlora_plugin.federatedscope.shim import build_parser
