@@ -66,7 +66,7 @@ QUIET = re.compile(
     # Flower's closing "Final results" block: its Global Arrays placeholder and a dump of our own metrics
     r"|Strategy execution finished in|Final results:$|Global Arrays:$|^INFO\s*:\s*ArrayRecord \(0\.000 MB\)$"
     r"|(ClientApp|ServerApp)-side (Train|Evaluate) Metrics:$|^INFO\s*:\s*\{\}$"
-    r"|^INFO\s*:\s*(\{ ?\d+: \{ )?'[\w-]+': '[^']*'[,}\s]*$"
+    r"|^INFO\s*:\s*(\{ ?)?(\d+: \{ )?'[\w-]+': '[^']*'[,}\s]*$"
 )
 
 
@@ -295,7 +295,7 @@ def run_simulation(
         raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
     t0 = time.monotonic()
     out = Path(output_dir).resolve()
-    overrides = _run_overrides(out, num_rounds, run_config, echo)
+    overrides = _run_overrides(out, num_rounds, run_config, echo, extra_run_config)
     port = free_port()
     env = flwr_env(out / "flwr_home", port)
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
@@ -321,17 +321,20 @@ def run_simulation(
         stop_pids(superlink_pids(port))
 
 
-def _run_overrides(out: Path, num_rounds: int, run_config: Mapping[str, Any] | None, echo: bool | str) -> dict[str, Any]:
-    """The run config of one run (the tiny model built when no ``model-path`` is given)."""
+def _run_overrides(
+    out: Path, num_rounds: int, run_config: Mapping[str, Any] | None, echo: bool | str, extra_run_config: str = ""
+) -> dict[str, Any]:
+    """The run config of one run (the tiny model built when no ``model-path`` is given, here or in ``extra_run_config``)."""
     from flexlora_plugin.data import sample_texts
     from flexlora_plugin.tiny import build_tiny_llama
 
     out.mkdir(parents=True, exist_ok=True)
     overrides = {"num-server-rounds": num_rounds, "output-dir": str(out), "data-path": str(DEFAULT_DATA), **(run_config or {})}
-    if not overrides.get("model-path"):
+    given = {**overrides, **parse_run_config(extra_run_config)}
+    if not given.get("model-path"):
         if echo:
             print(f"building the tiny random LLaMA in {out / 'tiny-llama'} ...", flush=True)
-        data = Path(str(overrides["data-path"]))
+        data = Path(str(given["data-path"]))
         overrides["model-path"] = str(build_tiny_llama(out / "tiny-llama", texts=sample_texts(data), max_length=TINY_MAX_LENGTH))
     return overrides
 
@@ -407,7 +410,7 @@ def run_deployment(
         raise ValueError(f"node_devices names {len(node_devices)} devices for {num_nodes} nodes")
     t0 = time.monotonic()
     out = Path(output_dir).resolve()
-    overrides = {**_run_overrides(out, num_rounds, run_config, echo), "min-nodes": num_nodes}
+    overrides = {**_run_overrides(out, num_rounds, run_config, echo, extra_run_config), "min-nodes": num_nodes}
     link_port = free_port()
     env = flwr_env(out / "flwr_home", free_port())
     with (out / "flwr_home" / "config.toml").open("a", encoding="utf-8") as f:

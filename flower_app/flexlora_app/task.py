@@ -26,9 +26,14 @@ logger = logging.getLogger(__name__)
 def route_logs(plugin_level: int = logging.INFO) -> None:
     """Send this app's INFO logs and flexlora_plugin's ``plugin_level`` logs through Flower's handlers.
 
-    Flower's handlers are what ``flwr run --stream`` shows.
+    Flower's handlers are what ``flwr run --stream`` shows. Flower's logger stops propagating to the
+    root logger: a library's call of ``logging.warning()`` gives the root a handler of its own
+    (``logging.basicConfig``), which then printed every Flower line a second time, DEBUG included.
     """
-    handlers = logging.getLogger("flwr").handlers
+    flwr_logger = logging.getLogger("flwr")
+    if flwr_logger.handlers:
+        flwr_logger.propagate = False
+    handlers = flwr_logger.handlers
     for name, level in (("flexlora_plugin", plugin_level), ("flexlora_app", logging.INFO)):
         target = logging.getLogger(name)
         if handlers and not target.handlers:
