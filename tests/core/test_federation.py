@@ -255,3 +255,17 @@ def test_a_round_aggregated_on_the_gpu_serves_the_best_rank_r_factors():
             assert A.device.type == "cpu"
             err = float((ref - (ALPHA / r) * B @ A).norm())
             assert (err - best_rank_error(ref, r)) / float(ref.norm()) <= 1e-5, (c, module)
+
+
+@pytest.mark.parametrize("method", ["flexlora", "hetlora", "flora"])
+def test_the_default_export_after_a_round_of_low_rank_replies_is_the_update_itself(tmp_path, method):
+    """Largest client rank 8, but only a rank-4 client replied: the export reproduces ΔW (no error, no refusal)."""
+    from flexlora_plugin.core import adapter_error
+
+    gen = torch.Generator().manual_seed(6)
+    fed = _fed(profile="homo", method=method)
+    for client, r in (("a", 4), ("b", 8)):
+        fed.assign_ranks(client, dict.fromkeys(SHAPES, r))
+    fed.aggregate({"a": _reply(dict.fromkeys(SHAPES, 4), gen)})
+    ranks = fed.export(tmp_path / "adapter", base_model_name_or_path="tiny")
+    assert max(ranks.values()) <= 8 and max(adapter_error(fed.global_update, tmp_path / "adapter").values()) < 1e-5

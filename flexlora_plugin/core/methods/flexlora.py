@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from ..engine import EngineStats, LowRankSum
-from ..errors import RankError
 from ..projection import Spectrum, redistribute
 from ..validation import ModuleInfo
 from .base import GlobalUpdate, register_method
@@ -190,10 +189,9 @@ class FlexLoRAUpdate(GlobalUpdate):
 
         Not :meth:`project_module`, which swaps triplets below the numerical rank for completion
         rows. With ``r`` None, half of ``tol`` goes to truncation, half to storing the factors in
-        the compute dtype.
+        the compute dtype. A rank above the ``k`` triplets the update has (a round whose clients
+        stacked fewer ranks) exports those ``k``: the update exactly.
         """
         spec = self.exact_spectrum(module)
-        r = spec.rank_at(tol / 2) if r is None else r
-        if r > spec.k:
-            raise RankError(f"module {module}: the update holds {spec.k} triplets, rank {r} was requested")
+        r = spec.rank_at(tol / 2) if r is None else min(r, spec.k)
         return spec.Vh[:r].to(self.compute_dtype), spec.b_factor(r, scaling_of(r)).to(self.compute_dtype)
