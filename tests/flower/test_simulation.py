@@ -257,7 +257,8 @@ def test_bad_replies_are_excluded_not_fatal(tmp_path, tiny_model, data_path, fau
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     assert "(partition 4) refused: other module shapes than the model's" in result.log_path.read_text()
     assert sorted(result.metrics["rank-maps"]) == ["0", "1", "2", "3"]
-    assert set(result.metrics["adapter-ranks"].values()) == {8}  # the default export: the largest client rank
+    # the default export, at the largest client rank (8), of an update of rank 4 (round 2: partition 0 alone): exact
+    assert set(result.metrics["adapter-ranks"].values()) == {4} and result.metrics["adapter-max-rel-error"] < 1e-5
     assert "exported adapter (at the largest client rank) reproduces ΔW" in result.log_path.read_text()
     row, second = result.metrics["history"]
     assert row["clients-ok"] == 1 and row["excluded-partitions"] == [1, 2, 3] and row["dropped-partitions"] == [1, 2, 3]
