@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (torch there, no venv, no network): the CUDA tests, then the GPU
-# server-step benchmark, profile_gpu.py and its sweep, and bench_decode.py. Run from the repository root;
-# results under $OUT (default /tmp/gpu_session; 8 files, the most a device call brings back).
-#   bash benchmarks/gpu_session.sh            # ~6 min on an H100 (tests ~25 s, benchmark ~150 s, profile ~35 s, sweep ~75 s, decode ~60 s)
-#   bash benchmarks/gpu_session.sh confirm    # the tests and the benchmark only (~3 min): after a default changed on the sweep's word
+# The GPU checks of the server step, in one call, writing every result under $OUT (default
+# /tmp/gpu_session, 8 files). What it measures, in order:
+#   1. the CUDA tests: the stacked server path (staging, checks, filtered top-k), evaluate on
+#      CUDA, page-locked decoding, FederatedScope's wire format (tests.log);
+#   2. bench_aggregation.py --device cuda: the 80-client server step against the transfer bound
+#      and the dense GPU baseline (bench.md, gpu.json; docs/performance.md, "GPU server step");
+#   3. profile_gpu.py: the timeline and kernel profile of the hosts' call from page-locked
+#      factors, then its sweep of scheduling choices (workers, filter degree, MAGMA) (profile/, sweep.md);
+#   4. bench_decode.py: the Flower host decoding a round's replies, pageable and page-locked (decode.md).
+# Needs torch with CUDA and this repository as the working directory (PYTHONPATH=.: no install,
+# no network). About 6 minutes on an H100; "confirm" runs 1 and 2 only (about 3 minutes), e.g.
+# after a default changed on the sweep's word.
+#   bash benchmarks/gpu_session.sh [all|confirm]
 set -uo pipefail
 PART=${1:-all}
 case "$PART" in all|confirm) ;; *) echo "usage: $0 [all|confirm]" >&2; exit 2 ;; esac

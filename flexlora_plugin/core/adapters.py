@@ -98,7 +98,7 @@ class LoRAFactors:
     r: int = field(init=False, repr=False, compare=False)  # the rank, A's rows
     shape: tuple[int, int] = field(init=False, repr=False, compare=False)  # ``(d_out, d_in)`` of the module's weight
 
-    def __post_init__(self) -> None:  # set once: validating 80 clients read them ~4000 times (~1 ms as properties)
+    def __post_init__(self) -> None:  # set once, not properties: validation reads them for every client and module
         object.__setattr__(self, "r", int(self.A.shape[0]))
         object.__setattr__(self, "shape", (int(self.B.shape[0]), int(self.A.shape[1])))
 

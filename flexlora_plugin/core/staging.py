@@ -238,9 +238,9 @@ def _fill(plan: _Plan, buf: Tensor | None, flat_b: Sequence[Tensor] | None = Non
     """Every ``A_j``, then every ``B_j``, flattened one after another into ``buf`` (or a new tensor).
 
     Two concatenations, whatever the number of clients: ``A_j : (r_j, d_in)`` stack into
-    ``A_cat``; ``B_j : (d_out, r_j)`` stay separate blocks, joined on the device. A Python copy
-    per tensor (the first version) made ~500 calls per module, each waiting for the GIL behind
-    busy worker threads. ``flat_b``: :func:`_flat_b`, computed before the workers start.
+    ``A_cat``; ``B_j : (d_out, r_j)`` stay separate blocks, joined on the device. Few calls, because
+    each Python call here waits for the GIL behind busy worker threads. ``flat_b``:
+    :func:`_flat_b`, computed before the workers start.
     """
     n = plan.a_numel + plan.b_numel
     out = buf[:n] if buf is not None else torch.empty(n, dtype=plan.dtype)
@@ -254,8 +254,7 @@ def _views(plan: _Plan, flat: Tensor) -> tuple[Tensor, list[Tensor]]:
     """``A_cat : (R, d_in)`` and, per rank group ``(n, r)``, its clients' ``B_j`` as one ``(n, d_out, r)`` view.
 
     Views into ``flat``, laid out as :func:`_fill` packs: a few calls per module whatever the
-    number of clients (a view per client's ``B`` was ~80 calls, each a wait for the GIL
-    behind busy worker threads).
+    number of clients (one view per client would be a GIL wait per client behind busy workers).
     """
     d_in, d_out = plan.pairs[0][0].shape[1], plan.pairs[0][1].shape[0]
     segments = flat[plan.a_numel : plan.a_numel + plan.b_numel].split([n * d_out * r for n, r in plan.groups])
@@ -271,9 +270,7 @@ def _aligned_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.dev
     """An uninitialised ``(rows, cols)`` view whose row stride is ``cols`` rounded up to 16 bytes.
 
     ``B_cat``'s row stride is the leading dimension of the ΔW GEMM. With an ``R`` that is not a
-    multiple of 4 floats, cuBLAS can only pick unaligned kernels: in the 80-client benchmark on an
-    H100 the three MLP modules' ΔW (``R = 14574``) ran in ``cutlass_80_simt_sgemm_256x128_8x4_nn_align1``
-    at ~49 TFLOP/s, the attention modules' (``R = 13724``) in an ``aligna4`` kernel at ~62 TFLOP/s.
+    multiple of 4 floats, cuBLAS can only pick unaligned (slower) kernels.
     """
     step = max(1, 16 // dtype.itemsize)
     return torch.empty(rows, -(-cols // step) * step, dtype=dtype, device=device)[:, :cols]
