@@ -236,6 +236,48 @@ def flex_values(cfg: Any) -> dict[str, Any]:
     return {name: cfg_value(cfg.flexlora[name]) for name in FIELDS}
 
 
+_RECORDED = (
+    "federate.method",
+    "federate.total_round_num",
+    "federate.client_num",
+    "federate.sample_client_num",
+    "federate.sample_client_rate",
+    "train.local_update_steps",
+    "train.batch_or_epoch",
+    "train.optimizer.type",
+    "train.optimizer.lr",
+    "dataloader.batch_size",
+    "data.root",
+    "model.type",
+    "seed",
+)
+
+
+def run_record(cfg: Any) -> dict[str, Any]:
+    """What a FederatedScope run records with its server state: its experiment settings and package versions.
+
+    ``config``: every ``flexlora.*`` value and the FS keys of :data:`_RECORDED` (JSON scalars only);
+    ``versions``: Python, torch, transformers, peft, federatedscope.
+    """
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    config: dict[str, Any] = {f"flexlora.{k}": v for k, v in flex_values(cfg).items()}
+    for key in _RECORDED:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part, None)
+        config[key] = cfg_value(node)
+    config = {k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float, bool))}
+    versions = {"python": platform.python_version()}
+    for name in ("flexlora-plugin", "torch", "transformers", "peft", "federatedscope"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"config": config, "versions": versions}
+
+
 @dataclass(frozen=True)
 class PluginSettings:
     """What the FS server and clients need, read once from a validated config.

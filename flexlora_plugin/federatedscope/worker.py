@@ -49,7 +49,7 @@ from ..core import (
     state_nbytes,
 )
 from .aggregator import FlexLoRAAggregator
-from .config import PluginSettings, flush_notes, settings_from_cfg
+from .config import PluginSettings, flush_notes, run_record, settings_from_cfg
 from .trainer import FlexLoRATrainer, current_ranks
 from .wire import PayloadError, decode_state, encode_state, encoded_nbytes
 
@@ -107,7 +107,9 @@ class FlexLoRAServer(Server):
         self._server_ranks = current_ranks(self.models[0])
         self._base_weights = BaseWeights()  # the server model's W_0, for a cumulative method (flora)
         # the round protocol (core): every client's ranks, round 1's common start, aggregation, state
-        self.federation = Federation(self.flex.core, module_infos_of(self.models[0].state_dict()))
+        self.federation = Federation(
+            self.flex.core, module_infos_of(self.models[0].state_dict()), record=run_record(self._cfg)
+        )  # the run's settings and package versions go into every server state it saves
         for cid in range(1, self._cfg.federate.client_num + 1):
             self.federation.draw_ranks(cid)
         self.aggregator = FlexLoRAAggregator(self.federation)

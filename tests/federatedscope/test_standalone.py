@@ -153,6 +153,11 @@ def test_resume_continues_the_round(run_fs: Any, tiny_opts: list[str], tmp_path:
     first = run_fs([*tiny_opts, "federate.total_round_num", "2", "federate.save_to", str(state)])
     final = tmp_path / "final_state.safetensors"
     assert final.is_file()
+    from flexlora_plugin.core import read_state_metadata
+
+    extra = read_state_metadata(final)["extra"]  # the run's settings and versions, recorded with the state
+    assert extra["config"]["federate.total_round_num"] == 2 and extra["config"]["flexlora.seed"] == 0
+    assert extra["versions"]["federatedscope"] != "not installed" and "torch" in extra["versions"]
     expected = {cid: first.server.payload(cid) for cid in (1, 2, 3)}
     rec = Recorder()
     second = run_fs([*tiny_opts, "federate.total_round_num", "3", "flexlora.restore_from", str(final)], patch=rec)
