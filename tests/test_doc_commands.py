@@ -40,6 +40,7 @@ BUILTINS = {
     "cat",
     "kill",
     "for",
+    "until",
     "done",
     "tac",
     "cd",
