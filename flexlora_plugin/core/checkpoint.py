@@ -37,6 +37,7 @@ __all__ = [
     "ServerState",
     "StateField",
     "load_server_state",
+    "package_versions",
     "read_state_metadata",
     "register_state_field",
     "save_server_state",
@@ -115,6 +116,21 @@ register_state_field(
     "an object of package -> version string",
     lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
 )
+
+
+def package_versions(*hosts: str) -> dict[str, str]:
+    """The ``versions`` a run records: Python, flexlora-plugin, torch, transformers, peft and ``hosts`` (e.g. ``flwr``)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("flexlora-plugin", "torch", "transformers", "peft", *hosts):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
 
 _FIELD_KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {
     float: ("a finite number", _is_number),

@@ -31,6 +31,7 @@ from flexlora_plugin.core import (
     RankSampler,
     get_profile,
     list_methods,
+    package_versions,
     parse_rank_table,
 )
 
@@ -259,9 +260,6 @@ def run_record(cfg: Any) -> dict[str, Any]:
     ``config``: every ``flexlora.*`` value and the FS keys of :data:`_RECORDED` (JSON scalars only);
     ``versions``: Python, torch, transformers, peft, federatedscope.
     """
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     config: dict[str, Any] = {f"flexlora.{k}": v for k, v in flex_values(cfg).items()}
     for key in _RECORDED:
         node = cfg
@@ -269,13 +267,7 @@ def run_record(cfg: Any) -> dict[str, Any]:
             node = getattr(node, part, None)
         config[key] = cfg_value(node)
     config = {k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float, bool))}
-    versions = {"python": platform.python_version()}
-    for name in ("flexlora-plugin", "torch", "transformers", "peft", "federatedscope"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return {"config": config, "versions": versions}
+    return {"config": config, "versions": package_versions("federatedscope")}
 
 
 @dataclass(frozen=True)

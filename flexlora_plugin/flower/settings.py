@@ -19,6 +19,7 @@ from typing import Any
 import tomllib
 
 from flexlora_plugin.core import FlexLoRAConfig, parse_device, resolve_dtype
+from flexlora_plugin.core import package_versions as core_versions
 from flexlora_plugin.data import default_data
 
 __all__ = [
@@ -92,17 +93,8 @@ PLACEMENT_KEYS = (
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of Python and of the packages a run's numbers depend on (recorded with every run)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("flexlora-plugin", "torch", "transformers", "peft", "flwr"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    """Versions of Python and of the packages a run's numbers depend on, flwr included (recorded with every run)."""
+    return core_versions("flwr")
 
 
 def _export_rank(value: Any) -> str:
