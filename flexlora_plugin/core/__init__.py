@@ -108,13 +108,14 @@ from .profiles import (
 from .projection import Spectrum
 from .staging import pinned_empty
 from .start import InitialUpdate, common_lora_A, initial_update, module_infos, module_infos_of, with_common_A
-from .validation import ClientUpdate, ModuleInfo
+from .validation import ClientUpdate, ModuleInfo, strict_majority
 
 __all__ = [
     "MAX_EXAMPLES",
     "STATE_FORMAT",
     "StateField",
     "register_state_field",
+    "strict_majority",
     "read_state_metadata",
     "package_versions",
     "freeze_untrained",

@@ -182,7 +182,7 @@ class Federation:
     record : Mapping, optional
         Host data saved with every state (fields declared with
         :func:`~flexlora_plugin.core.register_state_field`, e.g. ``config``: the run's resolved
-        settings, ``versions``); after :meth:`restore`, :attr:`restored` holds the state's.
+        settings, ``versions``).
 
     Examples
     --------
@@ -211,7 +211,6 @@ class Federation:
             raise RankError(f"shapes name {len(self.shapes)} modules, info {len(self.info)}")
         self.state_path = Path(state_path) if state_path is not None else None
         self.record = dict(record or {})
-        self.restored: dict[str, Any] = {}  # the extra fields of the state restore() read
         self.rank_maps: dict[Hashable, dict[str, int]] = {}  # as drawn or reported (what clients are told)
         self._resolved: dict[Hashable, dict[str, int]] = {}  # the same, one rank per module of self.shapes
         self._by_info: dict[Hashable, dict[str, int]] = {}  # the same, keyed by the modules of self.info
@@ -263,6 +262,14 @@ class Federation:
         self.rank_maps[client] = ranks
         self._resolved[client] = dict(resolved)
         self._by_info[client] = {self._info_name[m]: r for m, r in resolved.items()}
+
+    def _largest_ranks(self) -> dict[str, int]:
+        """Per module of :attr:`info`, the largest rank any client with a rank map has."""
+        largest: dict[str, int] = {}
+        for ranks in self._by_info.values():
+            for m, r in ranks.items():
+                largest[m] = max(r, largest.get(m, 0))
+        return largest
 
     @property
     def max_rank(self) -> int:
@@ -455,11 +462,7 @@ class Federation:
                 **kwargs,
             )
         cfg, wire = self.config, WIRE_DTYPES[self.config.wire_dtype]
-        largest: dict[str, int] = {}
-        for ranks in self._by_info.values():
-            for m, r in ranks.items():
-                largest[m] = max(r, largest.get(m, 0))
-        held = {m: r for m, r in largest.items() if m in update.info}
+        held = {m: r for m, r in self._largest_ranks().items() if m in update.info}
         sent = update.project(held, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=wire)
         sent.update(self._base_correction(wire, update))
         bad = next((k for k, t in sent.items() if not bool(torch.isfinite(t).all())), None)
@@ -538,7 +541,6 @@ class Federation:
         if state.seed != self.config.seed:
             raise FlexLoRAError(f"{path} was written with seed {state.seed}, this run uses seed {self.config.seed}")
         self.global_update, self.round = state.update, state.round
-        self.restored = dict(state.extra)
         self.history = list(state.extra.get("history", []))
         try:  # lists of [client, n] pairs: JSON keeps the ids' int/str type
             self.failures = {_client_id(c): int(n) for c, n in state.extra.get("failures", [])}
@@ -560,11 +562,7 @@ class Federation:
         if ranks == "exact" or ranks is None or (ranks == "max" and not self._by_info):
             return None
         if ranks == "max":
-            largest: dict[str, int] = {}
-            for by_module in self._by_info.values():
-                for m, r in by_module.items():
-                    largest[m] = max(r, largest.get(m, 0))
-            return largest
+            return self._largest_ranks()
         if isinstance(ranks, str):
             raise ValueError(f"export ranks must be 'max', 'exact', an int or a rank map, got {ranks!r}")
         return ranks

@@ -17,9 +17,9 @@ import logging
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -37,11 +37,13 @@ __all__ = [
     "collect_clients",
     "host_verdict",
     "positive_finite",
+    "strict_majority",
     "value_checks",
 ]
 
 logger = logging.getLogger(__name__)
 
+H = TypeVar("H", bound=Hashable)
 Ranks = Union[int, Mapping[str, int]]
 Scaling = Union[float, Mapping[str, float]]
 
@@ -132,7 +134,7 @@ def collect_clients(
                 raise
             _exclude(excluded, cid, str(err))
             continue
-        clients.append(ClientUpdate(client=cid, weight=float(weight), factors=factors, scalings=scaled))
+        clients.append(ClientUpdate(client=cid, weight=weight, factors=factors, scalings=scaled))
     if check_values:
         modules = list(dict.fromkeys(m for c in clients for m in c.factors))
         verdicts = {m: host_verdict(m, clients) for m in modules}
@@ -375,17 +377,26 @@ def client_module_infos(
     return info
 
 
+def strict_majority(items: Iterable[H]) -> H | None:
+    """The item more than half of ``items`` are (by count), or None: how peers' disagreements are settled when asked."""
+    counts = Counter(items)
+    if not counts:
+        return None
+    item, n = counts.most_common(1)[0]
+    return item if 2 * n > sum(counts.values()) else None
+
+
 def _agreed(clients: Sequence[ClientUpdate], majority: bool) -> dict[str, tuple[int, int]]:
     """Each module's shape as the replies agree on it (or a strict count majority, when asked)."""
-    seen: dict[str, Counter[tuple[int, int]]] = {}
+    seen: dict[str, list[tuple[int, int]]] = {}
     for c in clients:
         for module, f in c.factors.items():
-            seen.setdefault(module, Counter())[f.shape] += 1
+            seen.setdefault(module, []).append(f.shape)
     out = {}
-    for module, counts in seen.items():
-        (shape, n), *rest = counts.most_common()
-        if rest and not (majority and n * 2 > sum(counts.values())):
-            tally = ", ".join(f"{k}: {v} client(s)" for k, v in counts.items())
+    for module, shapes in seen.items():
+        shape = shapes[0] if len(set(shapes)) == 1 else strict_majority(shapes) if majority else None
+        if shape is None:
+            tally = ", ".join(f"{k}: {v} client(s)" for k, v in Counter(shapes).items())
             raise ShapeMismatchError(
                 f"module {module}: the replies disagree on its shape ({tally})"
                 " and no reference was given; pass expected_shapes (the server's model), or shape_majority=True"

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import time
-from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from ..core import (
     module_infos,
     rank_label,
     state_nbytes,
+    strict_majority,
 )
 from .records import (
     ARRAYS,
@@ -66,15 +66,6 @@ def sample_partitions(partition_ids: Iterable[int], k: int, *, seed: int, server
     if not 1 <= k <= len(ids):
         raise ValueError(f"cannot sample {k} of {len(ids)} partitions")
     return sorted(random.Random(f"{seed}:{server_round}").sample(ids, k))
-
-
-def _majority_shapes(reported: list[dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]] | None:
-    """The module shapes a strict majority of the nodes report (by count), or None."""
-    counts = Counter(json.dumps(sorted(s.items())) for s in reported)
-    if not counts:
-        return None
-    text, n = counts.most_common(1)[0]
-    return {m: (int(a), int(b)) for m, (a, b) in json.loads(text)} if 2 * n > len(reported) else None
 
 
 def _last_line(text: str | None, limit: int = 300) -> str:
@@ -294,7 +285,7 @@ class FlexLoRA(FedAvg):
         ]
         replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
         answered, errors, reported = self._read_rank_replies(replies)
-        self._start_federation(answered, errors, reported)
+        self._start_federation(reported)
         want = expected if expected is not None else len(node_ids)
         silent = sorted(set(node_ids) - set(answered) - set(errors))
         if len(answered) + len(errors) < want or not answered:  # refused nodes replied: only silence (or nobody usable) fails
@@ -312,11 +303,11 @@ class FlexLoRA(FedAvg):
         )
         return dict(self.rank_maps)
 
-    def _start_federation(self, answered: dict[int, int], errors: dict[int, str], reported: dict[int, dict[str, int]]) -> None:
-        """The core :class:`Federation` for the queried shapes: node rank maps checked, pool partitions drawn, state restored.
+    def _start_federation(self, reported: dict[int, dict[str, int]]) -> None:
+        """The core :class:`Federation` for the queried shapes: node rank maps set, pool partitions drawn, state restored.
 
-        A node whose reported rank map does not fit the shapes (rank 10**9, an unknown module)
-        is refused like a node that did not answer. Every partition ``< num-partitions`` that no
+        The nodes' maps were checked by :meth:`_read_rank_replies` (a node with a map that does
+        not fit the shapes was refused there, before it claimed a partition). Every partition ``< num-partitions`` that no
         single-partition node claims goes to the pool; its rank map comes from the core's
         ``sample_ranks(profile, partition, seed)`` on the nodes' module shapes: the draw a
         single-partition node makes for itself.
@@ -326,14 +317,8 @@ class FlexLoRA(FedAvg):
         fed = Federation(
             self.config, module_infos(self.shapes), shapes=self.shapes, state_path=self.state_path, record=self.record
         )
-        for pid, ranks in reported.items():
-            nid = self.node_of[pid]
-            try:
-                fed.assign_ranks(pid, ranks)
-            except RankError as err:
-                errors[nid] = f"rank map refused: {err}"
-                logger.warning("rank query: node %d (partition %d): %s", nid, pid, err)
-                del self.node_of[pid], answered[nid]
+        for pid, ranks in reported.items():  # each checked in _read_rank_replies, against these shapes
+            fed.assign_ranks(pid, ranks)
         if self.pool_nodes:
             for pid in range(self._pool_size):
                 if pid not in self.node_of:
@@ -374,7 +359,8 @@ class FlexLoRA(FedAvg):
                 logger.warning("rank query: node %d sent malformed rank info: %s", nid, err)
                 continue
             parsed.append((nid, pool[0] if pool is not None else None, pid, ranks, shapes))
-        reference = self.module_shapes or _majority_shapes([p[4] for p in parsed])
+        majority = strict_majority(tuple(sorted(p[4].items())) for p in parsed)  # the core's rule for peers' disagreements
+        reference = self.module_shapes or (dict(majority) if majority is not None else None)
         for nid, pool_size, pid, ranks, shapes in parsed:
             if reference is None or shapes != reference:
                 diff = sorted(set(shapes.items()) ^ set((reference or {}).items()))[:3] if reference else []
