@@ -440,10 +440,7 @@ def _restore_update(
     compute_dtype = tensors[next(iter(tensors))].dtype if tensors else torch.float32
     seed = int(meta["seed"])
     clients: list[str] = meta["clients"]
-    try:
-        cls = method_class(meta["method"])
-    except ValueError as err:
-        raise FlexLoRAError(f"unknown method {meta['method']!r} in server state") from err
+    cls = method_class(meta["method"])  # registered: the schema checked it
     per_module: dict[str, dict[str, torch.Tensor]] = {m: {} for m in info}
     for key, t in tensors.items():
         module, _, name = key.rpartition(_SEP)
