@@ -45,6 +45,8 @@ AGREE = 0.01  # a reproduced run agrees with its record when every task mean is 
 ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # keys passed to the Flower app's run config unchanged when a profile sets them (else the app's defaults: cpu, float32)
 APP_KEYS = ("device", "dtype", "gradient-checkpointing", "proximal-mu")
+# settable with --set though no profile has them: where a run executes, not what it computes (default in brackets)
+PLACEMENT = {"torch-threads": int}  # threads per client process (1)
 
 # small: sized for <= ~25 min per run on 2 CPU cores with SmolLM2-135M (see docs/results.md)
 # gpu: the paper's federation on one GPU, several runs sharing it (docs/reproduction.md, "The gpu profile")
@@ -168,7 +170,7 @@ def bad_option(message: str) -> NoReturn:
 
 def with_overrides(prof: dict[str, Any], items: list[str]) -> dict[str, Any]:
     """``prof`` with ``KEY=VALUE`` overrides, each VALUE cast to the type that KEY has in the profiles."""
-    types = {k: type(v) for p in BASE_PROFILES.values() for k, v in p.items()}
+    types = {**{k: type(v) for p in BASE_PROFILES.values() for k, v in p.items()}, **PLACEMENT}
     out = dict(prof)
     for item in items:
         key, sep, value = item.partition("=")
@@ -260,7 +262,7 @@ def train_and_score(run: Run, job: Job) -> dict[str, Any]:
         "eval-max-per-task": prof["eval-max-per-task"],
         "export-rank": "exact",  # the recorded scores are of the exact global model
         "resume": resume,
-        "torch-threads": 1,
+        "torch-threads": prof.get("torch-threads", 1),
         "round-timeout": prof["timeout"],
         **{k: prof[k] for k in APP_KEYS if k in prof},
         **run.extra,
