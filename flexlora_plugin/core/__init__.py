@@ -60,7 +60,7 @@ from .errors import (
     UnsupportedDtypeError,
     UnsupportedKeyError,
 )
-from .export import PEFT_PREFIX, adapter_error, exact_ranks, save_peft_adapter
+from .export import PEFT_PREFIX, adapter_config, adapter_error, exact_ranks, save_peft_adapter
 from .federation import MAX_EXAMPLES, Federation, Reply, RoundResult
 from .methods import (
     FactorsUpdate,
@@ -216,6 +216,7 @@ __all__ = [
     "resolve_pattern",
     "sample_ranks",
     "save_peft_adapter",
+    "adapter_config",
     "save_server_state",
     "split_state",
     "state_nbytes",

@@ -20,9 +20,18 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from .adapters import lora_scaling, split_state
+from .errors import RankError
 from .methods import GlobalUpdate
 
-__all__ = ["PEFT_PREFIX", "adapter_error", "exact_ranks", "export_adapter", "save_peft_adapter", "write_peft_adapter"]
+__all__ = [
+    "PEFT_PREFIX",
+    "adapter_config",
+    "adapter_error",
+    "exact_ranks",
+    "export_adapter",
+    "save_peft_adapter",
+    "write_peft_adapter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +87,42 @@ def export_adapter(
     return tensors, chosen
 
 
+def adapter_config(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    lora_alpha: float,
+    use_rslora: bool = False,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "CAUSAL_LM",
+) -> LoraConfig:
+    """The peft ``LoraConfig`` of an adapter state in peft keys (:func:`export_adapter`, Flower's ``Result.arrays``).
+
+    Each module at its ``lora_A``'s rank (``rank_pattern``), scaled by ``lora_alpha / r``: with it,
+    ``get_peft_model(base, config)`` and ``set_peft_model_state_dict(model, tensors)`` rebuild the
+    adapter.
+
+    Raises
+    ------
+    RankError
+        ``tensors`` holds no ``lora_A`` factor.
+    """
+    suffix = ".lora_A.weight"
+    ranks = {_module_path(k[: -len(suffix)]): int(v.shape[0]) for k, v in tensors.items() if k.endswith(suffix)}
+    if not ranks:
+        raise RankError(f"no {suffix} factor in the adapter state (keys {sorted(tensors)[:3]}...)")
+    return LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=lora_alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
+        use_rslora=use_rslora,
+        target_modules=sorted({m.split(".")[-1] for m in ranks}),
+        rank_pattern=ranks,
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+    )
+
+
 def write_peft_adapter(
     folder: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
@@ -91,15 +136,10 @@ def write_peft_adapter(
     """Write :func:`export_adapter`'s output as a peft adapter folder (config with ``rank_pattern`` + safetensors)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    targets = sorted({_module_path(m).split(".")[-1] for m in chosen})
-    config = LoraConfig(
-        r=max(chosen.values()),
+    config = adapter_config(
+        tensors,
         lora_alpha=lora_alpha,
         use_rslora=use_rslora,
-        target_modules=targets,  # type: ignore[arg-type]
-        rank_pattern={_module_path(m): r for m, r in chosen.items()},
-        lora_dropout=0.0,
-        bias="none",
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
     )

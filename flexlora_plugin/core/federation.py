@@ -568,17 +568,16 @@ class Federation:
         return ranks
 
     def adapter(self, ranks: ExportRanks = "max") -> tuple[dict[str, Tensor], dict[str, int]]:
-        """The global update as peft adapter tensors and ranks (cached per ``ranks``, see :meth:`export_ranks`).
+        """:attr:`current` as peft adapter tensors and ranks (cached per ``ranks``, see :meth:`export_ranks`).
 
         By default each module at the largest rank the federation's clients train for it: the size
         a user expects, a truncation whose error :func:`~flexlora_plugin.core.adapter_error` reports;
-        ``"exact"`` reproduces ΔW (near full rank for FlexLoRA: about the model's size).
+        ``"exact"`` reproduces ΔW (near full rank for FlexLoRA: about the model's size). Before any
+        round: the common start (``B = 0``).
         """
         from .export import export_adapter
 
-        if self.global_update is None:
-            raise FlexLoRAError("no round produced a global update; nothing to export")
-        update, key = self.global_update, repr(ranks)
+        update, key = self.current, repr(ranks)
         if self._adapter is None or self._adapter[0] is not update or self._adapter[1] != key:
             cfg = self.config
             self._adapter = (
@@ -598,6 +597,8 @@ class Federation:
         """Write the global update as a peft adapter at ``ranks`` (:meth:`export_ranks`; default the largest client rank)."""
         from .export import write_peft_adapter
 
+        if self.global_update is None:
+            raise FlexLoRAError("no round produced a global update; nothing to export")
         tensors, chosen = self.adapter(ranks)
         return write_peft_adapter(
             folder,

@@ -1,7 +1,8 @@
-"""Flower host of FlexLoRA: the :class:`FlexLoRA` strategy and its wire format (:mod:`.records`).
+"""Flower host of FlexLoRA: the :class:`FlexLoRA` strategy, its ClientApp side :class:`FlexLoRAClient`.
 
-The Flower App itself (ServerApp / ClientApp) lives in ``flower_app/``; the main job is
-``python -m flexlora_plugin.flower.run``. The strategy is imported on first use, so that
+Add them to any ServerApp / ClientApp (docs/tutorials/flower.md). The wire format is
+:mod:`.records`. The project's own Flower App lives in ``flower_app/``; the main job is
+``python -m flexlora_plugin.flower.run``. Names are imported on first use, so that
 :mod:`.settings` (the run config) loads without flwr.
 """
 
@@ -9,12 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FlexLoRA", "rank_label", "sample_partitions"]
+_FROM = {
+    "FlexLoRA": "strategy",
+    "Nodes": "strategy",
+    "RoundRecord": "strategy",
+    "rank_label": "strategy",
+    "sample_partitions": "strategy",
+    "FlexLoRAClient": "client",
+    "Received": "client",
+    "QUERY_RANK": "records",
+}
+__all__ = sorted(_FROM)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import strategy
+    if name in _FROM:
+        import importlib
 
-        return getattr(strategy, name)
+        return getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -145,15 +145,21 @@ def record_to_state(arrays: ArrayRecord, config: ConfigRecord | None = None, *, 
     return state
 
 
-def rank_info_record(partition_id: int, rank_map: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> ConfigRecord:
-    """The query reply: a node's partition id, rank map (``{module: rank}``) and module shapes (``{module: [d_out, d_in]}``)."""
-    return ConfigRecord(
-        {
-            PARTITION_ID: int(partition_id),
-            RANK_MAP: json.dumps({str(k): int(v) for k, v in rank_map.items()}),
-            MODULE_SHAPES: json.dumps({str(k): [int(d) for d in v] for k, v in shapes.items()}),
-        }
-    )
+def rank_info_record(
+    partition_id: int, rank_map: Mapping[str, int] | None = None, shapes: Mapping[str, tuple[int, int]] | None = None
+) -> ConfigRecord:
+    """The query reply: a node's partition id, and optionally its rank map (``{module: rank}``) and module shapes.
+
+    Without a rank map the server draws the partition's ranks from its profile (the draw the
+    flower_app's nodes make for themselves); without shapes the server's model shapes
+    (``FlexLoRA(module_shapes=...)``) are the only reference.
+    """
+    record = ConfigRecord({PARTITION_ID: int(partition_id)})
+    if rank_map is not None:
+        record[RANK_MAP] = json.dumps({str(k): int(v) for k, v in rank_map.items()})
+    if shapes is not None:
+        record[MODULE_SHAPES] = json.dumps({str(k): [int(d) for d in v] for k, v in shapes.items()})
+    return record
 
 
 def pool_info_record(num_partitions: int, shapes: Mapping[str, tuple[int, int]]) -> ConfigRecord:
@@ -201,22 +207,24 @@ def _json_object(record: ConfigRecord, key: str) -> dict[str, object]:
     return value
 
 
-def read_rank_info(record: ConfigRecord) -> tuple[int, dict[str, int], dict[str, tuple[int, int]]]:
-    """Inverse of :func:`rank_info_record`: ``(partition id, rank map, module shapes)``.
+def read_rank_info(record: ConfigRecord) -> tuple[int, dict[str, int] | None, dict[str, tuple[int, int]] | None]:
+    """Inverse of :func:`rank_info_record`: ``(partition id, rank map or None, module shapes or None)``.
 
     Raises
     ------
     ValueError
-        When a key is missing, a rank is not a positive int or a shape not two positive ints.
+        When the partition id is missing or not an int, a rank is not a positive int or a shape
+        not two positive ints.
     """
-    for key in (PARTITION_ID, RANK_MAP, MODULE_SHAPES):
-        if key not in record:
-            raise ValueError(f"rank-info record lacks {key!r} (has {sorted(record)})")
-    ranks = _json_object(record, RANK_MAP)
-    bad = {k: v for k, v in ranks.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    pid = record.get(PARTITION_ID)
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise ValueError(f"rank-info record needs an int {PARTITION_ID!r}, got {pid!r} (has {sorted(record)})")
+    ranks = _json_object(record, RANK_MAP) if RANK_MAP in record else None
+    bad = {k: v for k, v in (ranks or {}).items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
     if bad:
         raise ValueError(f"{RANK_MAP}: ranks must be positive ints, got {bad}")
-    return int(record[PARTITION_ID]), {str(k): int(v) for k, v in ranks.items()}, _shapes(record)  # type: ignore[call-overload]
+    shapes = _shapes(record) if MODULE_SHAPES in record else None
+    return pid, ({str(k): int(v) for k, v in ranks.items()} if ranks is not None else None), shapes  # type: ignore[misc]
 
 
 def _is_dim(d: object) -> bool:

@@ -1,7 +1,8 @@
 """``FlexLoRA``: a Flower (Message API) strategy for heterogeneous-rank federated LoRA.
 
 The strategy only translates: every number comes from :mod:`flexlora_plugin.core`
-(:func:`~flexlora_plugin.core.aggregate`, :meth:`GlobalUpdate.project`, ``energy_kept``).
+(:class:`~flexlora_plugin.core.federation.Federation`: the rank maps, what each node receives,
+the round's aggregation, the state file, the export).
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import math
 import os
 import random
 import time
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..core import (
@@ -28,6 +29,7 @@ from ..core import (
     GlobalUpdate,
     RankError,
     Reply,
+    RoundResult,
     check_rank_map,
     module_infos,
     rank_label,
@@ -35,10 +37,6 @@ from ..core import (
     strict_majority,
 )
 from .records import (
-    ARRAYS,
-    CONFIG,
-    METRICS,
-    NUM_EXAMPLES,
     PARTITION_ID,
     QUERY_RANK,
     RANK_INFO,
@@ -51,16 +49,19 @@ from .records import (
     state_to_record,
 )
 
-__all__ = ["FlexLoRA", "rank_label", "sample_partitions"]
+__all__ = ["FlexLoRA", "Nodes", "RoundRecord", "rank_label", "sample_partitions"]
 
 logger = logging.getLogger(__name__)
+
+#: Reply metrics read as the train loss, in this order (ours, then FlowerTune's).
+LOSS_KEYS = (TRAIN_LOSS, "train_loss")
 
 
 def sample_partitions(partition_ids: Iterable[int], k: int, *, seed: int, server_round: int) -> list[int]:
     """The ``k`` partitions trained in ``server_round``: a pure function of (seed, round, ids).
 
-    Every method (flexlora, hetlora, fedavg) run with the same seed therefore trains the same
-    clients in the same rounds. Returns them sorted.
+    Every method run with the same seed therefore trains the same clients in the same rounds.
+    Returns them sorted.
     """
     ids = sorted(set(partition_ids))
     if not 1 <= k <= len(ids):
@@ -74,96 +75,208 @@ def _last_line(text: str | None, limit: int = 300) -> str:
     return (lines[-1] if lines else "")[-limit:]
 
 
+class Nodes:
+    """Which node serves which partition, as the rank query found them.
+
+    A node with a partition of its own (node config ``partition-id=N``) serves that partition; a
+    *pool* node (``partition-id=any num-partitions=N``) serves any partition ``< N`` that no node
+    claims, the sampled ones handed out round-robin.
+    """
+
+    def __init__(self) -> None:
+        self.node_of: dict[int, int] = {}  # partition id -> the node that claimed it
+        self.pool: list[int] = []  # nodes serving any partition
+        self.pool_size = 0  # partitions 0..pool_size-1 not claimed by a node go to the pool
+
+    def claim(self, partition: int, node: int) -> str | None:
+        """Give ``partition`` to ``node``; the reason it is refused (another node holds it), else None."""
+        holder = self.node_of.get(partition)
+        if holder is not None and holder != node:
+            return f"partition {partition} is already served by node {holder}"
+        self.node_of[partition] = node
+        return None
+
+    def add_pool(self, node: int, num_partitions: int) -> None:
+        """``node`` serves any of partitions ``0..num_partitions-1`` no node claims."""
+        self.pool.append(node)
+        self.pool_size = max(self.pool_size, num_partitions)
+
+    def pool_partitions(self) -> list[int]:
+        """The partitions the pool serves (none without a pool node)."""
+        return [p for p in range(self.pool_size) if p not in self.node_of] if self.pool else []
+
+    def route(self, partitions: Iterable[int]) -> list[int]:
+        """The node each of ``partitions`` is sent to: its own node, else the pool round-robin in the given order."""
+        nodes, pooled = [], 0
+        for pid in partitions:
+            if pid in self.node_of:
+                nodes.append(self.node_of[pid])
+            else:
+                nodes.append(self.pool[pooled % len(self.pool)])
+                pooled += 1
+        return nodes
+
+    def partition_of(self, node: int) -> int | None:
+        """The partition a node of its own serves (None for a pool node or an unknown one)."""
+        return next((p for p, n in self.node_of.items() if n == node), None)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round sent and received, handed to ``FlexLoRA(on_round=...)`` after it is aggregated.
+
+    Attributes
+    ----------
+    round : int
+        The global round (continuing after a resume).
+    rank_maps : Mapping[int, Mapping[str, int]]
+        Partition id -> the rank map it was sent.
+    nodes : Mapping[int, int]
+        Partition id -> the node the message went to.
+    sent : Mapping[int, Mapping[str, Tensor]]
+        Partition id -> the factors sent (peft keys, the wire dtype; for a cumulative method also
+        the running total, one set of tensors shared by every partition: read-only).
+    replies : Mapping[int, Reply]
+        Partition id -> the decoded reply (factors, ``num_examples``, train loss) of every reply
+        that decoded, usable or not; the core's verdict is in ``result``.
+    result : RoundResult
+        The core's round result: who was kept and excluded and why, energy, bytes.
+    """
+
+    round: int
+    rank_maps: Mapping[int, Mapping[str, int]]
+    nodes: Mapping[int, int]
+    sent: Mapping[int, Mapping[str, Tensor]]
+    replies: Mapping[int, Reply]
+    result: RoundResult
+
+
+@dataclass
+class _Round:
+    """The round in flight: (train message, partition) pairs and, for ``on_round``, what was sent."""
+
+    messages: list[tuple[Message, int]] = field(default_factory=list)
+    sent: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    nodes: dict[int, int] = field(default_factory=dict)
+    nbytes: int = 0
+
+
 class FlexLoRA(FedAvg):
-    """FlexLoRA on Flower's Message API: heterogeneous-rank LoRA aggregated by truncated SVD.
+    """FlexLoRA, and every registered method, as a Flower (Message API) strategy.
 
     Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
     Client Resources", NeurIPS 2024, arXiv:2402.11505. Clients train LoRA adapters of different
     ranks. Each round the server forms, per module, ΔW = Σ_k p_k·s_k·B_k·A_k and sends every node
-    factors at its own rank.
+    factors at its own rank. ``method`` (a :class:`FlexLoRAConfig` field) switches to any method of
+    :func:`~flexlora_plugin.core.list_methods` (``hetlora``, ``flora``, ``ffa-lora``, ``rbla``,
+    ``fedavg``).
+
+    It is a drop-in for Flower's ``FedAvg``: every ``FedAvg`` setting is honoured, with these
+    meanings. ``fraction_train`` / ``min_train_nodes`` size each round's sample of *partitions*;
+    ``min_available_nodes`` is what the rank query waits for; ``weighted_by_key`` is the reply
+    metric read as ``p_k``; ``arrayrecord_key`` / ``configrecord_key`` name the records of train
+    messages and replies; ``train_metrics_aggr_fn``, when given, adds its MetricRecord to the
+    round's metrics; ``fraction_evaluate`` / ``min_evaluate_nodes`` / ``evaluate_metrics_aggr_fn``
+    drive ``FedAvg``'s federated evaluation of the global adapter (off by default here).
 
     Parameters
     ----------
     config : FlexLoRAConfig, optional
         Core settings (method, profile, seed, lora_alpha...). Pass either this or its fields as
         keyword arguments. (default: ``FlexLoRAConfig(**config_fields)``)
+    fraction_train, min_train_nodes : float, int
+        Partitions trained per round: ``max(int(fraction_train · partitions), min_train_nodes)``,
+        at most every eligible one. ``fraction_train`` must be in (0, 1]. (default: 1.0, 2)
+    fraction_evaluate, min_evaluate_nodes, evaluate_metrics_aggr_fn
+        ``FedAvg``'s federated evaluation: sampled nodes receive the global adapter (in
+        ``arrayrecord_key``, peft keys, at ``export_ranks``) in an ``evaluate`` message. (default:
+        0.0, off)
+    min_available_nodes : int, optional
+        Nodes the rank query waits for before it asks every connected node. (default: None: the
+        nodes connected when it starts, every one of which must answer)
+    weighted_by_key, arrayrecord_key, configrecord_key : str
+        As in ``FedAvg``. (default: "num-examples", "arrays", "config")
+    train_metrics_aggr_fn : callable, optional
+        ``(list[RecordDict], weighted_by_key) -> MetricRecord`` over the usable replies' contents,
+        merged into the round's metrics. (default: None: the core's row only)
     clients_per_round : int, optional
-        Partitions trained per round (default: ``fraction_train`` of the queried nodes, at least 1).
-    fraction_train : float
-        Used when ``clients_per_round`` is None. (default: 1.0)
+        Partitions trained per round, instead of ``fraction_train`` and ``min_train_nodes``.
     seed : int, optional
         Seed of the client sampling. (default: ``config.seed``)
-    expected_nodes : int, optional
-        Nodes the rank query waits for. (default: the nodes connected when the query starts)
     query_timeout : float
-        Seconds to wait for ``expected_nodes`` to connect and answer. (default: 120.0)
+        Seconds to wait for ``min_available_nodes`` to connect and answer. (default: 120.0)
     module_shapes : Mapping[str, tuple[int, int]], optional
         The model's adapted modules, ``(d_out, d_in)`` by base-model name (e.g.
         :func:`~flexlora_plugin.core.model_shapes` of the model folder, read on the meta device):
-        a node reporting other shapes is refused alone. (default: None: the shapes a strict
-        majority of the answering nodes report; without one the query fails)
+        a node reporting other shapes is refused alone, and nodes may leave their shapes out.
+        (default: None: the shapes a strict majority of the answering nodes report)
     max_partitions : int
         The most partitions a node may claim or a pool node may serve (partition ids
         ``0..max_partitions-1``); a node above it is refused. (default: 10000)
     state_path : path, optional
-        Server state written after every round with ``save_server_state``. (default: None)
+        Server state written after every round. (default: None)
     resume : bool
         Restore ``state_path`` when it exists and continue after its round. (default: False)
     record : Mapping, optional
         Saved with the server state every round (declared state fields: ``config``, the run's
         resolved settings, and ``versions``). (default: None)
-    dump_dir : path, optional
-        For tests: per round, the factors sent to and received from every partition as
-        safetensors (``round-NNN/sent-pK.safetensors``, ``reply-pK.safetensors``). (default: None)
+    on_round : callable, optional
+        Called with a :class:`RoundRecord` after every aggregated round (what was sent to and
+        received from every partition), e.g. to save the factors. (default: None)
     export_ranks : "max", "exact", int or Mapping
-        Rank(s) of the final adapter that :meth:`start` returns in ``Result.arrays`` (peft keys,
-        ``base_model.model.<module>.lora_A.weight``...): ``"max"`` each module at the largest rank
-        a client trains for it, ``"exact"`` at the rank reproducing its ΔW to 1e-5 (near full rank
-        for FlexLoRA: about the model's size), or the given rank(s). (default: "max")
+        Rank(s) of the global adapter handed to ``evaluate_fn``, federated evaluation and
+        ``Result.arrays`` each round: ``"max"`` each module at the largest rank a client trains
+        for it, ``"exact"`` at the rank reproducing its ΔW to 1e-5 (near full rank for FlexLoRA:
+        about the model's size), or the given rank(s). (default: "max")
     **config_fields
         ``FlexLoRAConfig`` fields when ``config`` is None.
 
     Notes
     -----
-    Protocol (keys in :mod:`flexlora_plugin.flower.records`):
+    Protocol (keys in :mod:`flexlora_plugin.flower.records`; the ClientApp side is
+    :class:`~flexlora_plugin.flower.client.FlexLoRAClient`):
 
-    1. before round 1, a ``query.rank`` message asks every node its partition id and rank map;
-    2. ``configure_train`` samples partitions (:func:`sample_partitions`) and sends each node one
-       message with ``update.project(rank_map, lora_alpha=α)``: ``B = U_r S_r / s``, ``A = V_rᵀ``,
-       so that ``s·B·A`` is the best rank-``r`` approximation of ΔW. Round 1 sends the core's
-       :func:`~flexlora_plugin.core.initial_update` for the run seed, the same for every method:
-       ``B = 0`` and the first ``r`` rows of one common ``A`` per module (:attr:`initial`);
-    3. ``aggregate_train`` logs failed replies at WARNING and calls ``aggregate(...,
-       on_invalid="exclude")``: a malformed (wrong rank, bad keys) or non-finite reply is left out
-       of the round, not fatal. ``p_k`` is the reply's ``num-examples``.
+    1. before round 1, a ``query.rank`` message asks every node its partition id and, optionally,
+       its rank map and module shapes; a node without a rank map gets the profile's draw
+       for its partition. Each node is judged alone (:meth:`query_nodes`).
+    2. ``configure_train`` samples partitions (:func:`sample_partitions`) and sends each one
+       message with its own factors (``B = U_r S_r / s``, ``A = V_rᵀ`` for FlexLoRA) and, in the
+       config record, ``server-round``, ``partition-id`` and ``rank-map``. Round 1 sends the
+       core's common start for the run seed, the same for every method (:attr:`initial`).
+    3. ``aggregate_train`` hands the replies to the core: a failed, malformed or non-finite reply
+       is excluded from the round (logged at WARNING), never fatal; a round that cannot form a
+       finite update keeps the previous one.
 
-    ``fedavg`` and ``hetlora`` (``config.method``) run the same code. Aggregation runs in the
-    config's ``compute_dtype`` (float32 by default); factors are sent in the adapters' dtype.
-    The global update lives in :attr:`global_update`; rounds pass an empty ArrayRecord to Flower
-    (each node gets its own factors), and :meth:`start` returns the final global adapter in
-    ``Result.arrays``. Federated evaluation is off (``configure_evaluate`` returns no message).
-
-    The class subclasses Flower's ``FedAvg`` for its sampling knobs (``fraction_train``,
-    ``min_available_nodes``) and its ``start`` loop; every step of a round (``configure_train``,
-    ``aggregate_train``) is our own, translating to the core's
-    :class:`~flexlora_plugin.core.federation.Federation`.
+    The global update lives in :attr:`global_update`; ``aggregate_train`` returns it as a peft
+    adapter at ``export_ranks`` (``base_model.model.<module>.lora_A.weight``...), which Flower
+    hands to ``evaluate_fn`` and keeps in ``Result.arrays``. ``start(initial_arrays=...)`` takes an
+    empty record or an untrained adapter (every ``lora_B`` zero, as peft builds one): every
+    method starts from the core's common start, whatever a node's initial adapter was.
     """
 
     def __init__(
         self,
         config: FlexLoRAConfig | None = None,
         *,
-        clients_per_round: int | None = None,
         fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int | None = None,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        clients_per_round: int | None = None,
         seed: int | None = None,
-        expected_nodes: int | None = None,
         query_timeout: float = 120.0,
         module_shapes: Mapping[str, tuple[int, int]] | None = None,
         max_partitions: int = 10_000,
         state_path: str | os.PathLike[str] | None = None,
         resume: bool = False,
         record: Mapping[str, Any] | None = None,
-        dump_dir: str | os.PathLike[str] | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
         export_ranks: str | int | Mapping[str, int] | None = "max",
         **config_fields: Any,
     ) -> None:
@@ -172,30 +285,41 @@ class FlexLoRA(FedAvg):
         if clients_per_round is not None and clients_per_round < 1:
             raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
         if not 0.0 < fraction_train <= 1.0:
-            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_available_nodes=expected_nodes or 1)
+            raise ValueError(f"fraction_train must be in (0, 1] (a FlexLoRA round always trains), got {fraction_train}")
+        if min_available_nodes is not None and min_available_nodes < 1:
+            raise ValueError(f"min_available_nodes must be >= 1, got {min_available_nodes}")
+        if isinstance(max_partitions, bool) or not isinstance(max_partitions, int) or max_partitions < 1:
+            raise ValueError(f"max_partitions must be a positive int, got {max_partitions!r}")
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes or 1,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
         self.config = config if config is not None else FlexLoRAConfig(**config_fields)
         self.clients_per_round = clients_per_round
         self.seed = self.config.seed if seed is None else int(seed)
-        self.expected_nodes = expected_nodes
+        self.wait_for = min_available_nodes  # the rank query's; FedAvg's sampling reads min_available_nodes
         self.query_timeout = float(query_timeout)
         self.state_path = Path(state_path) if state_path is not None else None
-        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.resume = resume
         self.record = dict(record or {})
+        self.on_round = on_round
         self.export_ranks = export_ranks
-        if isinstance(max_partitions, bool) or not isinstance(max_partitions, int) or max_partitions < 1:
-            raise ValueError(f"max_partitions must be a positive int, got {max_partitions!r}")
         self.max_partitions = max_partitions
+        self._merge_train_metrics = train_metrics_aggr_fn  # FedAvg's default would average our own metrics again
         self.federation: Federation | None = None  # the round protocol (core), made once the rank query has the shapes
         # base-model module -> (d_out, d_in): the model's (module_shapes), else the nodes' majority in the rank query
         self.module_shapes = {str(m): (int(a), int(b)) for m, (a, b) in module_shapes.items()} if module_shapes else None
         self.shapes: dict[str, tuple[int, int]] = dict(self.module_shapes or {})
-        self.node_of: dict[int, int] = {}  # partition id -> node id of a node serving one partition
-        self.pool_nodes: list[int] = []  # nodes serving any partition (node config partition-id=any)
-        self._pool_size = 0  # partitions 0.._pool_size-1 not claimed by a single-partition node go to the pool
-        self._in_flight: list[tuple[Message, int]] = []  # (train message, partition id) of the round in flight
-        self._sent_bytes = 0  # of the round in flight
+        self.nodes = Nodes()
+        self._round = _Round()
         self._clock: tuple[float, int] | None = None  # (start time, last round) of this start() call, for the ETA
         self._offset = 0
 
@@ -217,12 +341,12 @@ class FlexLoRA(FedAvg):
 
     @property
     def rank_maps(self) -> dict[int, dict[str, int]]:
-        """Partition id -> rank map (from the rank query; pool partitions drawn from the profile)."""
+        """Partition id -> rank map (reported by its node, else drawn from the profile)."""
         return self.federation.rank_maps if self.federation is not None else {}  # type: ignore[return-value]
 
     @property
     def max_rank(self) -> int:
-        """The largest rank of any module of any queried node."""
+        """The largest rank of any module of any partition."""
         return self._federation().max_rank
 
     @property
@@ -235,30 +359,40 @@ class FlexLoRA(FedAvg):
             raise RuntimeError("the round protocol needs the nodes' module shapes: run query_nodes() first")
         return self.federation
 
+    def global_arrays(self) -> ArrayRecord:
+        """The global adapter at ``export_ranks`` as peft-keyed arrays (before round 1: the common start)."""
+        tensors, _ = self._federation().adapter(self.export_ranks)
+        return state_to_record(tensors)[0]
+
+    def save_adapter(self, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None) -> dict[str, int]:
+        """Write the global adapter at ``export_ranks`` as a peft folder (``PeftModel.from_pretrained`` loads it).
+
+        Returns the rank per module. Raises ``FlexLoRAError`` before any round produced an update.
+        """
+        return self._federation().export(folder, base_model_name_or_path=base_model_name_or_path, ranks=self.export_ranks)
+
     def summary(self) -> None:
         """Log this strategy's settings (Flower's ``Strategy.start`` calls it first)."""
         start = f"resumed after round {self.round_offset}" if self.round_offset else "fresh start"
         logger.info(
-            "FlexLoRA strategy: method=%s, profile=%s, %d nodes, %s clients/round, seed=%d, lora_alpha=%g, %s",
+            "FlexLoRA strategy: method=%s, profile=%s, %d partitions, %s clients/round, seed=%d, lora_alpha=%g, %s",
             self.config.method,
             "rank table" if self.config.rank_table is not None else self.config.profile,
             len(self.rank_maps),
-            self.clients_per_round or f"{self.fraction_train:.0%} of the",
+            self.clients_per_round or self._per_round(len(self.rank_maps)),
             self.seed,
             self.config.lora_alpha,
             start,
         )
 
     # ------------------------------------------------------------------ rank query
-    def query_nodes(
-        self, grid: Grid, expected_nodes: int | None = None, timeout: float | None = None
-    ) -> dict[int, dict[str, int]]:
+    def query_nodes(self, grid: Grid, timeout: float | None = None) -> dict[int, dict[str, int]]:
         """Ask every node its partition id and rank map (``query.rank``); wait with a deadline.
 
         Returns
         -------
         dict[int, dict[str, int]]
-            Partition id -> rank map; also kept in :attr:`rank_maps` (node ids in :attr:`node_of`).
+            Partition id -> rank map; also kept in :attr:`rank_maps` (nodes in :attr:`nodes`).
 
         Each node is judged alone: an error reply, a malformed or out-of-bounds record, other module
         shapes than :attr:`module_shapes` (or the nodes' majority), a partition an earlier node
@@ -268,19 +402,23 @@ class FlexLoRA(FedAvg):
         Raises
         ------
         TimeoutError
-            When fewer than ``expected_nodes`` nodes connect or reply in time, or no node answered
-            usably; the message lists who answered, who was refused and why, and who was silent.
+            When fewer than ``min_available_nodes`` nodes connect or reply in time, or no node
+            answered usably; the message lists who answered, who was refused and why, and who was silent.
         """
-        expected = expected_nodes or self.expected_nodes
+        expected = self.wait_for
         deadline = time.monotonic() + (self.query_timeout if timeout is None else timeout)
         node_ids = sorted(grid.get_node_ids())
-        while expected is not None and len(node_ids) < expected:
+        while len(node_ids) < (expected or 1):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(node_ids)} of {expected} nodes connected: {node_ids}")
+                raise TimeoutError(f"only {len(node_ids)} of {expected or 1} nodes connected: {node_ids}")
             time.sleep(0.5)
             node_ids = sorted(grid.get_node_ids())
         messages = [
-            Message(RecordDict({CONFIG: ConfigRecord()}), dst_node_id=nid, message_type=f"{MessageType.QUERY}.{QUERY_RANK}")
+            Message(
+                RecordDict({self.configrecord_key: ConfigRecord()}),
+                dst_node_id=nid,
+                message_type=f"{MessageType.QUERY}.{QUERY_RANK}",
+            )
             for nid in node_ids
         ]
         replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
@@ -298,38 +436,40 @@ class FlexLoRA(FedAvg):
         logger.info(
             "rank query: %d nodes (%d serving any partition), ranks %s",
             len(answered),
-            len(self.pool_nodes),
+            len(self.nodes.pool),
             {p: rank_label(m) for p, m in sorted(self.rank_maps.items())},
         )
         return dict(self.rank_maps)
 
-    def _start_federation(self, reported: dict[int, dict[str, int]]) -> None:
-        """The core :class:`Federation` for the queried shapes: node rank maps set, pool partitions drawn, state restored.
+    def _start_federation(self, reported: Mapping[int, dict[str, int] | None]) -> None:
+        """The core :class:`Federation` for the queried shapes: reported rank maps set, the others drawn, state restored.
 
-        The nodes' maps were checked by :meth:`_read_rank_replies` (a node with a map that does
-        not fit the shapes was refused there, before it claimed a partition). Every partition ``< num-partitions`` that no
-        single-partition node claims goes to the pool; its rank map comes from the core's
-        ``sample_ranks(profile, partition, seed)`` on the nodes' module shapes: the draw a
-        single-partition node makes for itself.
+        The reported maps were checked by :meth:`_read_rank_replies` (a node with a map that does
+        not fit the shapes was refused there, before it claimed a partition). A node that reported
+        no map, and every pool partition, gets the core's ``sample_ranks(profile, partition, seed)``
+        on the module shapes: the draw a flower_app node makes for itself.
         """
         if not self.shapes:
             return
         fed = Federation(
             self.config, module_infos(self.shapes), shapes=self.shapes, state_path=self.state_path, record=self.record
         )
-        for pid, ranks in reported.items():  # each checked in _read_rank_replies, against these shapes
-            fed.assign_ranks(pid, ranks)
-        if self.pool_nodes:
-            for pid in range(self._pool_size):
-                if pid not in self.node_of:
-                    fed.draw_ranks(pid)
+        for pid, ranks in reported.items():
+            if ranks is None:
+                fed.draw_ranks(pid)
+            else:
+                fed.assign_ranks(pid, ranks)
+        for pid in self.nodes.pool_partitions():
+            fed.draw_ranks(pid)
         if self.resume and self.state_path is not None and self.state_path.exists():
             self._offset = fed.restore(self.state_path)
         elif self.resume:
             logger.warning("resume=true but there is no server state at %s: starting at round 1", self.state_path)
         self.federation = fed
 
-    def _read_rank_replies(self, replies: list[Message]) -> tuple[dict[int, int], dict[int, str], dict[int, dict[str, int]]]:
+    def _read_rank_replies(
+        self, replies: list[Message]
+    ) -> tuple[dict[int, int], dict[int, str], dict[int, dict[str, int] | None]]:
         """Each node's answer, judged alone; returns (node -> partition, node -> reason, partition -> reported map).
 
         A node with an error, a malformed record, numbers out of bounds, other module shapes than
@@ -338,8 +478,8 @@ class FlexLoRA(FedAvg):
         """
         answered: dict[int, int] = {}
         errors: dict[int, str] = {}
-        reported: dict[int, dict[str, int]] = {}
-        parsed: list[tuple[int, int | None, int, dict[str, int], dict[str, tuple[int, int]]]] = []
+        reported: dict[int, dict[str, int] | None] = {}
+        parsed: list[tuple[int, int | None, int, dict[str, int] | None, dict[str, tuple[int, int]] | None]] = []
         for reply in replies:
             nid = reply.metadata.src_node_id
             if reply.has_error():
@@ -349,7 +489,7 @@ class FlexLoRA(FedAvg):
             try:
                 record = reply.content.config_records[RANK_INFO]
                 pool = read_pool_info(record)
-                pid, ranks, shapes = (-1, {}, pool[1]) if pool is not None else read_rank_info(record)
+                pid, ranks, shapes = (-1, None, pool[1]) if pool is not None else read_rank_info(record)
                 claimed = pool[0] if pool is not None else pid + 1  # partitions 0..claimed-1 must exist
                 if (pool is None and pid < 0) or claimed > self.max_partitions:
                     what = f"num-partitions {pool[0]}" if pool is not None else f"partition {pid}"
@@ -359,64 +499,89 @@ class FlexLoRA(FedAvg):
                 logger.warning("rank query: node %d sent malformed rank info: %s", nid, err)
                 continue
             parsed.append((nid, pool[0] if pool is not None else None, pid, ranks, shapes))
-        majority = strict_majority(tuple(sorted(p[4].items())) for p in parsed)  # the core's rule for peers' disagreements
+        majority = strict_majority(tuple(sorted(p[4].items())) for p in parsed if p[4] is not None)  # the core's rule
         reference = self.module_shapes or (dict(majority) if majority is not None else None)
         for nid, pool_size, pid, ranks, shapes in parsed:
-            if reference is None or shapes != reference:
-                diff = sorted(set(shapes.items()) ^ set((reference or {}).items()))[:3] if reference else []
+            if reference is None or (shapes is not None and shapes != reference):
+                diff = sorted(set((shapes or {}).items()) ^ set((reference or {}).items()))[:3] if reference else []
                 source = "the model's" if self.module_shapes else "a strict majority of the nodes'"
                 errors[nid] = (
                     f"other module shapes than {source}: {diff}"
                     if reference
-                    else "the nodes disagree on the module shapes and no majority exists: pass module_shapes"
+                    else "the nodes disagree on the module shapes (or send none) and no majority exists: pass module_shapes"
                 )
                 logger.warning("rank query: node %d (partition %s) refused: %s", nid, pid, errors[nid])
                 continue
             if pool_size is not None:
                 answered[nid] = pid
-                self.pool_nodes.append(nid)
-                self._pool_size = max(self._pool_size, pool_size)
+                self.nodes.add_pool(nid, pool_size)
                 continue
-            if pid in self.node_of and self.node_of[pid] != nid:
-                errors[nid] = f"partition {pid} is already served by node {self.node_of[pid]}"
+            if pid in self.nodes.node_of and self.nodes.node_of[pid] != nid:
+                errors[nid] = f"partition {pid} is already served by node {self.nodes.node_of[pid]}"
                 logger.warning("rank query: node %d refused: %s", nid, errors[nid])
                 continue
-            try:  # before it claims the partition: a node with a bad map takes nothing from an honest one
-                check_rank_map(ranks, reference, client=pid, exact=True)
-            except RankError as err:
-                errors[nid] = f"rank map refused: {err}"
-                logger.warning("rank query: node %d (partition %d): %s", nid, pid, err)
-                continue
-            answered[nid] = pid
-            self.node_of[pid], reported[pid] = nid, ranks
+            if ranks is not None:
+                try:  # before it claims the partition: a node with a bad map takes nothing from an honest one
+                    check_rank_map(ranks, reference, client=pid, exact=True)
+                except RankError as err:
+                    errors[nid] = f"rank map refused: {err}"
+                    logger.warning("rank query: node %d (partition %d): %s", nid, pid, err)
+                    continue
+            self.nodes.claim(pid, nid)
+            answered[nid], reported[pid] = pid, ranks
         if reference is not None:
             self.shapes = dict(reference)
         return answered, errors, reported
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any) -> Result:
-        """Run the rank query (unless done) and then ``num_rounds`` rounds of :meth:`Strategy.start`.
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the rank query (unless done), then ``num_rounds`` rounds of Flower's ``Strategy.start``.
 
-        After a resume, ``num_rounds`` counts the rounds still to run; round numbers in messages,
-        logs, dumps and the state file continue from the restored round.
+        ``evaluate_fn(round, arrays)`` and ``Result.arrays`` receive the global adapter at
+        ``export_ranks`` (round 0: the common start, or the restored update). After a resume,
+        ``num_rounds`` counts the rounds still to run; round numbers in messages, logs, records and
+        the state file continue from the restored round.
+
+        Raises
+        ------
+        ValueError
+            ``initial_arrays`` holds a trained adapter (a nonzero ``lora_B``): every method starts
+            from the core's common start.
         """
+        _check_initial(initial_arrays)
         if self.federation is None:
             self.query_nodes(grid)
         self._clock = (time.perf_counter(), self.round_offset + num_rounds)
-        result = super().start(grid, initial_arrays if initial_arrays is not None else ArrayRecord(), num_rounds, **kwargs)
-        if self.global_update is not None:  # the final global model, where Flower users look for it
-            tensors, _ = self._federation().adapter(self.export_ranks)
-            result.arrays = state_to_record(tensors)[0]
-        return result
+        return super().start(
+            grid,
+            self.global_arrays(),
+            num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
 
     # ------------------------------------------------------------------ train
+    def _per_round(self, partitions: int) -> int:
+        """``FedAvg``'s sample size over ``partitions``: ``max(int(fraction_train · n), min_train_nodes)``."""
+        return self.clients_per_round or max(int(partitions * self.fraction_train), self.min_train_nodes, 1)
+
     def sampled_partitions(self, server_round: int) -> list[int]:
         """Partitions trained in (global) round ``server_round``: a pure function of (seed, round, eligible set).
 
         Eligible: every partition, minus those the core dropped after ``drop_after_failures``
         rounds excluded in a row (off by default; the dropped set is saved with the state).
         """
-        n = len(self.rank_maps)
-        k = self.clients_per_round or max(1, int(n * self.fraction_train))
+        k = self._per_round(len(self.rank_maps))
         eligible = self._federation().eligible(self.rank_maps) if self.federation is not None else sorted(self.rank_maps)
         if not eligible:
             raise RuntimeError(
@@ -426,58 +591,61 @@ class FlexLoRA(FedAvg):
         return sample_partitions(eligible, min(k, len(eligible)), seed=self.seed, server_round=server_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """One message per sampled node, carrying that node's own factors; ``config`` is copied, never mutated."""
+        """One message per sampled partition, carrying its own factors; ``config`` is copied, never mutated."""
         rnd = server_round + self.round_offset
-        messages, sent_bytes, pids = [], 0, []
-        pooled = 0
-        for pid in self.sampled_partitions(rnd):
-            if pid in self.node_of:
-                node = self.node_of[pid]
-            else:  # round-robin over the pool nodes, in sampled order
-                node, pooled = self.pool_nodes[pooled % len(self.pool_nodes)], pooled + 1
-            pids.append(pid)
-            state = self._factors_for(pid)
-            sent_bytes += state_nbytes(state)
+        pids = self.sampled_partitions(rnd)
+        self._round = now = _Round()
+        for pid, node in zip(pids, self.nodes.route(pids), strict=True):
+            state = self._federation().factors_for(pid)
+            now.nbytes += state_nbytes(state)
             record, dtype_note = state_to_record(state)
             node_config = ConfigRecord(dict(config))
             node_config.update({**dtype_note, SERVER_ROUND: rnd, PARTITION_ID: pid, RANK_MAP: json.dumps(self.rank_maps[pid])})
-            messages.append(
-                Message(
-                    RecordDict({ARRAYS: record, CONFIG: node_config}),
-                    dst_node_id=node,
-                    message_type=MessageType.TRAIN,
-                )
+            message = Message(
+                RecordDict({self.arrayrecord_key: record, self.configrecord_key: node_config}),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
             )
-            self._dump(rnd, f"sent-p{pid}", state, {"node-id": str(node), RANK_MAP: json.dumps(self.rank_maps[pid])})
-        self._sent_bytes = sent_bytes
-        self._in_flight = list(zip(messages, pids, strict=True))  # message ids are set when the grid sends them
-        logger.info("round %d: sending to partitions %s (%.3f MB)", rnd, pids, sent_bytes / 1e6)
-        return messages
-
-    def _factors_for(self, pid: int) -> dict[str, Tensor]:
-        return self._federation().factors_for(pid)
+            now.messages.append((message, pid))  # message ids are set when the grid sends them
+            now.nodes[pid] = node
+            if self.on_round is not None:
+                now.sent[pid] = state
+        logger.info("round %d: sending to partitions %s (%.3f MB)", rnd, pids, now.nbytes / 1e6)
+        return [m for m, _ in now.messages]
 
     def _pid_of(self, reply: Message) -> int | None:
         """The partition a train reply answers: by the message it replies to, else by its node."""
-        sent = {m.metadata.message_id: pid for m, pid in self._in_flight}
+        sent = {m.metadata.message_id: pid for m, pid in self._round.messages}
         pid = sent.get(reply.metadata.reply_to_message_id)
-        if pid is not None:
-            return pid
-        nid = reply.metadata.src_node_id
-        return next((p for p, n in self.node_of.items() if n == nid), None)
+        return pid if pid is not None else self.nodes.partition_of(reply.metadata.src_node_id)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode the replies and hand them to the core's round protocol; failed, malformed or non-finite ones are excluded."""
+        """Hand the decoded replies to the core; return the global adapter and the round's metrics.
+
+        Failed, malformed or non-finite replies are excluded. The arrays are None while no round
+        has formed a global update (Flower then keeps the common start).
+        """
         rnd = server_round + self.round_offset
-        decoded, failed = self._read_train_replies(rnd, list(replies))
-        result = self._federation().aggregate(decoded, failed=failed, bytes_sent=self._sent_bytes, round=rnd)
+        replies = list(replies)
+        decoded, failed = self._read_train_replies(rnd, replies)
+        fed = self._federation()
+        result = fed.aggregate(decoded, failed=failed, bytes_sent=self._round.nbytes, round=rnd)
         if not result.updated and decoded:
             logger.error("round %d: no usable reply, the global update is unchanged", rnd)
         for pid, reason in sorted(result.excluded.items()):
-            logger.warning("round %d: partition %d (node %s) excluded: %s", rnd, pid, self.node_of.get(pid), reason)
+            logger.warning("round %d: partition %d (node %s) excluded: %s", rnd, pid, self.nodes.node_of.get(pid), reason)
         row = result.row()
         self._log_round(rnd, row)
-        return ArrayRecord(), MetricRecord({k: v for k, v in row.items() if k != "excluded-reasons"})
+        metrics = MetricRecord({k: v for k, v in row.items() if _is_metric(v)})  # the reasons are logged above
+        if self._merge_train_metrics is not None:
+            kept = [r.content for r in replies if not r.has_error() and self._pid_of(r) in result.kept]
+            if kept:
+                metrics.update(self._merge_train_metrics(kept, self.weighted_by_key))
+        if self.on_round is not None:
+            now = self._round
+            maps = {p: self.rank_maps[p] for p in now.nodes}
+            self.on_round(RoundRecord(rnd, maps, dict(now.nodes), dict(now.sent), dict(decoded), result))
+        return (self.global_arrays() if self.global_update is not None else None), metrics
 
     def _read_train_replies(self, rnd: int, replies: list[Message]) -> tuple[dict[int, Reply], dict[int, str]]:
         """Decode train replies into core :class:`Reply` objects; error or undecodable replies into reasons."""
@@ -496,9 +664,14 @@ class FlexLoRA(FedAvg):
                 continue
             try:
                 content = reply.content
-                state = record_to_state(content.array_records[ARRAYS], content.config_records.get(CONFIG), pin=pin)
-                metrics = content.metric_records[METRICS]
-                weight, loss = float(metrics[NUM_EXAMPLES]), float(metrics.get(TRAIN_LOSS, math.nan))
+                state = record_to_state(
+                    content.array_records[self.arrayrecord_key], content.config_records.get(self.configrecord_key), pin=pin
+                )
+                if len(content.metric_records) != 1:
+                    raise ValueError(f"expected one MetricRecord, got {sorted(content.metric_records)}")
+                metrics = next(iter(content.metric_records.values()))
+                weight = float(metrics[self.weighted_by_key])
+                loss = next((float(metrics[k]) for k in LOSS_KEYS if k in metrics), math.nan)  # type: ignore[arg-type]
             except (KeyError, TypeError, ValueError) as err:
                 failed[pid] = f"malformed reply: {err!r}"
                 continue
@@ -507,10 +680,9 @@ class FlexLoRA(FedAvg):
                 failed[pid] = f"two replies for partition {pid} in one round (node {nid} and another); both dropped"
                 continue
             decoded[pid] = Reply(state, weight, loss)
-            self._dump(rnd, f"reply-p{pid}", state, {NUM_EXAMPLES: str(weight), TRAIN_LOSS: str(loss)})
-        for _, pid in self._in_flight:  # sampled, yet nothing came back: a dead node, or the round timed out
+        for _, pid in self._round.messages:  # sampled, yet nothing came back: a dead node, or the round timed out
             if pid not in decoded and pid not in failed:
-                node = self.node_of.get(pid, "of the pool")
+                node = self.nodes.node_of.get(pid, "of the pool")
                 failed[pid] = f"no reply this round (node {node} unavailable, or the round timed out)"
         return decoded, failed
 
@@ -537,16 +709,22 @@ class FlexLoRA(FedAvg):
             eta,
         )
 
-    # ------------------------------------------------------------------ evaluate (off)
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """No federated evaluation: evaluate the exported adapter instead."""
-        return []
 
-    # ------------------------------------------------------------------ test dumps
-    def _dump(self, rnd: int, name: str, state: Mapping[str, Tensor], meta: Mapping[Hashable, str]) -> None:
-        if self.dump_dir is None:
-            return
-        folder = self.dump_dir / f"round-{rnd:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        save_file(tensors, str(folder / f"{name}.safetensors"), metadata={str(k): str(v) for k, v in meta.items()})
+def _is_metric(value: Any) -> bool:
+    """What a MetricRecord holds: a number or a list of numbers (no text, no mapping)."""
+    number = (int, float)
+    return (isinstance(value, number) and not isinstance(value, bool)) or (
+        isinstance(value, list) and all(isinstance(v, number) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _check_initial(arrays: ArrayRecord | None) -> None:
+    """Refuse a trained initial adapter in one line; an empty record or an untrained one (B = 0) is fine."""
+    if arrays is None or not len(arrays):
+        return
+    trained = [k for k, a in arrays.items() if ".lora_B." in k and a.numpy().any()]
+    if trained:
+        raise ValueError(
+            f"initial_arrays holds a trained adapter ({len(trained)} nonzero lora_B, e.g. {trained[0]!r}): every method "
+            "starts from the core's common start (B = 0); pass an empty ArrayRecord or an untrained adapter"
+        )

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save_file
+from torch import Tensor
 
 from flexlora_app.task import Settings, load_base, route_logs
 from flexlora_plugin.core import RankError, adapter_error, model_parameters, model_shapes
 from flexlora_plugin.data import sample_texts
-from flexlora_plugin.flower import FlexLoRA, rank_label
+from flexlora_plugin.flower import FlexLoRA, RoundRecord, rank_label
 from flexlora_plugin.flower.settings import package_versions
 from flexlora_plugin.tiny import build_tiny_llama
 
@@ -39,13 +42,13 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FlexLoRA(
         settings.flexlora_config(),
         clients_per_round=settings.clients_per_round or None,
-        expected_nodes=settings.min_nodes or None,
+        min_available_nodes=settings.min_nodes or None,
         query_timeout=settings.query_timeout,
         module_shapes=model_shapes(settings.model_path, settings.target_modules),  # nodes reporting others are refused
         state_path=settings.output_dir / STATE_FILE,
         resume=settings.resume,
         record=record,  # saved with the server state every round, and below in metrics.json
-        dump_dir=settings.dump_dir,
+        on_round=round_files(settings.dump_dir) if settings.dump_dir is not None else None,
         export_ranks=settings.export_ranks,
     )
     strategy.query_nodes(grid)
@@ -66,11 +69,7 @@ def main(grid: Grid, context: Context) -> None:
     adapter = settings.output_dir / ADAPTER_DIR
     # The global model at export-rank: by default each module at the largest rank a client trains
     # (a truncation, whose error is reported below); "exact" reproduces ΔW. Computed once, also in Result.arrays.
-    chosen = strategy.federation.export(
-        adapter,
-        base_model_name_or_path=str(settings.model_path),  # type: ignore[union-attr]
-        ranks=settings.export_ranks,
-    )
+    chosen = strategy.save_adapter(adapter, base_model_name_or_path=str(settings.model_path))
     try:  # an independent check of the export: ‖ΔW − s·B A‖_F / ‖ΔW‖_F read back from the folder
         max_error: float | None = max(adapter_error(strategy.global_update, adapter).values())
         what = {"max": "at the largest client rank", "exact": "exact"}.get(
@@ -94,6 +93,30 @@ def main(grid: Grid, context: Context) -> None:
     distinct = sorted(set(chosen.values()))
     ranks = f"rank {distinct[0]}" if len(distinct) == 1 else f"ranks {distinct[0]}-{distinct[-1]} ({len(distinct)} distinct)"
     logger.info("final adapter (%s, %s) saved to %s", settings.strategy, ranks, adapter)
+
+
+def round_files(folder: Path) -> Callable[[RoundRecord], None]:
+    """A round callback saving what travelled, for the parity tests (run config ``dump-dir``).
+
+    Per round ``round-NNN/sent-pK.safetensors`` (metadata: node id, rank map) and
+    ``reply-pK.safetensors`` (metadata: num-examples, train-loss) for every partition.
+    """
+
+    def save(record: RoundRecord) -> None:
+        where = folder / f"round-{record.round:03d}"
+        where.mkdir(parents=True, exist_ok=True)
+        for pid, state in record.sent.items():
+            meta = {"node-id": str(record.nodes[pid]), "rank-map": json.dumps(dict(record.rank_maps[pid]))}
+            _save(where / f"sent-p{pid}.safetensors", state, meta)
+        for pid, reply in record.replies.items():
+            meta = {"num-examples": str(reply.num_examples), "train-loss": str(reply.train_loss)}
+            _save(where / f"reply-p{pid}.safetensors", reply.state, meta)
+
+    return save
+
+
+def _save(path: Path, state: Mapping[str, Tensor], meta: Mapping[str, str]) -> None:
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata=dict(meta))
 
 
 def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, ArrayRecord], MetricRecord | None] | None:

@@ -16,9 +16,19 @@ from torch import Tensor
 
 from flexlora_plugin.core import ClientModel, clamp_ranks, lora_type, proximal_term, resolve_device, resolve_dtype, sample_ranks
 from flexlora_plugin.data import PaddingCollator, load_client_split, tokenize_examples
+from flexlora_plugin.flower.client import FlexLoRAClient
 from flexlora_plugin.flower.settings import Settings
 
-__all__ = ["Settings", "client_model", "load_base", "node_rank_map", "partition_features", "route_logs", "train_partition"]
+__all__ = [
+    "Settings",
+    "client_model",
+    "flexlora_client",
+    "load_base",
+    "node_rank_map",
+    "partition_features",
+    "route_logs",
+    "train_partition",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +54,7 @@ def route_logs(plugin_level: int = logging.INFO) -> None:
 
 
 _BASE: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (path, device, dtype) -> (model, tokenizer), server side
-_CLIENT: dict[tuple[Any, ...], tuple[ClientModel, Any]] = {}  # one client model per process and setting
+_CLIENT: dict[tuple[Any, ...], tuple[FlexLoRAClient, Any]] = {}  # one client per process and setting
 
 
 def _load(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -71,8 +81,8 @@ def load_base(path: Path, device: str = "cpu", dtype: str = "float32") -> tuple[
     return _BASE[key]
 
 
-def client_model(settings: Settings) -> tuple[ClientModel, Any]:
-    """Return this process's :class:`ClientModel` (the base loaded once on ``device`` in ``dtype``) and tokenizer.
+def flexlora_client(settings: Settings) -> tuple[FlexLoRAClient, Any]:
+    """Return this process's :class:`FlexLoRAClient` (the base loaded once on ``device`` in ``dtype``) and tokenizer.
 
     Every partition this process trains shares it: one adapter per distinct rank map, the base
     never copied.
@@ -87,22 +97,30 @@ def client_model(settings: Settings) -> tuple[ClientModel, Any]:
         settings.gradient_checkpointing,
         settings.strategy,
         settings.seed,
+        settings.wire_dtype,
     )
     if key not in _CLIENT:
         base, tokenizer = _load(settings.model_path, dev, resolve_dtype(settings.dtype, dev))
-        model = ClientModel(
+        client = FlexLoRAClient(
             base,
             lora_alpha=settings.lora_alpha,
             target_modules=settings.target_modules,
-            gradient_checkpointing=settings.gradient_checkpointing,
             method=settings.strategy,
             seed=settings.seed,
+            wire_dtype=settings.wire_dtype,
+            gradient_checkpointing=settings.gradient_checkpointing,
         )
         logger.info(
-            "client model: %s on %s in %s (%d modules adapted)", settings.model_path.name, dev, settings.dtype, len(model.shapes)
+            "client model: %s on %s in %s (%d modules adapted)", settings.model_path.name, dev, settings.dtype, len(client.shapes)
         )
-        _CLIENT[key] = (model, tokenizer)
+        _CLIENT[key] = (client, tokenizer)
     return _CLIENT[key]
+
+
+def client_model(settings: Settings) -> tuple[ClientModel, Any]:
+    """The process's core :class:`ClientModel` (of :func:`flexlora_client`) and tokenizer."""
+    client, tokenizer = flexlora_client(settings)
+    return client.model, tokenizer
 
 
 def node_rank_map(settings: Settings, node_config: Mapping[str, Any], partition_id: int) -> dict[str, int]:

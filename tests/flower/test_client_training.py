@@ -115,18 +115,18 @@ def test_the_client_takes_the_servers_rank_map_after_the_core_checks_it(task, ti
     pytest.importorskip("flwr")
     import json
 
-    sys.path.insert(0, str(APP))
-    try:
-        from flexlora_app.client_app import received_rank_map
-    finally:
-        sys.path.remove(str(APP))
     from flwr.app import ConfigRecord
 
     from flexlora_plugin.core import RankError
     from flexlora_plugin.flower.records import RANK_MAP
 
     settings = _settings(task, tiny_model, data_path, tmp_path)
-    shapes = task.client_model(settings)[0].shapes
+    client = task.flexlora_client(settings)[0]
+    shapes = client.shapes
+
+    def received_rank_map(_settings, config, pid):
+        return client.rank_map_of(config, pid)
+
     sent = {m: 2 for m in shapes}
     assert received_rank_map(settings, ConfigRecord({RANK_MAP: json.dumps(sent)}), 0) == sent
     assert received_rank_map(
