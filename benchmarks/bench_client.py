@@ -372,10 +372,10 @@ def resolve_model(args: argparse.Namespace, tmp: Path) -> Path:
         return Path(args.model)
     if args.quick:
         from flexlora_plugin.data import sample_texts
-        from flexlora_plugin.tiny import build_tiny_llama
+        from flexlora_plugin.tools.tiny import build_tiny_llama
 
         return build_tiny_llama(tmp / "tiny-llama", texts=sample_texts(args.data), max_length=1024)
-    from flexlora_plugin.models import prepare_smollm2
+    from flexlora_plugin.tools.models import prepare_smollm2
 
     return prepare_smollm2()
 

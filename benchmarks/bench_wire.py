@@ -49,7 +49,7 @@ RANKS = (8, 30, 200)  # heavy_tail_strong's LoRA types r8, r30, r30_200, r200 ho
 
 def run(out: Path, model: Path, data: Path, wire: str, rounds: int, seed: int) -> dict[str, Any]:
     """One simulation; returns its metrics.json plus the adapter folder and the wall time."""
-    from flexlora_plugin.flower.run import run_simulation
+    from flexlora_plugin.tools.flower_run import run_simulation
 
     prof = PROFILES["small"]
     config = {

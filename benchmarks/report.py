@@ -115,7 +115,7 @@ def export_error(r: dict[str, Any]) -> str:
 
 def score_table(runs: dict[str, dict[str, Any]], finals: dict[str, dict[str, Any]]) -> list[str]:
     """Per-run scores on one file; ``finals`` maps run name -> its ``EvalResult.summary()`` on that file."""
-    from flexlora_plugin.evaluate import bootstrap_mean
+    from flexlora_plugin.tools.evaluate import bootstrap_mean
 
     lines = [
         "| run | strategy | distribution | Rouge-L (examples) | Rouge-L (task mean) [95% CI] | examples / tasks |",
@@ -132,7 +132,7 @@ def score_table(runs: dict[str, dict[str, Any]], finals: dict[str, dict[str, Any
 
 def difference_table(runs: dict[str, dict[str, Any]], finals: dict[str, dict[str, Any]], level: str) -> list[str]:
     """Task-clustered paired bootstrap of every comparison whose two runs were both scored on the file."""
-    from flexlora_plugin.evaluate import paired_bootstrap
+    from flexlora_plugin.tools.evaluate import paired_bootstrap
 
     lines = [
         f"{level} Differences (task-clustered paired bootstrap, 95% CI, 10 000 resamples)",
@@ -149,7 +149,7 @@ def difference_table(runs: dict[str, dict[str, Any]], finals: dict[str, dict[str
 
 
 def main_table(runs: dict[str, dict[str, Any]]) -> list[str]:
-    from flexlora_plugin.evaluate import bootstrap_mean
+    from flexlora_plugin.tools.evaluate import bootstrap_mean
 
     lines = [
         "| run | strategy | distribution | Rouge-L (examples) | Rouge-L (task mean) [95% CI] | train s | eval s | MB down / up per round | export error | command |",

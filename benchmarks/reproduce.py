@@ -7,7 +7,7 @@
     python benchmarks/reproduce.py --profile gpu --parallel 6      # one GPU, six runs at once
     python benchmarks/reproduce.py --profile gpu --eval-file more_heldout.json   # also score every run on a second file
 
-Each run trains through ``flexlora_plugin.flower.run.run_simulation`` (the plugin's own host),
+Each run trains through ``flexlora_plugin.tools.flower_run.run_simulation`` (the plugin's own host),
 exports the final global model as a peft adapter (exact: each module at its numerical rank),
 scores it on the whole ``heldout_test.json`` (and on each ``--eval-file``) with
 ``flexlora_plugin.evaluate`` and writes ``<results>/<run>.json`` (``<work>/<profile>/results``;
@@ -198,12 +198,12 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
 
 def model_path(choice: str, work: Path, data: Path) -> Path:
     if choice == "smollm2":
-        from flexlora_plugin.models import prepare_smollm2
+        from flexlora_plugin.tools.models import prepare_smollm2
 
         return prepare_smollm2(work / "models" / "smollm2-135m-instruct")
     if choice == "tiny":
         from flexlora_plugin.data import sample_texts
-        from flexlora_plugin.tiny import build_tiny_llama
+        from flexlora_plugin.tools.tiny import build_tiny_llama
 
         return build_tiny_llama(work / "models" / "tiny-llama", texts=sample_texts(data), max_length=1024)
     return Path(choice).resolve()
@@ -239,7 +239,7 @@ class Job:
 
 
 def train_and_score(run: Run, job: Job) -> dict[str, Any]:
-    from flexlora_plugin.flower.run import run_deployment, run_simulation
+    from flexlora_plugin.tools.flower_run import run_deployment, run_simulation
 
     prof = job.prof
     out = job.work / "runs" / run.name
@@ -343,7 +343,7 @@ def score_files(job: Job, adapter: Path | None, files: dict[str, Path]) -> dict[
     evaluated it; the adapter's factors stay float32).
     """
     from flexlora_plugin.data import load_examples
-    from flexlora_plugin.evaluate import evaluate_model, load_for_eval, select_examples
+    from flexlora_plugin.tools.evaluate import evaluate_model, load_for_eval, select_examples
 
     prof = job.prof
     m, tok = load_for_eval(
@@ -728,7 +728,7 @@ def check_setup(args: argparse.Namespace, distributions: list[str]) -> None:
             f"the profile uses (--set partitions=N)"
         )
     if args.model == "smollm2":
-        from flexlora_plugin.models import smollm2_gguf_path
+        from flexlora_plugin.tools.models import smollm2_gguf_path
 
         try:
             smollm2_gguf_path()

@@ -25,7 +25,7 @@ def tokenizer(tmp_path_factory):
     pytest.importorskip("tokenizers")
     from transformers import AutoTokenizer
 
-    from flexlora_plugin.tiny import build_tiny_llama
+    from flexlora_plugin.tools.tiny import build_tiny_llama
 
     return AutoTokenizer.from_pretrained(str(build_tiny_llama(tmp_path_factory.mktemp("tok") / "m")))
 
@@ -149,7 +149,7 @@ def test_write_sample_keeps_every_client_and_hashes_what_it_writes(tmp_path):
 
 def test_the_tiny_model_command_writes_a_model_folder(tmp_path, capsys):
     pytest.importorskip("tokenizers")
-    from flexlora_plugin.tiny import is_tiny_model, main
+    from flexlora_plugin.tools.tiny import is_tiny_model, main
 
     assert main([str(tmp_path / "tiny")]) == 0
     assert (tmp_path / "tiny" / "config.json").is_file() and is_tiny_model(tmp_path / "tiny")

@@ -146,13 +146,13 @@ def _parse_ok(parse, args, cmd) -> None:
 def _module_parser(module: str):
     if module == "flexlora_plugin.flower.run":
         pytest.importorskip("flwr", reason="the Flower runner needs flwr")
-        from flexlora_plugin.flower.run import build_parser
+        from flexlora_plugin.tools.flower_run import build_parser
     elif module == "flexlora_plugin.evaluate":
-        from flexlora_plugin.evaluate import build_parser
-    elif module == "flexlora_plugin.models":
-        from flexlora_plugin.models import build_parser
-    elif module == "flexlora_plugin.tiny":
-        from flexlora_plugin.tiny import build_parser
+        from flexlora_plugin.tools.evaluate import build_parser
+    elif module == "flexlora_plugin.tools.models":
+        from flexlora_plugin.tools.models import build_parser
+    elif module == "flexlora_plugin.tools.tiny":
+        from flexlora_plugin.tools.tiny import build_parser
     elif module == "flexlora_plugin.data":
         from flexlora_plugin.data import build_parser
     elif module == "flexlora_plugin.federatedscope.shim":

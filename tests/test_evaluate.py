@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("rouge_score", reason="rouge-score is in the test extra")
 
 from flexlora_plugin.core import aggregate, save_peft_adapter  # noqa: E402
-from flexlora_plugin.evaluate import bootstrap_mean, paired_bootstrap, rouge_l, select_examples  # noqa: E402
-from flexlora_plugin.tiny import build_tiny_llama  # noqa: E402
+from flexlora_plugin.tools.evaluate import bootstrap_mean, paired_bootstrap, rouge_l, select_examples  # noqa: E402
+from flexlora_plugin.tools.tiny import build_tiny_llama  # noqa: E402
 
 
 def test_rouge_l_hand_checked():
@@ -98,7 +98,7 @@ def test_evaluate_command_scores_an_exported_adapter(tmp_path):
 def test_generation_threads_are_restored(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flexlora_plugin.evaluate import generate_answers
+    from flexlora_plugin.tools.evaluate import generate_answers
 
     base = build_tiny_llama(tmp_path / "tiny")
     model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
@@ -116,14 +116,14 @@ PROMPTS = ["a b c d e f g h i j k l m n o p", "yes", "the quick brown fox jumps"
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from flexlora_plugin.evaluate import load_for_eval
+    from flexlora_plugin.tools.evaluate import load_for_eval
 
     base = build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
     return load_for_eval(None, str(base))
 
 
 def test_sorted_generation_returns_answers_in_the_original_order(tiny_model):
-    from flexlora_plugin.evaluate import generate_answers
+    from flexlora_plugin.tools.evaluate import generate_answers
 
     model, tok = tiny_model
     # Prepare: one prompt at a time, the reference (no padding, so order cannot matter)
@@ -156,7 +156,7 @@ class EchoLastToken(torch.nn.Module):
 
 
 def test_sorted_batches_map_every_answer_to_its_prompt(tiny_model):
-    from flexlora_plugin.evaluate import generate_answers
+    from flexlora_plugin.tools.evaluate import generate_answers
 
     _, tok = tiny_model
     expected = [tok.decode([tok(p)["input_ids"][-1]] * 2).strip() for p in PROMPTS]
@@ -169,7 +169,7 @@ def test_sorted_batches_map_every_answer_to_its_prompt(tiny_model):
 
 
 def test_length_order_is_longest_first_and_stable():
-    from flexlora_plugin.evaluate import _length_order
+    from flexlora_plugin.tools.evaluate import _length_order
 
     class Tok:  # one token per word, truncated from the left like the real call
         def __call__(self, texts, truncation, max_length):
@@ -180,7 +180,7 @@ def test_length_order_is_longest_first_and_stable():
 
 
 def test_generation_passes_the_tokenizer_eos_and_pad(tiny_model, monkeypatch):
-    from flexlora_plugin.evaluate import generate_answers
+    from flexlora_plugin.tools.evaluate import generate_answers
 
     model, tok = tiny_model
     seen = {}
@@ -196,7 +196,7 @@ def test_generation_passes_the_tokenizer_eos_and_pad(tiny_model, monkeypatch):
 
 
 def test_load_for_eval_bfloat16_on_cpu(tmp_path):
-    from flexlora_plugin.evaluate import generate_answers, load_for_eval
+    from flexlora_plugin.tools.evaluate import generate_answers, load_for_eval
 
     base = build_tiny_llama(tmp_path / "tiny")
     model, tok = load_for_eval(None, str(base), device="cpu", dtype="bfloat16")
@@ -209,8 +209,8 @@ def test_load_for_eval_bfloat16_on_cpu(tmp_path):
 
 
 def test_load_for_eval_refuses_a_folder_whose_eos_disagrees(tmp_path):
-    from flexlora_plugin.evaluate import load_for_eval
-    from flexlora_plugin.models import SpecialTokenError
+    from flexlora_plugin.tools.evaluate import load_for_eval
+    from flexlora_plugin.tools.models import SpecialTokenError
 
     base = build_tiny_llama(tmp_path / "tiny")
     gen = json.loads((base / "generation_config.json").read_text())
@@ -222,7 +222,7 @@ def test_load_for_eval_refuses_a_folder_whose_eos_disagrees(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_generation_on_cuda(tmp_path):
-    from flexlora_plugin.evaluate import generate_answers, load_for_eval
+    from flexlora_plugin.tools.evaluate import generate_answers, load_for_eval
 
     base = build_tiny_llama(tmp_path / "tiny")
     for dtype in ("float32", "bfloat16"):
@@ -249,7 +249,7 @@ def test_generation_on_cuda(tmp_path):
     ],
 )
 def test_bad_options_fail_before_a_model_loads(args, message, tmp_path, capsys):
-    from flexlora_plugin.evaluate import main
+    from flexlora_plugin.tools.evaluate import main
 
     tiny = build_tiny_llama(tmp_path / "tiny")
     (tmp_path / "held.json").write_text(json.dumps([{"instruction": "Say yes.", "input": "", "output": "yes"}]))
@@ -261,8 +261,8 @@ def test_bad_options_fail_before_a_model_loads(args, message, tmp_path, capsys):
 
 
 def test_a_tiny_model_score_says_it_is_a_plumbing_check(tmp_path, capsys):
-    from flexlora_plugin.evaluate import main
-    from flexlora_plugin.tiny import is_tiny_model
+    from flexlora_plugin.tools.evaluate import main
+    from flexlora_plugin.tools.tiny import is_tiny_model
 
     tiny = build_tiny_llama(tmp_path / "tiny")
     assert is_tiny_model(tiny) and not is_tiny_model(tmp_path)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flexlora_plugin import models
-from flexlora_plugin.models import FOLDER_FORMAT, GGUF_NAME, SpecialTokenError, check_special_tokens, load_tokenizer
-from flexlora_plugin.tiny import build_tiny_llama
+from flexlora_plugin.tools import models
+from flexlora_plugin.tools.models import FOLDER_FORMAT, GGUF_NAME, SpecialTokenError, check_special_tokens, load_tokenizer
+from flexlora_plugin.tools.tiny import build_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ No flwr import here.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +35,34 @@ __all__ = [
     "package_versions",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _env_path(name: str, default: Path) -> Path:
     value = os.environ.get(name, "")
     return Path(value).expanduser().resolve() if value else default
 
 
-# The Flower App folder: $FLEXLORA_APP_DIR, else found next to the package (a clone installed with
-# `pip install -e .`; a wheel install has no flower_app/). The data: $FLEXLORA_DATA, else the sample
-# shipped in the package (flexlora_plugin.data.default_data).
-APP_DIR = _env_path("FLEXLORA_APP_DIR", REPO / "flower_app")
+def source_checkout() -> Path | None:
+    """The folder flexlora-plugin was installed from in editable mode (``pip install -e``), else None.
+
+    Read from the installer's record (PEP 610 ``direct_url.json``), not from where this file sits:
+    a wheel install has no source checkout, and nothing here guesses one.
+    """
+    for dist in importlib.metadata.distributions(name="flexlora-plugin"):  # a build's egg-info has no record: skip it
+        try:
+            info = json.loads(dist.read_text("direct_url.json") or "{}")
+        except json.JSONDecodeError:
+            continue
+        url = urllib.parse.urlparse(str(info.get("url", "")))
+        if (info.get("dir_info") or {}).get("editable") and url.scheme == "file":
+            return Path(urllib.parse.unquote(url.path))
+    return None
+
+
+# The Flower App folder: $FLEXLORA_APP_DIR, else flower_app/ of the checkout an editable install
+# came from (a wheel install has none: run_simulation(app_dir=...) or FLEXLORA_APP_DIR then).
+# The data: $FLEXLORA_DATA, else the sample shipped in the package (flexlora_plugin.data.default_data).
+_CHECKOUT = source_checkout()
+APP_DIR = _env_path("FLEXLORA_APP_DIR", (_CHECKOUT or Path.cwd()) / "flower_app")
 DEFAULT_DATA = default_data().resolve()
 
 
@@ -114,13 +132,13 @@ def app_config(app_dir: Path = APP_DIR) -> dict[str, Any]:
     Raises
     ------
     SettingsError
-        No App there: the package was installed without its repository (set ``FLEXLORA_APP_DIR``).
+        No App there: the package was installed from a wheel (set ``FLEXLORA_APP_DIR``).
     """
     path = app_dir / "pyproject.toml"
     if not path.is_file():
         raise SettingsError(
-            f"no Flower App at {app_dir} ({path.name} is missing): run from a clone of flexlora-plugin installed with "
-            "`pip install -e .`, or set FLEXLORA_APP_DIR to its flower_app folder"
+            f"no Flower App at {app_dir} ({path.name} is missing): install flexlora-plugin from a clone with "
+            "`pip install -e .`, or set FLEXLORA_APP_DIR to a flower_app folder (a copy of the repository's)"
         )
     return dict(tomllib.loads(path.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"])
 
@@ -284,7 +302,7 @@ class Settings:
         if self.model_path != self.output_dir / "tiny-llama" and not (self.model_path / "config.json").is_file():
             raise SettingsError(
                 f"model-path {self.model_path} is not a transformers model folder (no config.json); "
-                "build SmolLM2 with python -m flexlora_plugin.models, "
+                "build SmolLM2 with python -m flexlora_plugin.tools.models, "
                 "or leave model-path empty for the tiny model"
             )
         if self.eval_data is not None and not self.eval_data.is_file():

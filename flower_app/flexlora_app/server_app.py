@@ -18,7 +18,7 @@ from flexlora_plugin.core import RankError, adapter_error, model_parameters, mod
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, RoundRecord, rank_label
 from flexlora_plugin.flower.settings import package_versions
-from flexlora_plugin.tiny import build_tiny_llama
+from flexlora_plugin.tools.tiny import build_tiny_llama
 
 logger = logging.getLogger(__name__)
 app = ServerApp()
@@ -132,7 +132,7 @@ def heldout_evaluator(settings: Settings, strategy: FlexLoRA) -> Callable[[int, 
     from peft import PeftModel
 
     from flexlora_plugin.data import load_examples
-    from flexlora_plugin.evaluate import evaluate_model, select_examples
+    from flexlora_plugin.tools.evaluate import evaluate_model, select_examples
 
     examples = select_examples(load_examples(settings.eval_data), settings.eval_max_per_task or None)
 

@@ -60,7 +60,7 @@ _CLIENT: dict[tuple[Any, ...], tuple[FlexLoRAClient, Any]] = {}  # one client pe
 def _load(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from flexlora_plugin.models import load_tokenizer
+    from flexlora_plugin.tools.models import load_tokenizer
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model-path {path} does not exist (build it, or leave model-path empty for the tiny model)")

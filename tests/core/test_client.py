@@ -13,7 +13,7 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from flexlora_plugin.tiny import build_tiny_llama
+    from flexlora_plugin.tools.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_length=128)
 

@@ -138,7 +138,7 @@ def test_the_federation_sends_B_only_and_takes_B_only_replies(gen):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from flexlora_plugin.tiny import build_tiny_llama
+    from flexlora_plugin.tools.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_length=128)
 

@@ -129,7 +129,7 @@ def test_a_resumed_federation_continues_the_total_and_exports_it(gen, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from flexlora_plugin.tiny import build_tiny_llama
+    from flexlora_plugin.tools.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_length=128)
 

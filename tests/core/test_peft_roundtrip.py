@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from flexlora_plugin.core import aggregate, clamp_ranks, lora_scaling, sample_ranks
 from flexlora_plugin.core.peft_io import adapter_state, load_adapter_state, lora_config_for, target_shapes
-from flexlora_plugin.tiny import build_tiny_llama
+from flexlora_plugin.tools.tiny import build_tiny_llama
 from tests.conftest import best_rank_error
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -22,7 +22,7 @@ def data_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, data_path) -> Path:
     from flexlora_plugin.data import sample_texts
-    from flexlora_plugin.tiny import build_tiny_llama
+    from flexlora_plugin.tools.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", texts=sample_texts(data_path), max_length=1024)
 

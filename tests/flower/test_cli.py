@@ -16,8 +16,8 @@ pytest.importorskip("flwr")
 
 import torch  # noqa: E402
 
-from flexlora_plugin.flower.run import main, quiet  # noqa: E402
 from flexlora_plugin.flower.settings import SettingsError  # noqa: E402
+from flexlora_plugin.tools.flower_run import main, quiet  # noqa: E402
 
 pytestmark = [pytest.mark.flower]
 
@@ -248,7 +248,7 @@ def _recorded(out: Path, config: dict) -> None:
 
 
 def test_resume_restores_the_recorded_experiment_settings_and_refuses_a_changed_one(tmp_path, tiny_model, data_path, capsys):
-    from flexlora_plugin.flower.run import build_parser, check_options
+    from flexlora_plugin.tools.flower_run import build_parser, check_options
 
     out = tmp_path / "run"
     record = {
@@ -280,7 +280,7 @@ def test_resume_restores_the_recorded_experiment_settings_and_refuses_a_changed_
 
 
 def test_the_start_banner_shows_fedprox_mu_and_every_setting_off_its_default(tmp_path, tiny_model, data_path, capsys):
-    from flexlora_plugin.flower.run import build_parser, check_options, describe_run
+    from flexlora_plugin.tools.flower_run import build_parser, check_options, describe_run
 
     out = tmp_path / "run"
     args = build_parser().parse_args(

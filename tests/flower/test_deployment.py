@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flexlora_plugin.flower.run import (  # noqa: E402
+from flexlora_plugin.tools.flower_run import (  # noqa: E402
     APP_DIR,
     flwr_env,
     free_port,

@@ -41,7 +41,7 @@ def _wheel_site(tmp: Path) -> Path:
 def test_the_example_app_runs_from_an_installed_wheel_and_hands_the_global_adapter_to_evaluate_fn(
     tmp_path, tiny_model, monkeypatch
 ):
-    from flexlora_plugin.flower.run import run_simulation
+    from flexlora_plugin.tools.flower_run import run_simulation
 
     site = _wheel_site(tmp_path)
     app = tmp_path / "flowertune-flexlora"

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from flexlora_plugin.core import common_lora_A, initial_update, module_infos  # noqa: E402
-from flexlora_plugin.flower.run import run_simulation  # noqa: E402
+from flexlora_plugin.tools.flower_run import run_simulation  # noqa: E402
 from tests.conftest import best_rank_error  # noqa: E402
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]

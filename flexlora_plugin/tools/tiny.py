@@ -87,7 +87,7 @@ def build_tiny_llama(
 
 def _mark(folder: Path) -> None:
     (folder / MARKER).write_text(
-        "A tiny LLaMA with random weights, written by flexlora_plugin.tiny.build_tiny_llama for tests and\n"
+        "A tiny LLaMA with random weights, written by flexlora_plugin.tools.tiny.build_tiny_llama for tests and\n"
         "plumbing checks. Its losses and Rouge-L scores say nothing about the quality of a method.\n",
         encoding="utf-8",
     )
@@ -99,9 +99,9 @@ def is_tiny_model(folder: str | os.PathLike[str]) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m flexlora_plugin.tiny``."""
+    """The command line of ``python -m flexlora_plugin.tools.tiny``."""
     parser = argparse.ArgumentParser(
-        prog="python -m flexlora_plugin.tiny",
+        prog="python -m flexlora_plugin.tools.tiny",
         description="Write the tiny random LLaMA (tokenizer trained on the data): a model folder for plumbing checks.",
     )
     parser.add_argument("out", type=Path, help="destination folder (a transformers model folder for model-path)")
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flexlora_plugin.tiny OUT``: write the tiny random LLaMA to OUT."""
-    from .data import default_data, sample_texts
+    """``python -m flexlora_plugin.tools.tiny OUT``: write the tiny random LLaMA to OUT."""
+    from ..data import default_data, sample_texts
 
     args = build_parser().parse_args(argv)
     folder = build_tiny_llama(args.out, texts=sample_texts(default_data()), max_length=1024)

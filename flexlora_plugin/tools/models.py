@@ -12,7 +12,7 @@ stops on ``<|im_end|>``: training then teaches the wrong stop token and generati
 So the special tokens of known models are set explicitly (:data:`KNOWN_SPECIAL_TOKENS`), and
 :func:`load_tokenizer` refuses any folder whose tokenizer and generation config disagree on eos.
 
-Command line: ``python -m flexlora_plugin.models [--out DIR] [--max-length N]`` prints the folder.
+Command line: ``python -m flexlora_plugin.tools.models [--out DIR] [--max-length N]`` prints the folder.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .core.errors import FlexLoRAError
+from ..core import FlexLoRAError
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -153,7 +153,7 @@ def check_special_tokens(tokenizer: Any, generation_config: Any | None, *, folde
         raise SpecialTokenError(
             f"{where}: the tokenizer's eos {tokenizer.eos_token!r} (id {eos_id}) is not the generation config's eos "
             f"{gen_text}; training would append one and generation stop on the other. Rebuild the folder "
-            "(delete it and run `python -m flexlora_plugin.models`) or fix tokenizer_config.json / generation_config.json"
+            "(delete it and run `python -m flexlora_plugin.tools.models`) or fix tokenizer_config.json / generation_config.json"
         )
 
 
@@ -329,11 +329,11 @@ def prepare_smollm2(out_dir: str | os.PathLike[str] | None = None, *, max_length
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m flexlora_plugin.models``."""
-    from ._cli import DefaultsHelp
+    """The command line of ``python -m flexlora_plugin.tools.models``."""
+    from .._cli import DefaultsHelp
 
     parser = argparse.ArgumentParser(
-        prog="python -m flexlora_plugin.models", description=__doc__.splitlines()[0], formatter_class=DefaultsHelp
+        prog="python -m flexlora_plugin.tools.models", description=__doc__.splitlines()[0], formatter_class=DefaultsHelp
     )
     parser.add_argument("--out", type=Path, default=None, help=f"destination folder (default: {DEFAULT_CACHE})")
     parser.add_argument("--max-length", type=int, default=1024, help="the tokenizer's model_max_length")
