@@ -16,10 +16,10 @@ clients of a 1B model against ~0.04 s of GEMMs), so :func:`stage` pipelines it:
 
 Factors that already sit in page-locked memory (``t.pin_memory()``, or a host that received them
 there) skip the fill: each is copied to the device directly. From pageable memory the fill is
-bound by the host's memory bandwidth (2.9 GB at 24.5 GB/s on the benchmark's H100 machine, 2.2×
-the DMA's 53 ms), so a server that wants the GPU path near the transfer bound receives its
-factors into pinned memory. The check looks at a module's first and last factor only: it routes,
-it does not guard (a pageable tensor among pinned ones is still copied correctly, synchronously).
+bound by the host's memory bandwidth, slower than the copy itself, so a server that wants the GPU
+path near the transfer bound receives its factors into pinned memory. The check looks at a
+module's first and last factor only: it routes, it does not guard (a pageable tensor among
+pinned ones is still copied correctly, synchronously).
 
 ``stage(..., on_module=f)`` calls ``f(module, stack)`` as each module arrives, so work on one
 module overlaps the copies of the next.
@@ -77,9 +77,8 @@ class Stack:
     def views(self) -> dict[Hashable, tuple[Tensor, Tensor]]:
         """Every client's ``(A : (r, d_in), B : (d_out, r))``: views into the stack, no copy.
 
-        Two ``split`` calls: for 80 clients and 10 modules 0.8 ms against 2.3 ms for a Python
-        slice per client and factor (2-vCPU machine); only methods that read the clients'
-        factors ask for them (staging in :func:`~flexlora_plugin.core.aggregation.aggregate`).
+        Two ``split`` calls instead of a Python slice per client and factor; only methods that
+        read the clients' factors ask for them (staging in :func:`~flexlora_plugin.core.aggregation.aggregate`).
         """
         pairs = zip(self.A_cat.split(self.ranks), self.B_cat.split(self.ranks, dim=1), strict=True)
         return dict(zip(self.clients, pairs, strict=True))
@@ -312,8 +311,8 @@ def _copy_direct(plan: _Plan, device: torch.device, side: torch.cuda.Stream) -> 
 def _pipelined(plans: Sequence[_Plan], device: torch.device) -> Iterator[tuple[str, Stack]]:
     """Every module's copy queued by a producer thread, in order; each stack assembled here, behind its copy.
 
-    A page-locked module's copies are one ``_foreach_copy_`` (~2 ms of CUDA API calls for 80
-    clients), queued without waiting: the DMA engine stays busy however late this thread, which
+    A page-locked module's copies are one ``_foreach_copy_`` (one call for every client's
+    factors), queued without waiting: the DMA engine stays busy however late this thread, which
     competes with the workers for the GIL, hands the modules out (on an H100 a tie with queueing
     two modules ahead from this thread, and one path instead of two). The ``j``-th pageable
     module goes through pinned buffer ``j % 2``, filled while the other's copy runs. Python work

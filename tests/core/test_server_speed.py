@@ -39,7 +39,7 @@ class _Counter:
 
 
 @pytest.mark.parametrize("order", [(8, 12, 24), (24, 12, 8), (12, 24, 8)])
-def test_default_call_decomposes_each_module_once_in_any_order(gen, monkeypatch, order):
+def test_default_call_decomposes_each_module_once_in_any_order(gen, order):
     states, weights = _states(gen), [3.0, 1.0, 2.0, 5.0]
     update = aggregate(states, weights, lora_alpha=16)  # no max_rank, as a user calls it
     for r in order:
@@ -51,7 +51,7 @@ def test_default_call_decomposes_each_module_once_in_any_order(gen, monkeypatch,
     assert set(count.deltas.values()) == {1}
 
 
-def test_rank_above_every_client_rank_is_served_from_the_kept_basis(gen, monkeypatch):
+def test_rank_above_every_client_rank_is_served_from_the_kept_basis(gen):
     states, weights = _states(gen), [1.0, 1.0, 1.0, 1.0]
     update = aggregate(states, weights, lora_alpha=16)
     update.project(8, lora_alpha=16)  # decomposes for the largest client rank, 24
@@ -62,7 +62,7 @@ def test_rank_above_every_client_rank_is_served_from_the_kept_basis(gen, monkeyp
     assert count.decompositions == len(SHAPES) and set(count.deltas.values()) == {1}
 
 
-def test_max_rank_keeps_no_basis_and_recomputes_beyond_it(gen, monkeypatch):
+def test_max_rank_keeps_no_basis_and_recomputes_beyond_it(gen):
     states, weights = _states(gen), [1.0, 1.0, 1.0, 1.0]
     update = aggregate(states, weights, lora_alpha=16, max_rank=8)
     update.project(8, lora_alpha=16)
@@ -75,7 +75,7 @@ def test_max_rank_keeps_no_basis_and_recomputes_beyond_it(gen, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_max_rank_on_the_cpu_never_forms_a_dense_delta(gen, monkeypatch, dtype):
+def test_max_rank_on_the_cpu_never_forms_a_dense_delta(gen, dtype):
     states, weights = _states(gen, dtype), [3.0, 1.0, 2.0, 5.0]
     update = aggregate(states, weights, lora_alpha=16, max_rank=24)  # 24 < 0.4 · 64: the Gram path
     for r in (8, 12, 24):
@@ -161,7 +161,7 @@ def test_stacked_factored_path_is_exact(gen):
 
 
 def test_staging_makes_per_client_views_only_for_methods_that_read_them(gen, monkeypatch):
-    """flexlora reads the stacks (views and LoRAFactors for 80 clients x 10 modules cost ~2-4 ms a call);
+    """flexlora reads the stacks (no per-client views or LoRAFactors are made for it);
     fedavg reads each client's factors, handed over as views into the stacks."""
     views = []
     real_views = Stack.views
