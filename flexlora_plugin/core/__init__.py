@@ -67,6 +67,7 @@ from .methods import (
     FedAvgUpdate,
     FFALoRAUpdate,
     FlexLoRAUpdate,
+    FLoRAUpdate,
     GlobalUpdate,
     HetLoRAUpdate,
     RBLAUpdate,
