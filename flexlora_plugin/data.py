@@ -45,6 +45,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,9 @@ __all__ = [
     "default_data",
     "load_client_split",
     "write_sample",
+    "build_split",
+    "coarse_category",
+    "HELDOUT_CATEGORIES",
     "load_examples",
     "sample_texts",
     "tokenize_example",
@@ -294,12 +299,189 @@ def write_sample(
     return manifest
 
 
+#: Super-NaturalInstructions' 12 evaluation categories: tasks of these categories are never clients.
+HELDOUT_CATEGORIES = (
+    "Textual Entailment",
+    "Cause Effect Classification",
+    "Coreference Resolution",
+    "Dialogue Act Recognition",
+    "Answerability Classification",
+    "Word Analogy",
+    "Overlap Extraction",
+    "Keyword Tagging",
+    "Question Rewriting",
+    "Title Generation",
+    "Data to Text",
+    "Grammar Error Correction",
+)
+
+
+def coarse_category(label: str) -> str:
+    """``"Question Generation 676.json"`` -> ``"Question Generation"`` (the release's label without its task number)."""
+    return re.sub(r"\s*\d+\.json$", "", label).strip()
+
+
+def _english(examples: Sequence[Mapping[str, Any]], share: float = 0.9) -> bool:
+    """Whether the letters of the first examples' texts are at least ``share`` ASCII (the release carries no language field)."""
+    text = "".join(str(ex.get(k, "")) for ex in examples[:8] for k in _FIELDS)
+    letters = [c for c in text if c.isalpha()]
+    return not letters or sum(c.isascii() for c in letters) >= share * len(letters)
+
+
+def build_split(
+    release: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    clients: int = 256,
+    heldout_tasks: int = 24,
+    seed: int = 0,
+    max_train: int = 64,
+    max_eval: int = 16,
+    max_test: int = 16,
+    max_heldout: int = 20,
+    max_prompt_chars: int = 1536,
+    max_output_chars: int = 512,
+    min_train: int = 16,
+    min_test: int = 4,
+    heldout_categories: Sequence[str] = HELDOUT_CATEGORIES,
+) -> dict[str, Any]:
+    """Build a federated split, one task per client, from the FlexLoRA release (``data/1613``).
+
+    ``release`` holds ``local_{training,eval,test}_{i}.json`` for its tasks ``i`` (the data published
+    with the FlexLoRA reference code: alibaba/FederatedScope, branch ``FlexLoRA``, folder
+    ``data/1613``, from allenai/natural-instructions, Apache-2.0). The rules, in order:
+
+    1. Each example is kept when ``len(instruction) + len(input) <= max_prompt_chars`` and
+       ``len(output) <= max_output_chars``.
+    2. A task is left out when it is a translation task, not English (under 90% ASCII letters),
+       has fewer than ``min_train`` training or ``min_test`` test examples left, or repeats an
+       earlier task's category label.
+    3. Tasks of ``heldout_categories`` (Super-NaturalInstructions' evaluation categories) are
+       never clients: ``heldout_tasks`` of them, drawn with ``seed``, give ``heldout_test.json``
+       (up to ``max_heldout`` test examples each, with their ``task_id``).
+    4. ``clients`` of the other tasks, drawn with ``seed``, become clients ``0..clients-1`` in the
+       order drawn (the first ``K`` are a fair sample of ``K`` tasks); each keeps up to
+       ``max_train`` / ``max_eval`` / ``max_test`` examples, drawn with ``seed`` and the task.
+
+    Writes ``dest/manifest.json`` (the rules, every exclusion by reason, each client's source
+    task and counts, the sha256 of every file written) and returns it. The same release and
+    arguments give the same bytes.
+    """
+    import hashlib
+
+    release, dest = Path(release), Path(dest)
+    if clients < 1 or heldout_tasks < 0:
+        raise ValueError(f"clients must be >= 1 and heldout_tasks >= 0, got {clients}, {heldout_tasks}")
+    ids = sorted(
+        int(m.group(1))
+        for p in release.glob("local_training_*.json")
+        if (m := re.fullmatch(r"local_training_(\d+)\.json", p.name))
+    )
+    if not ids:
+        raise FileNotFoundError(f"{release} holds no local_training_<i>.json: not the FlexLoRA release folder (data/1613)")
+
+    def fits(ex: Mapping[str, Any]) -> bool:
+        prompt = len(str(ex.get("instruction", ""))) + len(str(ex.get("input", "")))
+        return prompt <= max_prompt_chars and len(str(ex.get("output", ""))) <= max_output_chars
+
+    excluded: dict[str, int] = {}
+    tasks: dict[int, dict[str, Any]] = {}
+    labels: dict[str, int] = {}
+    for i in ids:
+        split = {
+            s: load_examples(client_file(release, i, s)) if client_file(release, i, s).is_file() else [] for s in _SPLIT_FILES
+        }
+        label = str(next((ex.get("category", "") for ex in split["train"]), ""))
+        coarse = coarse_category(label)
+        kept = {s: [ex for ex in exs if fits(ex)] for s, exs in split.items()}
+        if "translation" in coarse.lower() or not _english(split["train"]):
+            reason = "non-English / translation"
+        elif len(kept["train"]) < min_train or len(kept["test"]) < min_test:
+            reason = "too few examples after the length filter"
+        elif label in labels:
+            reason = "duplicate task (the category label of an earlier task)"
+        else:
+            labels[label] = i
+            tasks[i] = {"category": label, "coarse_category": coarse, "examples": kept}
+            continue
+        excluded[reason] = excluded.get(reason, 0) + 1
+    heldout_set = set(heldout_categories)
+    held_pool = sorted(i for i, t in tasks.items() if t["coarse_category"] in heldout_set)
+    train_pool = sorted(i for i, t in tasks.items() if t["coarse_category"] not in heldout_set)
+    if clients > len(train_pool) or heldout_tasks > len(held_pool):
+        raise ValueError(
+            f"{release}: {len(train_pool)} eligible client tasks and {len(held_pool)} held-out tasks, "
+            f"asked for {clients} and {heldout_tasks} (left out: {excluded or 'none'})"
+        )
+
+    dest.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+
+    def put(name: str, examples: list[dict[str, Any]]) -> None:
+        text = json.dumps(examples, ensure_ascii=False, indent=0) + "\n"
+        (dest / name).write_text(text, encoding="utf-8")
+        files[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def draw(examples: list[dict[str, Any]], n: int, key: str) -> list[dict[str, Any]]:
+        """``n`` examples drawn with the seed and ``key``, in the release's order."""
+        chosen = sorted(random.Random(f"{seed}:{key}").sample(range(len(examples)), min(n, len(examples))))
+        return [examples[j] for j in chosen]
+
+    caps = {"train": max_train, "eval": max_eval, "test": max_test}
+    listed = []
+    for client, orig in enumerate(random.Random(f"{seed}:clients").sample(train_pool, clients)):
+        task = tasks[orig]
+        counts = {}
+        for split, cap in caps.items():
+            examples = draw(task["examples"][split], cap, f"{orig}:{split}")
+            put(client_file(dest, client, split).name, examples)  # type: ignore[arg-type]
+            counts[split] = len(examples)
+        listed.append({"client": client, "orig_client": orig, "category": task["category"], "n": counts})
+    heldout, held_listed = [], []
+    for orig in sorted(random.Random(f"{seed}:heldout").sample(held_pool, heldout_tasks)):
+        examples = draw(tasks[orig]["examples"]["test"], max_heldout, f"{orig}:heldout")
+        heldout += [{**ex, "task_id": orig} for ex in examples]
+        held_listed.append({"orig_client": orig, "category": tasks[orig]["category"], "n": len(examples)})
+    put("heldout_test.json", heldout)
+    manifest = {
+        "source": {"release": release.name, "tasks": len(ids)},
+        "args": {
+            "clients": clients,
+            "heldout_tasks": heldout_tasks,
+            "seed": seed,
+            "max_train": max_train,
+            "max_eval": max_eval,
+            "max_test": max_test,
+            "max_heldout": max_heldout,
+            "max_prompt_chars": max_prompt_chars,
+            "max_output_chars": max_output_chars,
+            "min_train": min_train,
+            "min_test": min_test,
+            "heldout_categories": list(heldout_categories),
+        },
+        "excluded": excluded,
+        "eligible": {"clients": len(train_pool), "heldout": len(held_pool)},
+        "clients": listed,
+        "heldout": held_listed,
+        "sha256": files,
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
 def build_parser() -> Any:
     """The command line of ``python -m flexlora_plugin.data``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m flexlora_plugin.data", description="Write a sample of a federated split.")
+    parser = argparse.ArgumentParser(
+        prog="python -m flexlora_plugin.data", description="Build a federated Natural Instructions split, or a sample of one."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build the federated split from the FlexLoRA release folder (data/1613) into DST")
+    build.add_argument("release", type=Path, help="the release folder: local_training_<i>.json, ... for its tasks")
+    build.add_argument("dest", type=Path)
+    for name, default in (("clients", 256), ("heldout-tasks", 24), ("seed", 0), ("max-train", 64)):
+        build.add_argument(f"--{name}", type=int, default=default, help=f"(default: {default})")
     cmd = sub.add_parser("sample", help="write the first examples of every client and held-out task to DST")
     cmd.add_argument("source", type=Path, help="a federated Natural Instructions folder (local_training_0.json, ...)")
     cmd.add_argument("dest", type=Path)
@@ -309,11 +491,29 @@ def build_parser() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flexlora_plugin.data sample SRC DST [--train N ...]``: write a sample of a federated split."""
+    """``python -m flexlora_plugin.data {build,sample} SRC DST [...]``: build a federated split, or a sample of one."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.source.is_dir():
-        parser.error(f"{args.source} is not a folder")
+    src = args.release if args.command == "build" else args.source
+    if not src.is_dir():
+        parser.error(f"{src} is not a folder")
+    if args.command == "build":
+        try:
+            manifest = build_split(
+                args.release,
+                args.dest,
+                clients=args.clients,
+                heldout_tasks=args.heldout_tasks,
+                seed=args.seed,
+                max_train=args.max_train,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+        print(
+            f"{args.dest}: {len(manifest['clients'])} clients, {len(manifest['heldout'])} held-out tasks "
+            f"({sum(h['n'] for h in manifest['heldout'])} examples); left out: {manifest['excluded'] or 'none'}"
+        )
+        return 0
     manifest = write_sample(
         args.source, args.dest, train=args.train, eval=args.eval, test=args.test, heldout_per_task=args.heldout_per_task
     )

@@ -154,3 +154,65 @@ def test_the_tiny_model_command_writes_a_model_folder(tmp_path, capsys):
     assert main([str(tmp_path / "tiny")]) == 0
     assert (tmp_path / "tiny" / "config.json").is_file() and is_tiny_model(tmp_path / "tiny")
     assert "plumbing check" in capsys.readouterr().out
+
+
+def _release(folder, tasks):
+    """A FlexLoRA-release-shaped folder: ``tasks`` is a list of (category label, train, test, text) per task id."""
+    folder.mkdir()
+    for i, (label, n_train, n_test, text) in enumerate(tasks):
+        for split, n in (("training", n_train), ("eval", 4), ("test", n_test)):
+            examples = [{"instruction": f"{text} {i}", "input": f"x{j}", "output": f"y{j}", "category": label} for j in range(n)]
+            (folder / f"local_{split}_{i}.json").write_text(json.dumps(examples), encoding="utf-8")
+    return folder
+
+
+def test_build_split_follows_its_rules_and_is_reproducible(tmp_path):
+    """One task per client from the release: translation, non-English, too-small and repeated tasks
+    left out with their reason; held-out categories never clients; caps, draws and hashes fixed by the seed."""
+    from flexlora_plugin.data import HELDOUT_CATEGORIES, build_split, coarse_category
+
+    tasks = [(f"Question Answering {i}.json", 40, 20, "Answer") for i in range(10)]
+    tasks += [(f"{HELDOUT_CATEGORIES[i % 3]} {100 + i}.json", 30, 30, "Decide") for i in range(4)]
+    tasks += [
+        ("Translation 7.json", 40, 20, "Translate"),
+        ("Sentiment Analysis 8.json", 40, 20, "Классифицируйте отзыв"),
+        ("Summarization 9.json", 10, 20, "Summarize"),  # fewer than min_train
+        ("Question Answering 3.json", 40, 20, "Answer"),  # task 3's label again
+    ]
+    release = _release(tmp_path / "1613", tasks)
+    long = json.loads((release / "local_training_0.json").read_text())
+    long[0]["output"] = "z" * 600  # over max_output_chars: dropped from task 0
+    (release / "local_training_0.json").write_text(json.dumps(long))
+
+    manifest = build_split(release, tmp_path / "a", clients=6, heldout_tasks=2, seed=1, max_train=16, max_test=8, max_heldout=5)
+    assert manifest["excluded"] == {
+        "non-English / translation": 2,
+        "too few examples after the length filter": 1,
+        "duplicate task (the category label of an earlier task)": 1,
+    }
+    assert manifest["eligible"] == {"clients": 10, "heldout": 4}
+    chosen = [c["orig_client"] for c in manifest["clients"]]
+    assert len(set(chosen)) == 6 and set(chosen) <= set(range(10))
+    for c in manifest["clients"]:
+        train = load_client_split(tmp_path / "a", c["client"], "train")
+        assert len(train) == 16 and {ex["instruction"] for ex in train} == {f"Answer {c['orig_client']}"}
+        assert all(len(ex["output"]) <= 512 for ex in train)
+        assert len(load_client_split(tmp_path / "a", c["client"], "test")) == 8
+    heldout = json.loads((tmp_path / "a" / "heldout_test.json").read_text())
+    assert len(heldout) == 10 and {coarse_category(ex["category"]) for ex in heldout} <= set(HELDOUT_CATEGORIES)
+    assert {ex["task_id"] for ex in heldout} == {h["orig_client"] for h in manifest["heldout"]}
+    again = build_split(release, tmp_path / "b", clients=6, heldout_tasks=2, seed=1, max_train=16, max_test=8, max_heldout=5)
+    assert again["sha256"] == manifest["sha256"]  # same release, same arguments: the same bytes
+    other = build_split(release, tmp_path / "c", clients=6, heldout_tasks=2, seed=2, max_train=16, max_test=8, max_heldout=5)
+    assert other["sha256"] != manifest["sha256"]
+    with pytest.raises(ValueError, match="10 eligible client tasks .* asked for 11"):
+        build_split(release, tmp_path / "d", clients=11, heldout_tasks=2)
+
+
+def test_the_build_command_fails_in_one_line_on_a_folder_that_is_not_the_release(tmp_path, capsys):
+    from flexlora_plugin.data import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", str(tmp_path / "empty"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "not the FlexLoRA release folder" in capsys.readouterr().err
