@@ -30,6 +30,7 @@ from .checkpoint import (
     package_versions,
     read_state_metadata,
     register_state_field,
+    resume_settings,
     save_server_state,
 )
 from .client import (
@@ -118,6 +119,7 @@ __all__ = [
     "register_state_field",
     "strict_majority",
     "read_state_metadata",
+    "resume_settings",
     "package_versions",
     "freeze_untrained",
     "BASE_DELTA",

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "package_versions",
     "read_state_metadata",
     "register_state_field",
+    "resume_settings",
     "save_server_state",
 ]
 
@@ -227,6 +228,46 @@ def read_state_metadata(path: str | os.PathLike[str], *, allow_legacy: bool = Fa
     loading the update. The same checks as :func:`load_server_state` on everything but the tensors.
     """
     return _read_metadata(path, allow_legacy)[0]
+
+
+def resume_settings(
+    recorded: Mapping[str, Any] | None,
+    given: Mapping[str, Any],
+    experiment_keys: Iterable[str],
+    *,
+    override: Iterable[str] = (),
+    option: str = "override",
+) -> tuple[dict[str, Any], list[str]]:
+    """The resume rule of every host: a resumed run keeps the experiment settings it recorded.
+
+    ``recorded`` is the state's ``extra["config"]`` (None for a run that recorded none);
+    ``given`` the settings this invocation states explicitly. Returns ``(kept, changed)``: the
+    recorded value of every experiment key not changed, and the keys given with another value
+    that ``override`` allows. Placement keys (not in ``experiment_keys``) are never compared.
+    ``option`` is what the host calls ``override`` in its messages (``--override``...).
+
+    Raises
+    ------
+    FlexLoRAError
+        A key given with a value other than the record's that ``override`` does not name (every
+        such key named, with both values); or ``override`` names a key that is no experiment setting.
+    """
+    keys = tuple(experiment_keys)
+    allowed = {str(k) for k in override}
+    unknown = sorted(allowed - set(keys))
+    if unknown:
+        raise FlexLoRAError(f"{option}: {unknown} are not experiment settings; they are: {', '.join(keys)}")
+    if not recorded:
+        return {}, []
+    changed = sorted(k for k in keys if k in recorded and k in given and str(given[k]) != str(recorded[k]))
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        what = ", ".join(f"{k}={given[k]!r} (recorded {recorded[k]!r})" for k in refused)
+        raise FlexLoRAError(
+            f"resume: {what} differ from the run's record; keep them to continue the experiment as it was "
+            f"recorded, or allow the change with {option} {','.join(refused)}"
+        )
+    return {k: recorded[k] for k in keys if k in recorded and k not in changed}, changed
 
 
 def _read_metadata(path: str | os.PathLike[str], allow_legacy: bool) -> tuple[dict[str, Any], str]:

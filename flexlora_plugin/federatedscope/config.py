@@ -90,6 +90,10 @@ FIELDS: dict[str, tuple[Any, str]] = {
     ),
     "restore_from": ("", "Server state (written through federate.save_to) to resume from; the run continues at its round."),
     "allow_legacy_state": (False, "Let restore_from read a state of an older format (metadata unchecked), with a warning."),
+    "resume_override": (
+        "",
+        "Comma list of recorded experiment settings (e.g. 'train.optimizer.lr') this config may change on restore_from.",
+    ),
     "save_adapter": ("", "Folder to write the final global update to as a peft adapter ('' = none)."),
     "max_examples": (-1, "Natural Instructions loader: keep at most this many examples per client and split (-1 = all)."),
 }
@@ -268,6 +272,48 @@ def run_record(cfg: Any) -> dict[str, Any]:
         config[key] = cfg_value(node)
     config = {k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float, bool))}
     return {"config": config, "versions": package_versions("federatedscope")}
+
+
+# Recorded keys of where and how a run executes: free to change when it resumes.
+RESUME_PLACEMENT = (
+    "flexlora.restore_from",
+    "flexlora.allow_legacy_state",
+    "flexlora.save_adapter",
+    "flexlora.server_device",
+    "flexlora.resume_override",
+)
+
+
+def check_resume(cfg: Any) -> list[str]:
+    """A resumed run (``flexlora.restore_from``) keeps the experiment its state recorded.
+
+    Every recorded setting but :data:`RESUME_PLACEMENT` is an experiment setting: one this config
+    holds with another value is refused, naming it, unless ``flexlora.resume_override`` lists it
+    (the core's :func:`~flexlora_plugin.core.resume_settings`, the rule the Flower runner applies).
+    Returns the keys changed on request (the state saved from the next round records them).
+
+    Raises
+    ------
+    ValueError
+        A changed setting not allowed, or an override naming no experiment setting.
+    """
+    from flexlora_plugin.core import FlexLoRAError, read_state_metadata, resume_settings
+
+    flex = cfg.flexlora
+    path = str(cfg_value(flex.restore_from))
+    recorded = read_state_metadata(path, allow_legacy=bool(cfg_value(flex.allow_legacy_state)))["extra"].get("config")
+    given = run_record(cfg)["config"]
+    keys = [k for k in given if k not in RESUME_PLACEMENT]
+    allowed = [k.strip() for k in str(cfg_value(flex.resume_override)).split(",") if k.strip()]
+    try:
+        _, changed = resume_settings(recorded, given, keys, override=allowed, option="flexlora.resume_override")
+    except FlexLoRAError as err:
+        raise ValueError(f"flexlora.restore_from {path}: {err}") from None
+    if recorded is None:
+        logger.warning("flexlora.restore_from %s records no settings (an older run): resuming with this config", path)
+    for key in changed:
+        logger.warning("resume: %s changed on request (flexlora.resume_override): %r -> %r", key, recorded[key], given[key])
+    return changed
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from ..core import (
     state_nbytes,
 )
 from .aggregator import FlexLoRAAggregator
-from .config import PluginSettings, flush_notes, run_record, settings_from_cfg
+from .config import PluginSettings, check_resume, flush_notes, run_record, settings_from_cfg
 from .trainer import FlexLoRATrainer, current_ranks
 from .wire import PayloadError, decode_state, encode_state, encoded_nbytes
 
@@ -116,11 +116,12 @@ class FlexLoRAServer(Server):
         self.aggregators = [self.aggregator]
         self._exported = False
         if self.flex.restore_from:
+            check_resume(self._cfg)  # the experiment the state recorded, unless flexlora.resume_override says otherwise
             self.state = self.aggregator.load_model(self.flex.restore_from)
             if self.state >= self.total_round_num:
                 raise ValueError(
                     f"flexlora.restore_from {self.flex.restore_from} is at round {self.state}; "
-                    "raise federate.total_round_num above it"
+                    "raise federate.total_round_num above it (and name it in flexlora.resume_override)"
                 )
             logger.info("FlexLoRA: resumed from %s at round %d", self.flex.restore_from, self.state)
         logger.info(

@@ -667,34 +667,24 @@ def _keep_record(
     is used, printed, and recorded with the state from the next round on. Placement settings
     (:data:`PLACEMENT_KEYS`) are taken as given.
     """
-    from flexlora_plugin.core import FlexLoRAError, read_state_metadata
+    from flexlora_plugin.core import FlexLoRAError, read_state_metadata, resume_settings
 
     state = out / "server_state.safetensors"
     if not state.exists():
         raise SettingsError(f"resume=true but {state} does not exist; give --output-dir of an earlier run, or drop resume=true")
-    allowed = {k.strip() for k in args.override.split(",") if k.strip()}
-    unknown = sorted(allowed - set(EXPERIMENT_KEYS))
-    if unknown:
-        raise SettingsError(f"--override: {unknown} are not experiment settings; they are: {', '.join(EXPERIMENT_KEYS)}")
+    allowed = [k.strip() for k in args.override.split(",") if k.strip()]
     try:
         recorded = read_state_metadata(state, allow_legacy=str(merged.get("allow-legacy-state")).lower() == "true")
+        record = recorded["extra"].get("config")
+        given = set(extra) | {key for dest, key in _CLI_KEYS.items() if dest in getattr(args, "given", ())}
+        stated = {k: merged[k] for k in given if k in merged}
+        kept, changed = resume_settings(record, stated, EXPERIMENT_KEYS, override=allowed, option="--override")
     except FlexLoRAError as err:
-        raise SettingsError(f"resume: {err}") from None
-    record = recorded["extra"].get("config")
+        raise SettingsError(str(err)) from None
     if not record:
         print(f"note: {state} records no settings (an older run): resuming with the settings given", flush=True)
         return dict(overrides)
-    given = set(extra) | {key for dest, key in _CLI_KEYS.items() if dest in getattr(args, "given", ())}
-    changed = {k for k in EXPERIMENT_KEYS if k in record and k in given and str(merged[k]) != str(record[k])}
-    refused = sorted(changed - allowed)
-    if refused:
-        what = ", ".join(f"{k}={merged[k]!r} (recorded {record[k]!r})" for k in refused)
-        raise SettingsError(
-            f"resume: {what} differ from the run's record; drop them to continue the experiment as it was "
-            f"recorded, or pass --override {','.join(refused)} to change it"
-        )
-    kept = {k: record[k] for k in EXPERIMENT_KEYS if k in record and k not in changed}
-    for k in sorted(changed):
+    for k in changed:
         print(f"resume: {k} changed on request (--override): {record[k]!r} -> {merged[k]!r}", flush=True)
     print(f"resume: {len(kept)} experiment settings restored from the run's record", flush=True)
     return {**overrides, **kept}

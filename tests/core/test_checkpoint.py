@@ -218,3 +218,20 @@ def test_extra_fields_are_declared_and_typed_on_save(tmp_path, gen):
         register_state_field("test-sampled", "anything", lambda v: True)
     path = save_server_state(tmp_path / "a.safetensors", update, round=1, extra={"test-sampled": [1, 2]})
     assert load_server_state(path).extra == {"test-sampled": [1, 2]}
+
+
+def test_resume_settings_keeps_the_record_and_refuses_an_unasked_change():
+    """The one resume rule both hosts apply: recorded experiment settings win, a stated change is
+    refused naming every key unless overridden, placement keys are never compared."""
+    from flexlora_plugin.core import resume_settings
+
+    recorded = {"lr": 0.1, "steps": 16, "device": "cpu"}
+    keys = ("lr", "steps", "rounds")
+    assert resume_settings(recorded, {"device": "cuda"}, keys) == ({"lr": 0.1, "steps": 16}, [])
+    assert resume_settings(recorded, {"lr": 0.1}, keys) == ({"lr": 0.1, "steps": 16}, [])  # the same value: no change
+    with pytest.raises(FlexLoRAError, match=r"lr=0.5 \(recorded 0.1\), steps=4 \(recorded 16\) differ .* --over lr,steps"):
+        resume_settings(recorded, {"lr": 0.5, "steps": 4}, keys, option="--over")
+    assert resume_settings(recorded, {"lr": 0.5}, keys, override=["lr"]) == ({"steps": 16}, ["lr"])
+    with pytest.raises(FlexLoRAError, match=r"override: \['device'\] are not experiment settings"):
+        resume_settings(recorded, {}, keys, override=["device"])
+    assert resume_settings(None, {"lr": 0.5}, keys) == ({}, [])  # an older run recorded nothing

@@ -159,8 +159,14 @@ def test_resume_continues_the_round(run_fs: Any, tiny_opts: list[str], tmp_path:
     assert extra["config"]["federate.total_round_num"] == 2 and extra["config"]["flexlora.seed"] == 0
     assert extra["versions"]["federatedscope"] != "not installed" and "torch" in extra["versions"]
     expected = {cid: first.server.payload(cid) for cid in (1, 2, 3)}
+    extend = ["flexlora.resume_override", "federate.total_round_num"]
+    resume = ["flexlora.restore_from", str(final)]
+    with pytest.raises(ValueError, match=r"federate.total_round_num=3 \(recorded 2\) differ .* flexlora.resume_override"):
+        run_fs([*tiny_opts, "federate.total_round_num", "3", *resume])  # more rounds change the experiment: asked for
+    with pytest.raises(ValueError, match=r"train.optimizer.lr=0.5 \(recorded"):
+        run_fs([*tiny_opts, "federate.total_round_num", "3", "train.optimizer.lr", "0.5", *resume, *extend])
     rec = Recorder()
-    second = run_fs([*tiny_opts, "federate.total_round_num", "3", "flexlora.restore_from", str(final)], patch=rec)
+    second = run_fs([*tiny_opts, "federate.total_round_num", "3", *resume, *extend], patch=rec)
     for cid in (1, 2, 3):
         assert set(rec.loaded[cid]) == {2}  # only round 2 is trained after resuming at round 2
         for key, value in expected[cid].items():
