@@ -224,8 +224,8 @@ class FlexLoRA(FedAvg):
         Called with a :class:`RoundRecord` after every aggregated round (what was sent to and
         received from every partition), e.g. to save the factors. (default: None)
     export_ranks : "max", "exact", int or Mapping
-        Rank(s) of the global adapter handed to ``evaluate_fn``, federated evaluation and
-        ``Result.arrays`` each round: ``"max"`` each module at the largest rank a client trains
+        Rank(s) of the global adapter handed to ``evaluate_fn`` and federated evaluation each
+        round, and kept in ``Result.arrays``: ``"max"`` each module at the largest rank a client trains
         for it, ``"exact"`` at the rank reproducing its ΔW to 1e-5 (near full rank for FlexLoRA:
         about the model's size), or the given rank(s). (default: "max")
     **config_fields
@@ -248,10 +248,11 @@ class FlexLoRA(FedAvg):
        finite update keeps the previous one.
 
     The global update lives in :attr:`global_update`; ``aggregate_train`` returns it as a peft
-    adapter at ``export_ranks`` (``base_model.model.<module>.lora_A.weight``...), which Flower
-    hands to ``evaluate_fn`` and keeps in ``Result.arrays``. ``start(initial_arrays=...)`` takes an
-    empty record or an untrained adapter (every ``lora_B`` zero, as peft builds one): every
-    method starts from the core's common start, whatever a node's initial adapter was.
+    adapter at ``export_ranks`` (``base_model.model.<module>.lora_A.weight``...) whenever
+    something reads it, which Flower hands to ``evaluate_fn`` and keeps in ``Result.arrays``.
+    ``start(initial_arrays=...)`` takes an empty record or an untrained adapter (every ``lora_B``
+    zero, as peft builds one): every method starts from the core's common start, whatever a
+    node's initial adapter was.
     """
 
     def __init__(
@@ -321,6 +322,7 @@ class FlexLoRA(FedAvg):
         self.nodes = Nodes()
         self._round = _Round()
         self._clock: tuple[float, int] | None = None  # (start time, last round) of this start() call, for the ETA
+        self._arrays_each_round = True
         self._offset = 0
 
     # ------------------------------------------------------------------ the core's round protocol
@@ -545,8 +547,9 @@ class FlexLoRA(FedAvg):
     ) -> Result:
         """Run the rank query (unless done), then ``num_rounds`` rounds of Flower's ``Strategy.start``.
 
-        ``evaluate_fn(round, arrays)`` and ``Result.arrays`` receive the global adapter at
-        ``export_ranks`` (round 0: the common start, or the restored update). After a resume,
+        ``evaluate_fn(round, arrays)`` and federated evaluation receive the global adapter at
+        ``export_ranks`` every round (round 0: the common start, or the restored update);
+        ``Result.arrays`` holds the last round's. After a resume,
         ``num_rounds`` counts the rounds still to run; round numbers in messages, logs, records and
         the state file continue from the restored round.
 
@@ -560,6 +563,8 @@ class FlexLoRA(FedAvg):
         if self.federation is None:
             self.query_nodes(grid)
         self._clock = (time.perf_counter(), self.round_offset + num_rounds)
+        # the adapter is exported every round only when something reads it (else the last round's is Result.arrays)
+        self._arrays_each_round = evaluate_fn is not None or self.fraction_evaluate > 0
         return super().start(
             grid,
             self.global_arrays(),
@@ -622,8 +627,10 @@ class FlexLoRA(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Hand the decoded replies to the core; return the global adapter and the round's metrics.
 
-        Failed, malformed or non-finite replies are excluded. The arrays are None while no round
-        has formed a global update (Flower then keeps the common start).
+        Failed, malformed or non-finite replies are excluded. The arrays are the global adapter at
+        ``export_ranks`` when something reads them this round (``evaluate_fn``, federated
+        evaluation, or the last round's ``Result.arrays``), else None (Flower keeps the previous
+        ones); None too while no round has formed a global update.
         """
         rnd = server_round + self.round_offset
         replies = list(replies)
@@ -645,7 +652,9 @@ class FlexLoRA(FedAvg):
             now = self._round
             maps = {p: self.rank_maps[p] for p in now.nodes}
             self.on_round(RoundRecord(rnd, maps, dict(now.nodes), dict(now.sent), dict(decoded), result))
-        return (self.global_arrays() if self.global_update is not None else None), metrics
+        last = self._clock[1] if self._clock is not None else rnd
+        wanted = self._arrays_each_round or rnd >= last
+        return (self.global_arrays() if wanted and self.global_update is not None else None), metrics
 
     def _read_train_replies(self, rnd: int, replies: list[Message]) -> tuple[dict[int, Reply], dict[int, str]]:
         """Decode train replies into core :class:`Reply` objects; error or undecodable replies into reasons."""

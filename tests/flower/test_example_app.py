@@ -55,7 +55,12 @@ def test_the_example_app_runs_from_an_installed_wheel_and_hands_the_global_adapt
     assert (site / "flexlora_plugin" / "flower" / "__pycache__").is_dir()  # the ServerApp and ClientApps imported the wheel's
     assert (site / "flexlora_plugin" / "sample_data" / "natural_instructions" / "heldout_test.json").is_file()  # package data
 
-    heldout = json.loads((out / "metrics.json").read_text())["heldout"]
+    summary = json.loads((out / "metrics.json").read_text())
+    heldout = summary["heldout"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as saved:
+        assert summary["adapter-keys"] == len(list(saved.keys())) > 0  # Result.arrays: the final global adapter
     assert sorted(heldout) == ["0", "1", "2"]  # evaluate_fn before round 1 and after every round
     assert heldout["0"]["heldout-loss"] != heldout["2"]["heldout-loss"]
 
