@@ -11,9 +11,9 @@ calls: answer the strategy's rank query, take the received adapter, reply with w
 
     @app.train()
     def train(msg, context):
-        client = flexlora(context)            # one FlexLoRAClient per process (it holds the base model)
-        model = client.receive(msg, context)  # a peft model at this partition's ranks, factors loaded
-        ...train client.trainable() as before...
+        client = flexlora(context)          # one FlexLoRAClient per process (it holds the base model)
+        got = client.receive(msg, context)  # got.model: the peft model at this partition's ranks
+        ...train got.model's client.trainable() on partition got.partition, as before...
         return client.reply(msg, {"train_loss": loss, "num-examples": n})
 
 The base model is loaded once per process and wrapped by the core's
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..core import ClientModel, RankError, check_rank_map, to_wire
 from .records import (
+    METRICS,
     NUM_PARTITIONS,
     PARTITION_ID,
     POOL,
@@ -191,6 +192,6 @@ class FlexLoRAClient:
         """
         arrays, dtype_note = state_to_record(to_wire(self.state(), self.wire_dtype))
         return Message(
-            RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: dtype_note, "metrics": MetricRecord(dict(metrics))}),
+            RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: dtype_note, METRICS: MetricRecord(dict(metrics))}),
             reply_to=msg,
         )

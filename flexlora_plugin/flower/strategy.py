@@ -518,10 +518,6 @@ class FlexLoRA(FedAvg):
                 answered[nid] = pid
                 self.nodes.add_pool(nid, pool_size)
                 continue
-            if pid in self.nodes.node_of and self.nodes.node_of[pid] != nid:
-                errors[nid] = f"partition {pid} is already served by node {self.nodes.node_of[pid]}"
-                logger.warning("rank query: node %d refused: %s", nid, errors[nid])
-                continue
             if ranks is not None:
                 try:  # before it claims the partition: a node with a bad map takes nothing from an honest one
                     check_rank_map(ranks, reference, client=pid, exact=True)
@@ -529,7 +525,11 @@ class FlexLoRA(FedAvg):
                     errors[nid] = f"rank map refused: {err}"
                     logger.warning("rank query: node %d (partition %d): %s", nid, pid, err)
                     continue
-            self.nodes.claim(pid, nid)
+            taken = self.nodes.claim(pid, nid)
+            if taken is not None:
+                errors[nid] = taken
+                logger.warning("rank query: node %d refused: %s", nid, taken)
+                continue
             answered[nid], reported[pid] = pid, ranks
         if reference is not None:
             self.shapes = dict(reference)
