@@ -242,6 +242,15 @@ class PaddingCollator:
         }
 
 
+def _write_examples(path: Path, examples: list[dict[str, Any]]) -> str:
+    """Write ``examples`` as JSON (one file of a split); its sha256, for the manifest."""
+    import hashlib
+
+    text = json.dumps(examples, ensure_ascii=False, indent=0) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def write_sample(
     source: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -271,9 +280,7 @@ def write_sample(
     counts = {"train": train, "eval": eval, "test": test}
 
     def put(name: str, examples: list[dict[str, Any]]) -> None:
-        text = json.dumps(examples, ensure_ascii=False, indent=0) + "\n"
-        (dest / name).write_text(text, encoding="utf-8")
-        files[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        files[name] = _write_examples(dest / name, examples)
 
     for i in range(n_clients):
         for split, n in counts.items():
@@ -367,8 +374,6 @@ def build_split(
     task and counts, the sha256 of every file written) and returns it. The same release and
     arguments give the same bytes.
     """
-    import hashlib
-
     release, dest = Path(release), Path(dest)
     if clients < 1 or heldout_tasks < 0:
         raise ValueError(f"clients must be >= 1 and heldout_tasks >= 0, got {clients}, {heldout_tasks}")
@@ -418,9 +423,7 @@ def build_split(
     files: dict[str, str] = {}
 
     def put(name: str, examples: list[dict[str, Any]]) -> None:
-        text = json.dumps(examples, ensure_ascii=False, indent=0) + "\n"
-        (dest / name).write_text(text, encoding="utf-8")
-        files[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        files[name] = _write_examples(dest / name, examples)
 
     def draw(examples: list[dict[str, Any]], n: int, key: str) -> list[dict[str, Any]]:
         """``n`` examples drawn with the seed and ``key``, in the release's order."""
