@@ -187,7 +187,8 @@ def save_peft_adapter(
 def adapter_error(update: GlobalUpdate, folder: str | os.PathLike[str]) -> dict[str, float]:
     """Per module, ``‖ΔW − s·B A‖_F / ‖ΔW‖_F`` of the adapter folder written by :func:`save_peft_adapter`.
 
-    An independent check of the export: ΔW from ``update.delta`` and ``B : (d_out, r)``,
+    An independent check of the export: ΔW from ``update.export_target`` (``delta``; FLoRA's
+    running total ``C_T``) and ``B : (d_out, r)``,
     ``A : (r, d_in)`` read back from ``adapter_model.safetensors`` with ``s`` from
     ``adapter_config.json`` (``lora_alpha / r``, or ``/ √r`` with rsLoRA), all in float64.
     One dense ΔW exists at a time. Needs the update's full ΔW (a live update, not a state
@@ -201,7 +202,7 @@ def adapter_error(update: GlobalUpdate, folder: str | os.PathLike[str]) -> dict[
         f = factors[m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m]
         r = f.A.shape[0]
         s = lora_scaling(config["lora_alpha"], r, bool(config.get("use_rslora", False)))
-        delta = update.delta(m).to(torch.float64)
+        delta = update.export_target(m).to(torch.float64)
         err = torch.linalg.matrix_norm(delta - s * (f.B.to(torch.float64) @ f.A.to(torch.float64)))
         out[m] = float(err / torch.linalg.matrix_norm(delta).clamp_min(1e-300))
     return out

@@ -125,6 +125,10 @@ def test_a_resumed_federation_continues_the_total_and_exports_it(gen, tmp_path):
         total = sum(_round_reference(r, module) for r in rounds)
         A, B = tensors[f"{module}.lora_A.weight"].double(), tensors[f"{module}.lora_B.weight"].double()
         assert float(((ALPHA / ranks[module]) * B @ A - total).norm() / total.norm()) <= 1e-5, module
+    from flexlora_plugin.core import adapter_error, save_peft_adapter
+
+    save_peft_adapter(restored, tmp_path / "adapter", base_model_name_or_path="tiny", lora_alpha=ALPHA)
+    assert max(adapter_error(restored, tmp_path / "adapter").values()) <= 1e-5  # checked against C_T, what was exported
 
 
 @pytest.fixture(scope="module")

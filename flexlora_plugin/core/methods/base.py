@@ -153,6 +153,10 @@ class GlobalUpdate(ABC):
         """
         return None
 
+    def export_target(self, module: str) -> Tensor:
+        """The matrix the peft export reproduces (:meth:`export_factors`): :meth:`delta` unless the method says otherwise."""
+        return self.delta(module)
+
     @abstractmethod
     def exact_rank(self, module: str, tol: float) -> int:
         """Smallest rank ``r ≥ 1`` whose adapter reproduces ``module``'s ΔW to ``tol`` (relative Frobenius)."""

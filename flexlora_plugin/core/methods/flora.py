@@ -164,6 +164,10 @@ class FLoRAUpdate(GlobalUpdate):
             info, clients, {}, steps=steps, totals=totals, round=max(rounds, default=0), compute_dtype=compute_dtype, seed=seed
         )
 
+    def export_target(self, module: str) -> Tensor:
+        """``C_T``, dense: the export is the running total every client merged, not the last round's update."""
+        return self._total_sum(module).delta()
+
     def exact_rank(self, module: str, tol: float) -> int:
         """Smallest ``r ≥ 1`` reproducing ``C_T`` to ``tol`` (relative Frobenius), from its float64 spectrum."""
         return self._total_sum(module).exact_spectrum().rank_at(tol)
