@@ -96,6 +96,7 @@ PLACEMENT_KEYS = (
     "output-dir",
     "resume",
     "allow-legacy-state",
+    "resume-override",
     "torch-threads",
     "device",
     "gradient-checkpointing",
@@ -180,6 +181,7 @@ class Settings:
     export_rank: str = "max"  # "max" | "exact" | a positive int, as text
     drop_after_failures: int = 0
     allow_legacy_state: bool = False
+    resume_override: tuple[str, ...] = ()  # experiment settings a resumed run may change
     wire_dtype: str = "auto"
     server_device: str = "cpu"
 
@@ -238,6 +240,7 @@ class Settings:
             export_rank=_export_rank(rc.get("export-rank", "max")),
             drop_after_failures=int(rc.get("drop-after-failures", 0)),
             allow_legacy_state=bool(rc.get("allow-legacy-state", False)),
+            resume_override=tuple(k.strip() for k in str(rc.get("resume-override", "")).split(",") if k.strip()),
             wire_dtype=str(rc.get("wire-dtype", "auto")),
             server_device=str(rc.get("server-device", "cpu")),
         )

@@ -687,7 +687,7 @@ def _keep_record(
     for k in changed:
         print(f"resume: {k} changed on request (--override): {record[k]!r} -> {merged[k]!r}", flush=True)
     print(f"resume: {len(kept)} experiment settings restored from the run's record", flush=True)
-    return {**overrides, **kept}
+    return {**overrides, **kept, "resume-override": ",".join(changed)}  # the ServerApp checks the record again
 
 
 def _check_hardware(args: argparse.Namespace, settings: Settings) -> None:

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -14,10 +15,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from flexlora_app.task import Settings, load_base, route_logs
-from flexlora_plugin.core import RankError, adapter_error, model_parameters, model_shapes
+from flexlora_plugin.core import RankError, adapter_error, model_parameters, model_shapes, read_state_metadata, resume_settings
 from flexlora_plugin.data import sample_texts
 from flexlora_plugin.flower import FlexLoRA, RoundRecord, rank_label
-from flexlora_plugin.flower.settings import package_versions
+from flexlora_plugin.flower.settings import EXPERIMENT_KEYS, package_versions
 from flexlora_plugin.tools.tiny import build_tiny_llama
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def main(grid: Grid, context: Context) -> None:
         logger.info("building the tiny random LLaMA in %s", settings.model_path)
         build_tiny_llama(settings.model_path, texts=sample_texts(settings.data_path), max_length=1024)
     record = {"config": settings.record(context.run_config), "versions": package_versions()}
+    if settings.resume and (settings.output_dir / STATE_FILE).exists():
+        keep_experiment(settings.output_dir / STATE_FILE, record["config"], settings)
     strategy = FlexLoRA(
         settings.flexlora_config(),
         clients_per_round=settings.clients_per_round or None,
@@ -93,6 +96,19 @@ def main(grid: Grid, context: Context) -> None:
     distinct = sorted(set(chosen.values()))
     ranks = f"rank {distinct[0]}" if len(distinct) == 1 else f"ranks {distinct[0]}-{distinct[-1]} ({len(distinct)} distinct)"
     logger.info("final adapter (%s, %s) saved to %s", settings.strategy, ranks, adapter)
+
+
+def keep_experiment(state: Path, config: Mapping[str, Any], settings: Settings) -> None:
+    """A resumed run keeps the experiment its state recorded: the core's rule, whoever started the run.
+
+    ``python -m flexlora_plugin.flower.run`` restores the recorded settings before it starts; a
+    run started otherwise (``run_simulation``, ``flwr run``) with another experiment setting is
+    refused here, unless run config ``resume-override`` names it.
+    """
+    recorded = read_state_metadata(state, allow_legacy=settings.allow_legacy_state)["extra"].get("config")
+    _, changed = resume_settings(recorded, config, EXPERIMENT_KEYS, override=settings.resume_override, option="resume-override")
+    for key in changed:
+        logger.warning("resume: %s changed on request (resume-override): %r -> %r", key, recorded[key], config[key])
 
 
 def round_files(folder: Path) -> Callable[[RoundRecord], None]:

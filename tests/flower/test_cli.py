@@ -237,6 +237,13 @@ def test_a_resumed_run_numbers_its_rounds_from_the_saved_state(tmp_path, tiny_mo
     assert "round 2/2 (resumed after 1): 2/2 clients ok" in text and "round 1/2" not in text
     assert "[ROUND 1/1]" not in text and "done: rounds 1-2, final train loss" in text
     assert "resumed after round 1" in (out / "flwr_run.log").read_text()
+    # a run started without the runner (run_simulation, flwr run) is held to the record by the ServerApp itself
+    from flexlora_plugin.tools.flower_run import run_simulation
+
+    rerun = f"{config} resume=true clients-per-round=2".replace("local-steps=1", "local-steps=2")
+    assert "local-steps=2" in rerun
+    refused = run_simulation(out, num_rounds=2, num_supernodes=2, extra_run_config=rerun, echo=False)
+    assert not refused.ok and "local-steps=2 (recorded 1) differ from the run's record" in refused.log_path.read_text()
 
 
 def _recorded(out: Path, config: dict) -> None:
