@@ -72,6 +72,8 @@ __all__ = [
     "HELDOUT_CATEGORIES",
     "load_examples",
     "sample_texts",
+    "select_examples",
+    "task_of",
     "tokenize_example",
     "tokenize_examples",
 ]
@@ -169,6 +171,25 @@ def build_prompt(example: Mapping[str, Any]) -> str:
     if example.get("input"):
         return PROMPT_INPUT.format(instruction=example["instruction"], input=example["input"])
     return PROMPT_NO_INPUT.format(instruction=example["instruction"])
+
+
+def task_of(example: Mapping[str, Any]) -> str:
+    """The task an example belongs to: its ``task_id`` (held-out files), else its ``category``."""
+    return str(example.get("task_id", example.get("category", "")))
+
+
+def select_examples(examples: Sequence[Mapping[str, Any]], max_per_task: int | None) -> list[Mapping[str, Any]]:
+    """The first ``max_per_task`` examples of each task (:func:`task_of`), file order kept; None keeps all."""
+    if max_per_task is None:
+        return list(examples)
+    seen: dict[str, int] = {}
+    out = []
+    for ex in examples:
+        task = task_of(ex)
+        if seen.get(task, 0) < max_per_task:
+            seen[task] = seen.get(task, 0) + 1
+            out.append(ex)
+    return out
 
 
 def sample_texts(folder: str | os.PathLike[str], clients: Sequence[int] = tuple(range(8)), split: Split = "train") -> list[str]:
@@ -285,19 +306,13 @@ def write_sample(
     for i in range(n_clients):
         for split, n in counts.items():
             put(client_file(dest, i, split).name, load_client_split(source, i, split, n))  # type: ignore[arg-type]
-    per_task: dict[str, int] = {}
-    heldout = []
-    for ex in load_examples(source / "heldout_test.json"):
-        task = str(ex.get("task_id", ex.get("category", "")))
-        if per_task.get(task, 0) < heldout_per_task:
-            per_task[task] = per_task.get(task, 0) + 1
-            heldout.append(ex)
+    heldout = [dict(ex) for ex in select_examples(load_examples(source / "heldout_test.json"), heldout_per_task)]
     put("heldout_test.json", heldout)
     origin = source / "manifest.json"
     manifest = {
         "clients": n_clients,
         "examples_per_client": counts,
-        "heldout_tasks": len(per_task),
+        "heldout_tasks": len({task_of(ex) for ex in heldout}),
         "heldout_examples": len(heldout),
         "source_manifest_sha256": hashlib.sha256(origin.read_bytes()).hexdigest() if origin.is_file() else None,
         "sha256": files,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .._cli import DefaultsHelp
-from ..data import SAMPLE_DATA, build_prompt, load_examples
+from ..data import SAMPLE_DATA, build_prompt, load_examples, select_examples
 
 __all__ = [
     "EvalResult",
@@ -176,20 +176,6 @@ class EvalResult:
                 for t, s, p in zip(self.tasks, self.scores, self.predictions, strict=True)
             ],
         }
-
-
-def select_examples(examples: Sequence[Mapping[str, Any]], max_per_task: int | None) -> list[Mapping[str, Any]]:
-    """The first ``max_per_task`` examples of each task (``task_id``, else ``category``), file order kept."""
-    if max_per_task is None:
-        return list(examples)
-    seen: dict[str, int] = defaultdict(int)
-    out = []
-    for ex in examples:
-        task = str(ex.get("task_id", ex.get("category", "")))
-        if seen[task] < max_per_task:
-            seen[task] += 1
-            out.append(ex)
-    return out
 
 
 def evaluate_model(

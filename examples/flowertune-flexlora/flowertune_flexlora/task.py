@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flexlora_plugin.data import PaddingCollator, default_data, load_client_split, load_examples, tokenize_examples
+from flexlora_plugin.data import (
+    PaddingCollator,
+    default_data,
+    load_client_split,
+    load_examples,
+    select_examples,
+    tokenize_examples,
+)
 
 
 def data_path(config: Any) -> Path:
@@ -37,14 +44,7 @@ def load_partition(folder: str, partition_id: int, tokenizer: Any, max_length: i
 
 def heldout(folder: Path, tokenizer: Any, max_length: int, per_task: int = 1) -> list[dict[str, list[int]]]:
     """The first ``per_task`` examples of each held-out task, tokenised."""
-    seen: dict[str, int] = {}
-    chosen = []
-    for example in load_examples(folder / "heldout_test.json"):
-        task = str(example.get("task_id", ""))
-        if seen.get(task, 0) < per_task:
-            seen[task] = seen.get(task, 0) + 1
-            chosen.append(example)
-    return tokenize_examples(chosen, tokenizer, max_length)
+    return tokenize_examples(select_examples(load_examples(folder / "heldout_test.json"), per_task), tokenizer, max_length)
 
 
 def train(
