@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,11 @@ class _Round:
     sent: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     nodes: dict[int, int] = field(default_factory=dict)
     nbytes: int = 0
+
+    @cached_property
+    def by_id(self) -> dict[str, int]:
+        """Message id -> partition; read once the replies are in (the grid sets the ids when it sends)."""
+        return {m.metadata.message_id: pid for m, pid in self.messages}
 
 
 class FlexLoRA(FedAvg):
@@ -620,8 +626,7 @@ class FlexLoRA(FedAvg):
 
     def _pid_of(self, reply: Message) -> int | None:
         """The partition a train reply answers: by the message it replies to, else by its node."""
-        sent = {m.metadata.message_id: pid for m, pid in self._round.messages}
-        pid = sent.get(reply.metadata.reply_to_message_id)
+        pid = self._round.by_id.get(reply.metadata.reply_to_message_id)
         return pid if pid is not None else self.nodes.partition_of(reply.metadata.src_node_id)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
