@@ -54,8 +54,8 @@ TINY_MAX_LENGTH = 1024  # positions of the tiny model (its tokenizer is trained 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 # Flower and library lines that repeat or contradict ours on the console (all stay in flwr_run.log):
 # Flower's round counter restarts at 1 on a resume (ours says "round 4/5 (resumed after 3)"), its
-# strategy banner shows the empty placeholder ArrayRecord (the factors travel per node), its
-# SuperNode-count notice names a default this runner never uses.
+# strategy banner and closing block give the global adapter's ArrayRecord size (the final summary
+# names the adapter and its bytes), its SuperNode-count notice names a default this runner never uses.
 QUIET = re.compile(
     r"Since flwr 1\.32, default simulated SuperNodes|To change federation size|flwr federation simulation-config"
     r"|fraction_evaluate is set to 0\.0|Starting FlexLoRA strategy:|├── Number of rounds|├── ArrayRecord \(|"
@@ -63,7 +63,7 @@ QUIET = re.compile(
     r"|Initial global evaluation results|^INFO:flwr:|RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO|^\s*warnings\.warn\($"
     r"|Loading weights:|is_gradient_checkpointing` is deprecated|^INFO\s*:\s*$"
     # Flower's closing "Final results" block: its Global Arrays placeholder and a dump of our own metrics
-    r"|Strategy execution finished in|Final results:$|Global Arrays:$|^INFO\s*:\s*ArrayRecord \(0\.000 MB\)$"
+    r"|Strategy execution finished in|Final results:$|Global Arrays:$|^INFO\s*:\s*ArrayRecord \([\d.]+ MB\)$"
     r"|(ClientApp|ServerApp)-side (Train|Evaluate) Metrics:$|^INFO\s*:\s*\{\}$"
     r"|^INFO\s*:\s*(\{ ?)?(\d+: \{ )?'[\w-]+': '[^']*'[,}\s]*$"
 )

@@ -113,6 +113,8 @@ def test_help_shows_defaults(capsys):
         "\x1b[36m(ClientAppActor pid=12944)\x1b[0m   warnings.warn(\n",
         "\x1b[36m(ClientAppActor pid=12944)\x1b[0m \n",
         "\x1b[92mINFO \x1b[0m:      \t\tArrayRecord (0.000 MB)\n",
+        "\x1b[92mINFO \x1b[0m:      \t\tArrayRecord (0.457 MB)\n",  # Result.arrays: the final global adapter
+        "\x1b[92mINFO \x1b[0m:      \t├── ArrayRecord (0.46 MB)\n",
         "\x1b[92mINFO \x1b[0m:      \t{ 1: { 'bytes-received': '1900544',\n",
         "\x1b[92mINFO \x1b[0m:      \t       'train-loss': '6.2186e+00'}}\n",
         "\x1b[92mINFO \x1b[0m:      \t  2: { 'bytes-received': '390804480',\n",  # the later rounds of that dump
@@ -161,7 +163,7 @@ def test_a_run_says_what_ran_and_where_its_results_are(tmp_path, tiny_model, dat
     assert head[3].startswith("  settings off their defaults: ") and "local-steps=1" in head[3]
     assert f"output folder: {out}" in head[4] and "r30-200 = rank 30 on some modules" in head[5]
     assert "round 1/1: 2/2 clients ok" in text
-    assert "[ROUND 1/1]" not in text and "ArrayRecord (0.00 MB)" not in text  # Flower's own lines: in the log only
+    assert "[ROUND 1/1]" not in text and "ArrayRecord (" not in text  # Flower's own lines: in the log only
     assert "tiny random LLaMA" not in text and not (out / "tiny-llama").exists()  # model-path was given: nothing built
     assert "'bytes-received'" not in text  # Flower's closing dump of our metrics, every round of it
     log = (out / "flwr_run.log").read_text()
