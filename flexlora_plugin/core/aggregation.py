@@ -213,7 +213,7 @@ def aggregate(
             terms=terms,
             prepared=prepared,
             stats=stats,
-            placed=lambda: _device_views(kept, stacks),
+            placed=lambda: _device_views(kept, stacks, stats),
             previous=previous,
         )
     if not clients:
@@ -221,7 +221,9 @@ def aggregate(
     if rnd is None:  # the checks' temporaries (isfinite masks, norms) would otherwise stay resident between client factors
         trim_heap()  # (stacked, the checks ran on the stacks: nothing small to give back, and a trim costs ms)
         rnd = Round(clients, info, excluded, options, stats=stats, previous=previous)
-    return cls.from_round(rnd)
+    update = cls.from_round(rnd)
+    update.stats = stats  # what the engine did, whichever method
+    return update
 
 
 def _frozen_A(
@@ -311,9 +313,10 @@ def _staged(
     return clients, {m: st.select(keep) for m, st in stacks.items()}, prepared
 
 
-def _device_views(clients: Sequence[ClientUpdate], stacks: Mapping[str, Stack]) -> list[ClientUpdate]:
+def _device_views(clients: Sequence[ClientUpdate], stacks: Mapping[str, Stack], stats: EngineStats) -> list[ClientUpdate]:
     """The clients with device views into the stacks as their factors (for methods that read each client's factors)."""
     on_device = {m: st.views() for m, st in stacks.items()}  # one pass per module, not one per client and module
+    stats.views.update(on_device.keys())
     moved = []
     for c in clients:  # LoRAFactors(...), not dataclasses.replace: cheaper for every client and module
         factors = {m: LoRAFactors(*on_device[m][c.client], f.a_key, f.b_key) for m, f in c.factors.items()}

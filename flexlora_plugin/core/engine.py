@@ -89,6 +89,8 @@ class EngineStats:
         Filtered top-``k`` solves on a device: ``(module, k, certified)``.
     staged : Counter[str]
         Spectra computed while the factors were still being staged on the device.
+    views : Counter[str]
+        Per-client views made into a module's staged stack (for a method that reads each client's factors).
     """
 
     deltas: Counter[str] = field(default_factory=Counter)
@@ -96,6 +98,7 @@ class EngineStats:
     decompositions: Counter[str] = field(default_factory=Counter)
     solves: list[tuple[str, int, bool]] = field(default_factory=list)
     staged: Counter[str] = field(default_factory=Counter)
+    views: Counter[str] = field(default_factory=Counter)
 
 
 class LowRankSum:

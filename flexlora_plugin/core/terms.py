@@ -97,15 +97,15 @@ class TermList(ModuleTerms):
     def ranks(self) -> tuple[int, ...]:
         return tuple(int(A.shape[0]) for _, _, A in self.items)
 
-    def delta(self, dtype: torch.dtype, device: torch.device | None) -> Tensor:
-        """``Σ_j c_j B_j A_j``, clients batched into GEMMs of inner size up to :data:`_DELTA_K`.
+    def delta(self, dtype: torch.dtype, device: torch.device | None, *, batch_k: int = _DELTA_K) -> Tensor:
+        """``Σ_j c_j B_j A_j``, clients batched into GEMMs of inner size up to ``batch_k`` (default :data:`_DELTA_K`).
 
         One ``addmm_`` per client reads and writes the whole ``d_out × d_in`` output for every
         rank-8 client; stacking consecutive clients' ``B_j`` and ``c_j A_j`` first (at most
         ``(d_out + d_in) · 512`` floats at a time) reads and writes it once per batch instead.
         """
         out = torch.zeros(self.shape, dtype=dtype, device=device)
-        for batch in _batches(self.items, _DELTA_K):
+        for batch in _batches(self.items, batch_k):
             if len(batch) == 1:
                 c, B, A = batch[0]
                 out.addmm_(B.to(device=out.device, dtype=dtype), A.to(device=out.device, dtype=dtype), alpha=c)

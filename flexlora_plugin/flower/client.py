@@ -147,8 +147,11 @@ class FlexLoRAClient:
         Raises
         ------
         RankError
-            Not a JSON object of module -> rank, or a rank this model cannot hold (e.g. 10**9).
+            No rank map (a strategy other than :class:`~flexlora_plugin.flower.strategy.FlexLoRA` sent
+            the message), not a JSON object of module -> rank, or a rank this model cannot hold (e.g. 10**9).
         """
+        if RANK_MAP not in config:
+            raise RankError(f"partition {partition}: the train message has no {RANK_MAP!r}: send it with the FlexLoRA strategy")
         try:
             sent = json.loads(str(config[RANK_MAP]))
         except json.JSONDecodeError as err:

@@ -9,20 +9,9 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flexlora_app.task import Settings, flexlora_client, node_rank_map, route_logs, train_partition
+from flexlora_app.task import Settings, flexlora_client, node_rank_map, route_logs, train_active
 from flexlora_plugin.flower.client import node_partition
-from flexlora_plugin.flower.records import (
-    ARRAYS,
-    CONFIG,
-    NUM_EXAMPLES,
-    PARTITION_ID,
-    POOL,
-    QUERY_RANK,
-    RANK_MAP,
-    SERVER_ROUND,
-    TRAIN_LOSS,
-    record_to_state,
-)
+from flexlora_plugin.flower.records import NUM_EXAMPLES, PARTITION_ID, POOL, QUERY_RANK, TRAIN_LOSS
 
 logger = logging.getLogger(__name__)
 app = ClientApp()
@@ -58,17 +47,9 @@ def query_rank(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the received factors, train ``local-steps`` steps on ``device``, reply with the adapter."""
-    settings, node_pid = _setup(context)
+    settings, _ = _setup(context)
     client, _ = flexlora_client(settings)
-    config = msg.content.config_records[CONFIG]
-    server_round, pid = int(config[SERVER_ROUND]), int(config[PARTITION_ID])
-    if node_pid is not None and pid != node_pid:
-        raise ValueError(f"message for partition {pid} reached partition {node_pid}")
-    if RANK_MAP in config:  # the server's map is authoritative (the node's own report, or the profile's draw)
-        ranks = client.rank_map_of(config, pid)
-    else:  # a strategy that sends no rank map: the node's own draw
-        ranks = node_rank_map(settings, context.node_config if node_pid is not None else {}, pid)
-    received = record_to_state(msg.content.array_records[ARRAYS], config)
-    _, num_examples, loss = train_partition(settings, pid, ranks, received, server_round)
-    logger.info("partition %d round %d: %d examples, train loss %.4f", pid, server_round, num_examples, loss)
+    got = client.receive(msg, context)  # the node's partition checked, the server's rank map checked by the core
+    num_examples, loss = train_active(settings, got.partition, got.round)
+    logger.info("partition %d round %d: %d examples, train loss %.4f", got.partition, got.round, num_examples, loss)
     return client.reply(msg, {NUM_EXAMPLES: num_examples, TRAIN_LOSS: loss})

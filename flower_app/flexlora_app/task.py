@@ -27,6 +27,7 @@ __all__ = [
     "node_rank_map",
     "partition_features",
     "route_logs",
+    "train_active",
     "train_partition",
 ]
 
@@ -158,17 +159,33 @@ def train_partition(
     """Local training of one partition at its ranks, starting from the received factors.
 
     The factors are loaded into this process's :class:`ClientModel` (its adapter for
-    ``rank_map``) on ``settings.device``; ``local-steps`` AdamW steps of ``batch-size`` examples
-    drawn by ``(seed, partition, round)``; with ``proximal-mu`` > 0 the loss gains FedProx's
-    ``mu/2 · ‖w − w_received‖²`` over the factors.
+    ``rank_map``) on ``settings.device``, then :func:`train_active` trains them.
 
     Returns
     -------
     tuple
         ``(adapter_state on the CPU in float32, num_examples, mean train loss)``.
     """
+    cm, _ = client_model(settings)
+    cm.activate(rank_map, received)
+    num_examples, loss = train_active(settings, partition_id, server_round)
+    return cm.state(), num_examples, loss
+
+
+def train_active(settings: Settings, partition_id: int, server_round: int) -> tuple[int, float]:
+    """Train the process's active adapter (what :meth:`FlexLoRAClient.receive` loaded) on a partition.
+
+    ``local-steps`` AdamW steps of ``batch-size`` examples drawn by ``(seed, partition, round)``
+    over the factors the method trains; with ``proximal-mu`` > 0 the loss gains FedProx's
+    ``mu/2 · ‖w − w_received‖²`` over them.
+
+    Returns
+    -------
+    tuple
+        ``(num_examples, mean train loss)``.
+    """
     cm, tokenizer = client_model(settings)
-    model = cm.activate(rank_map, received)
+    model = cm.model
     feats = partition_features(settings, partition_id, tokenizer)
     collate = PaddingCollator(int(tokenizer.pad_token_id))
     rng = random.Random(f"{settings.seed}:{partition_id}:{server_round}")
@@ -189,4 +206,4 @@ def train_partition(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
     mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
-    return cm.state(), len(feats), mean_loss
+    return len(feats), mean_loss

@@ -14,7 +14,7 @@ from flexlora_plugin.core import aggregate, staging
 from flexlora_plugin.core import terms as terms_mod
 from flexlora_plugin.core.errors import FlexLoRAWarning, MagnitudeError
 from flexlora_plugin.core.projection import Gram, gram_basis
-from flexlora_plugin.core.staging import Stack, stage
+from flexlora_plugin.core.staging import stage
 from flexlora_plugin.core.terms import TermList
 from tests.conftest import make_client, projection_gap, ref_delta
 
@@ -93,15 +93,14 @@ def test_max_rank_on_the_cpu_never_forms_a_dense_delta(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_delta_batches_clients_into_larger_gemms_and_matches_the_sum(gen, monkeypatch, dtype):
+def test_delta_batches_clients_into_larger_gemms_and_matches_the_sum(gen, dtype):
     """TermList.delta stacks consecutive clients up to an inner size of 24 here (512 by default); a
     rank above it stays alone. Checked against the float64 einsum of the same terms."""
-    monkeypatch.setattr(terms_mod, "_DELTA_K", 24)
     ranks = [8, 8, 8, 30, 4, 12, 8, 2]
     items = [(0.5 + j, torch.randn(40, r, generator=gen), torch.randn(r, 56, generator=gen)) for j, r in enumerate(ranks)]
     assert [[int(A.shape[0]) for _, _, A in b] for b in terms_mod._batches(items, 24)] == [[8, 8, 8], [30], [4, 12, 8], [2]]
     ref = sum(c * torch.einsum("ir,rj->ij", B.double(), A.double()) for c, B, A in items)
-    out = TermList(items, (40, 56)).delta(dtype, None)
+    out = TermList(items, (40, 56)).delta(dtype, None, batch_k=24)
     assert out.dtype == dtype
     assert torch.allclose(out.double(), ref, rtol=0, atol=(1e-5 if dtype == torch.float32 else 1e-12) * float(ref.abs().max()))
 
@@ -160,21 +159,19 @@ def test_stacked_factored_path_is_exact(gen):
         assert projection_gap(proj, states, [1.0, 2.0, 3.0], m, 4) <= 1e-5
 
 
-def test_staging_makes_per_client_views_only_for_methods_that_read_them(gen, monkeypatch):
+def test_staging_makes_per_client_views_only_for_methods_that_read_them(gen):
     """flexlora reads the stacks (no per-client views or LoRAFactors are made for it);
-    fedavg reads each client's factors, handed over as views into the stacks."""
-    views = []
-    real_views = Stack.views
-    monkeypatch.setattr(Stack, "views", lambda st: views.append(st) or real_views(st))
+    fedavg reads each client's factors, handed over as views into the stacks (counted by EngineStats)."""
     states, weights = [make_client(dict.fromkeys(SHAPES, 8), SHAPES, gen=gen) for _ in range(3)], [1.0, 2.0, 3.0]
     flex = aggregate(states, weights, lora_alpha=16, device="cpu", stack_on_device=True)
-    assert views == []
     proj = flex.project(8, lora_alpha=16)
     for m in SHAPES:
         assert projection_gap(proj, states, weights, m, 8) <= 1e-5, m
+    assert sum(flex.stats.views.values()) == 0
     plain = aggregate(states, weights, lora_alpha=16, method="fedavg")
     stacked = aggregate(states, weights, lora_alpha=16, method="fedavg", device="cpu", stack_on_device=True)
-    assert len(views) == len(SHAPES)
+    stacked.delta(next(iter(SHAPES)))
+    assert stacked.stats.views == dict.fromkeys(SHAPES, 1)
     for m in SHAPES:
         assert torch.allclose(stacked.delta(m), plain.delta(m), rtol=1e-5, atol=1e-7), m
 

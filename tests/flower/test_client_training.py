@@ -25,7 +25,8 @@ def task():
     return task
 
 
-def _settings(task, tiny_model, data_path, tmp_path, **overrides):
+def _run_config(tiny_model, data_path, tmp_path) -> dict:
+    """The App's run config (its pyproject.toml defaults) on the tiny model, sized for a test."""
     import tomllib
 
     config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -40,7 +41,11 @@ def _settings(task, tiny_model, data_path, tmp_path, **overrides):
             "lr": 0.01,
         }
     )
-    settings = task.Settings.from_context(config, run_id=0)
+    return config
+
+
+def _settings(task, tiny_model, data_path, tmp_path, **overrides):
+    settings = task.Settings.from_context(_run_config(tiny_model, data_path, tmp_path), run_id=0)
     return replace(settings, **overrides)
 
 
@@ -146,3 +151,67 @@ def test_the_client_takes_the_servers_rank_map_after_the_core_checks_it(task, ti
         received_rank_map(settings, ConfigRecord({RANK_MAP: json.dumps({**sent, first: 10**9})}), 0)
     with pytest.raises(RankError, match="not JSON"):
         received_rank_map(settings, ConfigRecord({RANK_MAP: "{"}), 0)
+
+
+@pytest.mark.slow
+def test_the_client_apps_train_is_receive_then_train_partition(task, tiny_model, data_path, tmp_path):
+    """The ClientApp's ``train`` reads the strategy's message with ``FlexLoRAClient.receive``: its
+    reply is exactly ``train_partition``'s on the same inputs; a message for another partition, or
+    one with no rank map, is refused before anything trains."""
+    import json
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+    from flexlora_plugin.core import RankError
+    from flexlora_plugin.flower.records import (
+        ARRAYS,
+        CONFIG,
+        METRICS,
+        NUM_EXAMPLES,
+        PARTITION_ID,
+        RANK_MAP,
+        SERVER_ROUND,
+        record_to_state,
+        state_to_record,
+    )
+
+    sys.path.insert(0, str(APP))
+    try:
+        from flexlora_app.client_app import train
+    finally:
+        sys.path.remove(str(APP))
+    run_config = _run_config(tiny_model, data_path, tmp_path)
+    settings = _settings(task, tiny_model, data_path, tmp_path)
+    ranks, received = _round1(task, settings, 5)
+
+    def message(**config):
+        arrays, dtype_note = state_to_record(received)
+        sent = ConfigRecord({**dtype_note, SERVER_ROUND: 2, PARTITION_ID: 5, RANK_MAP: json.dumps(ranks), **config})
+        meta = Metadata(  # as the SuperNode delivers it
+            run_id=0,
+            message_id="m5",
+            src_node_id=0,
+            dst_node_id=1,
+            reply_to_message_id="",
+            group_id="",
+            created_at=time.time(),
+            ttl=60.0,
+            message_type=MessageType.TRAIN,
+        )
+        return Message(content=RecordDict({ARRAYS: arrays, CONFIG: sent}), metadata=meta)
+
+    def context(partition):
+        return Context(run_id=0, node_id=1, node_config={PARTITION_ID: partition}, state=RecordDict(), run_config=run_config)
+
+    reply = train(message(), context(5))
+    expected, n, _ = task.train_partition(settings, 5, ranks, received, server_round=2)
+    got = record_to_state(reply.content.array_records[ARRAYS], reply.content.config_records[CONFIG])
+    assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert reply.content.metric_records[METRICS][NUM_EXAMPLES] == n
+    with pytest.raises(ValueError, match="message for partition 5 reached partition 6"):
+        train(message(), context(6))
+    without_map = message()
+    del without_map.content.config_records[CONFIG][RANK_MAP]
+    with pytest.raises(RankError, match="partition 5: the train message has no 'rank-map'"):
+        train(without_map, context(5))

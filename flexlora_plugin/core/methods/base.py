@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import LORA_A, LORA_B, lora_scaling, resolve_pattern
+from ..engine import EngineStats
 from ..errors import MissingModuleError, RankError
 from ..validation import ModuleInfo, Ranks, Scaling
 
@@ -77,6 +78,8 @@ class GlobalUpdate(ABC):
         Ids of the clients that contributed.
     excluded : Mapping[Hashable, str]
         Ids of the clients left out this round, with the reason.
+    stats : EngineStats
+        The linear-algebra work done for this update, per module (set by :func:`~flexlora_plugin.core.aggregate`).
     """
 
     method: str = ""
@@ -110,6 +113,7 @@ class GlobalUpdate(ABC):
         self.compute_dtype = compute_dtype
         self.device = torch.device(device) if device is not None else None
         self.seed = seed
+        self.stats = EngineStats()
         self._projections: dict[tuple[str, int, float, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     @abstractmethod
