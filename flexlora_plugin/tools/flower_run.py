@@ -433,8 +433,9 @@ def run_deployment(
                 "--port",
                 str(link_port),
                 "--disable-runtime-dependency-installation",
-                "--database",
-                str(out / "flwr_home" / "state.db"),
+                # Flower's state in memory (no --database): a resume reads our server state, not
+                # Flower's, and a SQLite file locked under FLoRA's 2.4 GB rounds ("database is
+                # locked" on a heartbeat ended a run)
             ],
         )
         wait_port(link_port, 60)

@@ -176,6 +176,7 @@ def test_run_deployment_pool_nodes_share_the_partitions(tmp_path, tiny_model, da
         "query-timeout": 120.0,
         "round-timeout": 240.0,
     }
+    before = _superlinks()
     result = run_deployment(tmp_path, num_rounds=1, num_nodes=2, num_partitions=4, run_config=config, timeout=360, echo=False)
     assert result.ok, (result.status, result.log_path.read_text()[-3000:])
     assert sorted(result.metrics["rank-maps"]) == ["0", "1", "2", "3"]
@@ -189,9 +190,13 @@ def test_run_deployment_pool_nodes_share_the_partitions(tmp_path, tiny_model, da
         for k in (0, 1)
     ]
     assert sorted(trained[0] + trained[1]) == ["0", "1", "2", "3"] and all(len(t) == 2 for t in trained), trained
-    db = str(tmp_path / "flwr_home" / "state.db")
-    left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and db in _cmdline(p)]
+    left = _superlinks() - before
     assert not left, f"the SuperLink outlived run_deployment: pids {left}"
+    assert not (tmp_path / "flwr_home" / "state.db").exists()  # Flower's state in memory: nothing to lock
+
+
+def _superlinks() -> set[str]:
+    return {p.name for p in Path("/proc").iterdir() if p.name.isdigit() and "flower-superlink" in _cmdline(p)}
 
 
 def _cmdline(proc: Path) -> str:
