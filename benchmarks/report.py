@@ -244,6 +244,7 @@ def gpu_section(gpu_results: Path, docs: Path, out: Path) -> list[str]:
 
 def write_report(results: Path, docs: Path, gpu_results: Path | None = None) -> Path:
     runs = load_runs(results)
+    docs.mkdir(parents=True, exist_ok=True)  # <work>/<profile> before any run made it
     out = docs / "results.md"
     reading = kept_reading(out)
     plot_rank_histograms(docs / "rank_histograms.png")

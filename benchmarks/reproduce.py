@@ -120,6 +120,17 @@ PROFILES: dict[str, dict[str, Any]] = {
         "timeout": 900,
     },
 }
+# gpu-check: the gpu profile's model settings, 2 rounds of 4 clients on the deployment engine (benchmarks/gpu_e2e.py)
+PROFILES["gpu-check"] = {
+    **PROFILES["gpu"],
+    "rounds": 2,
+    "clients-per-round": 4,
+    "local-steps": 5,
+    "eval-every": 2,
+    "final-max-per-task": 1,
+    "timeout": 600,
+    "engine": "deployment",
+}
 BASE_PROFILES = {name: dict(prof) for name, prof in PROFILES.items()}
 DEFAULT_DISTRIBUTIONS = {"gpu": "uniform,heavy_tail_strong,heavy_tail_light,normal"}  # else heavy_tail_strong,uniform
 POLL_S, STAGGER_S, HEARTBEAT_S = 2.0, 3.0, 60.0  # --parallel: poll, delay between two launches, progress line at least every
@@ -675,7 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also score every run on FILE (JSON list like heldout_test.json); repeatable, keyed by file name",
     )
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="run up to N runs at once, one process each")
-    parser.add_argument("--report", action="store_true", help="only write docs/results.md and plots from the JSONs")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only write the report from the JSONs: docs/results.md and plots from the committed record "
+        "(with --results DIR, or a profile without a record: <work>/<profile>/results.md)",
+    )
     return parser
 
 
@@ -754,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from report import write_report  # benchmarks/report.py
 
-        if args.record or (committed is not None and results == committed.resolve()):  # the committed report
+        if committed is not None and (args.results is None or results == committed.resolve()):  # the committed report
             write_report(RESULTS["small"], REPO / "docs", gpu_results=RESULTS["gpu"])
         else:
             write_report(results, work)

@@ -187,6 +187,7 @@ def _check_python(cmd: Command, args: tuple[str, ...]) -> None:
         "benchmarks/profile_gpu.py": lambda m: m.parse_args,
         "benchmarks/bench_decode.py": lambda m: m.parse_args,
         "benchmarks/bench_wire.py": lambda m: m.build_parser().parse_args,
+        "benchmarks/gpu_e2e.py": lambda m: m.build_parser().parse_args,
     }
     if script not in parsers:
         raise AssertionError(f"{cmd}: no check for the script {script}: add one to {Path(__file__).name}")

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,3 +49,21 @@ def test_runs_land_in_the_work_folder_and_the_record_is_written_only_when_asked(
     with pytest.raises(SystemExit) as stop:  # only small and gpu have a committed record
         module.main(["--profile", "smoke", "--record"])
     assert stop.value.code == 2 and "--record: profile 'smoke' has no committed record" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_of_a_profile_without_a_record_goes_to_its_work_folder(tmp_path):
+    """``--report`` for a profile with no committed record writes ``<work>/<profile>/results.md``,
+    even before any run made that folder (the committed record is only ever written for small/gpu)."""
+    import subprocess
+
+    before = (REPO / "docs" / "results.md").read_bytes()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "--profile", "smoke", "--work", str(tmp_path), "--report"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "smoke" / "results.md").is_file() and (tmp_path / "smoke" / "rank_histograms.png").is_file()
+    assert (REPO / "docs" / "results.md").read_bytes() == before
