@@ -292,16 +292,15 @@ class Plan:
             env["PATH"] = os.pathsep.join([str(site / "bin"), env.get("PATH", "")])
         else:
             env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        data = self.data()
-        if data is not None:
-            env["FLEXLORA_DATA"] = str(data)
+        env["FLEXLORA_DATA"] = str(self.data())
         return env
 
-    def data(self) -> Path | None:
+    def data(self) -> Path:
+        """The carried full split; the shipped sample when rehearsing or packed without one (scores not comparable)."""
         full = self.state / "data" / "natural_instructions"
         if full.is_dir() and not self.rehearse:
             return full
-        return REPO / "flexlora_plugin" / "sample_data" / "natural_instructions" if self.rehearse else None
+        return REPO / "flexlora_plugin" / "sample_data" / "natural_instructions"
 
     def model(self) -> Path | None:
         """The model folder: SmolLM2 converted once from the carried wheel (``--rehearse``: the tiny model)."""
@@ -487,6 +486,7 @@ def summary(plan: Plan, status: dict[str, str]) -> str:
     except ImportError:  # pragma: no cover - torch is there wherever this runs
         device, versions = "unknown", ""
     lines = [f"# GPU end-to-end run{' (CPU rehearsal)' if plan.rehearse else ''}", "", f"device: {device}; {versions}", ""]
+    lines += [f"data: {plan.data()}", ""]
     lines += ["| step | output | status |", "|---|---|---|"]
     lines += [f"| {s} | {OUTPUTS[s]} | {status.get(s, 'not reached')} |" for s in STEPS]
     for name in ("check", "compare"):
@@ -538,7 +538,7 @@ def run(args: argparse.Namespace) -> int:
     minimum = {"tests": 60, "client": 90, "check": 150, "compare": 90}
     runners = {"tests": step_tests, "client": step_client, "check": step_check, "compare": step_compare}
     for step in STEPS:
-        if status.get(step, "").startswith("done"):
+        if step in status:  # done, or failed: a later call does not spend its minutes on it again
             continue
         if plan.left() < minimum[step]:
             log(f"{step}: {plan.left():.0f} s left, needs {minimum[step]}: for the next call")
